@@ -1,0 +1,339 @@
+//! The TOML configuration: loading, environment overrides, validation.
+//!
+//! Each component owns its config struct (next to the code it configures,
+//! as Vector does); this module only assembles them and decides where a
+//! value comes from. Validation is pure (no socket, file or database is
+//! touched) so `saltpipe validate --no-connect` can run anywhere, CI
+//! included; building the running parts is where I/O happens.
+//!
+//! Three layers, later wins: built-in defaults (which work on a stock
+//! master with no file at all), the file, then `SALTPIPE_<SECTION>_<KEY>`
+//! environment variables, so secrets stay out of files and argv.
+
+use crate::queue::QueueConfig;
+use crate::rules::RulesConfig;
+use crate::sink::SinkConfig;
+use crate::source::SourceConfig;
+use crate::worker::WorkerConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub mod env;
+
+/// Where `saltpipe` looks for a config when none is named.
+pub const DEFAULT_PATH: &str = "/etc/saltpipe/saltpipe.toml";
+
+/// The whole configuration. Every section and key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where events come from: the master's event bus.
+    pub source: SourceConfig,
+    /// Which events are kept, and which queue each goes to.
+    pub rules: RulesConfig,
+    /// The durable queue between the listener and the workers.
+    pub queue: QueueConfig,
+    /// How workers batch, retry and shut down.
+    pub worker: WorkerConfig,
+    /// Where events are stored.
+    pub sink: SinkConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, or per module `info,saltpipe::sink=debug`.
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` (readable lines) or `json` (one object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration problem, with where it was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the config came from, for messages.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file read, if any.
+    pub path: Option<PathBuf>,
+}
+
+/// Finds the file to read: the one named, else the default path if present.
+pub fn resolve_path(named: Option<&Path>) -> Option<PathBuf> {
+    match named {
+        Some(p) => Some(p.to_path_buf()),
+        None => {
+            let p = PathBuf::from(DEFAULT_PATH);
+            p.exists().then_some(p)
+        }
+    }
+}
+
+/// Reads, merges and validates the configuration (no I/O beyond reading the file).
+pub fn load(named: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let path = resolve_path(named);
+    let text = match &path {
+        Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?,
+        None => String::new(),
+    };
+    let shown = path.clone().unwrap_or_else(|| PathBuf::from("<defaults>"));
+    let config = from_str_with_env(&text, &shown, &env::from_process())?;
+    Ok(Loaded { config, path })
+}
+
+/// Parses `text` (reporting errors with line numbers), applies the
+/// environment overrides in `vars`, and validates the result.
+pub fn from_str_with_env(
+    text: &str,
+    path: &Path,
+    vars: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    // First on its own, so a mistake in the file is reported at its line.
+    let from_file: Result<Config, _> = toml::from_str(text);
+    let mut config = match from_file {
+        Ok(c) => c,
+        Err(e) => return Err(parse_error(path, text, &e)),
+    };
+    if !vars.is_empty() {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        let applied = env::apply(&mut table, vars)?;
+        config = Config::deserialize(table).map_err(|e| {
+            let message = e.message().to_owned();
+            let var = applied.join(", ");
+            ConfigError::Env { var, message }
+        })?;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => line_col(text, span.start),
+        None => (0, 0),
+    };
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: e.message().trim().to_owned(),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+impl Config {
+    /// Cross-field checks that types alone cannot express. Pure.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.source.validate()?;
+        self.rules.validate()?;
+        self.worker.validate()?;
+        self.sink.validate()?;
+        if !self.log.level.is_empty() {
+            tracing_subscriber::EnvFilter::try_new(&self.log.level)
+                .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Names of every queue the rules can route to (always includes `default`).
+    pub fn queue_names(&self) -> Vec<String> {
+        self.rules.queue_names()
+    }
+}
+
+/// Serde helpers for human durations ("250ms", "30d") and sizes ("16MiB").
+pub mod human {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write e.g. \"250ms\", \"5s\", \"30d\""
+            ))
+        })
+    }
+
+    pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
+    }
+
+    pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(n),
+            Raw::S(s) => s
+                .parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`{s}` is not a size ({e}); write e.g. \"16MiB\" or a number of bytes"
+                    ))
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        from_str_with_env(text, Path::new("t.toml"), &[])
+    }
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = parse("").expect("defaults");
+        assert_eq!(
+            c.source.address(),
+            crate::source::BusAddress::Unix("/var/run/salt/master/master_event_pub.ipc".into())
+        );
+        assert_eq!(
+            c.queue.url.to_string(),
+            "embedded:///var/lib/saltpipe/queue"
+        );
+        assert_eq!(c.sink.url.to_string(), "sqlite:///var/lib/saltpipe/salt.db");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err =
+            parse("[sink]\nurl = \"sqlite:///tmp/x.db\"\nbatch = 3\n").expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.starts_with("t.toml:3:"), "{msg}");
+        assert!(msg.contains("batch"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_is_named_with_its_line() {
+        let err = parse("[worker]\n\nbatch_timeout = \"soon\"\n").expect_err("bad duration");
+        let msg = err.to_string();
+        assert!(msg.starts_with("t.toml:3:"), "{msg}");
+        assert!(msg.contains("not a duration"), "{msg}");
+        let err = parse("[queue]\nurl = \"kafka://x\"\n").expect_err("bad scheme");
+        assert!(err.to_string().contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let vars = vec![
+            (
+                "SALTPIPE_SINK_URL".to_string(),
+                "sqlite:///tmp/env.db".to_string(),
+            ),
+            (
+                "SALTPIPE_WORKER_BATCH_MAX_EVENTS".to_string(),
+                "77".to_string(),
+            ),
+        ];
+        let c = from_str_with_env(
+            "[sink]\nurl = \"sqlite:///tmp/file.db\"\n",
+            Path::new("t"),
+            &vars,
+        )
+        .expect("env");
+        assert_eq!(c.sink.url.to_string(), "sqlite:///tmp/env.db");
+        assert_eq!(c.worker.batch_max_events, 77);
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let vars = vec![(
+            "SALTPIPE_WORKER_BATCH_TIMEOUT".to_string(),
+            "never".to_string(),
+        )];
+        let err = from_str_with_env("", Path::new("t"), &vars).expect_err("bad env");
+        assert!(
+            err.to_string().contains("SALTPIPE_WORKER_BATCH_TIMEOUT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn socket_and_tcp_together_are_refused() {
+        let err = parse("[source]\ntcp = \"127.0.0.1:4512\"\nsocket = \"/x\"\n").expect_err("both");
+        assert!(err.to_string().contains("source"), "{err}");
+    }
+
+    #[test]
+    fn examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples dir") {
+            let p = entry.expect("entry").path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&p).expect("read");
+                from_str_with_env(&text, &p, &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
+    }
+}

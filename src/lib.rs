@@ -1,0 +1,27 @@
+//! saltpipe: keeps the job results a SaltStack master sees.
+//!
+//! The pipeline, in the order an event travels it:
+//!
+//! * [`source`]: reads the master's event bus ([`bus`] cuts it into frames),
+//!   never pausing, reconnecting when the master restarts;
+//! * [`event`]: decodes a frame losslessly into a tag, raw data and a typed view;
+//! * [`rules`]: keeps what is worth keeping, drops the noise with a reason,
+//!   routes kept events to named queues;
+//! * [`queue`]: the durable queue (embedded SQLite by default);
+//! * [`worker`]: batches, writes, retries, dead-letters, acknowledges;
+//! * [`sink`]: Salt's returner tables in SQLite (and more backends).
+//!
+//! [`pipeline`] wires them for each subcommand; [`config`] reads the TOML;
+//! [`stats`] counts everything. `docs/ARCHITECTURE.md` tells the whole story.
+
+pub mod bus;
+pub mod config;
+pub mod event;
+pub mod msgpack;
+pub mod pipeline;
+pub mod queue;
+pub mod rules;
+pub mod sink;
+pub mod source;
+pub mod stats;
+pub mod worker;

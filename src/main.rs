@@ -1,0 +1,361 @@
+//! The `saltpipe` command line. `anyhow` lives here and nowhere else: the
+//! library's errors are typed; this file only turns them into messages and
+//! exit codes.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use saltpipe::config::{self, Config, ConfigError, LogFormat};
+use saltpipe::pipeline;
+use saltpipe::source::{Source, bus::BusSource, file::FileSource};
+use saltpipe::stats::Stats;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Exit codes, documented in `--help` and the README.
+mod exit {
+    pub const OK: u8 = 0;
+    /// A runtime failure: I/O, a database that will not take the schema, ...
+    pub const FAILURE: u8 = 1;
+    /// Bad command-line usage (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The configuration is invalid.
+    pub const CONFIG: u8 = 3;
+    /// `validate`: a part named in the configuration cannot be reached.
+    pub const UNREACHABLE: u8 = 4;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (and after SIGTERM/SIGINT: drained and stopped cleanly)
+  1  runtime failure (I/O, database, queue)
+  2  bad command-line usage
+  3  invalid configuration (the message names the key and, for the file, the line)
+  4  validate: a source, queue or sink in the configuration cannot be reached
+
+Configuration: --config FILE, else $SALTPIPE_CONFIG, else /etc/saltpipe/saltpipe.toml if it
+exists, else built-in defaults that work on a stock master. Any key can be overridden with
+SALTPIPE_<SECTION>_<KEY>, e.g. SALTPIPE_SINK_URL=sqlite:///tmp/salt.db.";
+
+#[derive(Parser)]
+#[command(name = "saltpipe", version, about = "Keeps the job results a SaltStack master sees: event bus -> rules -> durable queue -> batched SQL", after_help = AFTER_HELP)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c', global = true, env = "SALTPIPE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Listen to the bus, queue and write, all in this process (the embedded default).
+    ///
+    /// Reads the master's event bus, keeps what the rules keep, stores it in
+    /// the durable queue and writes it to the sink in batches. SIGTERM or
+    /// SIGINT: stop reading, store what was read, drain and commit, exit 0.
+    Run,
+    /// Only listen: bus -> rules -> queue. Pair with `work` processes.
+    Listen,
+    /// Only work: queue -> sink, for the queues in `worker.queues` (default: all).
+    Work,
+    /// Check the configuration; then try to reach the bus, queue and sink.
+    ///
+    /// Prints what would run and exits 0, or names the key (and line) that
+    /// is wrong and exits 3; exits 4 if a part cannot be reached.
+    Validate {
+        /// Only check the configuration; touch no socket, file or database.
+        #[arg(long)]
+        no_connect: bool,
+    },
+    /// Write the raw bus stream to a file, for bug reports and `replay`.
+    Capture {
+        /// Where to write (created or truncated).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Stop after this long (e.g. 30s, 5m); default: until SIGINT/SIGTERM.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Stop after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Push a captured stream through the pipeline (rules, queue, sink) as
+    /// fast as it goes, and print what was kept, dropped (by reason) and written.
+    Replay {
+        /// A file written by `saltpipe capture` (or any bus byte stream).
+        file: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    let loaded = match config::load(cli.config.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("saltpipe: invalid configuration: {e}");
+            return ExitCode::from(match e {
+                ConfigError::Read { .. } => exit::FAILURE,
+                _ => exit::CONFIG,
+            });
+        }
+    };
+    init_logging(&loaded.config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("saltpipe: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, loaded));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("saltpipe: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Cancels the token on SIGTERM or SIGINT; a second signal exits at once.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: no more reading; storing and writing what was read");
+        t.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now; queued events are delivered at the next start");
+        std::process::exit(130);
+    });
+    Ok(token)
+}
+
+async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8> {
+    let cfg = loaded.config;
+    match command {
+        Command::Run => {
+            let shutdown = shutdown_on_signals()?;
+            let stats = Arc::new(Stats::default());
+            let source: Box<dyn Source> = Box::new(BusSource::new(&cfg.source));
+            tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe run");
+            pipeline::run_all(
+                &cfg,
+                source,
+                stats.clone(),
+                shutdown,
+                Some(cfg.worker.drain_timeout),
+            )
+            .await?;
+            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            Ok(exit::OK)
+        }
+        Command::Listen => {
+            let shutdown = shutdown_on_signals()?;
+            let stats = Arc::new(Stats::default());
+            let producer = cfg.queue.producer().await?;
+            tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, "saltpipe listen");
+            pipeline::listen(
+                &cfg,
+                Box::new(BusSource::new(&cfg.source)),
+                producer,
+                stats.clone(),
+                shutdown,
+            )
+            .await?;
+            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            Ok(exit::OK)
+        }
+        Command::Work => {
+            let shutdown = shutdown_on_signals()?;
+            let stats = Arc::new(Stats::default());
+            let sink = cfg.sink.build().await?;
+            tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe work");
+            let stop = saltpipe::worker::Stop {
+                token: shutdown,
+                drain: Some(cfg.worker.drain_timeout),
+            };
+            let workers = pipeline::start_workers(&cfg, sink, stats.clone(), stop).await?;
+            pipeline::join_workers(workers).await?;
+            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            Ok(exit::OK)
+        }
+        Command::Validate { no_connect } => validate(&cfg, loaded.path, no_connect).await,
+        Command::Capture {
+            out,
+            duration,
+            count,
+        } => capture(&cfg, out, duration, count).await,
+        Command::Replay { file, json } => replay(&cfg, file, json).await,
+    }
+}
+
+async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyhow::Result<u8> {
+    let from = path.map_or_else(
+        || "built-in defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
+    println!("configuration OK ({from})");
+    println!("  source: {}", cfg.source.address());
+    println!(
+        "  queue:  {} (queues: {})",
+        cfg.queue.url,
+        cfg.queue_names().join(", ")
+    );
+    println!("  sink:   {}", cfg.sink.url);
+    println!(
+        "  rules:  keep {:?}, {} rule(s), drop_redundant {}, dedupe_returns {}",
+        cfg.rules.keep,
+        cfg.rules.rule.len(),
+        cfg.rules.drop_redundant,
+        cfg.rules.dedupe_returns
+    );
+    if no_connect {
+        return Ok(exit::OK);
+    }
+    let mut ok = true;
+    match saltpipe::source::check(&cfg.source).await {
+        Ok(()) => println!("reached the bus at {}", cfg.source.address()),
+        Err(e) => {
+            ok = false;
+            println!("cannot reach the bus at {}: {e}", cfg.source.address());
+        }
+    }
+    match cfg.queue.producer().await {
+        Ok(_) => println!("opened the queue at {}", cfg.queue.url),
+        Err(e) => {
+            ok = false;
+            println!("cannot open the queue at {}: {e}", cfg.queue.url);
+        }
+    }
+    match cfg.sink.build().await {
+        Ok(_) => println!("opened the sink at {} (schema present)", cfg.sink.url),
+        Err(e) => {
+            ok = false;
+            println!("cannot open the sink at {}: {e}", cfg.sink.url);
+        }
+    }
+    Ok(if ok { exit::OK } else { exit::UNREACHABLE })
+}
+
+async fn capture(
+    cfg: &Config,
+    out: PathBuf,
+    duration: Option<Duration>,
+    count: Option<u64>,
+) -> anyhow::Result<u8> {
+    let shutdown = shutdown_on_signals()?;
+    if let Some(d) = duration {
+        let t = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            t.cancel();
+        });
+    }
+    let n = saltpipe::source::capture(&cfg.source, &out, count, shutdown)
+        .await
+        .with_context(|| format!("capturing to {}", out.display()))?;
+    eprintln!(
+        "captured {} bytes, {} frames to {}",
+        n.bytes,
+        n.frames,
+        out.display()
+    );
+    Ok(exit::OK)
+}
+
+async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let source = Box::new(FileSource::new(file.clone()));
+    pipeline::run_all(cfg, source, stats.clone(), CancellationToken::new(), None).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let s = stats.snapshot();
+    if json {
+        let mut v = serde_json::to_value(&s)?;
+        v["seconds"] = serde_json::json!(elapsed);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let rate = |n: u64| {
+            if elapsed > 0.0 {
+                n as f64 / elapsed
+            } else {
+                0.0
+            }
+        };
+        println!("replayed {} in {elapsed:.2}s", file.display());
+        println!(
+            "  read:     {} frames, {} bytes ({:.0} frames/s)",
+            s.frames,
+            s.bytes_read,
+            rate(s.frames)
+        );
+        println!(
+            "  rejected: {} malformed, {} oversized",
+            s.malformed, s.oversized
+        );
+        println!("  kept:     {}", s.kept);
+        println!("  dropped:  {}", s.dropped.values().sum::<u64>());
+        for (reason, n) in &s.dropped {
+            println!("    {reason:<24} {n}");
+        }
+        println!(
+            "  wrote:    {} returns, {} jids, {} events; {} already present; {} dead-lettered",
+            s.returns_written, s.jids_written, s.events_written, s.rows_ignored, s.dead_letters
+        );
+        let per10k = if s.kept > 0 {
+            s.batches as f64 * 10_000.0 / s.kept as f64
+        } else {
+            0.0
+        };
+        println!(
+            "  batches:  {} ({per10k:.1} transactions per 10,000 events); {:.0} events/s end to end",
+            s.batches,
+            rate(s.acked)
+        );
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,588 @@
+//! Just enough MessagePack to find, walk and transcode values without building them.
+//!
+//! Why by hand: the bus delivers bare msgpack maps back to back with no length
+//! prefix, so the reader has to know where a value *ends* inside a partial
+//! buffer before it can hand it to any decoder. `rmp` reads markers but has no
+//! "length of the value starting here, or tell me you need more bytes" call,
+//! and `rmp-serde`/`rmpv` fail (or allocate a whole tree) on a truncated value.
+//! The same scanner then lets us pick the handful of fields we route on
+//! (`fun`, `id`, `jid`, `success`, `retcode`) straight out of the raw data map
+//! and transcode the stored columns to JSON in one pass, with our own policy
+//! for the things JSON cannot say (bin, invalid UTF-8, ext types). The raw
+//! msgpack bytes are what we queue, so nothing is lost by not decoding them.
+//!
+//! Everything here is iterative or depth-limited: no input can overflow the
+//! stack or make us allocate more than the input's size.
+
+use base64::Engine as _;
+use std::fmt::Write as _;
+
+/// Deepest nesting we transcode; Salt data is a few levels deep, a hostile
+/// frame could be millions.
+pub const MAX_DEPTH: usize = 256;
+
+/// Result of looking for the end of a value at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// The value occupies exactly this many bytes.
+    Complete(usize),
+    /// The buffer ends inside the value; `at_least` is a lower bound on the
+    /// value's total length, known from headers read so far.
+    Incomplete { at_least: usize },
+    /// These bytes are not MessagePack (the reserved marker 0xc1).
+    Invalid,
+}
+
+/// What a marker byte announces: header size, payload bytes, child values.
+#[derive(Debug, Clone, Copy)]
+enum Head {
+    /// `header` bytes of header, then `payload` bytes, then `children` values.
+    Sized {
+        header: usize,
+        payload: usize,
+        children: u64,
+    },
+    /// The header itself is cut off: we need this many bytes to read it.
+    Short(usize),
+    Invalid,
+}
+
+#[inline]
+fn be(buf: &[u8], at: usize, n: usize) -> Option<u64> {
+    let s = buf.get(at..at + n)?;
+    Some(s.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+}
+
+/// Reads the header of the value at `buf[at]`.
+#[inline]
+fn head(buf: &[u8], at: usize) -> Head {
+    let Some(&m) = buf.get(at) else {
+        return Head::Short(1);
+    };
+    let fixed = |header: usize| Head::Sized {
+        header,
+        payload: 0,
+        children: 0,
+    };
+    // (length bytes, multiplier of children or 0 for payload, extra header bytes)
+    let sized = |len_bytes: usize, kind: u8, extra: usize| -> Head {
+        let Some(n) = be(buf, at + 1, len_bytes) else {
+            return Head::Short(1 + len_bytes);
+        };
+        match kind {
+            b'p' => Head::Sized {
+                header: 1 + len_bytes + extra,
+                payload: n as usize,
+                children: 0,
+            },
+            b'a' => Head::Sized {
+                header: 1 + len_bytes,
+                payload: 0,
+                children: n,
+            },
+            _ => Head::Sized {
+                header: 1 + len_bytes,
+                payload: 0,
+                children: n * 2,
+            },
+        }
+    };
+    match m {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => fixed(1),
+        0x80..=0x8f => Head::Sized {
+            header: 1,
+            payload: 0,
+            children: u64::from(m & 0x0f) * 2,
+        },
+        0x90..=0x9f => Head::Sized {
+            header: 1,
+            payload: 0,
+            children: u64::from(m & 0x0f),
+        },
+        0xa0..=0xbf => Head::Sized {
+            header: 1,
+            payload: usize::from(m & 0x1f),
+            children: 0,
+        },
+        0xc1 => Head::Invalid,
+        0xc4 | 0xd9 => sized(1, b'p', 0),
+        0xc5 | 0xda => sized(2, b'p', 0),
+        0xc6 | 0xdb => sized(4, b'p', 0),
+        0xc7 => sized(1, b'p', 1),
+        0xc8 => sized(2, b'p', 1),
+        0xc9 => sized(4, b'p', 1),
+        0xca => fixed(5),
+        0xcb => fixed(9),
+        0xcc | 0xd0 => fixed(2),
+        0xcd | 0xd1 => fixed(3),
+        0xce | 0xd2 => fixed(5),
+        0xcf | 0xd3 => fixed(9),
+        0xd4 => fixed(3),
+        0xd5 => fixed(4),
+        0xd6 => fixed(6),
+        0xd7 => fixed(10),
+        0xd8 => fixed(18),
+        0xdc => sized(2, b'a', 0),
+        0xdd => sized(4, b'a', 0),
+        0xde => sized(2, b'm', 0),
+        0xdf => sized(4, b'm', 0),
+    }
+}
+
+/// Finds the length of the msgpack value that starts at `buf[0]`.
+///
+/// Runs in one pass with a counter instead of a stack, so deep nesting costs
+/// nothing. A container that announces more children than there could be
+/// bytes left in `limit` is reported as incomplete with a lower bound above
+/// `limit`, which callers treat as "too large".
+pub fn value_len(buf: &[u8]) -> Scan {
+    let mut pos = 0usize;
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        match head(buf, pos) {
+            Head::Invalid => return Scan::Invalid,
+            Head::Short(n) => {
+                return Scan::Incomplete {
+                    at_least: pos.saturating_add(n).saturating_add(pending as usize - 1),
+                };
+            }
+            Head::Sized {
+                header,
+                payload,
+                children,
+            } => {
+                let end = pos.saturating_add(header).saturating_add(payload);
+                pending = pending - 1 + children;
+                if end > buf.len() {
+                    return Scan::Incomplete {
+                        at_least: end.saturating_add(pending.min(usize::MAX as u64) as usize),
+                    };
+                }
+                pos = end;
+            }
+        }
+    }
+    Scan::Complete(pos)
+}
+
+/// A msgpack value's kind and, for scalars, its contents, read from a slice
+/// that is known to hold the complete value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Item<'a> {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(&'a [u8]),
+    Bin(&'a [u8]),
+    Ext(i8, &'a [u8]),
+    Array(u32),
+    Map(u32),
+}
+
+/// Error reading a value that should have been complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    #[error("value is truncated")]
+    Truncated,
+    #[error("reserved msgpack marker 0xc1")]
+    Invalid,
+    #[error("nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// A cursor over a complete msgpack buffer.
+#[derive(Debug, Clone)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WalkError> {
+        let end = self.pos.checked_add(n).ok_or(WalkError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(WalkError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn uint(&mut self, n: usize) -> Result<u64, WalkError> {
+        let s = self.take(n)?;
+        Ok(s.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    }
+
+    /// Reads one header (and a scalar's payload). For arrays and maps the
+    /// children follow and must be read or skipped by the caller.
+    pub fn item(&mut self) -> Result<Item<'a>, WalkError> {
+        let m = self.take(1)?[0];
+        Ok(match m {
+            0x00..=0x7f => Item::UInt(u64::from(m)),
+            0xe0..=0xff => Item::Int(i64::from(m as i8)),
+            0x80..=0x8f => Item::Map(u32::from(m & 0x0f)),
+            0x90..=0x9f => Item::Array(u32::from(m & 0x0f)),
+            0xa0..=0xbf => Item::Str(self.take(usize::from(m & 0x1f))?),
+            0xc0 => Item::Nil,
+            0xc1 => return Err(WalkError::Invalid),
+            0xc2 => Item::Bool(false),
+            0xc3 => Item::Bool(true),
+            0xc4..=0xc6 => {
+                let n = self.uint(1 << (m - 0xc4))? as usize;
+                Item::Bin(self.take(n)?)
+            }
+            0xc7..=0xc9 => {
+                let n = self.uint(1 << (m - 0xc7))? as usize;
+                let t = self.take(1)?[0] as i8;
+                Item::Ext(t, self.take(n)?)
+            }
+            0xca => Item::Float(f64::from(f32::from_bits(self.uint(4)? as u32))),
+            0xcb => Item::Float(f64::from_bits(self.uint(8)?)),
+            0xcc..=0xcf => Item::UInt(self.uint(1 << (m - 0xcc))?),
+            0xd0 => Item::Int(i64::from(self.uint(1)? as u8 as i8)),
+            0xd1 => Item::Int(i64::from(self.uint(2)? as u16 as i16)),
+            0xd2 => Item::Int(i64::from(self.uint(4)? as u32 as i32)),
+            0xd3 => Item::Int(self.uint(8)? as i64),
+            0xd4..=0xd8 => {
+                let t = self.take(1)?[0] as i8;
+                Item::Ext(t, self.take(1 << (m - 0xd4))?)
+            }
+            0xd9..=0xdb => {
+                let n = self.uint(1 << (m - 0xd9))? as usize;
+                Item::Str(self.take(n)?)
+            }
+            0xdc => Item::Array(self.uint(2)? as u32),
+            0xdd => Item::Array(self.uint(4)? as u32),
+            0xde => Item::Map(self.uint(2)? as u32),
+            0xdf => Item::Map(self.uint(4)? as u32),
+        })
+    }
+
+    /// Skips one whole value and returns its bytes.
+    pub fn skip(&mut self) -> Result<&'a [u8], WalkError> {
+        let start = self.pos;
+        match value_len(&self.buf[self.pos..]) {
+            Scan::Complete(n) => {
+                self.pos += n;
+                Ok(&self.buf[start..self.pos])
+            }
+            Scan::Incomplete { .. } => Err(WalkError::Truncated),
+            Scan::Invalid => Err(WalkError::Invalid),
+        }
+    }
+}
+
+/// Calls `f(key, value_bytes)` for each entry of the map in `buf` whose key is
+/// a string. Values are handed over as raw msgpack slices. Returns false if
+/// `buf` is not a map.
+pub fn for_each_entry<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(&'a [u8], &'a [u8]),
+) -> Result<bool, WalkError> {
+    let mut r = Reader::new(buf);
+    let Item::Map(n) = r.item()? else {
+        return Ok(false);
+    };
+    for _ in 0..n {
+        // Skip the key whole: a container key must not leave its children behind.
+        let key = r.skip()?;
+        let value = r.skip()?;
+        if let Ok(Item::Str(k) | Item::Bin(k)) = Reader::new(key).item() {
+            f(k, value);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads a string or bin value as UTF-8 text, if it is one.
+pub fn as_str(value: &[u8]) -> Option<&str> {
+    match Reader::new(value).item().ok()? {
+        Item::Str(s) | Item::Bin(s) => std::str::from_utf8(s).ok(),
+        _ => None,
+    }
+}
+
+/// How JSON cannot say what msgpack can, and what we write instead.
+///
+/// * bin, and str that is not valid UTF-8: `{"__bytes__": "<base64>"}`, so the
+///   bytes survive a round trip and a reader can tell them from text;
+/// * ext type 78 (Salt's datetime, `%Y%m%dT%H:%M:%S.%f`): the ISO-8601 string;
+/// * other ext types: `{"__ext__": <type>, "data": "<base64>"}`;
+/// * NaN and infinities: `null` (Python writes `NaN`, which is not JSON);
+/// * non-string map keys: their JSON text as the key, as Python's `json` does.
+pub fn to_json(value: &[u8]) -> Result<String, WalkError> {
+    let mut out = String::with_capacity(value.len() + value.len() / 4 + 16);
+    let mut r = Reader::new(value);
+    write_json(&mut r, &mut out, 0)?;
+    Ok(out)
+}
+
+/// Appends the JSON of the next value in `r` to `out`.
+pub fn write_json(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<(), WalkError> {
+    if depth > MAX_DEPTH {
+        return Err(WalkError::TooDeep);
+    }
+    match r.item()? {
+        Item::Nil => out.push_str("null"),
+        Item::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        Item::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Item::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Item::Float(f) => write_float(out, f),
+        Item::Str(s) => match std::str::from_utf8(s) {
+            Ok(s) => write_json_str(out, s),
+            Err(_) => write_bytes(out, s),
+        },
+        Item::Bin(b) => write_bytes(out, b),
+        Item::Ext(t, data) => write_ext(out, t, data),
+        Item::Array(n) => {
+            out.push('[');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(r, out, depth + 1)?;
+            }
+            out.push(']');
+        }
+        Item::Map(n) => {
+            out.push('{');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_key(r, out, depth + 1)?;
+                out.push(':');
+                write_json(r, out, depth + 1)?;
+            }
+            out.push('}');
+        }
+    }
+    Ok(())
+}
+
+fn write_key(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<(), WalkError> {
+    let save = r.clone();
+    match r.item()? {
+        Item::Str(s) => match std::str::from_utf8(s) {
+            Ok(s) => write_json_str(out, s),
+            Err(_) => write_json_str(out, &String::from_utf8_lossy(s)),
+        },
+        Item::Bin(b) => write_json_str(out, &String::from_utf8_lossy(b)),
+        _ => {
+            // Render the key as JSON, then quote that text.
+            *r = save;
+            let mut inner = String::new();
+            write_json(r, &mut inner, depth)?;
+            write_json_str(out, &inner);
+        }
+    }
+    Ok(())
+}
+
+fn write_float(out: &mut String, f: f64) {
+    if f.is_finite() {
+        // serde_json prints the shortest representation that round-trips.
+        match serde_json::to_string(&f) {
+            Ok(s) => out.push_str(&s),
+            Err(_) => out.push_str("null"),
+        }
+    } else {
+        out.push_str("null");
+    }
+}
+
+/// Writes `s` as a JSON string literal.
+pub fn write_json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: Option<&str> = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x00..=0x1f => None,
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        match esc {
+            Some(e) => out.push_str(e),
+            None => {
+                let _ = write!(out, "\\u{:04x}", b);
+            }
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn write_bytes(out: &mut String, b: &[u8]) {
+    out.push_str("{\"__bytes__\":\"");
+    base64::engine::general_purpose::STANDARD.encode_string(b, out);
+    out.push_str("\"}");
+}
+
+fn write_ext(out: &mut String, t: i8, data: &[u8]) {
+    if t == 78
+        && let Some(iso) = std::str::from_utf8(data).ok().and_then(salt_datetime_iso)
+    {
+        write_json_str(out, &iso);
+        return;
+    }
+    let _ = write!(out, "{{\"__ext__\":{t},\"data\":\"");
+    base64::engine::general_purpose::STANDARD.encode_string(data, out);
+    out.push_str("\"}");
+}
+
+/// Turns Salt's packed datetime `20261125T12:00:01.123456` into
+/// `2026-11-25T12:00:01.123456`.
+fn salt_datetime_iso(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    if b.len() < 17 || b[8] != b'T' || !b[..8].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(format!("{}-{}-{}{}", &s[0..4], &s[4..6], &s[6..8], &s[8..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(v: &rmpv::Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).expect("encode");
+        out
+    }
+
+    #[test]
+    fn value_len_matches_encoded_length_for_every_kind() {
+        use rmpv::Value as V;
+        let values = vec![
+            V::Nil,
+            V::Boolean(true),
+            V::from(5),
+            V::from(-3),
+            V::from(300),
+            V::from(-300),
+            V::from(70000),
+            V::from(u64::MAX),
+            V::from(i64::MIN),
+            V::F32(1.5),
+            V::F64(2.25),
+            V::from("x".repeat(31)),
+            V::from("x".repeat(300)),
+            V::from("x".repeat(70000)),
+            V::Binary(vec![1; 300]),
+            V::Ext(78, b"20261125T12:00:00.000001".to_vec()),
+            V::Ext(5, vec![1]),
+            V::Ext(5, vec![1; 16]),
+            V::Ext(5, vec![1; 17]),
+            V::Array((0..20).map(V::from).collect()),
+            V::Map((0..20).map(|i| (V::from(i), V::from("v"))).collect()),
+        ];
+        for v in values {
+            let b = enc(&v);
+            assert_eq!(value_len(&b), Scan::Complete(b.len()), "{v:?}");
+            for cut in 0..b.len() {
+                assert!(
+                    matches!(value_len(&b[..cut]), Scan::Incomplete { at_least } if at_least > cut),
+                    "{v:?} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn huge_declared_container_is_incomplete_not_a_hang() {
+        let b = [0xdf, 0xff, 0xff, 0xff, 0xff];
+        match value_len(&b) {
+            Scan::Incomplete { at_least } => assert!(at_least > 1_000_000),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reserved_marker_is_invalid() {
+        assert_eq!(value_len(&[0xc1]), Scan::Invalid);
+        assert_eq!(value_len(&[0x92, 0x01, 0xc1]), Scan::Invalid);
+    }
+
+    #[test]
+    fn json_policy() {
+        use rmpv::Value as V;
+        let v = V::Map(vec![
+            (V::from("s"), V::from("a\"b\n\u{1F600}")),
+            (V::from("b"), V::Binary(b"\xff\x00".to_vec())),
+            (V::from(1), V::from(true)),
+            (V::from("dt"), V::Ext(78, b"20261125T12:00:01.5".to_vec())),
+            (V::from("e"), V::Ext(3, vec![7])),
+            (V::from("f"), V::F64(f64::NAN)),
+            (V::from("big"), V::from(u64::MAX)),
+            (
+                V::from("l"),
+                V::Array(vec![V::Nil, V::F64(0.1), V::from(-7)]),
+            ),
+        ]);
+        let json = to_json(&enc(&v)).expect("json");
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid json");
+        assert_eq!(parsed["s"], "a\"b\n\u{1F600}");
+        assert_eq!(parsed["b"]["__bytes__"], "/wA=");
+        assert_eq!(parsed["1"], true);
+        assert_eq!(parsed["dt"], "2026-11-25T12:00:01.5");
+        assert_eq!(parsed["e"]["__ext__"], 3);
+        assert!(parsed["f"].is_null());
+        assert_eq!(parsed["big"], u64::MAX);
+        assert_eq!(parsed["l"], serde_json::json!([null, 0.1, -7]));
+    }
+
+    #[test]
+    fn invalid_utf8_str_becomes_bytes_marker() {
+        let mut b = vec![0xa2, 0xc3, 0x28];
+        let json = to_json(&b).expect("json");
+        assert_eq!(json, r#"{"__bytes__":"wyg="}"#);
+        b[0] = 0xc1;
+        assert!(to_json(&b).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let mut b = vec![0x91; 100_000];
+        b.push(0xc0);
+        assert_eq!(value_len(&b), Scan::Complete(b.len()));
+        assert_eq!(to_json(&b), Err(WalkError::TooDeep));
+    }
+
+    #[test]
+    fn entries_and_strings() {
+        use rmpv::Value as V;
+        let v = V::Map(vec![
+            (V::from("fun"), V::from("cmd.run")),
+            (V::from("return"), V::Map(vec![(V::from("a"), V::from(1))])),
+        ]);
+        let b = enc(&v);
+        let mut seen = vec![];
+        assert!(for_each_entry(&b, |k, val| seen.push((k.to_vec(), val.to_vec()))).expect("walk"));
+        assert_eq!(seen.len(), 2);
+        assert_eq!(as_str(&seen[0].1), Some("cmd.run"));
+        assert_eq!(to_json(&seen[1].1).expect("json"), r#"{"a":1}"#);
+    }
+}

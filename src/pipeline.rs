@@ -1,0 +1,199 @@
+//! Wiring the parts for each subcommand, and shutting them down in order.
+//!
+//! `run` = `listen` + `work` in one process. The order of shutdown is what
+//! makes "lose nothing once read" hold:
+//!
+//! 1. the signal stops the source; it frames what it holds and hands every
+//!    kept event to the queue writer;
+//! 2. the queue writer stores all of them durably, then ends;
+//! 3. only then are the workers told to stop: they drain what the queue
+//!    holds (for at most `worker.drain_timeout`), commit, ack and end.
+//!
+//! Anything not written by then is still in the durable queue, and the next
+//! start delivers it.
+
+use crate::config::Config;
+use crate::queue::{Message, Producer, QueueError};
+use crate::rules::Rules;
+use crate::sink::{Sink, SinkError};
+use crate::source::{Ingest, Source, SourceError};
+use crate::stats::Stats;
+use crate::worker::{Stop, Worker, WorkerError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("sink: {0}")]
+    Sink(#[from] SinkError),
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+    #[error("task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Chunks in flight between the reader and the queue writer.
+const CHANNEL_CHUNKS: usize = 64;
+/// Messages the writer puts in one queue transaction at most.
+const WRITE_BATCH: usize = 4096;
+
+/// Stores every chunk it receives, retrying failures, until the channel
+/// closes. After `give_up` fires, a push that keeps failing is abandoned
+/// (logged with the count) so shutdown cannot hang forever on a dead disk.
+async fn queue_writer(
+    mut rx: mpsc::Receiver<Vec<Message>>,
+    producer: Arc<dyn Producer>,
+    stats: Arc<Stats>,
+    give_up: CancellationToken,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match producer.push(&batch).await {
+                Ok(()) => {
+                    stats.queued.fetch_add(batch.len() as u64, Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    stats.queue_errors.fetch_add(1, Relaxed);
+                    if give_up.is_cancelled() {
+                        tracing::error!(error = %e, lost = batch.len(), "cannot store events in the queue at shutdown; they are lost");
+                        break;
+                    }
+                    tracing::error!(error = %e, events = batch.len(), "cannot store events in the queue; retrying (the reader keeps draining the bus)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = give_up.cancelled() => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// The listening half: source → rules → queue. Returns when the source ends
+/// (end of file, or `shutdown`) and everything it kept is in the queue.
+pub async fn listen(
+    cfg: &Config,
+    mut source: Box<dyn Source>,
+    producer: Arc<dyn Producer>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let give_up = CancellationToken::new();
+    let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
+    let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx);
+    let result = source.run(&mut ingest, shutdown).await;
+    drop(ingest);
+    // Give a failing queue the drain time to recover before giving up.
+    let deadline = tokio::time::sleep(cfg.worker.drain_timeout);
+    tokio::pin!(deadline);
+    let mut writer = writer;
+    tokio::select! {
+        r = &mut writer => r?,
+        _ = &mut deadline => {
+            give_up.cancel();
+            writer.await?;
+        }
+    }
+    result.map_err(Into::into)
+}
+
+/// Starts one worker per queue this process consumes.
+pub async fn start_workers(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    stats: Arc<Stats>,
+    stop: Stop,
+) -> Result<JoinSet<Result<(), WorkerError>>, PipelineError> {
+    let queues = if cfg.worker.queues.is_empty() {
+        cfg.queue_names()
+    } else {
+        cfg.worker.queues.clone()
+    };
+    let mut set = JoinSet::new();
+    for q in queues {
+        let consumer = cfg.queue.consumer(&q).await?;
+        let w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone());
+        set.spawn(w.run(stop.clone()));
+    }
+    Ok(set)
+}
+
+/// Waits for all workers; the first error wins.
+pub async fn join_workers(mut set: JoinSet<Result<(), WorkerError>>) -> Result<(), PipelineError> {
+    let mut first = None;
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r
+            .map_err(PipelineError::from)
+            .and_then(|r| r.map_err(PipelineError::from))
+            && first.is_none()
+        {
+            first = Some(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// `run` and `replay`: listen and work in one process.
+///
+/// `drain` is how long workers keep writing after the source ended: the
+/// configured `drain_timeout` for `run`, `None` (until the queue is empty)
+/// for `replay`.
+pub async fn run_all(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+) -> Result<(), PipelineError> {
+    let producer = cfg.queue.producer().await?;
+    let sink = cfg.sink.build().await?;
+    let worker_stop = CancellationToken::new();
+    let stop = Stop {
+        token: worker_stop.clone(),
+        drain,
+    };
+    let mut workers = start_workers(cfg, sink, stats.clone(), stop).await?;
+    // A worker that dies (fatal sink error) stops the whole process: keep
+    // its error and stop listening, in order; what was read is safe in the queue.
+    let listening = listen(cfg, source, producer, stats.clone(), shutdown.clone());
+    tokio::pin!(listening);
+    let mut worker_error = None;
+    let listen_result = loop {
+        tokio::select! {
+            r = &mut listening => break r,
+            Some(r) = workers.join_next(), if !workers.is_empty() => {
+                let r = r.map_err(PipelineError::from).and_then(|r| r.map_err(PipelineError::from));
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "a worker stopped; shutting down");
+                    worker_error.get_or_insert(e);
+                    shutdown.cancel();
+                }
+            }
+        }
+    };
+    worker_stop.cancel();
+    let work_result = join_workers(workers).await;
+    match worker_error {
+        Some(e) => Err(e),
+        None => listen_result.and(work_result),
+    }
+}

@@ -1,0 +1,237 @@
+//! From events to the rows of Salt's returner tables. Shared by every SQL sink.
+//!
+//! What Salt's mysql returner writes, and so what its readers expect:
+//! * `jids (jid, load)`: the job's load as JSON, once per jid. We take it
+//!   from the job's `new` event. A `salt-call` job has no `new` event; Salt's
+//!   own job cache then saves the return itself as the load, and so do we,
+//!   so a reader that joins `salt_returns` to `jids` still finds a row.
+//! * `salt_returns (fun, jid, return, id, success, full_ret)`: `return` is the
+//!   JSON of the return value, `full_ret` the JSON of the whole event data,
+//!   `success` the event's success or false.
+//! * `salt_events (tag, data, master_id)`: any other event the rules kept.
+//!
+//! Differences we chose, since the returner's columns cannot hold them:
+//! a multi-function job's `fun` (a list) is written comma-joined, the way
+//! the command line takes it (`test.ping,test.echo`); its `success` (a map)
+//! is true only if every function succeeded.
+
+use super::Record;
+use crate::event::Kind;
+use crate::msgpack;
+
+/// How a database spells a boolean in `salt_returns.success`, a varchar:
+/// what the returner's Python driver made of `True`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoolStyle {
+    /// MySQLdb / PyMySQL: `1` and `0`.
+    Digit,
+    /// psycopg2: `true` and `false`.
+    Word,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JidRow {
+    pub jid: String,
+    pub load: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnRow {
+    pub fun: String,
+    pub jid: String,
+    pub ret: String,
+    pub id: String,
+    pub success: String,
+    pub full_ret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub tag: String,
+    pub data: String,
+}
+
+/// The rows of one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowSet {
+    Job(JidRow),
+    Return(ReturnRow, Option<JidRow>),
+    Event(EventRow),
+}
+
+/// Why a record cannot become rows (a permanent error).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot convert {tag} to JSON: {error}")]
+pub struct RowError {
+    pub tag: String,
+    pub error: msgpack::WalkError,
+}
+
+/// Converts one record.
+pub fn rows_of(record: &Record, style: BoolStyle) -> Result<RowSet, RowError> {
+    let e = &record.event;
+    let err = |error| RowError {
+        tag: e.tag().to_owned(),
+        error,
+    };
+    let data_json = || msgpack::to_json(e.data()).map_err(err);
+    match (e.kind, &e.fields.jid, &e.fields.minion) {
+        (Kind::JobNew, Some(jid), _) => Ok(RowSet::Job(JidRow {
+            jid: jid.clone(),
+            load: data_json()?,
+        })),
+        (Kind::JobReturn, Some(jid), Some(id)) => {
+            let full_ret = data_json()?;
+            let ret = match e.field_raw("return") {
+                Some(raw) => msgpack::to_json(raw).map_err(err)?,
+                None => "null".to_owned(),
+            };
+            let ok = e.fields.success.unwrap_or(false);
+            let success = match (style, ok) {
+                (BoolStyle::Digit, true) => "1",
+                (BoolStyle::Digit, false) => "0",
+                (BoolStyle::Word, true) => "true",
+                (BoolStyle::Word, false) => "false",
+            };
+            let job = e.is_salt_call_return().then(|| JidRow {
+                jid: jid.clone(),
+                load: full_ret.clone(),
+            });
+            Ok(RowSet::Return(
+                ReturnRow {
+                    fun: e.fields.fun.join(","),
+                    jid: jid.clone(),
+                    ret,
+                    id: id.clone(),
+                    success: success.to_owned(),
+                    full_ret,
+                },
+                job,
+            ))
+        }
+        _ => Ok(RowSet::Event(EventRow {
+            tag: e.tag().to_owned(),
+            data: data_json()?,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::encode::frame;
+    use crate::event::Event;
+    use bytes::Bytes;
+    use rmpv::Value as V;
+
+    fn record(tag: &str, data: Vec<(&str, V)>) -> Record {
+        let v = V::Map(data.into_iter().map(|(k, v)| (V::from(k), v)).collect());
+        let mut packed = Vec::new();
+        rmpv::encode::write_value(&mut packed, &v).expect("encode");
+        Record {
+            event: Event::from_frame(&Bytes::from(frame(tag, &packed))).expect("decode"),
+            received_ms: 0,
+        }
+    }
+
+    #[test]
+    fn job_new_becomes_a_jid_row() {
+        let r = record(
+            "salt/job/1/new",
+            vec![("jid", V::from("1")), ("fun", V::from("test.ping"))],
+        );
+        let RowSet::Job(j) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(j.jid, "1");
+        let load: serde_json::Value = serde_json::from_str(&j.load).expect("json");
+        assert_eq!(load["fun"], "test.ping");
+    }
+
+    #[test]
+    fn return_row_matches_the_returner() {
+        let r = record(
+            "salt/job/1/ret/m1",
+            vec![
+                ("jid", V::from("1")),
+                ("id", V::from("m1")),
+                ("fun", V::from("cmd.run")),
+                ("return", V::from("hi")),
+                ("retcode", V::from(0)),
+                ("success", V::from(true)),
+            ],
+        );
+        let RowSet::Return(row, job) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+            panic!()
+        };
+        assert!(job.is_none());
+        assert_eq!(row.fun, "cmd.run");
+        assert_eq!(row.ret, "\"hi\"");
+        assert_eq!(row.success, "1");
+        let full: serde_json::Value = serde_json::from_str(&row.full_ret).expect("json");
+        assert_eq!(full["retcode"], 0);
+        let RowSet::Return(row, _) = rows_of(&r, BoolStyle::Word).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(row.success, "true");
+    }
+
+    #[test]
+    fn salt_call_return_also_writes_its_load() {
+        let r = record(
+            "salt/job/2/ret/m1",
+            vec![
+                ("jid", V::from("2")),
+                ("id", V::from("m1")),
+                ("fun", V::from("test.ping")),
+                ("return", V::from(true)),
+                ("tgt", V::from("m1")),
+                ("arg", V::Array(vec![])),
+            ],
+        );
+        let RowSet::Return(row, Some(job)) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(
+            row.success, "0",
+            "no success key: written as false, like the returner"
+        );
+        assert_eq!(job.load, row.full_ret);
+    }
+
+    #[test]
+    fn multi_function_and_other_events() {
+        let r = record(
+            "salt/job/3/ret/m1",
+            vec![
+                ("jid", V::from("3")),
+                ("id", V::from("m1")),
+                (
+                    "fun",
+                    V::Array(vec![V::from("test.ping"), V::from("test.echo")]),
+                ),
+                (
+                    "success",
+                    V::Map(vec![
+                        (V::from("test.ping"), V::from(true)),
+                        (V::from("test.echo"), V::from(true)),
+                    ]),
+                ),
+            ],
+        );
+        let RowSet::Return(row, _) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(row.fun, "test.ping,test.echo");
+        assert_eq!(row.success, "1");
+        assert_eq!(row.ret, "null");
+        let r = record("my/event", vec![("x", V::from(1))]);
+        assert_eq!(
+            rows_of(&r, BoolStyle::Digit).expect("rows"),
+            RowSet::Event(EventRow {
+                tag: "my/event".into(),
+                data: "{\"x\":1}".into()
+            })
+        );
+    }
+}

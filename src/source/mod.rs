@@ -1,0 +1,353 @@
+//! Where events come from: the master's event bus (unix socket or TCP), or a
+//! captured stream being replayed.
+//!
+//! The one rule of the bus: read it all the time. The master buffers for a
+//! slow subscriber without limit, then cuts it off at 10,000 pending writes
+//! or a 60-second stall and throws away everything buffered, with no replay
+//! and no sign but the EOF. So the source never waits on the queue or the
+//! sink: it frames, decodes and filters inline (cheap), hands kept events to
+//! the queue writer through a bounded channel without waiting, and holds
+//! what the channel cannot take yet in a backlog bounded by `pending_limit`.
+//! Only if that is exceeded (the local disk stopped taking writes) does it
+//! drop events, counted and logged at error, rather than stall the socket
+//! and lose the master's whole buffer uncounted.
+
+use crate::bus::framing::{Framed, Framer};
+use crate::config::{ConfigError, human};
+use crate::event::Event;
+use crate::queue::Message;
+use crate::rules::{Decision, Rules};
+use crate::stats::{Stats, events};
+use async_trait::async_trait;
+use bytes::BytesMut;
+use serde::Deserialize;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub mod bus;
+pub mod file;
+
+pub use bus::{Captured, capture, check};
+
+/// The master's default publish socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/salt/master/master_event_pub.ipc";
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// The master's publish socket, `<sock_dir>/master_event_pub.ipc`.
+    /// The default when neither `socket` nor `tcp` is given.
+    pub socket: Option<PathBuf>,
+    /// `host:port` of the publisher when the master runs `ipc_mode: tcp`
+    /// (127.0.0.1:4512 by default there).
+    pub tcp: Option<String>,
+    /// First wait before reconnecting; doubles up to `reconnect_max`.
+    #[serde(deserialize_with = "human::duration")]
+    pub reconnect_min: Duration,
+    #[serde(deserialize_with = "human::duration")]
+    pub reconnect_max: Duration,
+    /// Largest event accepted; larger ones are skipped and counted. The
+    /// master caps events near `max_event_size` (1 MiB) unless raised.
+    #[serde(deserialize_with = "human::size")]
+    pub max_frame: u64,
+    /// Kept events held in memory when the queue writer lags, before the
+    /// reader starts dropping (counted) instead of stalling the bus.
+    #[serde(deserialize_with = "human::size")]
+    pub pending_limit: u64,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            socket: None,
+            tcp: None,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            max_frame: 64 << 20,
+            pending_limit: 64 << 20,
+        }
+    }
+}
+
+/// Where the bus is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusAddress {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for BusAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            BusAddress::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl SourceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.socket.is_some() && self.tcp.is_some() {
+            return Err(ConfigError::invalid(
+                "source",
+                "give either `socket` or `tcp`, not both",
+            ));
+        }
+        if let Some(t) = &self.tcp
+            && !t
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(ConfigError::invalid(
+                "source.tcp",
+                format!("`{t}` is not host:port"),
+            ));
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return Err(ConfigError::invalid(
+                "source.reconnect_min",
+                "must be above zero and not above reconnect_max",
+            ));
+        }
+        if self.max_frame < 1024 || self.max_frame > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "source.max_frame",
+                "must be between 1KiB and 1GiB",
+            ));
+        }
+        if self.pending_limit < self.max_frame.min(1 << 20) {
+            return Err(ConfigError::invalid(
+                "source.pending_limit",
+                "must be at least 1MiB",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn address(&self) -> BusAddress {
+        match (&self.tcp, &self.socket) {
+            (Some(t), _) => BusAddress::Tcp(t.clone()),
+            (None, Some(s)) => BusAddress::Unix(s.clone()),
+            (None, None) => BusAddress::Unix(PathBuf::from(DEFAULT_SOCKET)),
+        }
+    }
+}
+
+/// Errors that end a source for good (transient bus errors are retried inside).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the queue writer has stopped")]
+    QueueClosed,
+}
+
+/// A stream of bus bytes.
+#[async_trait]
+pub trait Source: Send {
+    /// Reads until the stream ends (a file) or `shutdown` fires (the bus),
+    /// feeding `ingest`; returns after everything read was handed on.
+    async fn run(
+        &mut self,
+        ingest: &mut Ingest,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError>;
+}
+
+/// Framing, decoding, rules and the hand-off to the queue writer: the
+/// listener's work for every byte read, whatever the source.
+pub struct Ingest {
+    framer: Framer,
+    rules: Rules,
+    stats: Arc<Stats>,
+    max_frame: usize,
+    outbox: Vec<Message>,
+    backlog: VecDeque<Vec<Message>>,
+    backlog_bytes: usize,
+    pending_limit: usize,
+    tx: mpsc::Sender<Vec<Message>>,
+}
+
+/// Messages per chunk sent to the queue writer.
+const CHUNK: usize = 512;
+
+impl Ingest {
+    pub fn new(
+        cfg: &SourceConfig,
+        rules: Rules,
+        stats: Arc<Stats>,
+        tx: mpsc::Sender<Vec<Message>>,
+    ) -> Ingest {
+        Ingest {
+            framer: Framer::new(cfg.max_frame as usize),
+            rules,
+            stats,
+            max_frame: cfg.max_frame as usize,
+            outbox: Vec::with_capacity(CHUNK),
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            pending_limit: cfg.pending_limit as usize,
+            tx,
+        }
+    }
+
+    /// The buffer to read bus bytes into.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        self.framer.buffer_mut()
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Replaces the rules (SIGHUP) without touching anything in flight.
+    pub fn set_rules(&mut self, rules: Rules) {
+        self.rules = rules;
+    }
+
+    /// Frames, decodes and filters everything buffered so far.
+    pub fn process(&mut self, received_ms: i64) {
+        while let Some(item) = self.framer.next_frame() {
+            match item {
+                Framed::Frame(frame) => {
+                    self.stats.frames.fetch_add(1, Relaxed);
+                    match Event::from_frame(&frame) {
+                        Ok(event) => self.decide(event, received_ms),
+                        Err(e) => events::FrameRejected {
+                            reason: e.reason(),
+                            skipped: frame.len(),
+                            excerpt: &crate::bus::framing::hex_excerpt(&frame),
+                        }
+                        .emit(&self.stats),
+                    }
+                }
+                Framed::Garbage { skipped, excerpt } => events::FrameRejected {
+                    reason: "not_a_frame",
+                    skipped,
+                    excerpt: &excerpt,
+                }
+                .emit(&self.stats),
+                Framed::Oversized { len } => events::FrameOversized {
+                    len,
+                    limit: self.max_frame,
+                }
+                .emit(&self.stats),
+            }
+        }
+    }
+
+    fn decide(&mut self, event: Event, received_ms: i64) {
+        match self.rules.decide(&event) {
+            Decision::Keep { queue } => {
+                self.stats.kept.fetch_add(1, Relaxed);
+                self.outbox.push(Message {
+                    queue,
+                    key: event.partition_key(),
+                    body: event.body,
+                    received_ms,
+                });
+                if self.outbox.len() >= CHUNK {
+                    self.seal();
+                }
+            }
+            Decision::Drop(reason) => self.stats.count_drop(reason),
+        }
+    }
+
+    fn seal(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.outbox, Vec::with_capacity(CHUNK));
+        self.backlog_bytes += chunk.iter().map(|m| m.body.len()).sum::<usize>();
+        self.backlog.push_back(chunk);
+    }
+
+    /// Hands what it can to the queue writer without waiting. Past
+    /// `pending_limit`, drops the newest chunk (counted) instead of blocking.
+    pub fn flush_nowait(&mut self) -> Result<(), SourceError> {
+        self.seal();
+        while let Some(chunk) = self.backlog.pop_front() {
+            let bytes: usize = chunk.iter().map(|m| m.body.len()).sum();
+            match self.tx.try_send(chunk) {
+                Ok(()) => self.backlog_bytes -= bytes,
+                Err(mpsc::error::TrySendError::Full(chunk)) => {
+                    self.backlog.push_front(chunk);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::QueueClosed),
+            }
+        }
+        while self.backlog_bytes > self.pending_limit {
+            let Some(chunk) = self.backlog.pop_back() else {
+                break;
+            };
+            let bytes: usize = chunk.iter().map(|m| m.body.len()).sum();
+            self.backlog_bytes -= bytes;
+            events::QueueOverflow {
+                dropped: chunk.len(),
+                pending_bytes: self.backlog_bytes,
+            }
+            .emit(&self.stats);
+        }
+        Ok(())
+    }
+
+    /// True if kept events wait for room in the channel.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Waits until the channel has room for one more chunk, then sends it.
+    /// For the bus reader's select loop: never call it without a backlog.
+    pub async fn send_one_backlogged(&mut self) -> Result<(), SourceError> {
+        let permit = self
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| SourceError::QueueClosed)?;
+        if let Some(chunk) = self.backlog.pop_front() {
+            self.backlog_bytes -= chunk.iter().map(|m| m.body.len()).sum::<usize>();
+            permit.send(chunk);
+        }
+        Ok(())
+    }
+
+    /// Hands everything on, waiting for room: for files and shutdown.
+    pub async fn flush_wait(&mut self) -> Result<(), SourceError> {
+        self.seal();
+        while let Some(chunk) = self.backlog.pop_front() {
+            self.backlog_bytes -= chunk.iter().map(|m| m.body.len()).sum::<usize>();
+            self.tx
+                .send(chunk)
+                .await
+                .map_err(|_| SourceError::QueueClosed)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a partial frame after the stream broke; returns its size.
+    pub fn reset_stream(&mut self) -> usize {
+        let n = self.framer.buffered();
+        self.framer.reset();
+        n
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,235 @@
+//! Counters for everything that happens to an event, and the internal events
+//! that both log and count.
+//!
+//! Plain atomics rather than calls into the `metrics` registry on the hot
+//! path: decode + rules runs at millions of events a second and a labelled
+//! registry lookup per event would cost more than the work itself. The
+//! `/metrics` endpoint and `replay`'s summary read these same counters, so
+//! what an operator sees and what the tests assert are one set of numbers.
+//!
+//! As in Vector, each noteworthy happening is one struct with an `emit`
+//! that writes the log line and bumps the counter together, so the two can
+//! never disagree.
+
+use crate::rules::DropReason;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Every counter saltpipe keeps. Shared behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub bytes_read: AtomicU64,
+    pub frames: AtomicU64,
+    pub malformed: AtomicU64,
+    pub garbage_bytes: AtomicU64,
+    pub oversized: AtomicU64,
+    pub kept: AtomicU64,
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
+    pub overflow_dropped: AtomicU64,
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub queued: AtomicU64,
+    pub queue_errors: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub batches: AtomicU64,
+    pub batch_events: AtomicU64,
+    pub returns_written: AtomicU64,
+    pub jids_written: AtomicU64,
+    pub events_written: AtomicU64,
+    pub rows_ignored: AtomicU64,
+    pub sink_retries: AtomicU64,
+    pub sink_failures: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub sink_latency_us_total: AtomicU64,
+    /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
+    pub oldest_unacked_ms: AtomicI64,
+}
+
+/// A copy of the counters at one moment, for printing and comparing.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub bytes_read: u64,
+    pub frames: u64,
+    pub malformed: u64,
+    pub oversized: u64,
+    pub kept: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
+    pub overflow_dropped: u64,
+    pub disconnects: u64,
+    pub queued: u64,
+    pub acked: u64,
+    pub batches: u64,
+    pub returns_written: u64,
+    pub jids_written: u64,
+    pub events_written: u64,
+    pub rows_ignored: u64,
+    pub sink_retries: u64,
+    pub dead_letters: u64,
+}
+
+impl Stats {
+    pub fn count_drop(&self, reason: DropReason) {
+        self.dropped[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            bytes_read: self.bytes_read.load(Relaxed),
+            frames: self.frames.load(Relaxed),
+            malformed: self.malformed.load(Relaxed),
+            oversized: self.oversized.load(Relaxed),
+            kept: self.kept.load(Relaxed),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.dropped[r.index()].load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            overflow_dropped: self.overflow_dropped.load(Relaxed),
+            disconnects: self.disconnects.load(Relaxed),
+            queued: self.queued.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            returns_written: self.returns_written.load(Relaxed),
+            jids_written: self.jids_written.load(Relaxed),
+            events_written: self.events_written.load(Relaxed),
+            rows_ignored: self.rows_ignored.load(Relaxed),
+            sink_retries: self.sink_retries.load(Relaxed),
+            dead_letters: self.dead_letters.load(Relaxed),
+        }
+    }
+}
+
+/// Internal events: each logs and counts in one place.
+pub mod events {
+    use super::*;
+
+    /// Bytes on the bus that were not a frame.
+    pub struct FrameRejected<'a> {
+        pub reason: &'a str,
+        pub skipped: usize,
+        pub excerpt: &'a str,
+    }
+
+    impl FrameRejected<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.malformed.fetch_add(1, Relaxed);
+            stats.garbage_bytes.fetch_add(self.skipped as u64, Relaxed);
+            tracing::warn!(
+                reason = self.reason,
+                skipped = self.skipped,
+                excerpt = self.excerpt,
+                "skipped malformed bus data"
+            );
+        }
+    }
+
+    /// A frame over `max_frame` was skipped.
+    pub struct FrameOversized {
+        pub len: usize,
+        pub limit: usize,
+    }
+
+    impl FrameOversized {
+        pub fn emit(&self, stats: &Stats) {
+            stats.oversized.fetch_add(1, Relaxed);
+            tracing::error!(
+                len = self.len,
+                limit = self.limit,
+                "skipped an event larger than source.max_frame; raise it to keep such events"
+            );
+        }
+    }
+
+    /// The connection to the bus ended: anything the master had buffered is gone.
+    pub struct BusDisconnected<'a> {
+        pub address: &'a str,
+        pub error: Option<&'a str>,
+        pub partial_bytes: usize,
+    }
+
+    impl BusDisconnected<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.disconnects.fetch_add(1, Relaxed);
+            tracing::warn!(
+                address = self.address,
+                error = self.error.unwrap_or("end of stream"),
+                partial_bytes = self.partial_bytes,
+                "lost the event bus: events published until we reconnect are not seen (possible gap)"
+            );
+        }
+    }
+
+    pub struct BusConnected<'a> {
+        pub address: &'a str,
+    }
+
+    impl BusConnected<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.connects.fetch_add(1, Relaxed);
+            tracing::info!(address = self.address, "connected to the event bus");
+        }
+    }
+
+    /// The queue writer fell behind the bus by more than `pending_limit`.
+    pub struct QueueOverflow {
+        pub dropped: usize,
+        pub pending_bytes: usize,
+    }
+
+    impl QueueOverflow {
+        pub fn emit(&self, stats: &Stats) {
+            stats
+                .overflow_dropped
+                .fetch_add(self.dropped as u64, Relaxed);
+            tracing::error!(
+                dropped = self.dropped,
+                pending_bytes = self.pending_bytes,
+                "the queue cannot keep up with the bus; dropped kept events rather than stall the reader"
+            );
+        }
+    }
+
+    /// A batch write failed in a way that may pass on retry.
+    pub struct SinkRetry<'a> {
+        pub error: &'a str,
+        pub attempt: u32,
+        pub delay_ms: u64,
+        pub events: usize,
+    }
+
+    impl SinkRetry<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.sink_retries.fetch_add(1, Relaxed);
+            tracing::warn!(
+                error = self.error,
+                attempt = self.attempt,
+                delay_ms = self.delay_ms,
+                events = self.events,
+                "sink write failed, holding the batch and retrying"
+            );
+        }
+    }
+
+    /// One event was refused for good and set aside with the reason.
+    pub struct DeadLettered<'a> {
+        pub tag: &'a str,
+        pub error: &'a str,
+    }
+
+    impl DeadLettered<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.dead_letters.fetch_add(1, Relaxed);
+            tracing::error!(
+                tag = self.tag,
+                error = self.error,
+                "event refused by the sink, stored in the dead-letter table"
+            );
+        }
+    }
+}
