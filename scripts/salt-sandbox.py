@@ -17,6 +17,7 @@ Subcommands (JSON on stdout or nothing; non-zero exit and a message on stderr
 on failure):
 
     up --dir D [--minions 2] [--ipc-mode ipc|tcp] [--timeout 90] [--venv V]
+       [--master-opt KEY=VALUE ...] [--minion-opt KEY=VALUE ...]
     down --dir D
     stop-master --dir D            start-master --dir D [--timeout 90]
     stop-minion --dir D --id ID    start-minion --dir D --id ID [--timeout 90]
@@ -282,7 +283,21 @@ echo_step:
 """
 
 
-def build(d, venv, n_minions, ipc_mode):
+def parse_opts(pairs):
+    """KEY=VALUE pairs; VALUE is parsed as JSON when it parses, else a string."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SandboxError(f"bad option {pair!r}: expected KEY=VALUE")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
     d = os.path.abspath(d)
     ports = free_ports(4 + n_minions)
     publish_port, ret_port, tcp_pub, tcp_pull = ports[:4]
@@ -323,7 +338,10 @@ def build(d, venv, n_minions, ipc_mode):
         "fileserver_backend": ["roots"],
         "presence_events": False,
     }
+    master_conf.update(master_opts or {})
     write_config(os.path.join(d, "etc", "master"), master_conf)
+    # runners run in-process (salt-run) and need this dir even with no master
+    os.makedirs(os.path.join(root, "var", "cache", "salt", "master", "proc"), exist_ok=True)
 
     minions = {}
     for i in range(n_minions):
@@ -359,6 +377,7 @@ def build(d, venv, n_minions, ipc_mode):
             "file_client": "remote",
             "multiprocessing": True,
         }
+        mconf.update(minion_opts or {})
         write_config(os.path.join(mdir, "minion"), mconf)
         minions[mid] = {"config_dir": mdir, "root_dir": mroot, "pid": None,
                         "log": os.path.join(d, "logs", f"{mid}.log")}
@@ -523,7 +542,8 @@ def cmd_up(args):
         info("warning: not root; the sandbox config sets user: root")
     venv = resolve_venv(args)
     os.makedirs(d, exist_ok=True)
-    st = build(d, venv, args.minions, args.ipc_mode)
+    st = build(d, venv, args.minions, args.ipc_mode,
+               parse_opts(args.master_opt), parse_opts(args.minion_opt))
     save_state(d, st)
     try:
         start_master_proc(st)
@@ -724,6 +744,11 @@ def main(argv=None):
     p = add("up", cmd_up, with_timeout=True)
     p.add_argument("--minions", type=int, default=2)
     p.add_argument("--ipc-mode", choices=["ipc", "tcp"], default="ipc")
+    p.add_argument("--master-opt", action="append", metavar="KEY=VALUE",
+                   help="extra/overriding master config (VALUE as JSON if it parses); "
+                        "repeatable, e.g. --master-opt master_job_cache=pgjsonb")
+    p.add_argument("--minion-opt", action="append", metavar="KEY=VALUE",
+                   help="extra/overriding minion config, same form")
     add("down", cmd_down)
     add("status", cmd_status)
     add("stop-master", cmd_stop_master)
