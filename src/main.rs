@@ -214,10 +214,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             let stats = Arc::new(Stats::default());
             let sink = cfg.sink.build().await?;
             tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe work");
-            let stop = saltpipe::worker::Stop {
-                token: shutdown,
-                drain: Some(cfg.worker.drain_timeout),
-            };
+            let stop = saltpipe::worker::Stop::new(shutdown, Some(cfg.worker.drain_timeout));
             let workers = pipeline::start_workers(&cfg, sink, stats.clone(), stop).await?;
             pipeline::join_workers(workers).await?;
             tracing::info!(summary = ?stats.snapshot(), "stopped");
@@ -355,6 +352,10 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
             "  batches:  {} ({per10k:.1} transactions per 10,000 events); {:.0} events/s end to end",
             s.batches,
             rate(s.acked)
+        );
+        println!(
+            "  sink:     {:.2}s busy writing",
+            s.sink_busy_ms as f64 / 1000.0
         );
     }
     Ok(exit::OK)

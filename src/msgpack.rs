@@ -321,11 +321,50 @@ pub fn as_str(value: &[u8]) -> Option<&str> {
 /// * other ext types: `{"__ext__": <type>, "data": "<base64>"}`;
 /// * NaN and infinities: `null` (Python writes `NaN`, which is not JSON);
 /// * non-string map keys: their JSON text as the key, as Python's `json` does.
+///
+/// Separators are Python's `json.dumps` defaults (`", "` and `": "`), not the
+/// compact form: Salt's readers match on the stored text (`get_jids_filter`
+/// drops find_job jobs with `load NOT LIKE '%"fun": "saltutil.find_job"%'`),
+/// and so does people's SQL. Non-ASCII text is kept as UTF-8, not escaped.
 pub fn to_json(value: &[u8]) -> Result<String, WalkError> {
     let mut out = String::with_capacity(value.len() + value.len() / 4 + 16);
     let mut r = Reader::new(value);
     write_json(&mut r, &mut out, 0)?;
     Ok(out)
+}
+
+/// Like [`to_json`] for a map, also returning where the JSON of one
+/// top-level field's value lies in the output, so a caller that needs both
+/// the whole map and that field (`full_ret` and `return`) transcodes once.
+pub fn to_json_with_field(
+    value: &[u8],
+    field: &str,
+) -> Result<(String, Option<std::ops::Range<usize>>), WalkError> {
+    let mut out = String::with_capacity(value.len() + value.len() / 4 + 16);
+    let mut r = Reader::new(value);
+    let save = r.clone();
+    let Item::Map(n) = r.item()? else {
+        r = save;
+        write_json(&mut r, &mut out, 0)?;
+        return Ok((out, None));
+    };
+    let mut range = None;
+    out.push('{');
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let is_field = matches!(r.clone().item(), Ok(Item::Str(k)) if k == field.as_bytes());
+        write_key(&mut r, &mut out, 1)?;
+        out.push_str(": ");
+        let start = out.len();
+        write_json(&mut r, &mut out, 1)?;
+        if is_field && range.is_none() {
+            range = Some(start..out.len());
+        }
+    }
+    out.push('}');
+    Ok((out, range))
 }
 
 /// Appends the JSON of the next value in `r` to `out`.
@@ -353,7 +392,7 @@ pub fn write_json(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<
             out.push('[');
             for i in 0..n {
                 if i > 0 {
-                    out.push(',');
+                    out.push_str(", ");
                 }
                 write_json(r, out, depth + 1)?;
             }
@@ -363,10 +402,10 @@ pub fn write_json(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<
             out.push('{');
             for i in 0..n {
                 if i > 0 {
-                    out.push(',');
+                    out.push_str(", ");
                 }
                 write_key(r, out, depth + 1)?;
-                out.push(':');
+                out.push_str(": ");
                 write_json(r, out, depth + 1)?;
             }
             out.push('}');
@@ -436,7 +475,7 @@ pub fn write_json_str(out: &mut String, s: &str) {
 }
 
 fn write_bytes(out: &mut String, b: &[u8]) {
-    out.push_str("{\"__bytes__\":\"");
+    out.push_str("{\"__bytes__\": \"");
     base64::engine::general_purpose::STANDARD.encode_string(b, out);
     out.push_str("\"}");
 }
@@ -448,7 +487,7 @@ fn write_ext(out: &mut String, t: i8, data: &[u8]) {
         write_json_str(out, &iso);
         return;
     }
-    let _ = write!(out, "{{\"__ext__\":{t},\"data\":\"");
+    let _ = write!(out, "{{\"__ext__\": {t}, \"data\": \"");
     base64::engine::general_purpose::STANDARD.encode_string(data, out);
     out.push_str("\"}");
 }
@@ -558,9 +597,29 @@ mod tests {
     fn invalid_utf8_str_becomes_bytes_marker() {
         let mut b = vec![0xa2, 0xc3, 0x28];
         let json = to_json(&b).expect("json");
-        assert_eq!(json, r#"{"__bytes__":"wyg="}"#);
+        assert_eq!(json, r#"{"__bytes__": "wyg="}"#);
         b[0] = 0xc1;
         assert!(to_json(&b).is_err());
+    }
+
+    #[test]
+    fn field_range_points_at_the_field_json() {
+        use rmpv::Value as V;
+        let v = V::Map(vec![
+            (V::from("id"), V::from("m")),
+            (
+                V::from("return"),
+                V::Map(vec![(V::from("a"), V::Array(vec![V::from(1), V::Nil]))]),
+            ),
+            (V::from("x"), V::from(2)),
+        ]);
+        let (json, range) = to_json_with_field(&enc(&v), "return").expect("json");
+        assert_eq!(json, to_json(&enc(&v)).expect("json"));
+        assert_eq!(&json[range.expect("found")], r#"{"a": [1, null]}"#);
+        let (_, none) = to_json_with_field(&enc(&v), "nope").expect("json");
+        assert!(none.is_none());
+        let (json, none) = to_json_with_field(&enc(&V::from(5)), "return").expect("json");
+        assert_eq!((json.as_str(), none), ("5", None));
     }
 
     #[test]
@@ -583,6 +642,6 @@ mod tests {
         assert!(for_each_entry(&b, |k, val| seen.push((k.to_vec(), val.to_vec()))).expect("walk"));
         assert_eq!(seen.len(), 2);
         assert_eq!(as_str(&seen[0].1), Some("cmd.run"));
-        assert_eq!(to_json(&seen[1].1).expect("json"), r#"{"a":1}"#);
+        assert_eq!(to_json(&seen[1].1).expect("json"), r#"{"a": 1}"#);
     }
 }

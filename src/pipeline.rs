@@ -42,7 +42,7 @@ pub enum PipelineError {
 }
 
 /// Chunks in flight between the reader and the queue writer.
-const CHANNEL_CHUNKS: usize = 64;
+const CHANNEL_CHUNKS: usize = 16;
 /// Messages the writer puts in one queue transaction at most.
 const WRITE_BATCH: usize = 4096;
 
@@ -167,10 +167,7 @@ pub async fn run_all(
     let producer = cfg.queue.producer().await?;
     let sink = cfg.sink.build().await?;
     let worker_stop = CancellationToken::new();
-    let stop = Stop {
-        token: worker_stop.clone(),
-        drain,
-    };
+    let stop = Stop::new(worker_stop.clone(), drain);
     let mut workers = start_workers(cfg, sink, stats.clone(), stop).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.

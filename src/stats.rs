@@ -67,6 +67,8 @@ pub struct Snapshot {
     pub rows_ignored: u64,
     pub sink_retries: u64,
     pub dead_letters: u64,
+    /// Total time spent in sink writes, ms.
+    pub sink_busy_ms: u64,
 }
 
 impl Stats {
@@ -101,6 +103,7 @@ impl Stats {
             rows_ignored: self.rows_ignored.load(Relaxed),
             sink_retries: self.sink_retries.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
+            sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
         }
     }
 }
@@ -199,7 +202,6 @@ pub mod events {
     pub struct SinkRetry<'a> {
         pub error: &'a str,
         pub attempt: u32,
-        pub delay_ms: u64,
         pub events: usize,
     }
 
@@ -209,7 +211,6 @@ pub mod events {
             tracing::warn!(
                 error = self.error,
                 attempt = self.attempt,
-                delay_ms = self.delay_ms,
                 events = self.events,
                 "sink write failed, holding the batch and retrying"
             );

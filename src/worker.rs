@@ -23,9 +23,10 @@ use crate::sink::{Record, Sink, SinkError, WriteReport};
 use crate::stats::{Stats, events};
 use rand::Rng;
 use serde::Deserialize;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -117,11 +118,72 @@ pub struct Stop {
     pub token: CancellationToken,
     /// How long to keep draining after that; `None` drains until empty (replay).
     pub drain: Option<Duration>,
+    /// Set the first time anyone notices the token fired: both stages of a
+    /// worker must agree on one deadline.
+    deadline: Arc<OnceLock<Instant>>,
+}
+
+impl Stop {
+    pub fn new(token: CancellationToken, drain: Option<Duration>) -> Stop {
+        Stop {
+            token,
+            drain,
+            deadline: Arc::default(),
+        }
+    }
+
+    /// The moment draining must end, once shutdown has begun.
+    fn deadline(&self) -> Option<Instant> {
+        if !self.token.is_cancelled() {
+            return None;
+        }
+        Some(*self.deadline.get_or_init(|| match self.drain {
+            Some(d) => Instant::now() + d,
+            None => Instant::now() + Duration::from_secs(86400 * 365),
+        }))
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Sleeps before retry `attempt`; false (at once) if that would pass the
+    /// drain deadline.
+    async fn backoff(&self, cfg: &WorkerConfig, attempt: u32) -> bool {
+        let base = cfg
+            .retry_min
+            .saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
+        let delay = base
+            .min(cfg.retry_max)
+            .mul_f64(rand::rng().random_range(0.5..1.0));
+        let until = Instant::now() + delay;
+        if self.deadline().is_some_and(|d| until > d) {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => true,
+            // Shutdown began during the sleep: re-check against the deadline.
+            _ = self.token.cancelled(), if !self.token.is_cancelled() => {
+                tokio::time::sleep_until(until.min(self.deadline().unwrap_or(until))).await;
+                !self.past_deadline()
+            }
+        }
+    }
 }
 
 /// One worker: one consumer, one sink.
+///
+/// Two stages run side by side so the queue and the database work at the
+/// same time: this task pulls batches and acks the ones the writer
+/// committed; the writer task converts and stores them. At most two
+/// batches are in flight (one being written, one waiting).
 pub struct Worker {
     consumer: Box<dyn Consumer>,
+    writer: Writer,
+}
+
+/// The storing stage: sink, retries, dead letters.
+struct Writer {
     sink: Arc<dyn Sink>,
     cfg: WorkerConfig,
     stats: Arc<Stats>,
@@ -139,29 +201,85 @@ impl Worker {
     ) -> Worker {
         Worker {
             consumer,
-            sink,
-            cfg,
-            stats,
+            writer: Writer { sink, cfg, stats },
         }
     }
 
-    pub async fn run(mut self, stop: Stop) -> Result<(), WorkerError> {
-        let max_bytes = self.cfg.batch_max_bytes as usize;
-        let mut drain_deadline: Option<Instant> = None;
-        loop {
-            let draining = stop.token.is_cancelled();
-            if draining && drain_deadline.is_none() {
-                drain_deadline = Some(stop.drain.map_or_else(far_future, |d| Instant::now() + d));
+    pub async fn run(self, stop: Stop) -> Result<(), WorkerError> {
+        let Worker {
+            mut consumer,
+            writer,
+        } = self;
+        let cfg = writer.cfg.clone();
+        let stats = writer.stats.clone();
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Delivery>>(1);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u64>>();
+        let writer_stop = stop.clone();
+        let mut write_task = tokio::spawn(async move {
+            while let Some(batch) = batch_rx.recv().await {
+                if let Some(ids) = writer.flush(batch, &writer_stop).await? {
+                    // The gatherer may be gone after an error; then the ids
+                    // simply stay unacked and come back next start.
+                    let _ = done_tx.send(ids);
+                }
             }
-            if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            Ok::<(), WorkerError>(())
+        });
+        let gathered = Worker::gather(
+            consumer.as_mut(),
+            &cfg,
+            &stats,
+            &stop,
+            &batch_tx,
+            &mut done_rx,
+            &mut write_task,
+        )
+        .await;
+        drop(batch_tx);
+        let written = match gathered {
+            // The writer already ended (with an error); its result is in `gathered`.
+            Err(GatherEnd::WriterEnded(r)) => r,
+            other => {
+                let r = (&mut write_task)
+                    .await
+                    .map_err(|e| WorkerError::Sink(SinkError::Fatal(e.to_string())));
+                if let Err(GatherEnd::Queue(e)) = other {
+                    return Err(e.into());
+                }
+                r.and_then(|r| r)
+            }
+        };
+        while let Ok(ids) = done_rx.try_recv() {
+            ack(consumer.as_mut(), &cfg, &stats, &stop, &ids).await?;
+        }
+        written
+    }
+
+    /// Pulls batches and hands them to the writer until shutdown (then
+    /// drains) or until the writer ends.
+    async fn gather(
+        consumer: &mut dyn Consumer,
+        cfg: &WorkerConfig,
+        stats: &Stats,
+        stop: &Stop,
+        batch_tx: &mpsc::Sender<Vec<Delivery>>,
+        done_rx: &mut mpsc::UnboundedReceiver<Vec<u64>>,
+        write_task: &mut tokio::task::JoinHandle<Result<(), WorkerError>>,
+    ) -> Result<(), GatherEnd> {
+        let max_bytes = cfg.batch_max_bytes as usize;
+        loop {
+            while let Ok(ids) = done_rx.try_recv() {
+                ack(&mut *consumer, cfg, stats, stop, &ids).await?;
+            }
+            let draining = stop.token.is_cancelled();
+            if stop.past_deadline() {
                 return Ok(());
             }
-            // Gather one batch.
             let mut batch: Vec<Delivery> = Vec::new();
             let mut bytes = 0usize;
             let mut closes_at: Option<Instant> = None;
             loop {
-                let room = self.cfg.batch_max_events - batch.len();
+                let room = cfg.batch_max_events - batch.len();
                 if room == 0 || bytes >= max_bytes {
                     break;
                 }
@@ -173,25 +291,23 @@ impl Worker {
                 let got = if closes_at.is_none() && !draining {
                     tokio::select! {
                         _ = stop.token.cancelled() => break,
-                        r = self.consumer.pull(room, max_bytes - bytes, wait) => r?,
+                        r = consumer.pull(room, max_bytes - bytes, wait) => r?,
                     }
                 } else {
-                    self.consumer.pull(room, max_bytes - bytes, wait).await?
+                    consumer.pull(room, max_bytes - bytes, wait).await?
                 };
                 if got.is_empty() {
-                    if closes_at.is_some_and(|t| Instant::now() >= t)
-                        || draining
-                        || closes_at.is_none()
-                    {
+                    // Nothing came: the batch is due, or there is none.
+                    if closes_at.is_none_or(|t| Instant::now() >= t) || draining {
                         break;
                     }
                     continue;
                 }
                 if closes_at.is_none() {
-                    closes_at = Some(Instant::now() + self.cfg.batch_timeout);
+                    closes_at = Some(Instant::now() + cfg.batch_timeout);
                 }
                 bytes += got.iter().map(|d| d.body.len()).sum::<usize>();
-                self.stats.delivered.fetch_add(got.len() as u64, Relaxed);
+                stats.delivered.fetch_add(got.len() as u64, Relaxed);
                 batch.extend(got);
             }
             if batch.is_empty() {
@@ -200,17 +316,91 @@ impl Worker {
                 }
                 continue;
             }
-            self.flush(batch, &stop, drain_deadline).await?;
+            // Hand over; while the writer is busy, keep acking what it finished.
+            let mut pending = Some(batch);
+            while let Some(b) = pending.take() {
+                tokio::select! {
+                    permit = batch_tx.reserve() => match permit {
+                        Ok(p) => p.send(b),
+                        Err(_) => return Err(GatherEnd::WriterEnded(writer_result(write_task).await)),
+                    },
+                    Some(ids) = done_rx.recv() => {
+                        ack(&mut *consumer, cfg, stats, stop, &ids).await?;
+                        pending = Some(b);
+                    }
+                    r = &mut *write_task => {
+                        return Err(GatherEnd::WriterEnded(r.map_err(|e| WorkerError::Sink(SinkError::Fatal(e.to_string()))).and_then(|r| r)));
+                    }
+                }
+            }
         }
     }
+}
 
-    /// Writes one batch (retrying, splitting, dead-lettering) and acks it.
+/// Why gathering stopped early.
+enum GatherEnd {
+    Queue(crate::queue::QueueError),
+    WriterEnded(Result<(), WorkerError>),
+}
+
+impl From<crate::queue::QueueError> for GatherEnd {
+    fn from(e: crate::queue::QueueError) -> Self {
+        GatherEnd::Queue(e)
+    }
+}
+
+impl From<WorkerError> for GatherEnd {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Queue(q) => GatherEnd::Queue(q),
+            other => GatherEnd::WriterEnded(Err(other)),
+        }
+    }
+}
+
+async fn writer_result(
+    task: &mut tokio::task::JoinHandle<Result<(), WorkerError>>,
+) -> Result<(), WorkerError> {
+    task.await
+        .map_err(|e| WorkerError::Sink(SinkError::Fatal(e.to_string())))
+        .and_then(|r| r)
+}
+
+/// Acks, retrying: an ack that never lands only means a harmless redelivery.
+async fn ack(
+    consumer: &mut dyn Consumer,
+    cfg: &WorkerConfig,
+    stats: &Stats,
+    stop: &Stop,
+    ids: &[u64],
+) -> Result<(), WorkerError> {
+    let mut attempt = 0;
+    loop {
+        match consumer.ack(ids).await {
+            Ok(()) => {
+                stats.acked.fetch_add(ids.len() as u64, Relaxed);
+                return Ok(());
+            }
+            Err(e) if e.is_retriable() => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "ack failed; retrying (the rows are committed, a redelivery would be ignored)");
+                if !stop.backoff(cfg, attempt).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Writer {
+    /// Writes one batch (retrying, splitting, dead-lettering). Returns the
+    /// ids to ack, or None if shutdown's deadline came first.
     async fn flush(
-        &mut self,
+        &self,
         batch: Vec<Delivery>,
         stop: &Stop,
-        drain_deadline: Option<Instant>,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<Option<Vec<u64>>, WorkerError> {
         let ids: Vec<u64> = batch.iter().map(|d| d.id).collect();
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
         self.stats.oldest_unacked_ms.store(oldest, Relaxed);
@@ -226,29 +416,21 @@ impl Worker {
                     tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
                     let error = format!("undecodable queue message: {e}");
                     if !self
-                        .dead_letter(
-                            "saltpipe/undecodable",
-                            &d.body,
-                            &error,
-                            stop,
-                            drain_deadline,
-                        )
+                        .dead_letter("saltpipe/undecodable", &d.body, &error, stop)
                         .await?
                     {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
         }
         let started = std::time::Instant::now();
-        let report = self.write_all(&records, stop, drain_deadline).await?;
-        let Some(report) = report else {
-            // Shutdown while the sink was down: leave the batch in the queue.
+        let Some(report) = self.write_all(&records, stop).await? else {
             tracing::warn!(
                 events = ids.len(),
                 "stopping with a batch unwritten; it stays queued for the next start"
             );
-            return Ok(());
+            return Ok(None);
         };
         self.stats
             .sink_latency_us_total
@@ -263,67 +445,19 @@ impl Worker {
         self.stats.jids_written.fetch_add(report.jids, Relaxed);
         self.stats.events_written.fetch_add(report.events, Relaxed);
         self.stats.rows_ignored.fetch_add(report.ignored, Relaxed);
-        self.ack(&ids, stop, drain_deadline).await?;
-        self.stats.acked.fetch_add(ids.len() as u64, Relaxed);
         self.stats.oldest_unacked_ms.store(0, Relaxed);
-        Ok(())
-    }
-
-    /// Acks, retrying: an ack that never lands only means a harmless redelivery.
-    async fn ack(
-        &mut self,
-        ids: &[u64],
-        stop: &Stop,
-        drain_deadline: Option<Instant>,
-    ) -> Result<(), WorkerError> {
-        let mut attempt = 0;
-        loop {
-            match self.consumer.ack(ids).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "ack failed; retrying (the rows are committed, a redelivery would be ignored)");
-                    if !self.backoff(attempt, stop, drain_deadline).await {
-                        return Ok(());
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Sleeps before retry `attempt`; false if the drain deadline passed.
-    async fn backoff(&self, attempt: u32, stop: &Stop, drain_deadline: Option<Instant>) -> bool {
-        let base = self
-            .cfg
-            .retry_min
-            .saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
-        let delay = base
-            .min(self.cfg.retry_max)
-            .mul_f64(rand::rng().random_range(0.5..1.0));
-        let until = Instant::now() + delay;
-        let deadline = match (stop.token.is_cancelled(), drain_deadline, stop.drain) {
-            (true, Some(d), _) => Some(d),
-            (true, None, Some(d)) => Some(Instant::now() + d),
-            _ => None,
-        };
-        if deadline.is_some_and(|d| until > d) {
-            return false;
-        }
-        tokio::time::sleep_until(until).await;
-        true
+        Ok(Some(ids))
     }
 
     /// Writes `records`, retrying retriable errors and isolating refused rows.
     /// Returns None if shutdown's deadline passed while the sink was failing.
     async fn write_all(
-        &mut self,
+        &self,
         records: &[Record],
         stop: &Stop,
-        drain_deadline: Option<Instant>,
     ) -> Result<Option<WriteReport>, WorkerError> {
         let mut total = WriteReport::default();
-        // Work list of slices still to write; refused rows are carved out.
+        // Slices still to write; refused rows are carved out of them.
         let mut todo: Vec<&[Record]> = vec![records];
         let mut attempt = 0u32;
         while let Some(part) = todo.pop() {
@@ -343,11 +477,10 @@ impl Worker {
                     events::SinkRetry {
                         error: &msg,
                         attempt,
-                        delay_ms: self.cfg.retry_min.as_millis() as u64,
                         events: part.len(),
                     }
                     .emit(&self.stats);
-                    if !self.backoff(attempt, stop, drain_deadline).await {
+                    if !stop.backoff(&self.cfg, attempt).await {
                         return Ok(None);
                     }
                     todo.push(part);
@@ -356,18 +489,12 @@ impl Worker {
                     self.stats.sink_failures.fetch_add(1, Relaxed);
                     match (index, part.len()) {
                         (_, 1) => {
-                            if !self
-                                .dead_letter_record(&part[0], &message, stop, drain_deadline)
-                                .await?
-                            {
+                            if !self.dead_letter_record(&part[0], &message, stop).await? {
                                 return Ok(None);
                             }
                         }
                         (Some(i), _) if i < part.len() => {
-                            if !self
-                                .dead_letter_record(&part[i], &message, stop, drain_deadline)
-                                .await?
-                            {
+                            if !self.dead_letter_record(&part[i], &message, stop).await? {
                                 return Ok(None);
                             }
                             todo.push(&part[i + 1..]);
@@ -387,24 +514,22 @@ impl Worker {
     }
 
     async fn dead_letter_record(
-        &mut self,
+        &self,
         r: &Record,
         error: &str,
         stop: &Stop,
-        drain_deadline: Option<Instant>,
     ) -> Result<bool, WorkerError> {
-        self.dead_letter(r.event.tag(), &r.event.body, error, stop, drain_deadline)
+        self.dead_letter(r.event.tag(), &r.event.body, error, stop)
             .await
     }
 
     /// Stores one refused event aside; false if shutdown's deadline passed first.
     async fn dead_letter(
-        &mut self,
+        &self,
         tag: &str,
         body: &bytes::Bytes,
         error: &str,
         stop: &Stop,
-        drain_deadline: Option<Instant>,
     ) -> Result<bool, WorkerError> {
         let mut attempt = 0;
         loop {
@@ -416,7 +541,7 @@ impl Worker {
                 Err(SinkError::Retriable(msg)) => {
                     attempt += 1;
                     tracing::warn!(error = %msg, attempt, "cannot write the dead-letter row yet; retrying");
-                    if !self.backoff(attempt, stop, drain_deadline).await {
+                    if !stop.backoff(&self.cfg, attempt).await {
                         return Ok(false);
                     }
                 }
@@ -424,8 +549,4 @@ impl Worker {
             }
         }
     }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86400 * 365)
 }

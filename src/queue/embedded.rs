@@ -267,10 +267,13 @@ impl Consumer for EmbeddedConsumer {
         if ids.is_empty() {
             return Ok(());
         }
-        let conn = self.conn.clone();
+        // Deletes go through the producer's connection: SQLite allows one
+        // writer at a time, and two connections of one process contending
+        // for it would sleep in the busy handler instead of queueing here.
+        let inner = self.shared.inner.clone();
         let ids = ids.to_vec();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().map_err(storage)?;
+            let mut c = inner.writer.lock().map_err(storage)?;
             let tx = c.transaction().map_err(storage)?;
             {
                 let mut st = tx

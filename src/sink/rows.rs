@@ -81,9 +81,9 @@ pub fn rows_of(record: &Record, style: BoolStyle) -> Result<RowSet, RowError> {
             load: data_json()?,
         })),
         (Kind::JobReturn, Some(jid), Some(id)) => {
-            let full_ret = data_json()?;
-            let ret = match e.field_raw("return") {
-                Some(raw) => msgpack::to_json(raw).map_err(err)?,
+            let (full_ret, range) = msgpack::to_json_with_field(e.data(), "return").map_err(err)?;
+            let ret = match range {
+                Some(r) => full_ret[r].to_owned(),
                 None => "null".to_owned(),
             };
             let ok = e.fields.success.unwrap_or(false);
@@ -230,7 +230,7 @@ mod tests {
             rows_of(&r, BoolStyle::Digit).expect("rows"),
             RowSet::Event(EventRow {
                 tag: "my/event".into(),
-                data: "{\"x\":1}".into()
+                data: "{\"x\": 1}".into()
             })
         );
     }

@@ -1,0 +1,146 @@
+//! `saltpipe-gen`: writes a synthetic bus stream for benchmarks.
+//!
+//! Job returns shaped like a real `cmd.run` return (the fields and types a
+//! 3008 master puts on the bus), each about `--size` bytes, every one a new
+//! (jid, minion) pair so none is dropped as a duplicate. Optionally mixed
+//! with the noise a real bus carries (`new`/`publish` per job, find_job
+//! polls, auth), so the rules have something to drop.
+//!
+//! The output is what `saltpipe capture` writes: bare frames back to back,
+//! or with `--prefixed` the 4-byte length of 3006.26+ and the master's pull
+//! socket (which is also what `--push` sends to a live master).
+
+use clap::Parser;
+use saltpipe::bus::encode::{frame, length_prefixed};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Generate a synthetic Salt event-bus stream of job returns")]
+struct Args {
+    /// Number of job returns.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Approximate size of each frame in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Minions per job: each job gets a `new` (and `publish`) then this many returns.
+    #[arg(long, default_value_t = 100)]
+    minions: u64,
+    /// Also write the noise a real bus carries: new/publish per job, a find_job
+    /// round every 10 jobs, an auth event every 50.
+    #[arg(long)]
+    noise: bool,
+    /// 4-byte big-endian length before each frame (Salt 3006.26+, the pull socket).
+    #[arg(long)]
+    prefixed: bool,
+    /// Output file ("-" for stdout).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+fn pack_str(out: &mut Vec<u8>, k: &str, v: &str) {
+    let _ = rmp::encode::write_str(out, k);
+    let _ = rmp::encode::write_str(out, v);
+}
+
+fn job_return(jid: &str, minion: &str, fun: &str, payload: &str) -> Vec<u8> {
+    let mut d = Vec::with_capacity(payload.len() + 256);
+    let _ = rmp::encode::write_map_len(&mut d, 11);
+    pack_str(&mut d, "cmd", "_return");
+    pack_str(&mut d, "id", minion);
+    pack_str(&mut d, "jid", jid);
+    pack_str(&mut d, "fun", fun);
+    let _ = rmp::encode::write_str(&mut d, "fun_args");
+    let _ = rmp::encode::write_array_len(&mut d, 1);
+    let _ = rmp::encode::write_str(&mut d, "uptime");
+    pack_str(&mut d, "return", payload);
+    let _ = rmp::encode::write_str(&mut d, "retcode");
+    let _ = rmp::encode::write_uint(&mut d, 0);
+    let _ = rmp::encode::write_str(&mut d, "success");
+    let _ = rmp::encode::write_bool(&mut d, true);
+    pack_str(&mut d, "user", "root");
+    pack_str(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
+    let _ = rmp::encode::write_str(&mut d, "ts");
+    let _ = rmp::encode::write_uint(&mut d, 1_795_000_000);
+    frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+}
+
+fn job_new(jid: &str, fun: &str, minions: u64) -> Vec<u8> {
+    let mut d = Vec::new();
+    let _ = rmp::encode::write_map_len(&mut d, 9);
+    pack_str(&mut d, "jid", jid);
+    pack_str(&mut d, "fun", fun);
+    let _ = rmp::encode::write_str(&mut d, "arg");
+    let _ = rmp::encode::write_array_len(&mut d, 0);
+    pack_str(&mut d, "tgt", "*");
+    pack_str(&mut d, "tgt_type", "glob");
+    pack_str(&mut d, "user", "root");
+    let _ = rmp::encode::write_str(&mut d, "minions");
+    let _ = rmp::encode::write_array_len(&mut d, minions.min(16) as u32);
+    for m in 0..minions.min(16) {
+        let _ = rmp::encode::write_str(&mut d, &format!("minion-{m}"));
+    }
+    let _ = rmp::encode::write_str(&mut d, "missing");
+    let _ = rmp::encode::write_array_len(&mut d, 0);
+    pack_str(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
+    d
+}
+
+fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::File::create(&args.out)?)
+    };
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, sink);
+    let minions = args.minions.max(1);
+    // Size the payload so the whole frame lands near --size.
+    let overhead = job_return("20261125120000000000", "minion-00000", "cmd.run", "").len();
+    let payload: String = "x".repeat(args.size.saturating_sub(overhead).max(1));
+    let mut put = |f: Vec<u8>| -> std::io::Result<()> {
+        if args.prefixed {
+            w.write_all(&length_prefixed(&f))
+        } else {
+            w.write_all(&f)
+        }
+    };
+    let mut written = 0u64;
+    let mut job = 0u64;
+    while written < args.count {
+        let jid = format!("2026112512{:010}", job);
+        if args.noise {
+            let new = job_new(&jid, "cmd.run", minions);
+            put(frame(&format!("salt/job/{jid}/new"), &new))?;
+            put(frame(&format!("salt/job/{jid}/publish"), &new))?;
+            if job.is_multiple_of(10) {
+                let fj = format!("2026112513{:010}", job);
+                let new = job_new(&fj, "saltutil.find_job", 1);
+                put(frame(&format!("salt/job/{fj}/new"), &new))?;
+                put(job_return(&fj, "minion-0", "saltutil.find_job", "{}"))?;
+            }
+            if job.is_multiple_of(50) {
+                let mut d = Vec::new();
+                let _ = rmp::encode::write_map_len(&mut d, 2);
+                pack_str(&mut d, "id", "minion-0");
+                pack_str(&mut d, "act", "accept");
+                put(frame("salt/auth", &d))?;
+            }
+        }
+        for m in 0..minions {
+            if written >= args.count {
+                break;
+            }
+            put(job_return(
+                &jid,
+                &format!("minion-{m:05}"),
+                "cmd.run",
+                &payload,
+            ))?;
+            written += 1;
+        }
+        job += 1;
+    }
+    w.flush()
+}
