@@ -1,0 +1,277 @@
+//! Shared pieces of the integration tests: a real Salt master with minions
+//! (through `scripts/salt-sandbox.py`), a running `saltpipe` process, and
+//! polling helpers. Nothing here imitates Salt: the sandbox runs the real
+//! salt-master and salt-minion from a virtualenv (`scripts/salt-venv.sh`).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Salt virtualenv, installed on first use (cached under ~/.cache).
+pub fn salt_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/salt-venv.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/salt-venv.sh");
+        assert!(out.status.success(), "salt-venv.sh failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(text.lines().last().expect("venv path").trim())
+    })
+    .clone()
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A throwaway master with minions on loopback; torn down on drop.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub info: Value,
+}
+
+impl Sandbox {
+    pub fn up(minions: u32) -> Sandbox {
+        let venv = salt_venv();
+        let dir = tempfile::Builder::new()
+            .prefix("saltpipe-sandbox-")
+            .tempdir()
+            .expect("tempdir");
+        let out = Command::new("python3")
+            .arg(repo().join("scripts/salt-sandbox.py"))
+            .args(["up", "--dir"])
+            .arg(dir.path())
+            .args(["--minions", &minions.to_string(), "--venv"])
+            .arg(&venv)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run salt-sandbox.py up");
+        assert!(out.status.success(), "salt-sandbox up failed");
+        let info: Value = serde_json::from_slice(&out.stdout).expect("sandbox json");
+        Sandbox { dir, info }
+    }
+
+    pub fn event_pub(&self) -> PathBuf {
+        PathBuf::from(self.info["event_pub"].as_str().expect("event_pub"))
+    }
+
+    pub fn event_pull(&self) -> PathBuf {
+        PathBuf::from(self.info["event_pull"].as_str().expect("event_pull"))
+    }
+
+    fn run(&self, args: &[&str]) -> (ExitStatus, String) {
+        let out = Command::new("python3")
+            .arg(repo().join("scripts/salt-sandbox.py"))
+            .args(&args[..1])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&args[1..])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run salt-sandbox.py");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// Runs a `salt` job; returns (jid, the minions' returns). Salt's exit
+    /// code is not checked: a failing job is a valid test subject.
+    pub fn salt(&self, args: &[&str]) -> (String, Value) {
+        let mut a = vec!["salt", "--"];
+        a.extend_from_slice(args);
+        let (_, out) = self.run(&a);
+        let v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("salt {args:?}: {e}: {out}"));
+        let jid = v["jid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no jid from salt {args:?}: {out}"));
+        (jid.to_owned(), v["return"].clone())
+    }
+
+    pub fn salt_async(&self, args: &[&str]) -> String {
+        let mut a = vec!["salt", "--async", "--"];
+        a.extend_from_slice(args);
+        let (status, out) = self.run(&a);
+        assert!(status.success(), "salt --async {args:?}: {out}");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        v["jid"].as_str().expect("jid").to_owned()
+    }
+
+    pub fn salt_call(&self, minion: &str, args: &[&str]) -> Value {
+        let mut a = vec!["salt-call", "--id", minion, "--"];
+        a.extend_from_slice(args);
+        let (_, out) = self.run(&a);
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    }
+
+    pub fn salt_run(&self, args: &[&str]) -> Value {
+        let mut a = vec!["salt-run", "--"];
+        a.extend_from_slice(args);
+        let (_, out) = self.run(&a);
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    }
+
+    pub fn stop_master(&self) {
+        assert!(self.run(&["stop-master"]).0.success(), "stop-master");
+    }
+
+    pub fn start_master(&self) {
+        assert!(self.run(&["start-master"]).0.success(), "start-master");
+    }
+
+    pub fn stop_minion(&self, id: &str) {
+        assert!(
+            self.run(&["stop-minion", "--id", id]).0.success(),
+            "stop-minion"
+        );
+    }
+
+    pub fn start_minion(&self, id: &str) {
+        assert!(
+            self.run(&["start-minion", "--id", id]).0.success(),
+            "start-minion"
+        );
+    }
+
+    /// Pushes frames into the master's event pull socket (4-byte length +
+    /// frame, as Salt's own publishers do); the master publishes them on
+    /// its bus like any other event.
+    pub fn push_events(&self, frames: &[Vec<u8>]) {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(self.event_pull())
+            .expect("connect pull socket");
+        for f in frames {
+            s.write_all(&saltpipe::bus::encode::length_prefixed(f))
+                .expect("push");
+        }
+        s.flush().expect("flush");
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+/// A running `saltpipe` process with its stderr collected.
+pub struct Saltpipe {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Saltpipe {
+    pub fn start(args: &[&str], config: &Path) -> Saltpipe {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn saltpipe");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[saltpipe] {line}");
+                l.lock().expect("log lock").push(line);
+            }
+        });
+        Saltpipe { child, log }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
+        wait_for(&format!("log line {needle:?} x{count}"), timeout, || {
+            (self.log_contains(needle) >= count).then_some(())
+        });
+    }
+
+    /// SIGTERM, then wait for exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        wait_exit(&mut self.child, Duration::from_secs(60))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    wait_for("saltpipe to exit", timeout, || {
+        child.try_wait().ok().flatten()
+    })
+}
+
+impl Drop for Saltpipe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config for a run against `bus` with queue and sink in `dir`.
+pub fn write_config(dir: &Path, bus: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("saltpipe.toml");
+    let text = format!(
+        "[source]\nsocket = \"{}\"\nreconnect_max = \"1s\"\n\n[queue]\nurl = \"embedded://{}\"\n\n[worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"sqlite://{}\"\n\n{extra}\n",
+        bus.display(),
+        dir.join("queue").display(),
+        dir.join("salt.db").display(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Opens the sink database read-only.
+pub fn open_db(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(
+        dir.join("salt.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open salt.db")
+}
+
+pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
+    db.query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
+}

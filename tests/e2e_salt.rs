@@ -1,0 +1,297 @@
+//! End to end against a real salt-master 3008.5 with two minions on
+//! loopback: `saltpipe run` into SQLite, real jobs, then the rows checked
+//! exactly; a master restart under a running saltpipe; and a SIGKILL with a
+//! backlog in the embedded queue.
+
+mod common;
+
+use common::{Saltpipe, Sandbox, count, open_db, wait_for, write_config};
+use rusqlite::params;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// (fun, success column, full_ret) of the row for (jid, minion).
+fn row(db: &rusqlite::Connection, jid: &str, minion: &str) -> (String, String, String, Value) {
+    db.query_row(
+        r#"SELECT fun, success, "return", full_ret FROM salt_returns WHERE jid = ?1 AND id = ?2"#,
+        params![jid, minion],
+        |r| {
+            let full: String = r.get(3)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                serde_json::from_str(&full).unwrap_or(Value::Null),
+            ))
+        },
+    )
+    .unwrap_or_else(|e| panic!("no row for {jid}/{minion}: {e}"))
+}
+
+fn minions_of(db: &rusqlite::Connection, jid: &str) -> BTreeSet<String> {
+    let mut st = db
+        .prepare("SELECT id FROM salt_returns WHERE jid = ?1")
+        .expect("prepare");
+    st.query_map([jid], |r| r.get::<_, String>(0))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+fn has_jid(db: &rusqlite::Connection, jid: &str) -> bool {
+    count(
+        db,
+        &format!("SELECT count(*) FROM jids WHERE jid = '{jid}'"),
+    ) == 1
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn real_master_jobs_land_exactly_once_and_survive_a_master_restart() {
+    let sb = Sandbox::up(2);
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(work.path(), &sb.event_pub(), "");
+    let sp = Saltpipe::start(&["run"], &cfg);
+    sp.wait_log("connected to the event bus", 1, LONG);
+
+    let (ping, _) = sb.salt(&["*", "test.ping"]);
+    let (echo, _) = sb.salt(&["*", "cmd.run", "echo hi"]);
+    let (exit3, _) = sb.salt(&["*", "cmd.run", "exit 3"]);
+    // Longer than the master's 5 s timeout: the CLI polls with saltutil.find_job.
+    let (sleep, _) = sb.salt(&["minion-1", "cmd.run", "sleep 12"]);
+    let (state, _) = sb.salt(&["*", "state.apply", "failing"]);
+    let (multi, _) = sb.salt(&["*", "test.ping,test.echo", ",", "hello"]);
+    sb.salt_call("minion-1", &["test.ping"]);
+
+    let all = set(&["minion-1", "minion-2"]);
+    let db = open_db(work.path());
+    wait_for("the first 12 returns", LONG, || {
+        (count(&db, "SELECT count(*) FROM salt_returns") >= 12).then_some(())
+    });
+
+    // Each job's returns, once per minion.
+    for jid in [&ping, &echo, &exit3, &state, &multi] {
+        assert_eq!(minions_of(&db, jid), all, "returns of {jid}");
+        assert!(has_jid(&db, jid), "jids row for {jid}");
+    }
+    assert_eq!(minions_of(&db, &sleep), set(&["minion-1"]));
+    assert!(has_jid(&db, &sleep));
+
+    let (fun, success, ret, full) = row(&db, &echo, "minion-1");
+    assert_eq!(
+        (fun.as_str(), success.as_str(), ret.as_str()),
+        ("cmd.run", "1", "\"hi\"")
+    );
+    assert_eq!(full["retcode"], 0);
+    assert_eq!(full["success"], true);
+
+    let (_, success, _, full) = row(&db, &exit3, "minion-2");
+    assert_eq!(success, "0");
+    assert_eq!(full["retcode"], 3);
+    assert_eq!(full["success"], false);
+
+    let (fun, success, ret, full) = row(&db, &state, "minion-1");
+    assert_eq!((fun.as_str(), success.as_str()), ("state.apply", "0"));
+    assert_ne!(
+        full["retcode"], 0,
+        "a failing state run has a non-zero retcode"
+    );
+    let ret: Value = serde_json::from_str(&ret).expect("return json");
+    assert!(
+        ret.as_object()
+            .is_some_and(|m| m.keys().any(|k| k.contains("_|-"))),
+        "state return keyed mod_|-id_|-name_|-fun: {ret}"
+    );
+
+    let (fun, success, ret, _) = row(&db, &multi, "minion-2");
+    assert_eq!(
+        (fun.as_str(), success.as_str()),
+        ("test.ping,test.echo", "1")
+    );
+    let ret: Value = serde_json::from_str(&ret).expect("return json");
+    assert_eq!(ret["test.echo"], "hello");
+
+    let (_, _, ret, full) = row(&db, &sleep, "minion-1");
+    assert_eq!(ret, "\"\"");
+    assert_eq!(full["fun_args"][0], "sleep 12");
+
+    // The salt-call return: no `new` event, so its load is the return itself.
+    let call_jid: String = db
+        .query_row(
+            "SELECT jid FROM salt_returns WHERE id = 'minion-1' AND fun = 'test.ping' AND jid <> ?1",
+            [&ping],
+            |r| r.get(0),
+        )
+        .expect("salt-call return");
+    assert!(has_jid(&db, &call_jid), "salt-call job has a jids row");
+    let (_, success, _, full) = row(&db, &call_jid, "minion-1");
+    assert_eq!(
+        success, "0",
+        "no `success` key: stored as false, like Salt's returner"
+    );
+    assert_eq!(full["return"], true);
+
+    // The master goes away and comes back: saltpipe reconnects by itself.
+    sb.stop_master();
+    sp.wait_log("lost the event bus", 1, LONG);
+    sb.start_master();
+    sp.wait_log("connected to the event bus", 2, LONG);
+    let (after, _) = sb.salt(&["*", "test.ping"]);
+    wait_for("the job after the restart", LONG, || {
+        (minions_of(&db, &after) == all).then_some(())
+    });
+
+    // A job to a stopped minion: announced (jids), never returned.
+    sb.stop_minion("minion-2");
+    let (down, _) = sb.salt(&["minion-2", "test.ping"]);
+    wait_for("the down job's jids row", LONG, || {
+        has_jid(&db, &down).then_some(())
+    });
+
+    let status = sp.terminate();
+    assert!(status.success(), "saltpipe exits 0 on SIGTERM: {status:?}");
+
+    let db = open_db(work.path());
+    assert!(minions_of(&db, &down).is_empty());
+    // No duplicates, and no find_job anywhere. (The sandbox itself pings
+    // the minions while it restarts the master, so test.ping jobs beyond
+    // ours may be there; every other return is one of ours.)
+    let total = count(&db, "SELECT count(*) FROM salt_returns");
+    assert!(total >= 14, "{total} returns");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns)"
+        ),
+        total
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM salt_returns WHERE fun <> 'test.ping'"
+        ),
+        9
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM salt_returns WHERE jid NOT IN (SELECT jid FROM jids)"
+        ),
+        0,
+        "every return's job has a jids row"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM salt_returns WHERE fun LIKE '%find_job%'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM jids WHERE load LIKE '%saltutil.find_job%'"
+        ),
+        0
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM salt_events"), 0);
+}
+
+/// A return frame with a data map like a real `_return`.
+fn return_frame(jid: &str, minion: &str, i: usize) -> Vec<u8> {
+    let mut d = Vec::new();
+    let fields: [(&str, &str); 5] = [
+        ("cmd", "_return"),
+        ("id", minion),
+        ("jid", jid),
+        ("fun", "test.echo"),
+        ("user", "root"),
+    ];
+    let _ = rmp::encode::write_map_len(&mut d, fields.len() as u32 + 3);
+    for (k, v) in fields {
+        let _ = rmp::encode::write_str(&mut d, k);
+        let _ = rmp::encode::write_str(&mut d, v);
+    }
+    let _ = rmp::encode::write_str(&mut d, "return");
+    let _ = rmp::encode::write_str(&mut d, &format!("payload {i} café 🧂"));
+    let _ = rmp::encode::write_str(&mut d, "retcode");
+    let _ = rmp::encode::write_uint(&mut d, 0);
+    let _ = rmp::encode::write_str(&mut d, "success");
+    let _ = rmp::encode::write_bool(&mut d, true);
+    saltpipe::bus::encode::frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+}
+
+#[test]
+fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
+    const N: usize = 3000;
+    let sb = Sandbox::up(1);
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(work.path(), &sb.event_pub(), "");
+    let cfg_text = std::fs::read_to_string(&cfg).expect("read config");
+    // Tighter retries so the worker notices soon after the lock goes.
+    let cfg_text = cfg_text.replace("[worker]\n", "[worker]\nretry_max = \"500ms\"\n");
+    std::fs::write(&cfg, cfg_text).expect("config");
+    let sp = Saltpipe::start(&["run"], &cfg);
+    sp.wait_log("connected to the event bus", 1, LONG);
+
+    // Hold the sink's write lock: the worker's batches fail (retriable) and
+    // everything the bus delivers piles up in the durable queue.
+    let locker = rusqlite::Connection::open(work.path().join("salt.db")).expect("open sink");
+    locker
+        .busy_timeout(Duration::from_secs(30))
+        .expect("busy timeout");
+    locker
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("lock the sink");
+
+    let frames: Vec<Vec<u8>> = (0..N)
+        .map(|i| {
+            return_frame(
+                &format!("2026112512{:010}", i / 10),
+                &format!("m{}", i % 10),
+                i,
+            )
+        })
+        .collect();
+    sb.push_events(&frames);
+
+    let queue = rusqlite::Connection::open(work.path().join("queue/queue.db")).expect("open queue");
+    wait_for("the backlog in the queue", LONG, || {
+        (count(&queue, "SELECT count(*) FROM messages") == N as i64).then_some(())
+    });
+    sp.kill();
+    locker.execute_batch("ROLLBACK").expect("unlock");
+    drop(locker);
+
+    let sp = Saltpipe::start(&["run"], &cfg);
+    let db = open_db(work.path());
+    wait_for("every queued return stored", LONG, || {
+        (count(&db, "SELECT count(*) FROM salt_returns") >= N as i64).then_some(())
+    });
+    wait_for("the queue to empty", LONG, || {
+        (count(&queue, "SELECT count(*) FROM messages") == 0).then_some(())
+    });
+    assert!(sp.terminate().success());
+    assert_eq!(count(&db, "SELECT count(*) FROM salt_returns"), N as i64);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns)"
+        ),
+        N as i64
+    );
+    let ret: String = db
+        .query_row(
+            r#"SELECT "return" FROM salt_returns WHERE jid = '20261125120000000007' AND id = 'm1'"#,
+            [],
+            |r| r.get(0),
+        )
+        .expect("row 71");
+    assert_eq!(ret, "\"payload 71 café 🧂\"");
+}
