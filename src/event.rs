@@ -276,7 +276,7 @@ impl Event {
 fn find_separator(body: &[u8]) -> Option<usize> {
     // Tags are short; the data that follows may hold "\n\n" too, so the
     // first occurrence is the separator.
-    body.windows(2).position(|w| w == b"\n\n")
+    memchr::memchr_iter(b'\n', body).find(|&i| body.get(i + 1) == Some(&b'\n'))
 }
 
 fn find_body(frame: &[u8]) -> Result<&[u8], DecodeError> {

@@ -474,10 +474,28 @@ fn redundant(e: &Event) -> Option<DropReason> {
     })
 }
 
+/// The keys are already SipHash values: hashing them again would only cost time.
+#[derive(Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// A fixed-size memory of recent (jid, minion) pairs, oldest forgotten first.
 /// Stores 64-bit hashes, not strings: 100,000 pairs cost about 3 MB.
 struct Dedupe {
-    seen: HashSet<u64>,
+    seen: HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>,
     order: VecDeque<u64>,
     cap: usize,
 }
@@ -485,7 +503,7 @@ struct Dedupe {
 impl Dedupe {
     fn new(cap: usize) -> Dedupe {
         Dedupe {
-            seen: HashSet::with_capacity(cap.min(1 << 20)),
+            seen: HashSet::with_capacity_and_hasher(cap.min(1 << 20), Default::default()),
             order: VecDeque::with_capacity(cap.min(1 << 20)),
             cap: cap.max(1),
         }

@@ -1,0 +1,202 @@
+//! The command line's contract: exit codes, error messages that name the
+//! key and line, every example config valid, replay of real captures.
+
+use std::process::Command;
+
+fn saltpipe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(args)
+        .env_remove("SALTPIPE_CONFIG")
+        .output()
+        .expect("run saltpipe")
+}
+
+#[test]
+fn every_example_config_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).expect("examples") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = saltpipe(&[
+                "validate",
+                "--no-connect",
+                "--config",
+                p.to_str().expect("utf8 path"),
+            ]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0);
+}
+
+#[test]
+fn invalid_config_exits_3_naming_key_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("bad.toml");
+    std::fs::write(
+        &p,
+        "[worker]\nbatch_max_events = 10\nbatch_timeout = \"whenever\"\n",
+    )
+    .expect("write");
+    let out = saltpipe(&[
+        "validate",
+        "--no-connect",
+        "--config",
+        p.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:"), "{err}");
+    assert!(err.contains("not a duration"), "{err}");
+
+    std::fs::write(&p, "[sink]\nurl = \"postgress://x\"\n").expect("write");
+    let out = saltpipe(&[
+        "validate",
+        "--no-connect",
+        "--config",
+        p.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postgress"));
+}
+
+#[test]
+fn bad_environment_override_names_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["validate", "--no-connect"])
+        .env("SALTPIPE_WORKER_BATCH_MAX_EVENTS", "lots")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SALTPIPE_WORKER_BATCH_MAX_EVENTS"));
+}
+
+#[test]
+fn usage_errors_exit_2_and_unreachable_parts_exit_4() {
+    assert_eq!(saltpipe(&["no-such-command"]).status.code(), Some(2));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[source]\nsocket = \"{0}/missing.ipc\"\n[queue]\nurl = \"embedded://{0}/q\"\n[sink]\nurl = \"sqlite://{0}/s.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("write");
+    let out = saltpipe(&["validate", "--config", p.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cannot reach the bus"), "{text}");
+    assert!(text.contains("opened the sink"), "{text}");
+}
+
+#[test]
+fn replay_of_real_captures_keeps_jobs_and_drops_noise_by_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/salt-3008.5-bus.bin");
+    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["replay", "--json", fixture.to_str().expect("utf8")])
+        .env(
+            "SALTPIPE_QUEUE_URL",
+            format!("embedded://{}/q", dir.path().display()),
+        )
+        .env(
+            "SALTPIPE_SINK_URL",
+            format!("sqlite://{}/s.db", dir.path().display()),
+        )
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    // 44 frames: see tests/fixtures/README.md for what each is.
+    assert_eq!(v["frames"], 44);
+    assert_eq!(v["malformed"], 0);
+    assert_eq!(v["kept"], 22);
+    assert_eq!(v["dropped"]["find_job"], 5);
+    assert_eq!(v["dropped"]["publish_duplicate"], 8);
+    assert_eq!(v["dropped"]["auth"], 2);
+    assert_eq!(v["dropped"]["refresh"], 4);
+    assert_eq!(v["dropped"]["not_selected"], 3);
+    assert_eq!(v["returns_written"], 14);
+    assert_eq!(v["jids_written"], 10);
+
+    // 3006.29 frames carry a length prefix; its bare-jid announcements are redundant.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/salt-3006.29-bus.bin");
+    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["replay", "--json", fixture.to_str().expect("utf8")])
+        .env(
+            "SALTPIPE_QUEUE_URL",
+            format!("embedded://{}/q2", dir.path().display()),
+        )
+        .env(
+            "SALTPIPE_SINK_URL",
+            format!("sqlite://{}/s2.db", dir.path().display()),
+        )
+        .output()
+        .expect("replay");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert_eq!(v["frames"], 8);
+    assert_eq!(v["dropped"]["legacy_announce"], 2);
+    assert_eq!(v["returns_written"], 4);
+}
+
+#[test]
+fn replay_of_a_damaged_stream_counts_rejections_and_keeps_good_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/salt-3008.5-bus.bin"),
+    )
+    .expect("fixture");
+    // Garbage in front, in the middle (between frames), a frame whose body
+    // is not msgpack, and a truncated frame at the end.
+    let mut damaged = b"\xff\xfe garbage \xc1\xc1".to_vec();
+    damaged.extend_from_slice(&good);
+    damaged.extend_from_slice(b"\x00\x00\x00\x03abc");
+    damaged.extend_from_slice(&saltpipe::bus::encode::frame(
+        "salt/job/1/ret/x",
+        b"\xc1\xc1",
+    ));
+    damaged.extend_from_slice(&good[..good.len() / 3]);
+    let p = dir.path().join("damaged.bin");
+    std::fs::write(&p, &damaged).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["replay", "--json", p.to_str().expect("utf8")])
+        .env(
+            "SALTPIPE_QUEUE_URL",
+            format!("embedded://{}/q", dir.path().display()),
+        )
+        .env(
+            "SALTPIPE_SINK_URL",
+            format!("sqlite://{}/s.db", dir.path().display()),
+        )
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert!(v["malformed"].as_u64().expect("malformed") >= 3, "{v}");
+    // All 14 returns of the intact copy land; the partial copy repeats some
+    // of them, which the duplicate check and the unique key absorb.
+    assert_eq!(v["returns_written"], 14, "{v}");
+    assert!(
+        v["dropped"]["duplicate_return"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+}
