@@ -171,7 +171,12 @@ pub async fn capture(
     use crate::bus::framing::{Framed, Framer};
     use tokio::io::AsyncWriteExt;
     let source = BusSource::new(cfg);
-    let mut stream = source.connect().await?;
+    let mut stream = source.connect().await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot connect to the bus at {}: {e}", source.address),
+        )
+    })?;
     let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(out).await?);
     let mut framer = Framer::new(cfg.max_frame as usize);
     let mut done = Captured::default();

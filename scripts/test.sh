@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, the conformance suites against the real
+# databases and brokers on this machine, and the end-to-end tests against a
+# real salt-master (installed into ~/.cache/saltpipe on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/services.sh
+bash scripts/salt-venv.sh >/dev/null
+exec cargo test --all-targets "$@"
