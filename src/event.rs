@@ -604,4 +604,22 @@ mod tests {
             assert!(Event::from_frame(&Bytes::from(c.clone())).is_err(), "{c:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the bytes, decoding and converting give a value or an
+        /// error, never a panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(tag in "[a-z/]{0,12}", data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut body = tag.into_bytes();
+            body.extend_from_slice(b"\n\n");
+            body.extend_from_slice(&data);
+            if let Ok(e) = Event::from_body(Bytes::from(body)) {
+                let _ = e.partition_key();
+                let r = crate::sink::Record { event: e, received_ms: 0 };
+                let _ = crate::sink::rows::rows_of(&r, crate::sink::rows::BoolStyle::Digit);
+            }
+            let _ = crate::msgpack::to_json(&data);
+            let _ = crate::msgpack::to_json_with_field(&data, "return");
+        }
+    }
 }
