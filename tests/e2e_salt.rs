@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Saltpipe, Sandbox, count, open_db, wait_for, write_config};
+use common::{Saltpipe, Sandbox, count, open_db, wait_for, write_config, write_config_source};
 use rusqlite::params;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -294,4 +294,26 @@ fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
         )
         .expect("row 71");
     assert_eq!(ret, "\"payload 71 café 🧂\"");
+}
+
+#[test]
+fn tcp_ipc_mode_master_is_read_over_tcp() {
+    let sb = Sandbox::up_with(1, "tcp");
+    let port = sb.info["tcp_pub"].as_u64().expect("tcp_pub port");
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config_source(work.path(), &format!("tcp = \"127.0.0.1:{port}\""), "");
+    let sp = Saltpipe::start(&["run"], &cfg);
+    sp.wait_log("connected to the event bus", 1, LONG);
+    let (jid, _) = sb.salt(&["*", "cmd.run", "echo over tcp"]);
+    let db = open_db(work.path());
+    wait_for("the return read over TCP", LONG, || {
+        (count(
+            &db,
+            &format!("SELECT count(*) FROM salt_returns WHERE jid = '{jid}'"),
+        ) == 1)
+            .then_some(())
+    });
+    let (_, _, ret, _) = row(&db, &jid, "minion-1");
+    assert_eq!(ret, "\"over tcp\"");
+    assert!(sp.terminate().success());
 }

@@ -54,6 +54,11 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn up(minions: u32) -> Sandbox {
+        Sandbox::up_with(minions, "ipc")
+    }
+
+    /// `ipc_mode` is `ipc` (unix sockets) or `tcp` (the bus on 127.0.0.1).
+    pub fn up_with(minions: u32, ipc_mode: &str) -> Sandbox {
         let venv = salt_venv();
         let dir = tempfile::Builder::new()
             .prefix("saltpipe-sandbox-")
@@ -63,7 +68,13 @@ impl Sandbox {
             .arg(repo().join("scripts/salt-sandbox.py"))
             .args(["up", "--dir"])
             .arg(dir.path())
-            .args(["--minions", &minions.to_string(), "--venv"])
+            .args([
+                "--minions",
+                &minions.to_string(),
+                "--ipc-mode",
+                ipc_mode,
+                "--venv",
+            ])
             .arg(&venv)
             .stderr(Stdio::inherit())
             .output()
@@ -252,10 +263,14 @@ impl Drop for Saltpipe {
 
 /// Writes a config for a run against `bus` with queue and sink in `dir`.
 pub fn write_config(dir: &Path, bus: &Path, extra: &str) -> PathBuf {
+    write_config_source(dir, &format!("socket = \"{}\"", bus.display()), extra)
+}
+
+/// Same, with the `[source]` address line given (`tcp = "127.0.0.1:4512"`).
+pub fn write_config_source(dir: &Path, source: &str, extra: &str) -> PathBuf {
     let path = dir.join("saltpipe.toml");
     let text = format!(
-        "[source]\nsocket = \"{}\"\nreconnect_max = \"1s\"\n\n[queue]\nurl = \"embedded://{}\"\n\n[worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"sqlite://{}\"\n\n{extra}\n",
-        bus.display(),
+        "[source]\n{source}\nreconnect_max = \"1s\"\n\n[queue]\nurl = \"embedded://{}\"\n\n[worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"sqlite://{}\"\n\n{extra}\n",
         dir.join("queue").display(),
         dir.join("salt.db").display(),
     );
