@@ -271,16 +271,22 @@ impl Consumer for EmbeddedConsumer {
         // writer at a time, and two connections of one process contending
         // for it would sleep in the busy handler instead of queueing here.
         let inner = self.shared.inner.clone();
-        let ids = ids.to_vec();
+        let queue = self.queue.clone();
+        let runs = contiguous_runs(ids);
         tokio::task::spawn_blocking(move || {
             let mut c = inner.writer.lock().map_err(storage)?;
             let tx = c.transaction().map_err(storage)?;
             {
+                // Acks of one consumer come in id order, so a batch is
+                // usually one range: one statement instead of one per row.
                 let mut st = tx
-                    .prepare_cached("DELETE FROM messages WHERE id = ?1")
+                    .prepare_cached(
+                        "DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 AND queue = ?3",
+                    )
                     .map_err(storage)?;
-                for id in ids {
-                    st.execute([id as i64]).map_err(storage)?;
+                for (lo, hi) in runs {
+                    st.execute(params![lo as i64, hi as i64, &*queue])
+                        .map_err(storage)?;
                 }
             }
             tx.commit().map_err(storage)
@@ -306,6 +312,21 @@ impl Consumer for EmbeddedConsumer {
         .await
         .map_err(storage)?
     }
+}
+
+/// Sorted, deduplicated ids grouped into inclusive ranges.
+fn contiguous_runs(ids: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, hi)) if *hi + 1 == id => *hi = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -387,6 +408,15 @@ mod tests {
         let got = c.pull(100, 1, Duration::from_secs(5)).await.expect("pull");
         assert_eq!(got.len(), 1, "stops at the byte limit");
         pusher.await.expect("join").expect("push");
+    }
+
+    #[test]
+    fn runs() {
+        assert_eq!(
+            contiguous_runs(&[5, 3, 4, 9, 10, 1, 4]),
+            vec![(1, 1), (3, 5), (9, 10)]
+        );
+        assert!(contiguous_runs(&[]).is_empty());
     }
 
     #[tokio::test]
