@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 bash scripts/salt-venv.sh >/dev/null
-exec cargo test --all-targets "$@"
+# The benches once in test mode (each benchmark runs once, checking it works),
+# then every unit, conformance and end-to-end test; cargo's summary comes last.
+cargo test --benches "$@"
+exec cargo test "$@"

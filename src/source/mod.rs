@@ -308,21 +308,6 @@ impl Ingest {
         !self.backlog.is_empty()
     }
 
-    /// Waits until the channel has room for one more chunk, then sends it.
-    /// For the bus reader's select loop: never call it without a backlog.
-    pub async fn send_one_backlogged(&mut self) -> Result<(), SourceError> {
-        let permit = self
-            .tx
-            .reserve()
-            .await
-            .map_err(|_| SourceError::QueueClosed)?;
-        if let Some(chunk) = self.backlog.pop_front() {
-            self.backlog_bytes -= chunk.iter().map(|m| m.body.len()).sum::<usize>();
-            permit.send(chunk);
-        }
-        Ok(())
-    }
-
     /// Hands everything on, waiting for room: for files and shutdown.
     pub async fn flush_wait(&mut self) -> Result<(), SourceError> {
         self.seal();
