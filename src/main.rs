@@ -82,6 +82,15 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Print (or create) the sink's tables: Salt's returner schema plus
+    /// saltpipe's keys, indexes and dead-letter table.
+    Schema {
+        /// Only print the DDL for URL (default: the configured sink); touch nothing.
+        #[arg(long)]
+        print: bool,
+        /// A sink URL (sqlite://, mysql://, postgres://); default: `sink.url`.
+        url: Option<String>,
+    },
     /// Push a captured stream through the pipeline (rules, queue, sink) as
     /// fast as it goes, and print what was kept, dropped (by reason) and written.
     Replay {
@@ -217,8 +226,14 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             let sink = cfg.sink.build().await?;
             tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe work");
             let stop = saltpipe::worker::Stop::new(shutdown, Some(cfg.worker.drain_timeout));
+            let retention_stop = stop.token.clone();
+            let retention =
+                saltpipe::sink::retention::spawn(sink.clone(), &cfg.sink, retention_stop);
             let workers = pipeline::start_workers(&cfg, sink, stats.clone(), stop).await?;
             pipeline::join_workers(workers).await?;
+            if let Some(r) = retention {
+                let _ = r.await;
+            }
             tracing::info!(summary = ?stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
@@ -229,6 +244,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             count,
         } => capture(&cfg, out, duration, count).await,
         Command::Replay { file, json } => replay(&cfg, file, json).await,
+        Command::Schema { print, url } => schema(cfg, print, url).await,
     }
 }
 
@@ -278,6 +294,25 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
         }
     }
     Ok(if ok { exit::OK } else { exit::UNREACHABLE })
+}
+
+async fn schema(mut cfg: Config, print: bool, url: Option<String>) -> anyhow::Result<u8> {
+    if let Some(u) = url {
+        match saltpipe::sink::SinkUrl::parse(&u) {
+            Ok(u) => cfg.sink.url = u,
+            Err(e) => {
+                eprintln!("saltpipe: {e}");
+                return Ok(exit::CONFIG);
+            }
+        }
+    }
+    if print {
+        println!("{}", cfg.sink.schema_ddl());
+        return Ok(exit::OK);
+    }
+    cfg.sink.build().await?;
+    println!("schema present at {}", cfg.sink.url);
+    Ok(exit::OK)
 }
 
 async fn capture(

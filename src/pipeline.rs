@@ -168,6 +168,7 @@ pub async fn run_all(
     let sink = cfg.sink.build().await?;
     let worker_stop = CancellationToken::new();
     let stop = Stop::new(worker_stop.clone(), drain);
+    let retention = crate::sink::retention::spawn(sink.clone(), &cfg.sink, worker_stop.clone());
     let mut workers = start_workers(cfg, sink, stats.clone(), stop).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.
@@ -189,6 +190,10 @@ pub async fn run_all(
     };
     worker_stop.cancel();
     let work_result = join_workers(workers).await;
+    if let Some(r) = retention {
+        // It saw the cancellation; a chunk in flight is one short transaction.
+        let _ = r.await;
+    }
     match worker_error {
         Some(e) => Err(e),
         None => listen_result.and(work_result),

@@ -20,6 +20,11 @@ use serde::{Deserialize, Deserializer};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod retention;
 pub mod rows;
 pub mod sqlite;
 
@@ -76,6 +81,19 @@ pub trait Sink: Send + Sync {
         body: &bytes::Bytes,
         error: &str,
     ) -> Result<(), SinkError>;
+    /// Removes (or, with `archive`, moves to the `*_archive` tables) at most
+    /// about `chunk` returns older than `older_than`, with their jobs, and
+    /// as many events; returns how many rows it moved. The retention task
+    /// calls it until it returns 0, so each call is one short transaction.
+    async fn purge_chunk(
+        &self,
+        older_than: std::time::Duration,
+        archive: bool,
+        chunk: usize,
+    ) -> Result<u64, SinkError> {
+        let _ = (older_than, archive, chunk);
+        Ok(0)
+    }
 }
 
 /// `[sink]`.
@@ -86,6 +104,20 @@ pub struct SinkConfig {
     pub url: SinkUrl,
     /// Written into `salt_events.master_id`; the host name by default.
     pub master_id: Option<String>,
+    /// The database password, when it is not in the URL. Best set from the
+    /// environment (`SALTPIPE_SINK_PASSWORD`) or `password_file`.
+    pub password: Option<String>,
+    /// A file holding the database password (a trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+    /// Connections in the pool of a database server sink.
+    pub pool_size: u32,
+    /// Retention: delete rows older than this (`"30d"`), in small chunks by
+    /// `alter_time`, like the returner's `keep_jobs`. Unset: keep everything.
+    #[serde(deserialize_with = "crate::config::human::opt_duration")]
+    pub keep: Option<std::time::Duration>,
+    /// With `keep`: move old rows to `jids_archive`, `salt_returns_archive`
+    /// and `salt_events_archive` instead of deleting them (`archive_jobs`).
+    pub archive: bool,
 }
 
 impl Default for SinkConfig {
@@ -95,6 +127,11 @@ impl Default for SinkConfig {
                 path: PathBuf::from("/var/lib/saltpipe/salt.db"),
             },
             master_id: None,
+            password: None,
+            password_file: None,
+            pool_size: 4,
+            keep: None,
+            archive: false,
         }
     }
 }
@@ -104,6 +141,12 @@ impl Default for SinkConfig {
 pub enum SinkUrl {
     /// `sqlite:///absolute/path.db` or `sqlite://relative/path.db`.
     Sqlite { path: PathBuf },
+    /// `mysql://user:pass@host:port/db?ssl-mode=...` (`mariadb://` too).
+    #[cfg(feature = "mysql")]
+    Mysql(mysql::MysqlUrl),
+    /// `postgres://user:pass@host:port/db?sslmode=...`.
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PgUrl),
 }
 
 impl SinkUrl {
@@ -123,17 +166,36 @@ impl SinkUrl {
                     path: PathBuf::from(path),
                 })
             }
+            #[cfg(feature = "mysql")]
+            "mysql" | "mariadb" => mysql::MysqlUrl::parse(s).map(SinkUrl::Mysql),
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => postgres::PgUrl::parse(s).map(SinkUrl::Postgres),
             other => Err(format!(
-                "unknown sink scheme `{other}`; this build supports: sqlite"
+                "unknown sink scheme `{other}`; this build supports: {}",
+                SUPPORTED.join(", ")
             )),
         }
     }
 }
 
+/// The sink schemes compiled into this build.
+const SUPPORTED: &[&str] = &[
+    "sqlite",
+    #[cfg(feature = "mysql")]
+    "mysql (mariadb)",
+    #[cfg(feature = "postgres")]
+    "postgres",
+];
+
+/// Shown in logs and `validate`: the password is never printed.
 impl std::fmt::Display for SinkUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SinkUrl::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
+            #[cfg(feature = "mysql")]
+            SinkUrl::Mysql(u) => u.fmt(f),
+            #[cfg(feature = "postgres")]
+            SinkUrl::Postgres(u) => u.fmt(f),
         }
     }
 }
@@ -155,7 +217,51 @@ impl SinkConfig {
                 "must be 1-255 characters",
             ));
         }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(ConfigError::invalid(
+                "sink.password_file",
+                "set either password or password_file, not both",
+            ));
+        }
+        if self.pool_size == 0 || self.pool_size > 256 {
+            return Err(ConfigError::invalid(
+                "sink.pool_size",
+                "must be between 1 and 256",
+            ));
+        }
+        if let Some(keep) = self.keep
+            && keep < std::time::Duration::from_secs(60)
+        {
+            return Err(ConfigError::invalid(
+                "sink.keep",
+                "must be at least 1m (e.g. \"30d\")",
+            ));
+        }
+        if self.archive && self.keep.is_none() {
+            return Err(ConfigError::invalid(
+                "sink.archive",
+                "archive moves rows older than `keep`: set keep too",
+            ));
+        }
         Ok(())
+    }
+
+    /// The password from `password` or `password_file` (read here: I/O).
+    pub fn read_password(&self) -> Result<Option<String>, SinkError> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.password_file {
+            None => Ok(None),
+            Some(f) => std::fs::read_to_string(f)
+                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_owned()))
+                .map_err(|e| {
+                    SinkError::Fatal(format!(
+                        "cannot read sink.password_file {}: {e}",
+                        f.display()
+                    ))
+                }),
+        }
     }
 
     pub fn master_id(&self) -> String {
@@ -168,7 +274,38 @@ impl SinkConfig {
             SinkUrl::Sqlite { path } => Ok(Arc::new(
                 sqlite::SqliteSink::open(path, self.master_id()).await?,
             )),
+            #[cfg(feature = "mysql")]
+            SinkUrl::Mysql(u) => Ok(Arc::new(
+                mysql::MysqlSink::connect(u, self.read_password()?, self).await?,
+            )),
+            #[cfg(feature = "postgres")]
+            SinkUrl::Postgres(u) => Ok(Arc::new(
+                postgres::PgSink::connect(u, self.read_password()?, self).await?,
+            )),
         }
+    }
+
+    /// The DDL `build` runs for this URL, for `saltpipe schema --print`.
+    pub fn schema_ddl(&self) -> String {
+        match &self.url {
+            SinkUrl::Sqlite { .. } => sqlite::SCHEMA.trim().to_owned(),
+            #[cfg(feature = "mysql")]
+            SinkUrl::Mysql(_) => mysql::schema_ddl(),
+            #[cfg(feature = "postgres")]
+            SinkUrl::Postgres(_) => postgres::schema_ddl(),
+        }
+    }
+}
+
+/// A URL with its password replaced, for messages and logs.
+#[cfg(any(feature = "mysql", feature = "postgres"))]
+pub(crate) fn redact_password(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => s.to_owned(),
     }
 }
 

@@ -116,6 +116,86 @@ pub fn rows_of(record: &Record, style: BoolStyle) -> Result<RowSet, RowError> {
     }
 }
 
+/// A batch's rows split by table, each row with the index of its record, so
+/// a refusal found before sending can name the record (the worker then
+/// dead-letters exactly that one).
+#[derive(Debug, Default)]
+pub struct ByTable<'a> {
+    pub jids: Vec<(usize, &'a JidRow)>,
+    pub returns: Vec<(usize, &'a ReturnRow)>,
+    pub events: Vec<(usize, &'a EventRow)>,
+}
+
+impl<'a> ByTable<'a> {
+    pub fn of(sets: &'a [RowSet]) -> ByTable<'a> {
+        let mut t = ByTable::default();
+        for (i, s) in sets.iter().enumerate() {
+            match s {
+                RowSet::Job(j) => t.jids.push((i, j)),
+                RowSet::Return(r, j) => {
+                    t.returns.push((i, r));
+                    if let Some(j) = j {
+                        t.jids.push((i, j));
+                    }
+                }
+                RowSet::Event(e) => t.events.push((i, e)),
+            }
+        }
+        t
+    }
+}
+
+impl JidRow {
+    pub fn bytes(&self) -> usize {
+        self.jid.len() + self.load.len()
+    }
+}
+
+impl ReturnRow {
+    pub fn bytes(&self) -> usize {
+        self.fun.len()
+            + self.jid.len()
+            + self.ret.len()
+            + self.id.len()
+            + self.success.len()
+            + self.full_ret.len()
+    }
+}
+
+impl EventRow {
+    pub fn bytes(&self) -> usize {
+        self.tag.len() + self.data.len()
+    }
+}
+
+/// Cuts `rows` into runs that one statement can carry: at most `max_rows`
+/// rows (the bind-parameter limit divided by the columns) and about
+/// `max_bytes` of values (the server's packet limit). A single row is
+/// always its own run, however big: the caller checks single rows first.
+pub fn runs<T>(
+    rows: &[T],
+    max_rows: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, r) in rows.iter().enumerate() {
+        let b = size(r);
+        if i > start && (i - start >= max_rows || bytes + b > max_bytes) {
+            out.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += b;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +212,17 @@ mod tests {
             event: Event::from_frame(&Bytes::from(frame(tag, &packed))).expect("decode"),
             received_ms: 0,
         }
+    }
+
+    #[test]
+    fn runs_respect_rows_and_bytes() {
+        let v: Vec<usize> = vec![1, 1, 1, 1, 1];
+        let r = runs(&v, 2, 100, |x| *x);
+        assert_eq!(r.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
+        let v: Vec<usize> = vec![5, 5, 20, 1];
+        let r = runs(&v, 100, 10, |x| *x);
+        assert_eq!(r.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![2, 1, 1]);
+        assert!(runs(&Vec::<usize>::new(), 2, 2, |x| *x).is_empty());
     }
 
     #[test]

@@ -245,4 +245,77 @@ impl Sink for SqliteSink {
         .await
         .map_err(|e| SinkError::Retriable(e.to_string()))?
     }
+
+    async fn purge_chunk(
+        &self,
+        older_than: Duration,
+        archive: bool,
+        chunk: usize,
+    ) -> Result<u64, SinkError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn
+                .lock()
+                .map_err(|_| SinkError::Fatal("sqlite connection poisoned".into()))?;
+            purge_blocking(&mut c, older_than, archive, chunk).map_err(classify)
+        })
+        .await
+        .map_err(|e| SinkError::Retriable(e.to_string()))?
+    }
+}
+
+/// One retention chunk in one transaction: the `chunk` oldest returns older
+/// than `older_than` with their jobs, and as many events.
+fn purge_blocking(
+    c: &mut Connection,
+    older_than: Duration,
+    archive: bool,
+    chunk: usize,
+) -> rusqlite::Result<u64> {
+    let age = format!("-{} seconds", older_than.as_secs());
+    let tx = c.transaction()?;
+    if archive {
+        for t in ["jids", "salt_returns", "salt_events"] {
+            tx.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {t}_archive AS SELECT * FROM {t} WHERE 0"
+            ))?;
+        }
+    }
+    let mut moved = 0u64;
+    for table in ["salt_returns", "salt_events"] {
+        // Exact chunks by rowid, oldest first: ties on alter_time (thousands
+        // of rows share a second) never widen a chunk.
+        let ids: Vec<i64> = {
+            let mut st = tx.prepare(&format!(
+                "SELECT rowid FROM {table} WHERE alter_time < datetime('now', ?1) \
+                 ORDER BY alter_time LIMIT ?2"
+            ))?;
+            st.query_map(params![age, chunk as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let cond = format!("rowid IN ({list})");
+        if table == "salt_returns" {
+            let jobs = format!("jid IN (SELECT jid FROM salt_returns WHERE {cond})");
+            if archive {
+                tx.execute(
+                    &format!("INSERT INTO jids_archive SELECT * FROM jids WHERE {jobs}"),
+                    [],
+                )?;
+            }
+            moved += tx.execute(&format!("DELETE FROM jids WHERE {jobs}"), [])? as u64;
+        }
+        if archive {
+            tx.execute(
+                &format!("INSERT INTO {table}_archive SELECT * FROM {table} WHERE {cond}"),
+                [],
+            )?;
+        }
+        moved += tx.execute(&format!("DELETE FROM {table} WHERE {cond}"), [])? as u64;
+    }
+    tx.commit()?;
+    Ok(moved)
 }

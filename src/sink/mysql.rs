@@ -1,0 +1,672 @@
+//! MariaDB / MySQL: the tables of Salt's mysql returner (`saltext-mysql`),
+//! so its job-cache functions, Alcali and people's SQL read what we write.
+//!
+//! Why it looks the way it does:
+//! * sqlx (pure Rust, rustls with ring: no OpenSSL) with a small pool.
+//! * One transaction per batch, one multi-row `INSERT` per table and run of
+//!   rows (runs are cut at the 65,535 bind-parameter limit and at half the
+//!   server's `max_allowed_packet`).
+//! * Idempotent with `ON DUPLICATE KEY UPDATE jid = jid`, not `INSERT
+//!   IGNORE`: IGNORE also turns a refused value (too long, bad UTF-8) into a
+//!   warning and a silently truncated row; with strict mode and ON
+//!   DUPLICATE KEY a bad value is a real error the worker can isolate and
+//!   dead-letter, while a redelivered row is skipped. Duplicates are counted
+//!   through a session variable bumped by the UPDATE clause, since sqlx
+//!   always asks for "found rows" and affected-row counts cannot tell.
+//! * `success` is written `1`/`0`, what MySQLdb and PyMySQL make of a bool
+//!   (they escape `True` as `1`), so readers see what the returner wrote.
+//! * Tables we create are utf8mb4; on a returner database made with the
+//!   documented 3-byte `utf8`, 4-byte characters would be refused, so the
+//!   JSON columns get them as `\uXXXX` escapes (same JSON, any charset).
+
+use super::rows::{self, BoolStyle, ByTable};
+use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
+use async_trait::async_trait;
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, Executor, MySql, QueryBuilder, Row};
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A `mysql://` (or `mariadb://`) URL, kept as written; shown without its password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MysqlUrl {
+    url: String,
+}
+
+impl MysqlUrl {
+    /// Checks the URL without connecting.
+    pub fn parse(s: &str) -> Result<MysqlUrl, String> {
+        let url = match s.strip_prefix("mariadb://") {
+            Some(rest) => format!("mysql://{rest}"),
+            None => s.to_owned(),
+        };
+        let opts = MySqlConnectOptions::from_str(&url)
+            .map_err(|e| format!("bad MySQL URL {}: {e}", super::redact_password(&url)))?;
+        if opts.get_database().is_none_or(str::is_empty) {
+            return Err(format!(
+                "{}: name the database, e.g. mysql://salt@db.example:3306/salt",
+                super::redact_password(&url)
+            ));
+        }
+        Ok(MysqlUrl { url })
+    }
+
+    fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
+        let o = MySqlConnectOptions::from_str(&self.url)
+            .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?;
+        Ok(match password {
+            Some(p) => o.password(p),
+            None => o,
+        })
+    }
+}
+
+impl std::fmt::Display for MysqlUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&super::redact_password(&self.url))
+    }
+}
+
+/// The returner's tables (utf8mb4), our additions, the dead-letter table.
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS `jids` (
+  `jid` varchar(255) NOT NULL,
+  `load` mediumtext NOT NULL,
+  UNIQUE KEY `jid` (`jid`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS `salt_returns` (
+  `fun` varchar(50) NOT NULL,
+  `jid` varchar(255) NOT NULL,
+  `return` mediumtext NOT NULL,
+  `id` varchar(255) NOT NULL,
+  `success` varchar(10) NOT NULL,
+  `full_ret` mediumtext NOT NULL,
+  `alter_time` TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  KEY `id` (`id`),
+  KEY `jid` (`jid`),
+  KEY `fun` (`fun`),
+  UNIQUE KEY `salt_returns_jid_id` (`jid`, `id`),
+  KEY `salt_returns_alter_time` (`alter_time`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS `salt_events` (
+  `id` BIGINT NOT NULL AUTO_INCREMENT,
+  `tag` varchar(255) NOT NULL,
+  `data` mediumtext NOT NULL,
+  `alter_time` TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  `master_id` varchar(255) NOT NULL,
+  PRIMARY KEY (`id`),
+  KEY `tag` (`tag`),
+  KEY `salt_events_alter_time` (`alter_time`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS `saltpipe_dead_letters` (
+  `id` BIGINT NOT NULL AUTO_INCREMENT,
+  `failed_at` TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  `tag` varchar(255) NOT NULL,
+  `error` text NOT NULL,
+  `body` longblob NOT NULL,
+  PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+];
+
+/// What an existing returner database may lack: (table, columns, unique, DDL).
+const ADDITIONS: &[(&str, &str, bool, &str)] = &[
+    (
+        "jids",
+        "jid",
+        true,
+        "ALTER TABLE `jids` ADD UNIQUE KEY `jid` (`jid`)",
+    ),
+    (
+        "salt_returns",
+        "jid,id",
+        true,
+        "ALTER TABLE `salt_returns` ADD UNIQUE KEY `salt_returns_jid_id` (`jid`, `id`)",
+    ),
+    (
+        "salt_returns",
+        "alter_time",
+        false,
+        "ALTER TABLE `salt_returns` ADD KEY `salt_returns_alter_time` (`alter_time`)",
+    ),
+    (
+        "salt_events",
+        "alter_time",
+        false,
+        "ALTER TABLE `salt_events` ADD KEY `salt_events_alter_time` (`alter_time`)",
+    ),
+];
+
+/// The DDL, as `saltpipe schema --print` shows it.
+pub fn schema_ddl() -> String {
+    let mut s = String::from(
+        "-- saltpipe: Salt's mysql returner tables (utf8mb4), plus a unique key on\n\
+         -- salt_returns (jid, id), alter_time indexes and a dead-letter table.\n\
+         -- On an existing returner database saltpipe only adds the missing keys:\n",
+    );
+    for (_, _, _, ddl) in ADDITIONS {
+        s.push_str("--   ");
+        s.push_str(ddl);
+        s.push_str(";\n");
+    }
+    for t in TABLES {
+        s.push_str(t);
+        s.push_str(";\n");
+    }
+    s
+}
+
+/// How to clean duplicates that block the unique key, without losing a row.
+pub const DEDUPE_SQL: &str = "CREATE TABLE salt_returns_dedup LIKE salt_returns; \
+ALTER TABLE salt_returns_dedup ADD UNIQUE KEY salt_returns_jid_id (jid, id); \
+INSERT IGNORE INTO salt_returns_dedup SELECT * FROM salt_returns ORDER BY alter_time; \
+RENAME TABLE salt_returns TO salt_returns_with_duplicates, salt_returns_dedup TO salt_returns;";
+
+/// Largest value a `mediumtext` holds.
+const MEDIUMTEXT_MAX: usize = (1 << 24) - 1;
+/// MySQL's bind-parameter limit per statement.
+const MAX_PARAMS: usize = 65_535;
+
+pub struct MysqlSink {
+    pool: MySqlPool,
+    master_id: String,
+    /// Bytes of values per statement: half of `max_allowed_packet`.
+    statement_bytes: usize,
+    /// Largest row a statement can carry at all.
+    row_max: usize,
+    /// The JSON columns are 3-byte `utf8`: escape 4-byte characters.
+    escape_astral: bool,
+}
+
+/// Server conditions that pass: the same batch may succeed later.
+fn retriable_number(n: u16) -> bool {
+    matches!(
+        n,
+        1021 // disk full
+        | 1037 | 1038 | 1041 // out of memory
+        | 1040 // too many connections
+        | 1053 // server shutdown
+        | 1114 // table full
+        | 1152 | 1153 | 1154 | 1156 | 1157 | 1158 | 1159 | 1160 | 1161 // net errors
+        | 1180 | 1181 // commit/rollback failed
+        | 1203 // max_user_connections
+        | 1205 // lock wait timeout
+        | 1213 // deadlock
+        | 1290 | 1836 // read-only (failover in progress)
+        | 1927 // MariaDB: connection killed
+        | 2002 | 2003 | 2006 | 2013 | 2055 // client: can't connect, gone away, lost
+        | 3024 | 1969 // statement timeout
+    )
+}
+
+/// Sorts an sqlx error into the worker's three cases.
+pub(crate) fn classify(e: sqlx::Error) -> SinkError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let number = db
+                .try_downcast_ref::<MySqlDatabaseError>()
+                .map(|m| m.number())
+                .unwrap_or(0);
+            if retriable_number(number) {
+                SinkError::Retriable(e.to_string())
+            } else if matches!(number, 1044 | 1045 | 1142 | 1146 | 1054) {
+                // Access denied, table or column gone: no batch will pass.
+                SinkError::Fatal(format!("MySQL: {e}"))
+            } else {
+                SinkError::Permanent {
+                    message: e.to_string(),
+                    index: None,
+                }
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => SinkError::Retriable(e.to_string()),
+        sqlx::Error::Configuration(_) => SinkError::Fatal(e.to_string()),
+        _ => SinkError::Permanent {
+            message: e.to_string(),
+            index: None,
+        },
+    }
+}
+
+/// Makes a JSON text safe for a 3-byte `utf8` column: characters outside the
+/// BMP (which only occur inside JSON strings) become surrogate-pair escapes.
+pub fn escape_astral(json: &str) -> Cow<'_, str> {
+    if json.chars().all(|c| (c as u32) < 0x10000) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if (c as u32) < 0x10000 {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+impl MysqlSink {
+    /// Connects, creates what is missing, and checks the rest.
+    pub async fn connect(
+        url: &MysqlUrl,
+        password: Option<String>,
+        cfg: &SinkConfig,
+    ) -> Result<MysqlSink, SinkError> {
+        let opts = url.options(password.as_deref())?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(cfg.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // Refuse bad values instead of truncating them, whatever the server default.
+                    conn.execute(
+                        "SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES'), \
+                         time_zone = '+00:00'",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(|e| SinkError::Fatal(format!("cannot connect to {url}: {e}")))?;
+        let fatal = |what: &str, e: sqlx::Error| SinkError::Fatal(format!("{url}: {what}: {e}"));
+        for t in TABLES {
+            pool.execute(*t)
+                .await
+                .map_err(|e| fatal("creating the schema", e))?;
+        }
+        for (table, cols, unique, ddl) in ADDITIONS {
+            if has_index(&pool, table, cols, *unique)
+                .await
+                .map_err(|e| fatal("reading the indexes", e))?
+            {
+                continue;
+            }
+            tracing::info!(table, columns = cols, "adding a missing index: {ddl}");
+            if let Err(e) = pool.execute(*ddl).await {
+                let dup = matches!(&e, sqlx::Error::Database(d)
+                    if d.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|m| m.number() == 1062));
+                return Err(if dup && *table == "salt_returns" {
+                    SinkError::Fatal(format!(
+                        "{url}: salt_returns holds duplicate (jid, id) rows, so the unique key \
+                         that makes redelivery safe cannot be added ({e}). saltpipe deletes \
+                         nothing by itself. Find them with: SELECT jid, id, COUNT(*) FROM \
+                         salt_returns GROUP BY jid, id HAVING COUNT(*) > 1; keep one of each \
+                         (the old table is kept aside) with: {DEDUPE_SQL} then start again"
+                    ))
+                } else {
+                    fatal(ddl, e)
+                });
+            }
+        }
+        let max_packet: u64 = sqlx::query_scalar("SELECT @@max_allowed_packet")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| fatal("reading max_allowed_packet", e))?;
+        let max_packet = usize::try_from(max_packet).unwrap_or(usize::MAX);
+        let charsets: Vec<String> = sqlx::query_scalar(
+            "SELECT CHARACTER_SET_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND COLUMN_NAME IN ('load', 'return', 'full_ret', 'data') \
+             AND TABLE_NAME IN ('jids', 'salt_returns', 'salt_events')",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| fatal("reading the column charsets", e))?;
+        let escape_astral = charsets.iter().any(|c| c != "utf8mb4");
+        if escape_astral {
+            tracing::warn!(
+                "{url}: the returner tables use a 3-byte utf8 charset: 4-byte characters are \
+                 written as JSON \\u escapes; ALTER TABLE ... CONVERT TO CHARACTER SET utf8mb4 \
+                 stores them as they are"
+            );
+        }
+        Ok(MysqlSink {
+            pool,
+            master_id: cfg.master_id(),
+            statement_bytes: (max_packet / 2).max(64 << 10),
+            row_max: max_packet.saturating_sub(64 << 10).min(MEDIUMTEXT_MAX * 2),
+            escape_astral,
+        })
+    }
+
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    fn json<'a>(&self, s: &'a str) -> Cow<'a, str> {
+        if self.escape_astral {
+            escape_astral(s)
+        } else {
+            Cow::Borrowed(s)
+        }
+    }
+
+    /// Refuses, before sending, a row no statement could carry (naming it).
+    fn check_sizes(&self, t: &ByTable<'_>) -> Result<(), SinkError> {
+        let refuse = |i: usize, what: &str, n: usize, max: usize| SinkError::Permanent {
+            message: format!("{what} is {n} bytes; this MySQL server takes at most {max}"),
+            index: Some(i),
+        };
+        for (i, j) in &t.jids {
+            if j.load.len() > MEDIUMTEXT_MAX {
+                return Err(refuse(*i, "the job load", j.load.len(), MEDIUMTEXT_MAX));
+            }
+            if j.bytes() > self.row_max {
+                return Err(refuse(*i, "the job row", j.bytes(), self.row_max));
+            }
+        }
+        for (i, r) in &t.returns {
+            for (what, v) in [("the return", &r.ret), ("full_ret", &r.full_ret)] {
+                if v.len() > MEDIUMTEXT_MAX {
+                    return Err(refuse(*i, what, v.len(), MEDIUMTEXT_MAX));
+                }
+            }
+            if r.bytes() > self.row_max {
+                return Err(refuse(*i, "the return row", r.bytes(), self.row_max));
+            }
+        }
+        for (i, e) in &t.events {
+            if e.data.len() > MEDIUMTEXT_MAX {
+                return Err(refuse(*i, "the event data", e.data.len(), MEDIUMTEXT_MAX));
+            }
+            if e.bytes() > self.row_max {
+                return Err(refuse(*i, "the event row", e.bytes(), self.row_max));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `table` has an index on exactly `cols` (comma-separated, in order).
+async fn has_index(
+    pool: &MySqlPool,
+    table: &str,
+    cols: &str,
+    unique: bool,
+) -> Result<bool, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT CAST(GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX SEPARATOR ',') AS CHAR) AS cols, \
+         MIN(NON_UNIQUE) AS non_unique \
+         FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+         GROUP BY INDEX_NAME",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await?;
+    for r in rows {
+        let c: String = r.try_get("cols")?;
+        let non_unique: i64 = r.try_get("non_unique")?;
+        if c == cols && (!unique || non_unique == 0) {
+            return Ok(true);
+        }
+        // A longer index starting with these columns serves retention too.
+        if !unique && c.starts_with(&format!("{cols},")) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[async_trait]
+impl Sink for MysqlSink {
+    async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
+        let sets = super::sqlite::convert(batch, BoolStyle::Digit)?;
+        let t = ByTable::of(&sets);
+        self.check_sizes(&t)?;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut report = WriteReport::default();
+        sqlx::query("SET @saltpipe_dups = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let mut inserted_jids = 0;
+        for run in rows::runs(&t.jids, MAX_PARAMS / 2, self.statement_bytes, |(_, j)| {
+            j.bytes()
+        }) {
+            let mut q = QueryBuilder::<MySql>::new("INSERT INTO `jids` (`jid`, `load`) ");
+            q.push_values(run, |mut b, (_, j)| {
+                b.push_bind(j.jid.as_str()).push_bind(self.json(&j.load));
+            });
+            q.push(" ON DUPLICATE KEY UPDATE `jid` = IF((@saltpipe_dups := @saltpipe_dups + 1) > 0, `jid`, `jid`)");
+            inserted_jids += q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        let dup_jids: i64 = sqlx::query_scalar("SELECT CAST(@saltpipe_dups AS SIGNED)")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let mut inserted_returns = 0;
+        for run in rows::runs(
+            &t.returns,
+            MAX_PARAMS / 6,
+            self.statement_bytes,
+            |(_, r)| r.bytes(),
+        ) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT INTO `salt_returns` (`fun`, `jid`, `return`, `id`, `success`, `full_ret`) ",
+            );
+            q.push_values(run, |mut b, (_, r)| {
+                b.push_bind(r.fun.as_str())
+                    .push_bind(r.jid.as_str())
+                    .push_bind(self.json(&r.ret))
+                    .push_bind(r.id.as_str())
+                    .push_bind(r.success.as_str())
+                    .push_bind(self.json(&r.full_ret));
+            });
+            q.push(" ON DUPLICATE KEY UPDATE `jid` = IF((@saltpipe_dups := @saltpipe_dups + 1) > 0, `jid`, `jid`)");
+            inserted_returns += q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        let dups: i64 = sqlx::query_scalar("SELECT CAST(@saltpipe_dups AS SIGNED)")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let dup_jids = dup_jids.max(0) as u64;
+        let dup_returns = (dups.max(0) as u64).saturating_sub(dup_jids);
+        for run in rows::runs(&t.events, MAX_PARAMS / 3, self.statement_bytes, |(_, e)| {
+            e.bytes()
+        }) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT INTO `salt_events` (`tag`, `data`, `master_id`) ",
+            );
+            q.push_values(run, |mut b, (_, e)| {
+                b.push_bind(e.tag.as_str())
+                    .push_bind(self.json(&e.data))
+                    .push_bind(self.master_id.as_str());
+            });
+            report.events += q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(classify)?;
+        // With "found rows", a skipped duplicate still counts as affected.
+        report.jids = inserted_jids.saturating_sub(dup_jids);
+        report.returns = inserted_returns.saturating_sub(dup_returns);
+        report.ignored = dup_jids + dup_returns;
+        Ok(report)
+    }
+
+    async fn dead_letter(
+        &self,
+        tag: &str,
+        body: &bytes::Bytes,
+        error: &str,
+    ) -> Result<(), SinkError> {
+        let tag: String = tag.chars().take(255).collect();
+        sqlx::query("INSERT INTO `saltpipe_dead_letters` (`tag`, `error`, `body`) VALUES (?, ?, ?)")
+            .bind(tag)
+            .bind(error)
+            .bind(&body[..])
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn purge_chunk(
+        &self,
+        older_than: Duration,
+        archive: bool,
+        chunk: usize,
+    ) -> Result<u64, SinkError> {
+        let secs = older_than.as_secs() as i64;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if archive {
+            for t in ["jids", "salt_returns", "salt_events"] {
+                tx.execute(AssertSqlSafe(format!(
+                    "CREATE TABLE IF NOT EXISTS `{t}_archive` LIKE `{t}`"
+                )))
+                .await
+                .map_err(classify)?;
+            }
+        }
+        // Exact chunks by key, oldest first: ties on alter_time (thousands
+        // of rows share a second) never widen a chunk. salt_returns has no
+        // primary key in the returner's schema; (jid, id) is our unique key.
+        let mut moved = 0;
+        let keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT `jid`, `id` FROM `salt_returns` WHERE `alter_time` < NOW() - INTERVAL ? SECOND \
+             ORDER BY `alter_time` LIMIT ?",
+        )
+        .bind(secs)
+        .bind(chunk as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if !keys.is_empty() {
+            let mut jobs: Vec<&str> = keys.iter().map(|(j, _)| j.as_str()).collect();
+            jobs.sort_unstable();
+            jobs.dedup();
+            let in_jobs = |prefix: &str| {
+                let mut q = QueryBuilder::<MySql>::new(prefix);
+                q.push(" WHERE `jid` IN (");
+                let mut sep = q.separated(", ");
+                for j in &jobs {
+                    sep.push_bind(*j);
+                }
+                q.push(")");
+                q
+            };
+            if archive {
+                in_jobs("INSERT IGNORE INTO `jids_archive` SELECT * FROM `jids`")
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            moved += in_jobs("DELETE FROM `jids`")
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            let by_key = |prefix: &str| {
+                let mut q = QueryBuilder::<MySql>::new(prefix);
+                q.push(" WHERE (`jid`, `id`) IN (");
+                let mut sep = q.separated(", ");
+                for (j, i) in &keys {
+                    sep.push("(");
+                    sep.push_bind_unseparated(j.as_str());
+                    sep.push_unseparated(", ");
+                    sep.push_bind_unseparated(i.as_str());
+                    sep.push_unseparated(")");
+                }
+                q.push(")");
+                q
+            };
+            if archive {
+                by_key("INSERT IGNORE INTO `salt_returns_archive` SELECT * FROM `salt_returns`")
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            moved += by_key("DELETE FROM `salt_returns`")
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT `id` FROM `salt_events` WHERE `alter_time` < NOW() - INTERVAL ? SECOND \
+             ORDER BY `alter_time` LIMIT ?",
+        )
+        .bind(secs)
+        .bind(chunk as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if !ids.is_empty() {
+            let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            if archive {
+                tx.execute(AssertSqlSafe(format!(
+                    "INSERT IGNORE INTO `salt_events_archive` SELECT * FROM `salt_events` WHERE `id` IN ({list})"
+                )))
+                .await
+                .map_err(classify)?;
+            }
+            moved += tx
+                .execute(AssertSqlSafe(format!(
+                    "DELETE FROM `salt_events` WHERE `id` IN ({list})"
+                )))
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(moved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_hide_the_password() {
+        let u = MysqlUrl::parse("mysql://salt:s3cret@db:3306/salt?ssl-mode=required").expect("url");
+        assert!(!u.to_string().contains("s3cret"), "{u}");
+        assert!(u.to_string().contains("db:3306/salt"), "{u}");
+        let m = MysqlUrl::parse("mariadb://salt@db/salt").expect("mariadb");
+        assert!(m.to_string().starts_with("mysql://"), "{m}");
+        assert!(MysqlUrl::parse("mysql://db:3306").is_err(), "no database");
+        assert!(MysqlUrl::parse("mysql://db/salt?ssl-mode=sometimes").is_err());
+    }
+
+    #[test]
+    fn astral_characters_become_json_escapes() {
+        assert!(matches!(escape_astral("{\"a\":\"é\"}"), Cow::Borrowed(_)));
+        let s = escape_astral("\"x😀y\"");
+        assert_eq!(s, "\"x\\ud83d\\ude00y\"");
+        let back: String = serde_json::from_str(&s).expect("json");
+        assert_eq!(back, "x😀y");
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert!(retriable_number(1213) && retriable_number(1205) && retriable_number(2006));
+        assert!(!retriable_number(1406) && !retriable_number(1366));
+        assert!(classify(sqlx::Error::PoolTimedOut).is_retriable());
+    }
+}

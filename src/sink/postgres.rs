@@ -1,0 +1,399 @@
+//! PostgreSQL: the tables of Salt's `pgjsonb` returner (jsonb columns,
+//! `timestamptz`, GIN indexes), so Salt's job-cache functions and people's
+//! SQL read what we write.
+//!
+//! Why it looks the way it does:
+//! * One `INSERT ... SELECT FROM UNNEST($1::text[], ...)` per table per
+//!   batch: six parameters whatever the batch size (no 65,535 bind limit to
+//!   chunk around), one plan, and the server casts text to jsonb itself.
+//!   Measured against COPY it needs no hand-written escaping and, unlike
+//!   COPY, takes `ON CONFLICT DO NOTHING`, which makes redelivery harmless.
+//! * `success` is written `true`/`false`: psycopg2 sends a Python bool as
+//!   the literal `true`, which the varchar column stores as that word.
+//! * Error classes by SQLSTATE: connection (08), transaction rollback (40:
+//!   deadlock, serialization), insufficient resources (53), operator
+//!   intervention (57), lock not available: retried; data (22) and
+//!   integrity (23): refused rows for the worker to isolate; access and
+//!   missing tables (42, 28): fatal.
+
+use super::rows::{self, BoolStyle, ByTable};
+use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Executor};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A `postgres://` URL, kept as written; shown without its password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgUrl {
+    url: String,
+}
+
+impl PgUrl {
+    /// Checks the URL without connecting.
+    pub fn parse(s: &str) -> Result<PgUrl, String> {
+        let opts = PgConnectOptions::from_str(s)
+            .map_err(|e| format!("bad PostgreSQL URL {}: {e}", super::redact_password(s)))?;
+        if opts.get_database().is_none_or(str::is_empty) {
+            return Err(format!(
+                "{}: name the database, e.g. postgres://salt@db.example:5432/salt",
+                super::redact_password(s)
+            ));
+        }
+        Ok(PgUrl { url: s.to_owned() })
+    }
+
+    fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
+        let o = PgConnectOptions::from_str(&self.url)
+            .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?
+            .application_name("saltpipe");
+        Ok(match password {
+            Some(p) => o.password(p),
+            None => o,
+        })
+    }
+}
+
+impl std::fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&super::redact_password(&self.url))
+    }
+}
+
+/// pgjsonb's DDL (made idempotent), our additions, the dead-letter table.
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS jids (
+   jid varchar(255) NOT NULL primary key,
+   load jsonb NOT NULL
+)",
+    "CREATE INDEX IF NOT EXISTS idx_jids_jsonb ON jids USING gin (load) WITH (fastupdate=on)",
+    "CREATE TABLE IF NOT EXISTS salt_returns (
+  fun varchar(50) NOT NULL,
+  jid varchar(255) NOT NULL,
+  return jsonb NOT NULL,
+  id varchar(255) NOT NULL,
+  success varchar(10) NOT NULL,
+  full_ret jsonb NOT NULL,
+  alter_time TIMESTAMP WITH TIME ZONE DEFAULT NOW()
+)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_returns_id ON salt_returns (id)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_returns_jid ON salt_returns (jid)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_returns_fun ON salt_returns (fun)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_returns_return ON salt_returns USING gin (return) WITH (fastupdate=on)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_returns_full_ret ON salt_returns USING gin (full_ret) WITH (fastupdate=on)",
+    "CREATE SEQUENCE IF NOT EXISTS seq_salt_events_id",
+    "CREATE TABLE IF NOT EXISTS salt_events (
+    id BIGINT NOT NULL UNIQUE DEFAULT nextval('seq_salt_events_id'),
+    tag varchar(255) NOT NULL,
+    data jsonb NOT NULL,
+    alter_time TIMESTAMP WITH TIME ZONE DEFAULT NOW(),
+    master_id varchar(255) NOT NULL
+)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_events_tag ON salt_events (tag)",
+    "CREATE INDEX IF NOT EXISTS idx_salt_events_data ON salt_events USING gin (data) WITH (fastupdate=on)",
+    // saltpipe's additions: these are all an existing pgjsonb database gets.
+    "CREATE UNIQUE INDEX IF NOT EXISTS salt_returns_jid_id ON salt_returns (jid, id)",
+    "CREATE INDEX IF NOT EXISTS salt_returns_alter_time ON salt_returns (alter_time)",
+    "CREATE INDEX IF NOT EXISTS salt_events_alter_time ON salt_events (alter_time)",
+    "CREATE TABLE IF NOT EXISTS saltpipe_dead_letters (
+    id bigserial PRIMARY KEY,
+    failed_at timestamptz DEFAULT now(),
+    tag text NOT NULL,
+    error text NOT NULL,
+    body bytea NOT NULL
+)",
+];
+
+/// The DDL, as `saltpipe schema --print` shows it.
+pub fn schema_ddl() -> String {
+    let mut s = String::from(
+        "-- saltpipe: Salt's pgjsonb returner tables, plus a unique index on\n\
+         -- salt_returns (jid, id), alter_time indexes and a dead-letter table.\n\
+         -- Every statement is IF NOT EXISTS: on an existing pgjsonb database only\n\
+         -- the additions are created.\n",
+    );
+    for t in SCHEMA {
+        s.push_str(t);
+        s.push_str(";\n");
+    }
+    s
+}
+
+/// How to clean duplicates that block the unique index (keeps the first of each).
+pub const DEDUPE_SQL: &str = "CREATE TABLE salt_returns_duplicates AS SELECT a.* FROM salt_returns a \
+JOIN salt_returns b ON a.jid = b.jid AND a.id = b.id AND a.ctid > b.ctid; \
+DELETE FROM salt_returns a USING salt_returns b WHERE a.jid = b.jid AND a.id = b.id AND a.ctid > b.ctid;";
+
+/// jsonb's size limit, a little under.
+const JSONB_MAX: usize = 255 << 20;
+/// Values per statement: far below the 1 GiB message limit, big enough to
+/// carry a whole default batch.
+const STATEMENT_BYTES: usize = 64 << 20;
+
+pub struct PgSink {
+    pool: PgPool,
+    master_id: String,
+}
+
+/// Sorts an sqlx error into the worker's three cases.
+pub(crate) fn classify(e: sqlx::Error) -> SinkError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let class = code.get(..2).unwrap_or("");
+            if matches!(class, "08" | "40" | "53" | "57" | "58")
+                || matches!(code.as_str(), "55P03" | "55006")
+            {
+                SinkError::Retriable(e.to_string())
+            } else if matches!(class, "42" | "28" | "3D") {
+                SinkError::Fatal(format!("PostgreSQL: {e}"))
+            } else {
+                SinkError::Permanent {
+                    message: e.to_string(),
+                    index: None,
+                }
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => SinkError::Retriable(e.to_string()),
+        sqlx::Error::Configuration(_) => SinkError::Fatal(e.to_string()),
+        _ => SinkError::Permanent {
+            message: e.to_string(),
+            index: None,
+        },
+    }
+}
+
+/// PostgreSQL text cannot hold NUL: the dead-letter row must still land.
+fn no_nul(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+impl PgSink {
+    /// Connects and creates what is missing.
+    pub async fn connect(
+        url: &PgUrl,
+        password: Option<String>,
+        cfg: &SinkConfig,
+    ) -> Result<PgSink, SinkError> {
+        let opts = url.options(password.as_deref())?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .map_err(|e| SinkError::Fatal(format!("cannot connect to {url}: {e}")))?;
+        for ddl in SCHEMA {
+            if let Err(e) = pool.execute(*ddl).await {
+                let dup =
+                    matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"));
+                return Err(SinkError::Fatal(if dup {
+                    format!(
+                        "{url}: salt_returns holds duplicate (jid, id) rows, so the unique index \
+                         that makes redelivery safe cannot be created ({e}). saltpipe deletes \
+                         nothing by itself. Find them with: SELECT jid, id, count(*) FROM \
+                         salt_returns GROUP BY jid, id HAVING count(*) > 1; keep one of each \
+                         (the others are copied aside first) with: {DEDUPE_SQL} then start again"
+                    )
+                } else {
+                    format!("{url}: creating the schema ({ddl}): {e}")
+                }));
+            }
+        }
+        Ok(PgSink {
+            pool,
+            master_id: cfg.master_id(),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Refuses, before sending, a value jsonb cannot hold (naming its record).
+fn check_sizes(t: &ByTable<'_>) -> Result<(), SinkError> {
+    let refuse = |i: usize, what: &str, n: usize| SinkError::Permanent {
+        message: format!("{what} is {n} bytes; jsonb holds at most {JSONB_MAX}"),
+        index: Some(i),
+    };
+    for (i, j) in &t.jids {
+        if j.load.len() > JSONB_MAX {
+            return Err(refuse(*i, "the job load", j.load.len()));
+        }
+    }
+    for (i, r) in &t.returns {
+        if r.ret.len().max(r.full_ret.len()) > JSONB_MAX {
+            return Err(refuse(*i, "the return", r.ret.len().max(r.full_ret.len())));
+        }
+    }
+    for (i, e) in &t.events {
+        if e.data.len() > JSONB_MAX {
+            return Err(refuse(*i, "the event data", e.data.len()));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Sink for PgSink {
+    async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
+        let sets = super::sqlite::convert(batch, BoolStyle::Word)?;
+        let t = ByTable::of(&sets);
+        check_sizes(&t)?;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut report = WriteReport::default();
+        for run in rows::runs(&t.jids, usize::MAX, STATEMENT_BYTES, |(_, j)| j.bytes()) {
+            let jid: Vec<&str> = run.iter().map(|(_, j)| j.jid.as_str()).collect();
+            let load: Vec<&str> = run.iter().map(|(_, j)| j.load.as_str()).collect();
+            let n = sqlx::query(
+                "INSERT INTO jids (jid, load) SELECT j, l::jsonb \
+                 FROM UNNEST($1::text[], $2::text[]) AS t(j, l) ON CONFLICT DO NOTHING",
+            )
+            .bind(jid)
+            .bind(load)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+            report.jids += n;
+            report.ignored += run.len() as u64 - n.min(run.len() as u64);
+        }
+        for run in rows::runs(&t.returns, usize::MAX, STATEMENT_BYTES, |(_, r)| r.bytes()) {
+            let col = |f: fn(&rows::ReturnRow) -> &str| -> Vec<&str> {
+                run.iter().map(|(_, r)| f(r)).collect()
+            };
+            let n = sqlx::query(
+                "INSERT INTO salt_returns (fun, jid, return, id, success, full_ret) \
+                 SELECT f, j, r::jsonb, i, s, fr::jsonb \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                 AS t(f, j, r, i, s, fr) ON CONFLICT DO NOTHING",
+            )
+            .bind(col(|r| &r.fun))
+            .bind(col(|r| &r.jid))
+            .bind(col(|r| &r.ret))
+            .bind(col(|r| &r.id))
+            .bind(col(|r| &r.success))
+            .bind(col(|r| &r.full_ret))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+            report.returns += n;
+            report.ignored += run.len() as u64 - n.min(run.len() as u64);
+        }
+        for run in rows::runs(&t.events, usize::MAX, STATEMENT_BYTES, |(_, e)| e.bytes()) {
+            let tag: Vec<&str> = run.iter().map(|(_, e)| e.tag.as_str()).collect();
+            let data: Vec<&str> = run.iter().map(|(_, e)| e.data.as_str()).collect();
+            report.events += sqlx::query(
+                "INSERT INTO salt_events (tag, data, master_id) SELECT t, d::jsonb, $3 \
+                 FROM UNNEST($1::text[], $2::text[]) AS x(t, d)",
+            )
+            .bind(tag)
+            .bind(data)
+            .bind(self.master_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(report)
+    }
+
+    async fn dead_letter(
+        &self,
+        tag: &str,
+        body: &bytes::Bytes,
+        error: &str,
+    ) -> Result<(), SinkError> {
+        sqlx::query("INSERT INTO saltpipe_dead_letters (tag, error, body) VALUES ($1, $2, $3)")
+            .bind(no_nul(tag))
+            .bind(no_nul(error))
+            .bind(&body[..])
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn purge_chunk(
+        &self,
+        older_than: Duration,
+        archive: bool,
+        chunk: usize,
+    ) -> Result<u64, SinkError> {
+        let secs = older_than.as_secs().to_string();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if archive {
+            for t in ["jids", "salt_returns", "salt_events"] {
+                tx.execute(AssertSqlSafe(format!(
+                    "CREATE TABLE IF NOT EXISTS {t}_archive (LIKE {t} INCLUDING DEFAULTS)"
+                )))
+                .await
+                .map_err(classify)?;
+            }
+        }
+        // Exact chunks by row identity (ctid), oldest first: ties on
+        // alter_time (thousands of rows share a second) never widen a chunk.
+        let cutoff = "alter_time < now() - ($1::text || ' seconds')::interval";
+        let (aj, ar, ae) = if archive {
+            (
+                ", aj AS (INSERT INTO jids_archive SELECT * FROM dj)",
+                ", ar AS (INSERT INTO salt_returns_archive SELECT * FROM dr)",
+                ", ae AS (INSERT INTO salt_events_archive SELECT * FROM de)",
+            )
+        } else {
+            ("", "", "")
+        };
+        let returns: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "WITH c AS (SELECT ctid AS t, jid FROM salt_returns WHERE {cutoff} ORDER BY alter_time LIMIT $2), \
+             dj AS (DELETE FROM jids WHERE jid IN (SELECT jid FROM c) RETURNING *){aj}, \
+             dr AS (DELETE FROM salt_returns WHERE ctid IN (SELECT t FROM c) RETURNING *){ar} \
+             SELECT (SELECT count(*) FROM dj) + (SELECT count(*) FROM dr)"
+        )))
+        .bind(&secs)
+        .bind(chunk as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let events: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "WITH c AS (SELECT ctid AS t FROM salt_events WHERE {cutoff} ORDER BY alter_time LIMIT $2), \
+             de AS (DELETE FROM salt_events WHERE ctid IN (SELECT t FROM c) RETURNING *){ae} \
+             SELECT count(*) FROM de"
+        )))
+        .bind(&secs)
+        .bind(chunk as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let moved = (returns + events).max(0) as u64;
+        tx.commit().await.map_err(classify)?;
+        Ok(moved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_hide_the_password() {
+        let u =
+            PgUrl::parse("postgres://salt:s3cret@db:5432/salt?sslmode=verify-full").expect("url");
+        assert!(!u.to_string().contains("s3cret"), "{u}");
+        assert!(PgUrl::parse("postgres://db:5432").is_err(), "no database");
+        assert!(PgUrl::parse("postgres://db/salt?sslmode=sometimes").is_err());
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert!(classify(sqlx::Error::PoolTimedOut).is_retriable());
+        assert!(!classify(sqlx::Error::RowNotFound).is_retriable());
+    }
+}

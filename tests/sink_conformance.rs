@@ -1,0 +1,796 @@
+//! One conformance suite for every SQL sink: the same cases run against
+//! SQLite, MariaDB and PostgreSQL (the real servers on loopback, each test
+//! in a database of its own with a random name, dropped afterwards).
+//!
+//! What a sink must do, whatever the backend: store each return once even
+//! when a batch is delivered again; keep 4-byte UTF-8, 1 MiB returns,
+//! multi-function jobs, salt-call returns and trimmed returns intact in the
+//! returner's columns; let the worker put a refused row in the dead-letter
+//! table while the rest of its batch lands; and purge old rows for
+//! retention.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rmpv::Value as V;
+use saltpipe::bus::encode::frame;
+use saltpipe::event::Event;
+use saltpipe::queue::{Consumer, Delivery, QueueError};
+use saltpipe::sink::{Record, Sink, SinkConfig, SinkUrl};
+use saltpipe::stats::Stats;
+use saltpipe::worker::{Stop, Worker, WorkerConfig};
+use serde_json::Value as J;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------- events
+
+fn packed(data: Vec<(&str, V)>) -> Vec<u8> {
+    let v = V::Map(data.into_iter().map(|(k, v)| (V::from(k), v)).collect());
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &v).expect("encode");
+    out
+}
+
+fn record_raw(tag: &str, data: &[u8]) -> Record {
+    Record {
+        event: Event::from_frame(&Bytes::from(frame(tag, data))).expect("decode"),
+        received_ms: 0,
+    }
+}
+
+fn record(tag: &str, data: Vec<(&str, V)>) -> Record {
+    record_raw(tag, &packed(data))
+}
+
+fn new_job(jid: &str, fun: &str) -> Record {
+    record(
+        &format!("salt/job/{jid}/new"),
+        vec![
+            ("jid", V::from(jid)),
+            ("fun", V::from(fun)),
+            ("arg", V::Array(vec![])),
+            ("tgt", V::from("*")),
+            ("tgt_type", V::from("glob")),
+            ("user", V::from("root")),
+            ("minions", V::Array(vec![V::from("m1"), V::from("m2")])),
+            ("_stamp", V::from("2026-11-25T12:00:00.000000+00:00")),
+        ],
+    )
+}
+
+fn ret(jid: &str, minion: &str, fun: &str, value: V) -> Record {
+    record(
+        &format!("salt/job/{jid}/ret/{minion}"),
+        vec![
+            ("cmd", V::from("_return")),
+            ("id", V::from(minion)),
+            ("jid", V::from(jid)),
+            ("fun", V::from(fun)),
+            ("fun_args", V::Array(vec![])),
+            ("return", value),
+            ("retcode", V::from(0)),
+            ("success", V::from(true)),
+            ("user", V::from("root")),
+            ("_stamp", V::from("2026-11-25T12:00:00.100000+00:00")),
+        ],
+    )
+}
+
+fn jid() -> String {
+    // 20 digits like Salt's, unique per call so tests never collide.
+    format!("2026112512{:010}", rand::random::<u32>())
+}
+
+// ---------------------------------------------------------------- backends
+
+/// One row of `salt_returns`, JSON columns parsed.
+#[derive(Debug, Clone, PartialEq)]
+struct ReturnRow {
+    jid: String,
+    id: String,
+    fun: String,
+    success: String,
+    ret: J,
+    full_ret: J,
+}
+
+#[async_trait]
+trait Backend: Send + Sync + Sized {
+    /// A fresh, empty database of its own.
+    async fn fresh() -> Self;
+    fn url(&self) -> String;
+    /// What a Python driver writes for True in `success`.
+    fn true_word(&self) -> &'static str;
+    async fn returns(&self) -> Vec<ReturnRow>;
+    async fn jids(&self) -> Vec<(String, J)>;
+    async fn dead_letters(&self) -> Vec<(String, String)>;
+    async fn events(&self) -> Vec<(String, J)>;
+    /// Runs a statement (for test set-up, e.g. ageing rows).
+    async fn exec(&self, sql: &str);
+    /// Rows in `table`.
+    async fn count(&self, table: &str) -> i64;
+    /// A record this backend's database itself refuses.
+    fn refused_record(&self) -> Record;
+    /// SQL that makes the rows written in the last day `days` old.
+    fn age_sql(&self, table: &str, days: u32) -> String;
+}
+
+fn sink_config(url: &str) -> SinkConfig {
+    SinkConfig {
+        url: SinkUrl::parse(url).expect("url"),
+        master_id: Some("conformance".into()),
+        ..SinkConfig::default()
+    }
+}
+
+async fn build(b: &impl Backend) -> Arc<dyn Sink> {
+    sink_config(&b.url()).build().await.expect("build sink")
+}
+
+fn json(s: &str) -> J {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s:.200}"))
+}
+
+struct Sqlite {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Sqlite {
+    fn query<T>(&self, sql: &str, f: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>) -> Vec<T> {
+        let c = rusqlite::Connection::open(&self.path).expect("open");
+        let mut st = c.prepare(sql).expect("prepare");
+        st.query_map([], |r| f(r))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows")
+    }
+}
+
+#[async_trait]
+impl Backend for Sqlite {
+    async fn fresh() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("salt.db");
+        Sqlite { _dir: dir, path }
+    }
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+    fn true_word(&self) -> &'static str {
+        "1"
+    }
+    async fn returns(&self) -> Vec<ReturnRow> {
+        self.query(
+            r#"SELECT jid, id, fun, success, "return", full_ret FROM salt_returns ORDER BY jid, id"#,
+            |r| {
+                Ok(ReturnRow {
+                    jid: r.get(0)?,
+                    id: r.get(1)?,
+                    fun: r.get(2)?,
+                    success: r.get(3)?,
+                    ret: json(&r.get::<_, String>(4)?),
+                    full_ret: json(&r.get::<_, String>(5)?),
+                })
+            },
+        )
+    }
+    async fn jids(&self) -> Vec<(String, J)> {
+        self.query("SELECT jid, load FROM jids ORDER BY jid", |r| {
+            Ok((r.get(0)?, json(&r.get::<_, String>(1)?)))
+        })
+    }
+    async fn dead_letters(&self) -> Vec<(String, String)> {
+        self.query(
+            "SELECT tag, error FROM saltpipe_dead_letters ORDER BY id",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+    async fn events(&self) -> Vec<(String, J)> {
+        self.query("SELECT tag, data FROM salt_events ORDER BY id", |r| {
+            Ok((r.get(0)?, json(&r.get::<_, String>(1)?)))
+        })
+    }
+    async fn exec(&self, sql: &str) {
+        let c = rusqlite::Connection::open(&self.path).expect("open");
+        c.execute_batch(sql).expect("exec");
+    }
+    async fn count(&self, table: &str) -> i64 {
+        self.query(&format!("SELECT count(*) FROM {table}"), |r| r.get(0))[0]
+    }
+    fn refused_record(&self) -> Record {
+        // SQLite takes any text; what no backend can store is a value that
+        // has no JSON form: msgpack nested deeper than the walker allows.
+        let mut data = Vec::new();
+        rmp::encode::write_map_len(&mut data, 3).expect("w");
+        for (k, v) in [("jid", "1"), ("id", "bad")] {
+            rmp::encode::write_str(&mut data, k).expect("w");
+            rmp::encode::write_str(&mut data, v).expect("w");
+        }
+        rmp::encode::write_str(&mut data, "return").expect("w");
+        for _ in 0..400 {
+            rmp::encode::write_array_len(&mut data, 1).expect("w");
+        }
+        rmp::encode::write_nil(&mut data).expect("w");
+        record_raw("salt/job/1/ret/bad", &data)
+    }
+    fn age_sql(&self, table: &str, days: u32) -> String {
+        format!(
+            "UPDATE {table} SET alter_time = datetime('now', '-{days} days') \
+             WHERE alter_time > datetime('now', '-1 days')"
+        )
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql_backend {
+    use super::*;
+    use sqlx::Row;
+
+    pub struct Mariadb {
+        pub db: String,
+        pub pool: sqlx::MySqlPool,
+    }
+
+    fn admin(sql: &str) {
+        let out = std::process::Command::new("mysql")
+            .args(["-h127.0.0.1", "-P3306", "-uroot", "-e", sql])
+            .output()
+            .expect("mysql client");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Drop for Mariadb {
+        fn drop(&mut self) {
+            admin(&format!("DROP DATABASE IF EXISTS `{}`", self.db));
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Mariadb {
+        async fn fresh() -> Self {
+            let db = format!("saltpipe_t_{:016x}", rand::random::<u64>());
+            admin(&format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"));
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(2)
+                .connect(&format!("mysql://root@127.0.0.1:3306/{db}"))
+                .await
+                .expect("connect");
+            Mariadb { db, pool }
+        }
+        fn url(&self) -> String {
+            format!("mysql://root@127.0.0.1:3306/{}", self.db)
+        }
+        fn true_word(&self) -> &'static str {
+            "1"
+        }
+        async fn returns(&self) -> Vec<ReturnRow> {
+            sqlx::query("SELECT jid, id, fun, success, `return`, full_ret FROM salt_returns ORDER BY jid, id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| ReturnRow {
+                    jid: r.get(0),
+                    id: r.get(1),
+                    fun: r.get(2),
+                    success: r.get(3),
+                    ret: json(r.get(4)),
+                    full_ret: json(r.get(5)),
+                })
+                .collect()
+        }
+        async fn jids(&self) -> Vec<(String, J)> {
+            sqlx::query("SELECT jid, `load` FROM jids ORDER BY jid")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), json(r.get(1))))
+                .collect()
+        }
+        async fn dead_letters(&self) -> Vec<(String, String)> {
+            sqlx::query("SELECT tag, error FROM saltpipe_dead_letters ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        }
+        async fn events(&self) -> Vec<(String, J)> {
+            sqlx::query("SELECT tag, data FROM salt_events ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), json(r.get(1))))
+                .collect()
+        }
+        async fn exec(&self, sql: &str) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&self.pool)
+                .await
+                .expect("exec");
+        }
+        async fn count(&self, table: &str) -> i64 {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&self.pool)
+                .await
+                .expect("count")
+        }
+        fn refused_record(&self) -> Record {
+            // The returner's id column is varchar(255): strict mode refuses more.
+            let long = "m".repeat(300);
+            ret("1", &long, "test.ping", V::from(true))
+        }
+        fn age_sql(&self, table: &str, days: u32) -> String {
+            format!(
+                "UPDATE {table} SET alter_time = NOW() - INTERVAL {days} DAY \
+                 WHERE alter_time > NOW() - INTERVAL 1 DAY"
+            )
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod pg_backend {
+    use super::*;
+    use sqlx::Row;
+
+    pub struct Pg {
+        pub db: String,
+        pub pool: sqlx::PgPool,
+    }
+
+    fn admin(sql: &str) {
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c", sql])
+            .output()
+            .expect("psql client");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Drop for Pg {
+        fn drop(&mut self) {
+            admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Pg {
+        async fn fresh() -> Self {
+            let db = format!("saltpipe_t_{:016x}", rand::random::<u64>());
+            admin(&format!("CREATE DATABASE {db}"));
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&format!("postgres://postgres@127.0.0.1:5432/{db}"))
+                .await
+                .expect("connect");
+            Pg { db, pool }
+        }
+        fn url(&self) -> String {
+            format!("postgres://postgres@127.0.0.1:5432/{}", self.db)
+        }
+        fn true_word(&self) -> &'static str {
+            "true"
+        }
+        async fn returns(&self) -> Vec<ReturnRow> {
+            sqlx::query("SELECT jid, id, fun, success, return::text, full_ret::text FROM salt_returns ORDER BY jid, id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| ReturnRow {
+                    jid: r.get(0),
+                    id: r.get(1),
+                    fun: r.get(2),
+                    success: r.get(3),
+                    ret: json(r.get(4)),
+                    full_ret: json(r.get(5)),
+                })
+                .collect()
+        }
+        async fn jids(&self) -> Vec<(String, J)> {
+            sqlx::query("SELECT jid, load::text FROM jids ORDER BY jid")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), json(r.get(1))))
+                .collect()
+        }
+        async fn dead_letters(&self) -> Vec<(String, String)> {
+            sqlx::query("SELECT tag, error FROM saltpipe_dead_letters ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        }
+        async fn events(&self) -> Vec<(String, J)> {
+            sqlx::query("SELECT tag, data::text FROM salt_events ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), json(r.get(1))))
+                .collect()
+        }
+        async fn exec(&self, sql: &str) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&self.pool)
+                .await
+                .expect("exec");
+        }
+        async fn count(&self, table: &str) -> i64 {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&self.pool)
+                .await
+                .expect("count")
+        }
+        fn refused_record(&self) -> Record {
+            // jsonb has no room for a NUL character in a string.
+            ret("1", "bad", "cmd.run", V::from("nul \u{0} inside"))
+        }
+        fn age_sql(&self, table: &str, days: u32) -> String {
+            format!(
+                "UPDATE {table} SET alter_time = now() - interval '{days} days' \
+                 WHERE alter_time > now() - interval '1 day'"
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the cases
+
+async fn redelivery_stores_each_return_once<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let batch = vec![
+        new_job(&j, "test.ping"),
+        ret(&j, "m1", "test.ping", V::from(true)),
+        ret(&j, "m2", "test.ping", V::from(true)),
+    ];
+    let first = sink.write(&batch).await.expect("write");
+    assert_eq!((first.returns, first.jids, first.ignored), (2, 1, 0));
+    // The worker died before acking: the queue delivers the batch again,
+    // and once more in a batch of its own with a duplicate inside.
+    let again = sink.write(&batch).await.expect("rewrite");
+    assert_eq!((again.returns, again.jids, again.ignored), (0, 0, 3));
+    let mut twice = batch.clone();
+    twice.extend(batch.clone());
+    let third = sink.write(&twice).await.expect("rewrite twice");
+    assert_eq!(third.returns, 0);
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["m1", "m2"]
+    );
+    assert!(rows.iter().all(|r| r.success == b.true_word()));
+    assert!(rows.iter().all(|r| r.ret == J::Bool(true)));
+    assert_eq!(rows[0].full_ret["fun"], "test.ping");
+    let jids = b.jids().await;
+    assert_eq!(jids.len(), 1);
+    assert_eq!(jids[0].0, j);
+    assert_eq!(jids[0].1["minions"], serde_json::json!(["m1", "m2"]));
+    // A second sink on the same database (a restart) finds the schema in place.
+    let sink2 = build(&b).await;
+    assert_eq!(sink2.write(&batch).await.expect("write").returns, 0);
+}
+
+async fn four_byte_utf8_survives<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let text = "emoji 😀, music 𝄞, CJK 𠜎, accents é";
+    sink.write(&[ret(&j, "m😀", "cmd.run", V::from(text))])
+        .await
+        .expect("write");
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].ret, J::String(text.into()));
+    assert_eq!(rows[0].full_ret["return"], text);
+    assert_eq!(rows[0].id, "m😀");
+}
+
+async fn one_mib_return<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let big: String = "0123456789abcdef".repeat(65536);
+    assert_eq!(big.len(), 1 << 20);
+    let batch = vec![
+        ret(&j, "m1", "cmd.run", V::from(big.as_str())),
+        ret(&j, "m2", "cmd.run", V::from("small")),
+    ];
+    assert_eq!(sink.write(&batch).await.expect("write").returns, 2);
+    let rows = b.returns().await;
+    assert_eq!(rows[0].ret.as_str().map(str::len), Some(1 << 20));
+    assert_eq!(rows[0].ret, J::String(big));
+    assert_eq!(rows[1].ret, J::String("small".into()));
+}
+
+async fn multi_function_job<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let funs = V::Array(vec![V::from("test.ping"), V::from("test.echo")]);
+    let r = record(
+        &format!("salt/job/{j}/ret/m1"),
+        vec![
+            ("id", V::from("m1")),
+            ("jid", V::from(j.as_str())),
+            ("fun", funs.clone()),
+            (
+                "fun_args",
+                V::Array(vec![V::Array(vec![]), V::Array(vec![V::from("hi")])]),
+            ),
+            (
+                "return",
+                V::Map(vec![
+                    (V::from("test.ping"), V::from(true)),
+                    (V::from("test.echo"), V::from("hi")),
+                ]),
+            ),
+            (
+                "success",
+                V::Map(vec![
+                    (V::from("test.ping"), V::from(true)),
+                    (V::from("test.echo"), V::from(true)),
+                ]),
+            ),
+        ],
+    );
+    let new = record(
+        &format!("salt/job/{j}/new"),
+        vec![("jid", V::from(j.as_str())), ("fun", funs)],
+    );
+    sink.write(&[new, r]).await.expect("write");
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].fun, "test.ping,test.echo");
+    assert_eq!(rows[0].success, b.true_word());
+    assert_eq!(rows[0].ret["test.echo"], "hi");
+    assert_eq!(
+        rows[0].full_ret["fun"],
+        serde_json::json!(["test.ping", "test.echo"])
+    );
+    assert_eq!(
+        b.jids().await[0].1["fun"],
+        serde_json::json!(["test.ping", "test.echo"])
+    );
+}
+
+async fn salt_call_return<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let r = record(
+        &format!("salt/job/{j}/ret/m1"),
+        vec![
+            ("cmd", V::from("_return")),
+            ("id", V::from("m1")),
+            ("jid", V::from(j.as_str())),
+            ("fun", V::from("test.ping")),
+            ("fun_args", V::Array(vec![])),
+            ("return", V::from(true)),
+            ("retcode", V::from(0)),
+            ("arg", V::Array(vec![])),
+            ("tgt", V::from("m1")),
+            ("tgt_type", V::from("glob")),
+        ],
+    );
+    sink.write(&[r]).await.expect("write");
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 1);
+    let f = if b.true_word() == "1" { "0" } else { "false" };
+    assert_eq!(rows[0].success, f, "no success key: written as false");
+    // No `new` event: the return itself is the job's load, like Salt's job cache.
+    let jids = b.jids().await;
+    assert_eq!(jids.len(), 1);
+    assert_eq!(jids[0].1, rows[0].full_ret);
+}
+
+async fn trimmed_return<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    sink.write(&[ret(&j, "m1", "cmd.run", V::from("VALUE_TRIMMED"))])
+        .await
+        .expect("write");
+    let rows = b.returns().await;
+    assert_eq!(rows[0].ret, J::String("VALUE_TRIMMED".into()));
+    assert_eq!(rows[0].full_ret["return"], "VALUE_TRIMMED");
+}
+
+/// A queue of fixed deliveries, so the real worker runs against the sink.
+struct Fixed {
+    items: VecDeque<Delivery>,
+    acked: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+#[async_trait]
+impl Consumer for Fixed {
+    async fn pull(
+        &mut self,
+        max: usize,
+        _max_bytes: usize,
+        _wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let n = max.min(self.items.len());
+        Ok(self.items.drain(..n).collect())
+    }
+    async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {
+        self.acked.lock().expect("lock").extend_from_slice(ids);
+        Ok(())
+    }
+    async fn depth(&mut self) -> Result<Option<u64>, QueueError> {
+        Ok(Some(self.items.len() as u64))
+    }
+}
+
+async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let mut records: Vec<Record> = (0..9)
+        .map(|i| ret(&j, &format!("m{i}"), "test.ping", V::from(true)))
+        .collect();
+    records.insert(5, b.refused_record());
+    records.push(record("my/own/event", vec![("x", V::from(1))]));
+    let items: VecDeque<Delivery> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Delivery {
+            id: i as u64,
+            key: String::new(),
+            body: r.event.body.clone(),
+            received_ms: 0,
+        })
+        .collect();
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumer = Fixed {
+        items,
+        acked: acked.clone(),
+    };
+    let stats = Arc::new(Stats::default());
+    let token = CancellationToken::new();
+    token.cancel();
+    let cfg = WorkerConfig {
+        retry_min: Duration::from_millis(10),
+        retry_max: Duration::from_millis(50),
+        ..WorkerConfig::default()
+    };
+    Worker::new(Box::new(consumer), sink, cfg, stats.clone())
+        .run(Stop { token, drain: None })
+        .await
+        .expect("worker");
+    assert_eq!(acked.lock().expect("lock").len(), 11, "all acked");
+    assert_eq!(stats.dead_letters.load(Relaxed), 1);
+    assert_eq!(stats.returns_written.load(Relaxed), 9);
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 9, "every good return landed");
+    assert_eq!(b.events().await.len(), 1);
+    let dead = b.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].0.contains("/ret/"), "{dead:?}");
+    assert!(!dead[0].1.is_empty());
+}
+
+async fn retention_purges_and_archives_in_chunks<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let old = jid();
+    let fresh = jid();
+    // 25 old returns in three ages (42, 41, 40 days), so chunks have an order.
+    let mut batch = vec![new_job(&old, "test.ping")];
+    batch.extend((0..10).map(|i| ret(&old, &format!("m{i}"), "test.ping", V::from(true))));
+    batch.push(record("old/event", vec![("x", V::from(1))]));
+    sink.write(&batch).await.expect("write old");
+    b.exec(&b.age_sql("salt_returns", 42)).await;
+    b.exec(&b.age_sql("salt_events", 42)).await;
+    let batch: Vec<Record> = (10..20)
+        .map(|i| ret(&old, &format!("m{i}"), "test.ping", V::from(true)))
+        .collect();
+    sink.write(&batch).await.expect("write old");
+    b.exec(&b.age_sql("salt_returns", 41)).await;
+    let batch: Vec<Record> = (20..25)
+        .map(|i| ret(&old, &format!("m{i}"), "test.ping", V::from(true)))
+        .collect();
+    sink.write(&batch).await.expect("write old");
+    b.exec(&b.age_sql("salt_returns", 40)).await;
+    sink.write(&[
+        new_job(&fresh, "test.ping"),
+        ret(&fresh, "m1", "test.ping", V::from(true)),
+        record("new/event", vec![("x", V::from(2))]),
+    ])
+    .await
+    .expect("write new");
+    let keep = Duration::from_secs(30 * 86400);
+    // Small chunks: several transactions, each moving at most ~10 returns.
+    let first = sink.purge_chunk(keep, true, 10).await.expect("chunk");
+    assert_eq!(
+        first,
+        10 + 1 + 1,
+        "one chunk: the 10 oldest returns, their job, 1 event"
+    );
+    assert_eq!(b.returns().await.len(), 15 + 1);
+    let stop = CancellationToken::new();
+    let rest = saltpipe::sink::retention::round(sink.as_ref(), keep, true, 10, &stop)
+        .await
+        .expect("round");
+    assert_eq!(first + rest, 25 + 1 + 1, "25 returns, 1 job, 1 event");
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].jid, fresh);
+    assert_eq!(b.jids().await.len(), 1);
+    assert_eq!(b.events().await.len(), 1);
+    // Moved, not lost.
+    assert_eq!(b.count("salt_returns_archive").await, 25);
+    assert_eq!(b.count("jids_archive").await, 1);
+    assert_eq!(b.count("salt_events_archive").await, 1);
+    // Nothing younger than `keep` goes.
+    assert_eq!(sink.purge_chunk(keep, true, 10).await.expect("chunk"), 0);
+}
+
+// ---------------------------------------------------------------- wiring
+
+macro_rules! conformance {
+    ($modname:ident, $backend:ty $(, $cfg:meta)?) => {
+        $(#[$cfg])?
+        mod $modname {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redelivery_stores_each_return_once() {
+                super::redelivery_stores_each_return_once::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn four_byte_utf8_survives() {
+                super::four_byte_utf8_survives::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_mib_return() {
+                super::one_mib_return::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn multi_function_job() {
+                super::multi_function_job::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn salt_call_return() {
+                super::salt_call_return::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn trimmed_return() {
+                super::trimmed_return::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn refused_row_is_dead_lettered_and_the_rest_land() {
+                super::refused_row_is_dead_lettered_and_the_rest_land::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retention_purges_and_archives_in_chunks() {
+                super::retention_purges_and_archives_in_chunks::<$backend>().await
+            }
+        }
+    };
+}
+
+conformance!(sqlite, Sqlite);
+conformance!(mariadb, mysql_backend::Mariadb, cfg(feature = "mysql"));
+conformance!(postgres, pg_backend::Pg, cfg(feature = "postgres"));
