@@ -677,7 +677,7 @@ async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
         ..WorkerConfig::default()
     };
     Worker::new(Box::new(consumer), sink, cfg, stats.clone())
-        .run(Stop { token, drain: None })
+        .run(Stop::new(token, None))
         .await
         .expect("worker");
     assert_eq!(acked.lock().expect("lock").len(), 11, "all acked");

@@ -1,0 +1,149 @@
+//! The SQL sinks alone: returns/s of `Sink::write` on the real local
+//! servers, batches of the worker's default size, no queue in front, so
+//! the figure is the sink's own (the end-to-end figure is
+//! scripts/bench-sql-sinks.sh). A fresh database per backend, dropped after.
+//!
+//!   cargo bench --bench sql_sinks                 # 200,000 returns of ~1 KiB
+//!   cargo bench --bench sql_sinks -- 500000 2000 100  # returns, batch size, return bytes
+//!
+//! Needs MariaDB on 127.0.0.1:3306 (root) and PostgreSQL on 127.0.0.1:5432 (trust).
+
+use bytes::Bytes;
+use saltpipe::bus::encode::frame;
+use saltpipe::event::Event;
+use saltpipe::sink::{Record, Sink, SinkConfig, SinkUrl};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn ret(jid: &str, minion: &str, payload: &str) -> Record {
+    let mut d = Vec::new();
+    let s = |d: &mut Vec<u8>, k: &str, v: &str| {
+        rmp::encode::write_str(d, k).expect("w");
+        rmp::encode::write_str(d, v).expect("w");
+    };
+    rmp::encode::write_map_len(&mut d, 10).expect("w");
+    s(&mut d, "cmd", "_return");
+    s(&mut d, "id", minion);
+    s(&mut d, "jid", jid);
+    s(&mut d, "fun", "cmd.run");
+    rmp::encode::write_str(&mut d, "fun_args").expect("w");
+    rmp::encode::write_array_len(&mut d, 1).expect("w");
+    rmp::encode::write_str(&mut d, "uptime").expect("w");
+    s(&mut d, "return", payload);
+    rmp::encode::write_str(&mut d, "retcode").expect("w");
+    rmp::encode::write_uint(&mut d, 0).expect("w");
+    rmp::encode::write_str(&mut d, "success").expect("w");
+    rmp::encode::write_bool(&mut d, true).expect("w");
+    s(&mut d, "user", "root");
+    s(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
+    Record {
+        event: Event::from_frame(&Bytes::from(frame(
+            &format!("salt/job/{jid}/ret/{minion}"),
+            &d,
+        )))
+        .expect("decode"),
+        received_ms: 0,
+    }
+}
+
+fn cmd(program: &str, args: &[&str]) {
+    let ok = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{program} {args:?}");
+}
+
+async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usize, size: usize) {
+    let started = Instant::now();
+    let mut returns = 0;
+    let mut transactions = 0;
+    for chunk in records.chunks(batch) {
+        returns += sink.write(chunk).await.expect("write").returns;
+        transactions += 1;
+    }
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "| {name} | {returns} | {size} | {batch} | {s:.2} | {:.0} | {:.1} |",
+        returns as f64 / s,
+        transactions as f64 * 10_000.0 / returns.max(1) as f64
+    );
+}
+
+fn config(url: &str) -> SinkConfig {
+    SinkConfig {
+        url: SinkUrl::parse(url).expect("url"),
+        master_id: Some("bench".into()),
+        ..SinkConfig::default()
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let count = args.first().copied().unwrap_or(200_000);
+    let batch = args.get(1).copied().unwrap_or(2000);
+    let payload = "x".repeat(args.get(2).copied().unwrap_or(800));
+    let records: Vec<Record> = (0..count)
+        .map(|i| {
+            ret(
+                &format!("2026112512{:010}", i / 100),
+                &format!("minion-{:05}", i % 100),
+                &payload,
+            )
+        })
+        .collect();
+    let db = format!("saltpipe_bench_{:012x}", rand::random::<u64>() >> 16);
+    println!(
+        "| sink | returns | return bytes | batch | seconds | returns/s | transactions per 10,000 returns |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    #[cfg(feature = "mysql")]
+    {
+        cmd(
+            "mysql",
+            &["-h127.0.0.1", "-uroot", "-e", &format!("CREATE DATABASE {db}")],
+        );
+        let sink = config(&format!("mysql://root@127.0.0.1:3306/{db}"))
+            .build()
+            .await
+            .expect("mariadb");
+        measure("mariadb", sink, &records, batch, payload.len()).await;
+        cmd(
+            "mysql",
+            &["-h127.0.0.1", "-uroot", "-e", &format!("DROP DATABASE {db}")],
+        );
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let pg = |sql: String| {
+            cmd(
+                "psql",
+                &["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", &sql],
+            )
+        };
+        // BENCH_PG_URL: an existing database of yours instead of a fresh one.
+        let own = std::env::var("BENCH_PG_URL").ok();
+        if own.is_none() {
+            pg(format!("CREATE DATABASE {db}"));
+        }
+        let url = own
+            .clone()
+            .unwrap_or_else(|| format!("postgres://postgres@127.0.0.1:5432/{db}"));
+        let sink = config(&url).build().await.expect("postgres");
+        measure("postgres", sink, &records, batch, payload.len()).await;
+        if own.is_none() {
+            pg(format!("DROP DATABASE {db} WITH (FORCE)"));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = config(&format!("sqlite://{}/salt.db", dir.path().display()))
+        .build()
+        .await
+        .expect("sqlite");
+    measure("sqlite", sink, &records, batch, payload.len()).await;
+}
