@@ -106,7 +106,12 @@ async fn main() {
     {
         cmd(
             "mysql",
-            &["-h127.0.0.1", "-uroot", "-e", &format!("CREATE DATABASE {db}")],
+            &[
+                "-h127.0.0.1",
+                "-uroot",
+                "-e",
+                &format!("CREATE DATABASE {db}"),
+            ],
         );
         let sink = config(&format!("mysql://root@127.0.0.1:3306/{db}"))
             .build()
@@ -115,7 +120,12 @@ async fn main() {
         measure("mariadb", sink, &records, batch, payload.len()).await;
         cmd(
             "mysql",
-            &["-h127.0.0.1", "-uroot", "-e", &format!("DROP DATABASE {db}")],
+            &[
+                "-h127.0.0.1",
+                "-uroot",
+                "-e",
+                &format!("DROP DATABASE {db}"),
+            ],
         );
     }
     #[cfg(feature = "postgres")]
@@ -123,7 +133,16 @@ async fn main() {
         let pg = |sql: String| {
             cmd(
                 "psql",
-                &["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", &sql],
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-qc",
+                    &sql,
+                ],
             )
         };
         // BENCH_PG_URL: an existing database of yours instead of a fresh one.
