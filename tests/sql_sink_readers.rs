@@ -1,0 +1,201 @@
+//! Compatibility with Salt's real readers: after an end-to-end run with a
+//! real master, Salt's own job-cache functions (saltext-mysql's for
+//! MariaDB, Salt's pgjsonb returner's for PostgreSQL: get_load, get_jid,
+//! get_jids, get_fun, get_minions), pointed at the database saltpipe wrote,
+//! return the jobs and returns the master's own job cache
+//! (`salt-run jobs.lookup_jid`) shows for those jids.
+
+#![cfg(all(feature = "mysql", feature = "postgres"))]
+
+mod common;
+
+use common::{Saltpipe, Sandbox, repo, salt_venv, wait_for};
+use serde_json::Value;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn cli(program: &str, args: &[&str], sql: &str) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .arg(sql)
+        .output()
+        .expect("client");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn my(db: &str, sql: &str) -> String {
+    cli(
+        "mysql",
+        &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
+        sql,
+    )
+}
+
+fn pg(db: &str, sql: &str) -> String {
+    cli(
+        "psql",
+        &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
+        sql,
+    )
+}
+
+struct Dbs(String);
+impl Drop for Dbs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("mysql")
+            .args(["-h127.0.0.1", "-uroot", "-e"])
+            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
+            .status();
+        let _ = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .status();
+    }
+}
+
+fn config(
+    dir: &std::path::Path,
+    bus: &std::path::Path,
+    name: &str,
+    url: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nsocket = \"{}\"\n\n[queue]\nurl = \"embedded://{}\"\n\n\
+             [worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"{url}\"\n",
+            bus.display(),
+            dir.join(format!("queue-{name}")).display(),
+        ),
+    )
+    .expect("config");
+    path
+}
+
+fn read(backend: &str, db: &str, jids: &[&str], funs: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(salt_venv().join("bin/python"));
+    cmd.arg(repo().join("scripts/salt-job-cache-read.py"))
+        .args(["--backend", backend, "--db", db]);
+    if backend == "pgjsonb" {
+        cmd.args(["--user", "postgres"]);
+    }
+    for j in jids {
+        cmd.args(["--jid", j]);
+    }
+    for f in funs {
+        cmd.args(["--fun", f]);
+    }
+    let out = cmd.output().expect("python");
+    assert!(
+        out.status.success(),
+        "{backend} reader: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("reader json")
+}
+
+#[test]
+fn salts_job_cache_functions_read_what_saltpipe_wrote() {
+    let db = format!("saltpipe_r_{:016x}", rand::random::<u64>());
+    my("test", &format!("CREATE DATABASE {db}"));
+    pg("test", &format!("CREATE DATABASE {db}"));
+    let _dbs = Dbs(db.clone());
+
+    let sb = Sandbox::up(2);
+    let work = tempfile::tempdir().expect("tempdir");
+    let bus = sb.event_pub();
+    let to_my = Saltpipe::start(
+        &["run"],
+        &config(
+            work.path(),
+            &bus,
+            "mysql",
+            &format!("mysql://root@127.0.0.1:3306/{db}"),
+        ),
+    );
+    let to_pg = Saltpipe::start(
+        &["run"],
+        &config(
+            work.path(),
+            &bus,
+            "pg",
+            &format!("postgres://postgres@127.0.0.1:5432/{db}"),
+        ),
+    );
+    to_my.wait_log("connected to the event bus", 1, LONG);
+    to_pg.wait_log("connected to the event bus", 1, LONG);
+
+    let (ping, _) = sb.salt(&["*", "test.ping"]);
+    let (echo, _) = sb.salt(&["*", "cmd.run", "echo héllo 😀"]);
+    let (multi, _) = sb.salt(&["*", "test.ping,test.echo", ",", "hello"]);
+    let jids = [ping.as_str(), echo.as_str(), multi.as_str()];
+    for (name, count) in [
+        (
+            "mysql",
+            Box::new(|| my(&db, "SELECT count(*) FROM salt_returns")) as Box<dyn Fn() -> String>,
+        ),
+        (
+            "pg",
+            Box::new(|| pg(&db, "SELECT count(*) FROM salt_returns")),
+        ),
+    ] {
+        wait_for(&format!("6 returns in {name}"), LONG, || {
+            (count().parse::<i64>().unwrap_or(0) >= 6).then_some(())
+        });
+    }
+    assert!(to_my.terminate().success());
+    assert!(to_pg.terminate().success());
+
+    // What the master's own job cache says.
+    let lookup: Vec<Value> = jids
+        .iter()
+        .map(|j| sb.salt_run(&["jobs.lookup_jid", j]))
+        .collect();
+    for (backend, dbname) in [("mysql", &db), ("pgjsonb", &db)] {
+        let r = read(backend, dbname, &jids, &["test.ping", "cmd.run"]);
+        for (jid, master) in jids.iter().zip(&lookup) {
+            let master = master.as_object().expect("lookup_jid map");
+            assert_eq!(master.len(), 2, "{jid}: {master:?}");
+            let got = r["jid"][jid]
+                .as_object()
+                .unwrap_or_else(|| panic!("{backend}: get_jid({jid}) = {}", r["jid"][jid]));
+            assert_eq!(got.len(), master.len(), "{backend} {jid}");
+            for (minion, ret) in master {
+                assert_eq!(
+                    &got[minion]["return"], ret,
+                    "{backend}: get_jid({jid})[{minion}] vs jobs.lookup_jid"
+                );
+                assert_eq!(got[minion]["jid"], *jid);
+            }
+            let load = &r["load"][jid];
+            assert_eq!(load["jid"], *jid, "{backend}: get_load({jid}) = {load}");
+            assert!(
+                r["jids"].get(jid).is_some(),
+                "{backend}: get_jids() lacks {jid}"
+            );
+        }
+        assert_eq!(r["load"][&echo]["fun"], "cmd.run");
+        assert_eq!(
+            r["load"][&multi]["fun"],
+            serde_json::json!(["test.ping", "test.echo"])
+        );
+        assert_eq!(r["jids"][&echo]["Function"], "cmd.run");
+        assert_eq!(
+            r["minions"],
+            serde_json::json!(["minion-1", "minion-2"]),
+            "{backend}: get_minions()"
+        );
+        for f in ["test.ping", "cmd.run"] {
+            let latest = r["fun"][f].as_object().expect("get_fun map");
+            assert_eq!(latest.len(), 2, "{backend}: get_fun({f}) = {latest:?}");
+        }
+        assert_eq!(r["fun"]["cmd.run"]["minion-1"]["jid"], echo);
+    }
+}
