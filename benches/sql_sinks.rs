@@ -64,6 +64,11 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
         transactions += 1;
     }
     let s = started.elapsed().as_secs_f64();
+    assert_eq!(
+        returns as usize,
+        records.len(),
+        "{name}: every return written once"
+    );
     println!(
         "| {name} | {returns} | {size} | {batch} | {s:.2} | {:.0} | {:.1} |",
         returns as f64 / s,
@@ -81,11 +86,15 @@ fn config(url: &str) -> SinkConfig {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let count = args.first().copied().unwrap_or(200_000);
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<usize> = raw.iter().filter_map(|a| a.parse().ok()).collect();
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then
+    // run once, small, to check it works.
+    let test_mode = !raw.iter().any(|a| a == "--bench");
+    let count = args
+        .first()
+        .copied()
+        .unwrap_or(if test_mode { 3000 } else { 200_000 });
     let batch = args.get(1).copied().unwrap_or(2000);
     let payload = "x".repeat(args.get(2).copied().unwrap_or(800));
     let records: Vec<Record> = (0..count)
