@@ -106,7 +106,7 @@ pub struct SinkConfig {
     pub master_id: Option<String>,
     /// The database password, when it is not in the URL. Best set from the
     /// environment (`SALTPIPE_SINK_PASSWORD`) or `password_file`.
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// A file holding the database password (a trailing newline is ignored).
     pub password_file: Option<PathBuf>,
     /// Connections in the pool of a database server sink.
@@ -133,6 +133,17 @@ impl Default for SinkConfig {
             keep: None,
             archive: false,
         }
+    }
+}
+
+/// A password: kept out of `Debug` output and logs.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
     }
 }
 
@@ -249,7 +260,7 @@ impl SinkConfig {
     /// The password from `password` or `password_file` (read here: I/O).
     pub fn read_password(&self) -> Result<Option<String>, SinkError> {
         if let Some(p) = &self.password {
-            return Ok(Some(p.clone()));
+            return Ok(Some(p.0.clone()));
         }
         match &self.password_file {
             None => Ok(None),
@@ -336,6 +347,75 @@ mod tests {
             Ok("sqlite://x.db".into())
         );
         assert!(SinkUrl::parse("sqlite://").is_err());
+        #[cfg(feature = "mysql")]
+        assert!(matches!(
+            SinkUrl::parse("mysql://u:p@h/db"),
+            Ok(SinkUrl::Mysql(_))
+        ));
+        #[cfg(feature = "postgres")]
+        assert!(matches!(
+            SinkUrl::parse("postgresql://u@h/db"),
+            Ok(SinkUrl::Postgres(_))
+        ));
         assert!(SinkUrl::parse("oracle://x").unwrap_err().contains("oracle"));
+    }
+
+    #[test]
+    fn passwords_from_config_env_or_file_and_never_shown() {
+        use crate::config::from_str_with_env;
+        use std::path::Path;
+        let vars = vec![("SALTPIPE_SINK_PASSWORD".to_string(), "s3cret".to_string())];
+        let c = from_str_with_env("", Path::new("t"), &vars).expect("env password");
+        assert_eq!(
+            c.sink.read_password().expect("read").as_deref(),
+            Some("s3cret")
+        );
+        assert!(!format!("{:?}", c.sink).contains("s3cret"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "from-file\n").expect("write");
+        let c = from_str_with_env(
+            &format!("[sink]\npassword_file = \"{}\"\n", f.display()),
+            Path::new("t"),
+            &[],
+        )
+        .expect("file");
+        assert_eq!(
+            c.sink.read_password().expect("read").as_deref(),
+            Some("from-file")
+        );
+        let both = from_str_with_env(
+            &format!(
+                "[sink]\npassword = \"x\"\npassword_file = \"{}\"\n",
+                f.display()
+            ),
+            Path::new("t"),
+            &[],
+        );
+        assert!(both.is_err());
+        let missing = SinkConfig {
+            password_file: Some(dir.path().join("nope")),
+            ..SinkConfig::default()
+        };
+        assert!(matches!(missing.read_password(), Err(SinkError::Fatal(_))));
+    }
+
+    #[test]
+    fn retention_settings_are_checked() {
+        use crate::config::from_str_with_env;
+        use std::path::Path;
+        let ok = from_str_with_env(
+            "[sink]\nkeep = \"30d\"\narchive = true\n",
+            Path::new("t"),
+            &[],
+        )
+        .expect("keep");
+        assert_eq!(
+            ok.sink.keep,
+            Some(std::time::Duration::from_secs(30 * 86400))
+        );
+        assert!(from_str_with_env("[sink]\narchive = true\n", Path::new("t"), &[]).is_err());
+        assert!(from_str_with_env("[sink]\nkeep = \"5s\"\n", Path::new("t"), &[]).is_err());
+        assert!(from_str_with_env("[sink]\npool_size = 0\n", Path::new("t"), &[]).is_err());
     }
 }

@@ -29,7 +29,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A `mysql://` (or `mariadb://`) URL, kept as written; shown without its password.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MysqlUrl {
     url: String,
 }
@@ -59,6 +59,13 @@ impl MysqlUrl {
             Some(p) => o.password(p),
             None => o,
         })
+    }
+}
+
+/// Debug shows the redacted form too: configs get logged.
+impl std::fmt::Debug for MysqlUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -647,6 +654,7 @@ mod tests {
     fn urls_parse_and_hide_the_password() {
         let u = MysqlUrl::parse("mysql://salt:s3cret@db:3306/salt?ssl-mode=required").expect("url");
         assert!(!u.to_string().contains("s3cret"), "{u}");
+        assert!(!format!("{u:?}").contains("s3cret"), "{u:?}");
         assert!(u.to_string().contains("db:3306/salt"), "{u}");
         let m = MysqlUrl::parse("mariadb://salt@db/salt").expect("mariadb");
         assert!(m.to_string().starts_with("mysql://"), "{m}");

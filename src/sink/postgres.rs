@@ -25,7 +25,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A `postgres://` URL, kept as written; shown without its password.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgUrl {
     url: String,
 }
@@ -52,6 +52,13 @@ impl PgUrl {
             Some(p) => o.password(p),
             None => o,
         })
+    }
+}
+
+/// Debug shows the redacted form too: configs get logged.
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -387,6 +394,7 @@ mod tests {
         let u =
             PgUrl::parse("postgres://salt:s3cret@db:5432/salt?sslmode=verify-full").expect("url");
         assert!(!u.to_string().contains("s3cret"), "{u}");
+        assert!(!format!("{u:?}").contains("s3cret"), "{u:?}");
         assert!(PgUrl::parse("postgres://db:5432").is_err(), "no database");
         assert!(PgUrl::parse("postgres://db/salt?sslmode=sometimes").is_err());
     }
