@@ -223,7 +223,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
         Command::Work => {
             let shutdown = shutdown_on_signals()?;
             let stats = Arc::new(Stats::default());
-            let sink = cfg.sink.build().await?;
+            let sink = cfg.sink.build_or_defer().await?;
             tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe work");
             let stop = saltpipe::worker::Stop::new(shutdown, Some(cfg.worker.drain_timeout));
             let retention_stop = stop.token.clone();

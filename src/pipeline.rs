@@ -165,7 +165,7 @@ pub async fn run_all(
     drain: Option<Duration>,
 ) -> Result<(), PipelineError> {
     let producer = cfg.queue.producer().await?;
-    let sink = cfg.sink.build().await?;
+    let sink = cfg.sink.build_or_defer().await?;
     let worker_stop = CancellationToken::new();
     let stop = Stop::new(worker_stop.clone(), drain);
     let retention = crate::sink::retention::spawn(sink.clone(), &cfg.sink, worker_stop.clone());

@@ -264,3 +264,109 @@ fn postgres_away_for_30s_under_load_loses_and_doubles_nothing() {
         |sql| pg(&db, sql).parse().unwrap_or(-1),
     );
 }
+
+/// The database unreachable when saltpipe starts: the start goes on (the
+/// reader must drain the bus), writes are retriable until the database
+/// answers, then the schema is created and the batch lands.
+async fn down_at_start(
+    upstream: u16,
+    sink_url: impl Fn(u16) -> String,
+    count: impl Fn(&str) -> i64,
+) {
+    let proxy = Proxy::start(upstream);
+    proxy.cut();
+    let cfg = saltpipe::sink::SinkConfig {
+        url: saltpipe::sink::SinkUrl::parse(&sink_url(proxy.port)).expect("url"),
+        ..saltpipe::sink::SinkConfig::default()
+    };
+    assert!(
+        matches!(
+            cfg.build().await,
+            Err(saltpipe::sink::SinkError::Retriable(_))
+        ),
+        "an unreachable database is a retriable condition"
+    );
+    let sink = cfg.build_or_defer().await.expect("start anyway");
+    let rec = saltpipe::sink::Record {
+        event: saltpipe::event::Event::from_frame(&bytes::Bytes::from(return_frame(
+            "20261125120000000001",
+            "m1",
+            1,
+        )))
+        .expect("decode"),
+        received_ms: 0,
+    };
+    let err = sink
+        .write(std::slice::from_ref(&rec))
+        .await
+        .expect_err("still down");
+    assert!(err.is_retriable(), "{err}");
+    proxy.restore();
+    assert_eq!(sink.write(&[rec]).await.expect("write").returns, 1);
+    assert_eq!(count("SELECT count(*) FROM salt_returns"), 1);
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mariadb_down_at_start_is_waited_for() {
+    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
+    let my = |db: &str, sql: &str| {
+        cli(
+            "mysql",
+            &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
+            sql,
+        )
+    };
+    my("test", &format!("CREATE DATABASE {db}"));
+    let _guard = scopeguard(db.clone(), |db| {
+        let _ = std::process::Command::new("mysql")
+            .args(["-h127.0.0.1", "-uroot", "-e"])
+            .arg(format!("DROP DATABASE IF EXISTS {db}"))
+            .status();
+    });
+    down_at_start(
+        3306,
+        |port| format!("mysql://root@127.0.0.1:{port}/{db}"),
+        |sql| my(&db, sql).parse().unwrap_or(-1),
+    )
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_down_at_start_is_waited_for() {
+    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
+    let pg = |db: &str, sql: &str| {
+        cli(
+            "psql",
+            &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
+            sql,
+        )
+    };
+    pg("test", &format!("CREATE DATABASE {db}"));
+    let _guard = scopeguard(db.clone(), |db| {
+        let _ = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .status();
+    });
+    down_at_start(
+        5432,
+        |port| format!("postgres://postgres@127.0.0.1:{port}/{db}"),
+        |sql| pg(&db, sql).parse().unwrap_or(-1),
+    )
+    .await;
+}
+
+/// Runs `f(value)` when dropped (cleanup that also runs on a failed assert).
+fn scopeguard<T, F: FnOnce(T)>(value: T, f: F) -> impl Drop {
+    struct G<T, F: FnOnce(T)>(Option<(T, F)>);
+    impl<T, F: FnOnce(T)> Drop for G<T, F> {
+        fn drop(&mut self) {
+            if let Some((v, f)) = self.0.take() {
+                f(v);
+            }
+        }
+    }
+    G(Some((value, f)))
+}

@@ -296,6 +296,26 @@ impl SinkConfig {
         }
     }
 
+    /// For `run` and `work`: like [`SinkConfig::build`], but a database that
+    /// cannot be reached yet does not stop the start. The reader must start
+    /// draining the bus whatever the database is doing; the returned sink
+    /// connects (and creates the schema) on first use, and until then every
+    /// write is retriable, so the worker holds its batch while the queue
+    /// absorbs the bus. Errors that waiting cannot fix (bad password,
+    /// duplicate rows in the way) still stop the start.
+    pub async fn build_or_defer(&self) -> Result<Arc<dyn Sink>, SinkError> {
+        match self.build().await {
+            Err(SinkError::Retriable(m)) => {
+                tracing::warn!(sink = %self.url, error = %m, "the database is not reachable yet; reading and queueing anyway, connecting when it is");
+                Ok(Arc::new(Deferred {
+                    cfg: self.clone(),
+                    inner: tokio::sync::OnceCell::new(),
+                }))
+            }
+            other => other,
+        }
+    }
+
     /// The DDL `build` runs for this URL, for `saltpipe schema --print`.
     pub fn schema_ddl(&self) -> String {
         match &self.url {
@@ -305,6 +325,46 @@ impl SinkConfig {
             #[cfg(feature = "postgres")]
             SinkUrl::Postgres(_) => postgres::schema_ddl(),
         }
+    }
+}
+
+/// A sink built on first use: see [`SinkConfig::build_or_defer`].
+struct Deferred {
+    cfg: SinkConfig,
+    inner: tokio::sync::OnceCell<Arc<dyn Sink>>,
+}
+
+impl Deferred {
+    async fn get(&self) -> Result<&Arc<dyn Sink>, SinkError> {
+        self.inner.get_or_try_init(|| self.cfg.build()).await
+    }
+}
+
+#[async_trait]
+impl Sink for Deferred {
+    async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
+        self.get().await?.write(batch).await
+    }
+
+    async fn dead_letter(
+        &self,
+        tag: &str,
+        body: &bytes::Bytes,
+        error: &str,
+    ) -> Result<(), SinkError> {
+        self.get().await?.dead_letter(tag, body, error).await
+    }
+
+    async fn purge_chunk(
+        &self,
+        older_than: std::time::Duration,
+        archive: bool,
+        chunk: usize,
+    ) -> Result<u64, SinkError> {
+        self.get()
+            .await?
+            .purge_chunk(older_than, archive, chunk)
+            .await
     }
 }
 

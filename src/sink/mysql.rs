@@ -284,7 +284,16 @@ impl MysqlSink {
             })
             .connect_with(opts)
             .await
-            .map_err(|e| SinkError::Fatal(format!("cannot connect to {url}: {e}")))?;
+            // Refused or unreachable: retriable (the caller may wait for it);
+            // wrong password or no such database: fatal.
+            .map_err(|e| match classify(e) {
+                SinkError::Retriable(m) => {
+                    SinkError::Retriable(format!("cannot connect to {url}: {m}"))
+                }
+                SinkError::Permanent { message, .. } | SinkError::Fatal(message) => {
+                    SinkError::Fatal(format!("cannot connect to {url}: {message}"))
+                }
+            })?;
         let fatal = |what: &str, e: sqlx::Error| SinkError::Fatal(format!("{url}: {what}: {e}"));
         for t in TABLES {
             pool.execute(*t)

@@ -194,7 +194,16 @@ impl PgSink {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await
-            .map_err(|e| SinkError::Fatal(format!("cannot connect to {url}: {e}")))?;
+            // Refused or unreachable: retriable (the caller may wait for it);
+            // wrong password or no such database: fatal.
+            .map_err(|e| match classify(e) {
+                SinkError::Retriable(m) => {
+                    SinkError::Retriable(format!("cannot connect to {url}: {m}"))
+                }
+                SinkError::Permanent { message, .. } | SinkError::Fatal(message) => {
+                    SinkError::Fatal(format!("cannot connect to {url}: {message}"))
+                }
+            })?;
         for ddl in SCHEMA {
             if let Err(e) = pool.execute(*ddl).await {
                 let dup =
