@@ -312,4 +312,23 @@ CREATE INDEX idx_salt_events_data ON salt_events
             "1"
         );
     }
+
+    /// TLS through rustls (ring): the server on this machine has ssl on.
+    #[tokio::test]
+    async fn tls_connection_with_sslmode_require() {
+        let db = Db::new();
+        let _sink = cfg(&format!("{}?sslmode=require", db.url()))
+            .build()
+            .await
+            .expect("build over TLS");
+        let n = sql(
+            &db.0,
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = '{}' AND a.application_name = 'saltpipe' AND s.ssl",
+                db.0
+            ),
+        );
+        assert!(n.parse::<i64>().unwrap_or(0) >= 1, "TLS connections: {n}");
+    }
 }
