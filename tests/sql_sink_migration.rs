@@ -40,6 +40,56 @@ fn run(cmd: &str, args: &[&str], input: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `saltpipe schema --print URL` prints the DDL without touching anything;
+/// `saltpipe schema URL` creates it.
+#[test]
+fn schema_command_prints_and_creates() {
+    let bin = env!("CARGO_BIN_EXE_saltpipe");
+    let print = |url: &str| {
+        let out = std::process::Command::new(bin)
+            .args(["schema", "--print", url])
+            .output()
+            .expect("saltpipe");
+        assert!(out.status.success(), "{url}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    #[cfg(feature = "mysql")]
+    {
+        // An unreachable host: --print connects to nothing.
+        let ddl = print("mysql://u:pw@192.0.2.1:1/salt");
+        assert!(
+            ddl.contains("CREATE TABLE IF NOT EXISTS `salt_returns`"),
+            "{ddl}"
+        );
+        assert!(ddl.contains("UNIQUE KEY `salt_returns_jid_id` (`jid`, `id`)"));
+        assert!(ddl.contains("utf8mb4"));
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let ddl = print("postgres://u:pw@192.0.2.1:1/salt");
+        assert!(ddl.contains("return jsonb NOT NULL"), "{ddl}");
+        assert!(ddl.contains("CREATE UNIQUE INDEX IF NOT EXISTS salt_returns_jid_id"));
+        assert!(ddl.contains("USING gin"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("salt.db");
+    let out = std::process::Command::new(bin)
+        .args(["schema", &format!("sqlite://{}", db.display())])
+        .output()
+        .expect("saltpipe");
+    assert!(out.status.success());
+    let c = rusqlite::Connection::open(&db).expect("open");
+    let n: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN \
+             ('jids', 'salt_returns', 'salt_events', 'saltpipe_dead_letters')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 4);
+}
+
 #[cfg(feature = "mysql")]
 mod mariadb {
     use super::*;
