@@ -11,9 +11,13 @@
 //! * [`worker`]: batches, writes, retries, dead-letters, acknowledges;
 //! * [`sink`]: Salt's returner tables in SQLite (and more backends).
 //!
+//! [`action`] runs webhooks, mails and commands for chosen events beside the
+//! write; [`ops`] serves `/metrics` and `/health` and draws `saltpipe top`.
+//!
 //! [`pipeline`] wires them for each subcommand; [`config`] reads the TOML;
 //! [`stats`] counts everything. `docs/ARCHITECTURE.md` tells the whole story.
 
+pub mod action;
 pub mod bus;
 pub mod config;
 pub mod event;
@@ -23,5 +27,7 @@ pub mod queue;
 pub mod rules;
 pub mod sink;
 pub mod source;
+pub mod ops;
 pub mod stats;
+pub mod tls;
 pub mod worker;

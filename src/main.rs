@@ -100,9 +100,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of a running saltpipe: rates, backlog, errors, actions.
+    ///
+    /// Reads its /metrics page ([metrics] listen of the config, or --url).
+    Top {
+        /// The /metrics URL; default: from [metrics] listen in the config.
+        #[arg(long)]
+        url: Option<String>,
+        /// Time between two screens.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many screens (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
+    saltpipe::tls::install_ring();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -161,6 +176,51 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// Serves /metrics and /health until `shutdown`, if enabled.
+async fn serve_metrics(
+    cfg: &Config,
+    stats: &Arc<Stats>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if cfg.metrics.enabled {
+        saltpipe::ops::serve(&cfg.metrics, stats.clone(), shutdown.clone()).await?;
+    }
+    Ok(())
+}
+
+/// On SIGHUP: re-read the config; apply its rules and actions if it is
+/// valid, else keep the running ones and log why.
+fn reload_on_sighup(
+    path: Option<PathBuf>,
+    reloader: pipeline::Reloader,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let shown = path
+                .as_ref()
+                .map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
+            match config::load(path.as_deref()) {
+                Ok(l) => match reloader.apply(&l.config) {
+                    Ok(()) => tracing::info!(config = %shown, rules = l.config.rules.rule.len(), actions = l.config.actions.len(), "SIGHUP: rules and actions reloaded (other settings change at restart)"),
+                    Err(e) => {
+                        stats.reload_failures.fetch_add(1, Relaxed);
+                        tracing::error!(config = %shown, error = %e, "SIGHUP: reload refused; the running rules and actions stay");
+                    }
+                },
+                Err(e) => {
+                    stats.reload_failures.fetch_add(1, Relaxed);
+                    tracing::error!(config = %shown, error = %e, "SIGHUP: the config is invalid; the running rules and actions stay");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Cancels the token on SIGTERM or SIGINT; a second signal exits at once.
 fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -186,19 +246,29 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
 }
 
 async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8> {
+    use std::sync::atomic::Ordering::Relaxed;
     let cfg = loaded.config;
+    // The metrics listener outlives the pipeline's own shutdown token, so
+    // /health can say "stopping" until the very end.
+    let ops_stop = CancellationToken::new();
+    let _ops_guard = ops_stop.clone().drop_guard();
     match command {
         Command::Run => {
             let shutdown = shutdown_on_signals()?;
             let stats = Arc::new(Stats::default());
+            stats.bus_expected.store(true, Relaxed);
+            serve_metrics(&cfg, &stats, &ops_stop).await?;
+            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, true)?;
+            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
             let source: Box<dyn Source> = Box::new(BusSource::new(&cfg.source));
-            tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe run");
-            pipeline::run_all(
+            tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe run");
+            pipeline::run_all_with(
                 &cfg,
                 source,
                 stats.clone(),
                 shutdown,
                 Some(cfg.worker.drain_timeout),
+                hooks,
             )
             .await?;
             tracing::info!(summary = ?stats.snapshot(), "stopped");
@@ -207,14 +277,19 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
         Command::Listen => {
             let shutdown = shutdown_on_signals()?;
             let stats = Arc::new(Stats::default());
+            stats.bus_expected.store(true, Relaxed);
+            serve_metrics(&cfg, &stats, &ops_stop).await?;
+            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, false)?;
+            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
             let producer = cfg.queue.producer().await?;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, "saltpipe listen");
-            pipeline::listen(
+            pipeline::listen_with(
                 &cfg,
                 Box::new(BusSource::new(&cfg.source)),
                 producer,
                 stats.clone(),
                 shutdown,
+                hooks.rules,
             )
             .await?;
             tracing::info!(summary = ?stats.snapshot(), "stopped");
@@ -223,18 +298,36 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
         Command::Work => {
             let shutdown = shutdown_on_signals()?;
             let stats = Arc::new(Stats::default());
+            serve_metrics(&cfg, &stats, &ops_stop).await?;
+            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, false, true)?;
+            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
             let sink = cfg.sink.build_or_defer().await?;
-            tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, "saltpipe work");
+            tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe work");
             let stop = saltpipe::worker::Stop::new(shutdown, Some(cfg.worker.drain_timeout));
             let retention_stop = stop.token.clone();
             let retention =
                 saltpipe::sink::retention::spawn(sink.clone(), &cfg.sink, retention_stop);
-            let workers = pipeline::start_workers(&cfg, sink, stats.clone(), stop).await?;
+            let actions = hooks.actions.clone();
+            let workers =
+                pipeline::start_workers_with(&cfg, sink, stats.clone(), stop, hooks.actions)
+                    .await?;
             pipeline::join_workers(workers).await?;
+            if let Some(a) = actions {
+                a.shutdown(cfg.worker.drain_timeout).await;
+            }
             if let Some(r) = retention {
                 let _ = r.await;
             }
             tracing::info!(summary = ?stats.snapshot(), "stopped");
+            Ok(exit::OK)
+        }
+        Command::Top {
+            url,
+            interval,
+            count,
+        } => {
+            let url = url.unwrap_or_else(|| format!("http://{}/metrics", cfg.metrics.listen));
+            saltpipe::ops::top::run(&url, interval, count).await?;
             Ok(exit::OK)
         }
         Command::Validate { no_connect } => validate(&cfg, loaded.path, no_connect).await,

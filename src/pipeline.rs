@@ -12,6 +12,7 @@
 //! Anything not written by then is still in the durable queue, and the next
 //! start delivers it.
 
+use crate::action::{ActionError, Actions};
 use crate::config::Config;
 use crate::queue::{Message, Producer, QueueError};
 use crate::rules::Rules;
@@ -39,6 +40,96 @@ pub enum PipelineError {
     Worker(#[from] WorkerError),
     #[error("task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("actions: {0}")]
+    Action(#[from] ActionError),
+}
+
+/// What a running pipeline takes after it started (SIGHUP reloads).
+#[derive(Default)]
+pub struct Hooks {
+    /// New rules for the listener.
+    pub rules: Option<mpsc::UnboundedReceiver<Rules>>,
+    /// The actions workers offer batches to; `None`: started from the config.
+    pub actions: Option<Actions>,
+}
+
+/// Why a reload was refused (the running config stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("rules route to queue `{0}`, which this process does not consume yet; restart to add a queue")]
+    NewQueue(String),
+    #[error("actions: {0}")]
+    Action(#[from] ActionError),
+    #[error("the listener has stopped")]
+    ListenerGone,
+}
+
+/// The sending side of [`Hooks`]: applies a new config's rules and actions.
+pub struct Reloader {
+    rules: Option<mpsc::UnboundedSender<Rules>>,
+    actions: Option<Actions>,
+    queues: Vec<String>,
+    stats: Arc<Stats>,
+}
+
+impl Reloader {
+    /// Hooks for a process that listens (`listen`), works (`work`), or both,
+    /// and the reloader that feeds them. Starts the actions when it works.
+    pub fn new(
+        cfg: &Config,
+        stats: &Arc<Stats>,
+        listens: bool,
+        works: bool,
+    ) -> Result<(Hooks, Reloader), PipelineError> {
+        let (tx, rx) = if listens {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let actions = if works {
+            Some(Actions::start(&cfg.actions, stats)?)
+        } else {
+            None
+        };
+        let queues = if works && !cfg.worker.queues.is_empty() {
+            cfg.worker.queues.clone()
+        } else {
+            cfg.queue_names()
+        };
+        Ok((
+            Hooks {
+                rules: rx,
+                actions: actions.clone(),
+            },
+            Reloader {
+                rules: tx,
+                actions,
+                queues,
+                stats: stats.clone(),
+            },
+        ))
+    }
+
+    /// Applies the rules and actions of `cfg` (already validated). Other
+    /// sections take effect at the next start.
+    pub fn apply(&self, cfg: &Config) -> Result<(), ReloadError> {
+        if self.rules.is_some() && self.actions.is_some() {
+            // In `run`, a rule routing to a queue no worker reads would strand events.
+            if let Some(q) = cfg.queue_names().into_iter().find(|q| !self.queues.contains(q)) {
+                return Err(ReloadError::NewQueue(q));
+            }
+        }
+        if let Some(a) = &self.actions {
+            a.replace(&cfg.actions, &self.stats)?;
+        }
+        if let Some(tx) = &self.rules {
+            tx.send(Rules::new(&cfg.rules))
+                .map_err(|_| ReloadError::ListenerGone)?;
+        }
+        self.stats.reloads.fetch_add(1, Relaxed);
+        Ok(())
+    }
 }
 
 /// Chunks in flight between the reader and the queue writer.
@@ -91,15 +182,30 @@ async fn queue_writer(
 /// (end of file, or `shutdown`) and everything it kept is in the queue.
 pub async fn listen(
     cfg: &Config,
+    source: Box<dyn Source>,
+    producer: Arc<dyn Producer>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    listen_with(cfg, source, producer, stats, shutdown, None).await
+}
+
+/// [`listen`], taking new rules from `reload` while it runs.
+pub async fn listen_with(
+    cfg: &Config,
     mut source: Box<dyn Source>,
     producer: Arc<dyn Producer>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
+    reload: Option<mpsc::UnboundedReceiver<Rules>>,
 ) -> Result<(), PipelineError> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let give_up = CancellationToken::new();
     let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
     let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx);
+    if let Some(rx) = reload {
+        ingest = ingest.with_reload(rx);
+    }
     let result = source.run(&mut ingest, shutdown).await;
     drop(ingest);
     // Give a failing queue the drain time to recover before giving up.
@@ -123,6 +229,17 @@ pub async fn start_workers(
     stats: Arc<Stats>,
     stop: Stop,
 ) -> Result<JoinSet<Result<(), WorkerError>>, PipelineError> {
+    start_workers_with(cfg, sink, stats, stop, None).await
+}
+
+/// [`start_workers`], offering every batch to `actions`.
+pub async fn start_workers_with(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    stats: Arc<Stats>,
+    stop: Stop,
+    actions: Option<Actions>,
+) -> Result<JoinSet<Result<(), WorkerError>>, PipelineError> {
     let queues = if cfg.worker.queues.is_empty() {
         cfg.queue_names()
     } else {
@@ -131,7 +248,12 @@ pub async fn start_workers(
     let mut set = JoinSet::new();
     for q in queues {
         let consumer = cfg.queue.consumer(&q).await?;
-        let w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone());
+        let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
+            .with_queue_name(&q);
+        if let Some(a) = &actions {
+            w = w.with_actions(a.clone());
+        }
+        stats.workers_expected.fetch_add(1, Relaxed);
         set.spawn(w.run(stop.clone()));
     }
     Ok(set)
@@ -164,15 +286,40 @@ pub async fn run_all(
     shutdown: CancellationToken,
     drain: Option<Duration>,
 ) -> Result<(), PipelineError> {
+    run_all_with(cfg, source, stats, shutdown, drain, Hooks::default()).await
+}
+
+/// [`run_all`] with reload hooks. Actions are started from the config when
+/// `hooks` brings none, and given the drain time to finish at the end.
+pub async fn run_all_with(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+    hooks: Hooks,
+) -> Result<(), PipelineError> {
+    let actions = match hooks.actions {
+        Some(a) => a,
+        None => Actions::start(&cfg.actions, &stats)?,
+    };
     let producer = cfg.queue.producer().await?;
     let sink = cfg.sink.build_or_defer().await?;
     let worker_stop = CancellationToken::new();
     let stop = Stop::new(worker_stop.clone(), drain);
     let retention = crate::sink::retention::spawn(sink.clone(), &cfg.sink, worker_stop.clone());
-    let mut workers = start_workers(cfg, sink, stats.clone(), stop).await?;
+    let mut workers =
+        start_workers_with(cfg, sink, stats.clone(), stop, Some(actions.clone())).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.
-    let listening = listen(cfg, source, producer, stats.clone(), shutdown.clone());
+    let listening = listen_with(
+        cfg,
+        source,
+        producer,
+        stats.clone(),
+        shutdown.clone(),
+        hooks.rules,
+    );
     tokio::pin!(listening);
     let mut worker_error = None;
     let listen_result = loop {
@@ -194,6 +341,9 @@ pub async fn run_all(
         // It saw the cancellation; a chunk in flight is one short transaction.
         let _ = r.await;
     }
+    actions
+        .shutdown(drain.unwrap_or(cfg.worker.drain_timeout))
+        .await;
     match worker_error {
         Some(e) => Err(e),
         None => listen_result.and(work_result),

@@ -15,6 +15,7 @@ use crate::rules::DropReason;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 /// Every counter saltpipe keeps. Shared behind an `Arc`.
 #[derive(Debug, Default)]
@@ -45,6 +46,52 @@ pub struct Stats {
     pub sink_latency_us_total: AtomicU64,
     /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
     pub oldest_unacked_ms: AtomicI64,
+    /// Workers whose loop is running, and how many were started (for `/health`).
+    pub workers_running: AtomicI64,
+    pub workers_expected: AtomicI64,
+    /// This process reads the bus (`run`, `listen`), so `/health` checks it.
+    pub bus_expected: std::sync::atomic::AtomicBool,
+    /// Messages waiting in each named queue, as last polled by its worker.
+    pub queue_depths: Mutex<BTreeMap<String, u64>>,
+    /// Received time (ms since the epoch) of the oldest message each worker
+    /// last pulled while its queue still had a backlog; 0 when caught up.
+    pub queue_oldest_ms: Mutex<BTreeMap<String, i64>>,
+    /// Action outcomes by action name; survives a reload (SIGHUP).
+    pub actions: Mutex<BTreeMap<String, Arc<ActionCounters>>>,
+    /// Config reloads that took effect, and those refused as invalid.
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+/// What happened to the events one action was offered.
+#[derive(Debug, Default)]
+pub struct ActionCounters {
+    /// Delivered (HTTP 2xx, mail accepted, command exited 0).
+    pub sent: AtomicU64,
+    /// Given up after the last retry.
+    pub failed: AtomicU64,
+    /// Attempts that failed and were tried again.
+    pub retried: AtomicU64,
+    /// Not queued: the action's queue was full (the write never waits).
+    pub dropped: AtomicU64,
+    /// Skipped: over the action's rate limit.
+    pub rate_limited: AtomicU64,
+    /// Skipped: same de-duplication key within the window.
+    pub deduplicated: AtomicU64,
+}
+
+impl ActionCounters {
+    /// (outcome label, value) pairs, for metrics and summaries.
+    pub fn outcomes(&self) -> [(&'static str, u64); 6] {
+        [
+            ("sent", self.sent.load(Relaxed)),
+            ("failed", self.failed.load(Relaxed)),
+            ("retried", self.retried.load(Relaxed)),
+            ("dropped", self.dropped.load(Relaxed)),
+            ("rate_limited", self.rate_limited.load(Relaxed)),
+            ("deduplicated", self.deduplicated.load(Relaxed)),
+        ]
+    }
 }
 
 /// A copy of the counters at one moment, for printing and comparing.
@@ -74,6 +121,25 @@ pub struct Snapshot {
 impl Stats {
     pub fn count_drop(&self, reason: DropReason) {
         self.dropped[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// The counters of one action, created on first use.
+    pub fn action(&self, name: &str) -> Arc<ActionCounters> {
+        let mut map = self.actions.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// True while a bus connection is open (connects and disconnects pair up).
+    pub fn bus_connected(&self) -> bool {
+        self.connects.load(Relaxed) > self.disconnects.load(Relaxed)
+    }
+
+    pub fn set_queue_depth(&self, queue: &str, depth: u64, oldest_ms: i64) {
+        let mut d = self.queue_depths.lock().unwrap_or_else(|p| p.into_inner());
+        d.insert(queue.to_owned(), depth);
+        drop(d);
+        let mut o = self.queue_oldest_ms.lock().unwrap_or_else(|p| p.into_inner());
+        o.insert(queue.to_owned(), oldest_ms);
     }
 
     pub fn dropped_total(&self) -> u64 {

@@ -15,7 +15,12 @@
 //! On shutdown a worker stops waiting for new events, drains what the queue
 //! already holds for at most `drain_timeout`, commits, acks and returns;
 //! whatever is left stays in the durable queue for the next start.
+//!
+//! Actions (`[[actions]]`) are offered each batch just before its insert:
+//! a non-blocking hand-off to their own tasks, so they never hold back the
+//! write (see [`crate::action`]).
 
+use crate::action::Actions;
 use crate::config::{ConfigError, human};
 use crate::event::Event;
 use crate::queue::{Consumer, Delivery};
@@ -180,6 +185,8 @@ impl Stop {
 pub struct Worker {
     consumer: Box<dyn Consumer>,
     writer: Writer,
+    /// The queue's name, for its depth figure.
+    queue: Option<String>,
 }
 
 /// The storing stage: sink, retries, dead letters.
@@ -187,6 +194,56 @@ struct Writer {
     sink: Arc<dyn Sink>,
     cfg: WorkerConfig,
     stats: Arc<Stats>,
+    /// Offered each batch before its insert, never waited for.
+    actions: Option<Actions>,
+}
+
+/// How often a worker asks its queue how deep it is (for `/metrics`).
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts a running worker for `/health`, uncounted however it ends.
+struct Alive(Arc<Stats>);
+
+impl Alive {
+    fn new(stats: &Arc<Stats>) -> Alive {
+        stats.workers_running.fetch_add(1, Relaxed);
+        Alive(stats.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.workers_running.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Publishes the queue's depth and the age of its oldest waiting event.
+struct DepthPoll {
+    queue: Option<String>,
+    last: Option<Instant>,
+    /// Newest receive time of the last batch handed on: what still waits
+    /// is at least this recent, which bounds the oldest event's age.
+    newest_handed_ms: i64,
+}
+
+impl DepthPoll {
+    async fn poll(&mut self, consumer: &mut dyn Consumer, stats: &Stats) {
+        let Some(q) = &self.queue else {
+            return;
+        };
+        if self.last.is_some_and(|t| t.elapsed() < DEPTH_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        if let Ok(Some(d)) = consumer.depth().await {
+            let oldest = match (d, stats.oldest_unacked_ms.load(Relaxed)) {
+                (0, _) => 0,
+                (_, 0) => self.newest_handed_ms,
+                (_, t) => t,
+            };
+            stats.set_queue_depth(q, d, oldest);
+        }
+    }
 }
 
 /// How long an idle pull waits before checking for shutdown again.
@@ -204,15 +261,40 @@ impl Worker {
     ) -> Worker {
         Worker {
             consumer,
-            writer: Writer { sink, cfg, stats },
+            writer: Writer {
+                sink,
+                cfg,
+                stats,
+                actions: None,
+            },
+            queue: None,
         }
+    }
+
+    /// Offers each batch's events to these actions before writing it.
+    pub fn with_actions(mut self, actions: Actions) -> Worker {
+        self.writer.actions = Some(actions);
+        self
+    }
+
+    /// Names the queue, so its depth and age are published.
+    pub fn with_queue_name(mut self, queue: &str) -> Worker {
+        self.queue = Some(queue.to_owned());
+        self
     }
 
     pub async fn run(self, stop: Stop) -> Result<(), WorkerError> {
         let Worker {
             mut consumer,
             writer,
+            queue,
         } = self;
+        let _alive = Alive::new(&writer.stats);
+        let mut depth = DepthPoll {
+            queue,
+            last: None,
+            newest_handed_ms: 0,
+        };
         let cfg = writer.cfg.clone();
         let stats = writer.stats.clone();
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Delivery>>(1);
@@ -236,6 +318,7 @@ impl Worker {
             &batch_tx,
             &mut done_rx,
             &mut write_task,
+            &mut depth,
         )
         .await;
         drop(batch_tx);
@@ -260,6 +343,8 @@ impl Worker {
 
     /// Pulls batches and hands them to the writer until shutdown (then
     /// drains) or until the writer ends.
+    // The two stages' shared state, spelled out: bundling it would only hide it.
+    #[allow(clippy::too_many_arguments)]
     async fn gather(
         consumer: &mut dyn Consumer,
         cfg: &WorkerConfig,
@@ -268,11 +353,13 @@ impl Worker {
         batch_tx: &mpsc::Sender<Vec<Delivery>>,
         done_rx: &mut mpsc::UnboundedReceiver<Vec<u64>>,
         write_task: &mut tokio::task::JoinHandle<Result<(), WorkerError>>,
+        depth: &mut DepthPoll,
     ) -> Result<(), GatherEnd> {
         let max_bytes = cfg.batch_max_bytes as usize;
         // Batches handed to the writer and not yet acked.
         let mut in_flight = 0usize;
         loop {
+            depth.poll(&mut *consumer, stats).await;
             while let Ok(ids) = done_rx.try_recv() {
                 ack(&mut *consumer, cfg, stats, stop, &ids).await?;
                 in_flight = in_flight.saturating_sub(1);
@@ -323,6 +410,7 @@ impl Worker {
                 }
                 continue;
             }
+            depth.newest_handed_ms = batch.iter().map(|d| d.received_ms).max().unwrap_or(0);
             // Hand over; while the writer is busy, keep acking what it finished.
             let mut pending = Some(batch);
             while let Some(b) = pending.take() {
@@ -434,6 +522,11 @@ impl Writer {
                     }
                 }
             }
+        }
+        if let Some(actions) = &self.actions {
+            // Before the insert, as the original project did, but only a
+            // hand-off: a slow or full action never delays the write.
+            actions.current().offer(records.iter().map(|r| &r.event));
         }
         let started = std::time::Instant::now();
         let Some(report) = self.write_all(&records, stop).await? else {

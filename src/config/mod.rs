@@ -10,6 +10,8 @@
 //! master with no file at all), the file, then `SALTPIPE_<SECTION>_<KEY>`
 //! environment variables, so secrets stay out of files and argv.
 
+use crate::action::ActionConfig;
+use crate::ops::MetricsConfig;
 use crate::queue::QueueConfig;
 use crate::rules::RulesConfig;
 use crate::sink::SinkConfig;
@@ -39,6 +41,10 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The `/metrics` and `/health` listener.
+    pub metrics: MetricsConfig,
+    /// Webhooks, mails and commands for chosen events (`[[actions]]`).
+    pub actions: Vec<ActionConfig>,
 }
 
 /// Logging settings.
@@ -187,6 +193,8 @@ impl Config {
         self.rules.validate()?;
         self.worker.validate()?;
         self.sink.validate()?;
+        self.metrics.validate()?;
+        crate::action::validate_all(&self.actions)?;
         if !self.log.level.is_empty() {
             tracing_subscriber::EnvFilter::try_new(&self.log.level)
                 .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;

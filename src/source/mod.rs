@@ -176,6 +176,8 @@ pub struct Ingest {
     backlog_bytes: usize,
     pending_limit: usize,
     tx: mpsc::Sender<Vec<Message>>,
+    /// New rules sent on reload (SIGHUP), applied before the next bytes.
+    reload: Option<mpsc::UnboundedReceiver<Rules>>,
 }
 
 /// Messages per chunk sent to the queue writer.
@@ -198,7 +200,15 @@ impl Ingest {
             backlog_bytes: 0,
             pending_limit: cfg.pending_limit as usize,
             tx,
+            reload: None,
         }
+    }
+
+    /// Takes new rules from `rx` between two reads: every event read after
+    /// the swap is judged by the new rules, every one before by the old.
+    pub fn with_reload(mut self, rx: mpsc::UnboundedReceiver<Rules>) -> Ingest {
+        self.reload = Some(rx);
+        self
     }
 
     /// The buffer to read bus bytes into.
@@ -217,6 +227,12 @@ impl Ingest {
 
     /// Frames, decodes and filters everything buffered so far.
     pub fn process(&mut self, received_ms: i64) {
+        if let Some(rx) = &mut self.reload {
+            while let Ok(rules) = rx.try_recv() {
+                self.rules = rules;
+                tracing::info!("new rules in effect");
+            }
+        }
         while let Some(item) = self.framer.next_frame() {
             match item {
                 Framed::Frame(frame) => {

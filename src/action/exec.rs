@@ -1,0 +1,89 @@
+//! `exec`: runs a command with the event as JSON on its stdin.
+//!
+//! The command is an argv list, never a shell line, so nothing in an event
+//! can inject a command. It runs under the action's timeout and is killed
+//! when that passes (`kill_on_drop`: the timeout drops the future). Exit 0
+//! is success; any other exit is retried, as a pager script failing to
+//! reach its service may pass later; a command that cannot start is not.
+
+use super::{Action, ActionError, Job, Templates};
+use async_trait::async_trait;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+/// `exec = { command = ["/usr/local/bin/page", "--team", "ops"] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra environment variables for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl ExecConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        match self.command.first() {
+            None => Err("exec.command needs at least the program".into()),
+            Some(p) if p.is_empty() => Err("exec.command: the program is empty".into()),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+pub struct Exec {
+    command: Vec<String>,
+    env: BTreeMap<String, String>,
+    templates: Arc<Templates>,
+}
+
+impl Exec {
+    pub fn new(cfg: &ExecConfig, templates: Arc<Templates>) -> Exec {
+        Exec {
+            command: cfg.command.clone(),
+            env: cfg.env.clone(),
+            templates,
+        }
+    }
+}
+
+#[async_trait]
+impl Action for Exec {
+    async fn fire(&self, job: &Job) -> Result<(), ActionError> {
+        let input = self.templates.render("body", &job.context)?;
+        let Some((program, args)) = self.command.split_first() else {
+            return Err(ActionError::Permanent("empty command".into()));
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .envs(&self.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| ActionError::Permanent(format!("cannot start {program}: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A command that exits without reading its stdin is its own business.
+            let _ = stdin.write_all(input.as_bytes()).await;
+            drop(stdin);
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| ActionError::Retriable(format!("{program}: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr: String = String::from_utf8_lossy(&out.stderr).chars().take(300).collect();
+        Err(ActionError::Retriable(format!(
+            "{program} exited with {}: {}",
+            out.status,
+            stderr.trim()
+        )))
+    }
+}

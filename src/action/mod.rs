@@ -1,0 +1,909 @@
+//! Actions: "do anything before the insert", such as send a mail or page
+//! someone, for the events an operator cares about.
+//!
+//! Why the shape: an action talks to something slow and fallible (an HTTP
+//! endpoint, an SMTP relay, a script), while the worker's job is to get
+//! events into the database. So the worker only *offers* each batch's
+//! matching events to a bounded queue per action ([`ActionSet::offer`],
+//! never waiting); if that queue is full the action is dropped, counted and
+//! logged, and the write goes on. Each action has its own dispatcher task
+//! that applies, in order:
+//!
+//! 1. de-duplication: the same rendered `dedupe_key` within `dedupe_window`
+//!    is sent once (a flapping state run pages once, not every minute);
+//! 2. the rate limit: at most `rate_limit` sends per `rate_window` (an event
+//!    storm must not send ten thousand mails);
+//! 3. the send itself, under `timeout`, retried `retries` times with
+//!    jittered exponential backoff.
+//!
+//! Events of one minion are sent in the order they were read (one in flight
+//! per minion); different minions proceed in parallel up to `concurrency`.
+//!
+//! Delivery is at most once per offer: an action offered before a crash
+//! that redelivers the batch may be offered again after the restart (the
+//! dedupe window does not survive a restart). Reloading the config (SIGHUP)
+//! keeps each surviving action's dedupe and rate state, so a reload does
+//! not re-send.
+
+use crate::config::{ConfigError, human};
+use crate::event::Event;
+use crate::rules::MatcherConfig;
+use crate::stats::{ActionCounters, Stats};
+use async_trait::async_trait;
+use rand::Rng;
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+#[cfg(feature = "action-email")]
+pub mod email;
+#[cfg(feature = "action-exec")]
+pub mod exec;
+#[cfg(feature = "action-webhook")]
+pub mod webhook;
+
+/// One `[[actions]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// A unique name, used in logs and as the metrics label.
+    pub name: String,
+    /// Which events trigger it: the same conditions as `[[rules.rule]]`
+    /// (tag, fun, minion, kind, success, retcode). Only kept events are
+    /// offered: a rule that drops an event also silences its actions.
+    #[serde(default)]
+    pub when: MatcherConfig,
+    /// Template of what is sent (the webhook's JSON body, the mail's text,
+    /// the command's stdin). Default: the whole event as JSON.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// An HTTP POST.
+    #[cfg(feature = "action-webhook")]
+    #[serde(default)]
+    pub webhook: Option<webhook::WebhookConfig>,
+    #[cfg(not(feature = "action-webhook"))]
+    #[serde(default)]
+    pub webhook: Option<toml::Value>,
+    /// A mail over SMTP.
+    #[cfg(feature = "action-email")]
+    #[serde(default)]
+    pub email: Option<email::EmailConfig>,
+    #[cfg(not(feature = "action-email"))]
+    #[serde(default)]
+    pub email: Option<toml::Value>,
+    /// A command, the event as JSON on its stdin.
+    #[cfg(feature = "action-exec")]
+    #[serde(default)]
+    pub exec: Option<exec::ExecConfig>,
+    #[cfg(not(feature = "action-exec"))]
+    #[serde(default)]
+    pub exec: Option<toml::Value>,
+    /// Limit for one attempt.
+    #[serde(default = "defaults::timeout", deserialize_with = "human::duration")]
+    pub timeout: Duration,
+    /// Attempts after the first one fails.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// First wait before a retry; doubles up to `retry_max`.
+    #[serde(default = "defaults::retry_min", deserialize_with = "human::duration")]
+    pub retry_min: Duration,
+    #[serde(default = "defaults::retry_max", deserialize_with = "human::duration")]
+    pub retry_max: Duration,
+    /// At most this many sends per `rate_window`; 0 means no limit.
+    #[serde(default = "defaults::rate_limit")]
+    pub rate_limit: u32,
+    #[serde(default = "defaults::rate_window", deserialize_with = "human::duration")]
+    pub rate_window: Duration,
+    /// Template of the de-duplication key, e.g. `"{{ fun }}/{{ minion }}"`;
+    /// none: every event is sent.
+    #[serde(default)]
+    pub dedupe_key: Option<String>,
+    #[serde(default = "defaults::dedupe_window", deserialize_with = "human::duration")]
+    pub dedupe_window: Duration,
+    /// Events waiting for this action; past it, new ones are dropped (counted).
+    #[serde(default = "defaults::queue_size")]
+    pub queue_size: usize,
+    /// Sends in flight at once (one per minion at most, to keep its order).
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn retries() -> u32 {
+        3
+    }
+    pub fn retry_min() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn retry_max() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn rate_limit() -> u32 {
+        60
+    }
+    pub fn rate_window() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn dedupe_window() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn queue_size() -> usize {
+        1000
+    }
+    pub fn concurrency() -> usize {
+        4
+    }
+}
+
+/// The default body: the whole event.
+pub const DEFAULT_BODY: &str = "{{ event | tojson }}";
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ActionError {
+    /// May pass on retry (a 5xx, a refused connection, a timeout).
+    #[error("{0}")]
+    Retriable(String),
+    /// Will not pass on retry (a 4xx, a template error, no such command).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// One kind of action: one attempt at sending one event.
+#[async_trait]
+pub trait Action: Send + Sync {
+    async fn fire(&self, job: &Job) -> Result<(), ActionError>;
+}
+
+/// An event offered to an action, with its template context.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Events with the same key are sent in order: the minion id, or the
+    /// event's partition key.
+    pub key: String,
+    /// The template context: `tag`, `kind`, `jid`, `minion`, `fun`, `funs`,
+    /// `success`, `retcode`, `data` (the full data map), `event` (all of these).
+    pub context: Arc<serde_json::Value>,
+}
+
+/// An action's templates, compiled once (when the config is checked).
+#[derive(Debug)]
+pub struct Templates {
+    env: minijinja::Environment<'static>,
+}
+
+impl Templates {
+    /// Compiles `(name, source)` pairs; the error names the template.
+    pub fn new(sources: &[(&'static str, String)]) -> Result<Templates, String> {
+        let mut env = minijinja::Environment::new();
+        for (name, src) in sources {
+            env.add_template_owned(*name, src.clone())
+                .map_err(|e| format!("{name} template: {e}"))?;
+        }
+        Ok(Templates { env })
+    }
+
+    /// Renders one template; a rendering error is permanent for this event.
+    pub fn render(&self, name: &str, ctx: &serde_json::Value) -> Result<String, ActionError> {
+        let t = self
+            .env
+            .get_template(name)
+            .map_err(|e| ActionError::Permanent(format!("{name} template: {e}")))?;
+        t.render(minijinja::Value::from_serialize(ctx))
+            .map_err(|e| ActionError::Permanent(format!("{name} template: {e}")))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.env.get_template(name).is_ok()
+    }
+}
+
+impl ActionConfig {
+    /// Pure checks, templates included (compiling touches nothing outside).
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let invalid = |m: String| ConfigError::invalid(key, m);
+        let kinds = [
+            self.webhook.is_some(),
+            self.email.is_some(),
+            self.exec.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(invalid(
+                "give exactly one of `webhook`, `email` or `exec`".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid("timeout must be above zero".into()));
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            return Err(invalid(
+                "retry_min must be above zero and not above retry_max".into(),
+            ));
+        }
+        if self.rate_limit > 0 && self.rate_window.is_zero() {
+            return Err(invalid("rate_window must be above zero".into()));
+        }
+        if self.queue_size == 0 || self.concurrency == 0 {
+            return Err(invalid("queue_size and concurrency must be at least 1".into()));
+        }
+        self.templates().map_err(invalid)?;
+        #[cfg(feature = "action-webhook")]
+        if let Some(w) = &self.webhook {
+            w.validate().map_err(invalid)?;
+        }
+        #[cfg(not(feature = "action-webhook"))]
+        if self.webhook.is_some() {
+            return Err(invalid("this build has no webhook actions (cargo feature action-webhook)".into()));
+        }
+        #[cfg(feature = "action-email")]
+        if let Some(e) = &self.email {
+            e.validate().map_err(invalid)?;
+        }
+        #[cfg(not(feature = "action-email"))]
+        if self.email.is_some() {
+            return Err(invalid("this build has no email actions (cargo feature action-email)".into()));
+        }
+        #[cfg(feature = "action-exec")]
+        if let Some(x) = &self.exec {
+            x.validate().map_err(invalid)?;
+        }
+        #[cfg(not(feature = "action-exec"))]
+        if self.exec.is_some() {
+            return Err(invalid("this build has no exec actions (cargo feature action-exec)".into()));
+        }
+        Ok(())
+    }
+
+    fn templates(&self) -> Result<Templates, String> {
+        let mut t = vec![(
+            "body",
+            self.body.clone().unwrap_or_else(|| DEFAULT_BODY.into()),
+        )];
+        if let Some(k) = &self.dedupe_key {
+            t.push(("dedupe_key", k.clone()));
+        }
+        #[cfg(feature = "action-email")]
+        if let Some(e) = &self.email {
+            t.push(("subject", e.subject.clone()));
+        }
+        Templates::new(&t)
+    }
+
+    /// Builds the sender (no I/O: clients connect on first use).
+    fn build_action(&self, templates: Arc<Templates>) -> Result<Arc<dyn Action>, ActionError> {
+        #[cfg(feature = "action-webhook")]
+        if let Some(w) = &self.webhook {
+            return Ok(Arc::new(webhook::Webhook::new(w, self.timeout, templates)?));
+        }
+        #[cfg(feature = "action-email")]
+        if let Some(e) = &self.email {
+            return Ok(Arc::new(email::Email::new(e, self.timeout, templates)?));
+        }
+        #[cfg(feature = "action-exec")]
+        if let Some(x) = &self.exec {
+            return Ok(Arc::new(exec::Exec::new(x, templates)));
+        }
+        let _ = templates;
+        Err(ActionError::Permanent(format!(
+            "action {}: no kind this build supports",
+            self.name
+        )))
+    }
+}
+
+/// Checks the `[[actions]]` list.
+pub fn validate_all(actions: &[ActionConfig]) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    for (i, a) in actions.iter().enumerate() {
+        let key = format!("actions[{i}] ({})", a.name);
+        if a.name.is_empty() {
+            return Err(ConfigError::invalid(format!("actions[{i}]"), "needs a name"));
+        }
+        if !names.insert(a.name.as_str()) {
+            return Err(ConfigError::invalid(key, "another action has this name"));
+        }
+        a.validate(&key)?;
+    }
+    Ok(())
+}
+
+/// The template context of one event.
+pub fn context(e: &Event) -> serde_json::Value {
+    let data = crate::msgpack::to_json(e.data())
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let f = &e.fields;
+    let fields = serde_json::json!({
+        "tag": e.tag(),
+        "kind": e.kind.as_str(),
+        "jid": f.jid,
+        "minion": f.minion,
+        "fun": f.fun.join(","),
+        "funs": f.fun,
+        "success": f.success,
+        "retcode": f.retcode,
+        "data": data,
+    });
+    let mut top = fields.clone();
+    if let serde_json::Value::Object(m) = &mut top {
+        m.insert("event".into(), fields);
+    }
+    top
+}
+
+/// How a new event fared against the dedupe window and the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Send,
+    Duplicate,
+    RateLimited,
+}
+
+/// Dedupe window and rate limit of one action. Kept across reloads.
+#[derive(Debug)]
+pub struct Limiter {
+    rate_limit: u32,
+    rate_window: Duration,
+    dedupe_window: Duration,
+    sent: VecDeque<Instant>,
+    seen: HashMap<String, Instant>,
+    seen_order: VecDeque<(Instant, String)>,
+}
+
+impl Limiter {
+    pub fn new(rate_limit: u32, rate_window: Duration, dedupe_window: Duration) -> Limiter {
+        Limiter {
+            rate_limit,
+            rate_window,
+            dedupe_window,
+            sent: VecDeque::new(),
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+        }
+    }
+
+    /// Takes the new settings, keeping what was seen and sent.
+    fn reconfigure(&mut self, rate_limit: u32, rate_window: Duration, dedupe_window: Duration) {
+        self.rate_limit = rate_limit;
+        self.rate_window = rate_window;
+        self.dedupe_window = dedupe_window;
+    }
+
+    /// Decides for one event; `key` is its rendered dedupe key, if any.
+    /// A duplicate does not use up the rate; a rate-limited event is not
+    /// remembered as seen (so the next one after the window still goes).
+    pub fn admit(&mut self, key: Option<&str>, now: Instant) -> Admit {
+        while let Some((t, _)) = self.seen_order.front() {
+            if now.duration_since(*t) < self.dedupe_window {
+                break;
+            }
+            if let Some((t, k)) = self.seen_order.pop_front()
+                && self.seen.get(&k) == Some(&t)
+            {
+                self.seen.remove(&k);
+            }
+        }
+        if let Some(k) = key
+            && self.seen.contains_key(k)
+        {
+            return Admit::Duplicate;
+        }
+        if self.rate_limit > 0 {
+            while self
+                .sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= self.rate_window)
+            {
+                self.sent.pop_front();
+            }
+            if self.sent.len() >= self.rate_limit as usize {
+                return Admit::RateLimited;
+            }
+            self.sent.push_back(now);
+        }
+        if let Some(k) = key {
+            self.seen.insert(k.to_owned(), now);
+            self.seen_order.push_back((now, k.to_owned()));
+        }
+        Admit::Send
+    }
+}
+
+/// What the dispatcher needs besides the queue.
+struct Dispatcher {
+    name: String,
+    action: Arc<dyn Action>,
+    templates: Arc<Templates>,
+    limiter: Arc<Mutex<Limiter>>,
+    counters: Arc<ActionCounters>,
+    timeout: Duration,
+    retries: u32,
+    retry_min: Duration,
+    retry_max: Duration,
+    queue_size: usize,
+    concurrency: usize,
+}
+
+/// One running action as the workers see it.
+struct Running {
+    name: String,
+    when: MatcherConfig,
+    tx: mpsc::Sender<Job>,
+    counters: Arc<ActionCounters>,
+    limiter: Arc<Mutex<Limiter>>,
+}
+
+/// The actions of one configuration, each with its dispatcher task.
+#[derive(Default)]
+pub struct ActionSet {
+    running: Vec<Running>,
+}
+
+impl ActionSet {
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Hands each event to every action it matches, without waiting.
+    pub fn offer<'a>(&self, events: impl IntoIterator<Item = &'a Event>) {
+        if self.running.is_empty() {
+            return;
+        }
+        for e in events {
+            let mut job: Option<Job> = None;
+            for r in &self.running {
+                if !r.when.matches(e) {
+                    continue;
+                }
+                let j = job
+                    .get_or_insert_with(|| Job {
+                        key: e
+                            .fields
+                            .minion
+                            .clone()
+                            .unwrap_or_else(|| e.partition_key()),
+                        context: Arc::new(context(e)),
+                    })
+                    .clone();
+                match r.tx.try_send(j) {
+                    Ok(()) => {}
+                    Err(_) => {
+                        let n = r.counters.dropped.fetch_add(1, Relaxed) + 1;
+                        // Loud once, then at powers of two: a storm must not flood the log.
+                        if n.is_power_of_two() {
+                            tracing::warn!(action = %r.name, tag = e.tag(), dropped_total = n, "action queue full (or stopped); dropped this action, the event is still written");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The live actions, replaceable on reload. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Actions {
+    current: Arc<RwLock<Arc<ActionSet>>>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Actions {
+    /// Starts the dispatchers for `cfgs` (needs a tokio runtime).
+    pub fn start(cfgs: &[ActionConfig], stats: &Arc<Stats>) -> Result<Actions, ActionError> {
+        let a = Actions::default();
+        a.replace(cfgs, stats)?;
+        Ok(a)
+    }
+
+    /// The set to offer a batch to.
+    pub fn current(&self) -> Arc<ActionSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in new actions. Actions that keep their name keep their
+    /// dedupe and rate state; the old dispatchers finish what they hold.
+    pub fn replace(&self, cfgs: &[ActionConfig], stats: &Arc<Stats>) -> Result<(), ActionError> {
+        let old = self.current();
+        let mut running = Vec::with_capacity(cfgs.len());
+        let mut handles = Vec::new();
+        for c in cfgs {
+            let templates = Arc::new(c.templates().map_err(ActionError::Permanent)?);
+            let action = c.build_action(templates.clone())?;
+            let limiter = match old.running.iter().find(|r| r.name == c.name) {
+                Some(r) => {
+                    r.limiter
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .reconfigure(c.rate_limit, c.rate_window, c.dedupe_window);
+                    r.limiter.clone()
+                }
+                None => Arc::new(Mutex::new(Limiter::new(
+                    c.rate_limit,
+                    c.rate_window,
+                    c.dedupe_window,
+                ))),
+            };
+            let counters = stats.action(&c.name);
+            let (tx, rx) = mpsc::channel(c.queue_size);
+            let d = Dispatcher {
+                name: c.name.clone(),
+                action,
+                templates,
+                limiter: limiter.clone(),
+                counters: counters.clone(),
+                timeout: c.timeout,
+                retries: c.retries,
+                retry_min: c.retry_min,
+                retry_max: c.retry_max,
+                queue_size: c.queue_size,
+                concurrency: c.concurrency,
+            };
+            handles.push(tokio::spawn(d.run(rx)));
+            running.push(Running {
+                name: c.name.clone(),
+                when: c.when.clone(),
+                tx,
+                counters,
+                limiter,
+            });
+        }
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ActionSet { running });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|h| !h.is_finished());
+        tasks.extend(handles);
+        Ok(())
+    }
+
+    /// Stops offering and waits (at most `timeout`) for queued actions to be sent.
+    pub async fn shutdown(&self, timeout: Duration) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ActionSet::default());
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            tracing::warn!("stopping with actions still queued or in flight; they are not sent");
+        }
+    }
+}
+
+impl Dispatcher {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let this = Arc::new(self);
+        let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
+        let mut pending = 0usize;
+        let mut busy: HashSet<String> = HashSet::new();
+        let mut inflight: JoinSet<String> = JoinSet::new();
+        let mut open = true;
+        loop {
+            // Start what may start: one per key, `concurrency` in all.
+            if inflight.len() < this.concurrency {
+                let ready: Vec<String> = waiting
+                    .keys()
+                    .filter(|k| !busy.contains(*k))
+                    .take(this.concurrency - inflight.len())
+                    .cloned()
+                    .collect();
+                for key in ready {
+                    let Some(q) = waiting.get_mut(&key) else {
+                        continue;
+                    };
+                    let Some(job) = q.pop_front() else {
+                        continue;
+                    };
+                    if q.is_empty() {
+                        waiting.remove(&key);
+                    }
+                    pending -= 1;
+                    busy.insert(key.clone());
+                    let t = this.clone();
+                    inflight.spawn(async move {
+                        t.send(&job).await;
+                        key
+                    });
+                }
+            }
+            if !open && pending == 0 && inflight.is_empty() {
+                return;
+            }
+            tokio::select! {
+                r = rx.recv(), if open && pending < this.queue_size => match r {
+                    Some(job) => {
+                        if this.admit(&job) {
+                            pending += 1;
+                            waiting.entry(job.key.clone()).or_default().push_back(job);
+                        }
+                    }
+                    None => open = false,
+                },
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                    if let Ok(key) = done {
+                        busy.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dedupe and rate limit; counts what it turns away.
+    fn admit(&self, job: &Job) -> bool {
+        let key = if self.templates.has("dedupe_key") {
+            match self.templates.render("dedupe_key", &job.context) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(action = %self.name, error = %e, "cannot render the dedupe key; sending without de-duplication");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let verdict = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(key.as_deref(), Instant::now());
+        match verdict {
+            Admit::Send => true,
+            Admit::Duplicate => {
+                self.counters.deduplicated.fetch_add(1, Relaxed);
+                tracing::debug!(action = %self.name, key = ?key, "duplicate within the dedupe window; not sent");
+                false
+            }
+            Admit::RateLimited => {
+                let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(action = %self.name, rate_limited_total = n, "action over its rate limit; not sent");
+                }
+                false
+            }
+        }
+    }
+
+    /// One event: attempts with backoff until sent or out of retries.
+    async fn send(&self, job: &Job) {
+        let mut attempt = 0u32;
+        loop {
+            let result = match tokio::time::timeout(self.timeout, self.action.fire(job)).await {
+                Ok(r) => r,
+                Err(_) => Err(ActionError::Retriable(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.timeout)
+                ))),
+            };
+            match result {
+                Ok(()) => {
+                    self.counters.sent.fetch_add(1, Relaxed);
+                    tracing::debug!(action = %self.name, key = %job.key, "action sent");
+                    return;
+                }
+                Err(ActionError::Retriable(e)) if attempt < self.retries => {
+                    attempt += 1;
+                    self.counters.retried.fetch_add(1, Relaxed);
+                    let delay = self
+                        .retry_min
+                        .saturating_mul(1u32 << (attempt - 1).min(16))
+                        .min(self.retry_max)
+                        .mul_f64(rand::rng().random_range(0.5..1.0));
+                    tracing::warn!(action = %self.name, key = %job.key, error = %e, attempt, delay_ms = delay.as_millis() as u64, "action failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    self.counters.failed.fetch_add(1, Relaxed);
+                    tracing::error!(action = %self.name, key = %job.key, error = %e, attempts = attempt + 1, "action failed; giving up (the event is still written)");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_allows_n_per_window() {
+        let mut l = Limiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        let t0 = Instant::now();
+        let got: Vec<Admit> = (0..5).map(|_| l.admit(None, Instant::now())).collect();
+        assert_eq!(
+            got,
+            [
+                Admit::Send,
+                Admit::Send,
+                Admit::Send,
+                Admit::RateLimited,
+                Admit::RateLimited
+            ]
+        );
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(l.admit(None, Instant::now()), Admit::RateLimited);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(Instant::now().duration_since(t0), Duration::from_secs(60));
+        assert_eq!(l.admit(None, Instant::now()), Admit::Send);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedupe_sends_a_key_once_per_window() {
+        let mut l = Limiter::new(0, Duration::from_secs(60), Duration::from_secs(300));
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Send);
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Duplicate);
+        assert_eq!(l.admit(Some("b"), Instant::now()), Admit::Send);
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Duplicate);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Send);
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Duplicate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicates_do_not_use_up_the_rate() {
+        let mut l = Limiter::new(2, Duration::from_secs(60), Duration::from_secs(300));
+        assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Send);
+        for _ in 0..10 {
+            assert_eq!(l.admit(Some("a"), Instant::now()), Admit::Duplicate);
+        }
+        assert_eq!(l.admit(Some("b"), Instant::now()), Admit::Send);
+        assert_eq!(l.admit(Some("c"), Instant::now()), Admit::RateLimited);
+        // Rate-limited keys are not remembered: "c" goes once the window passes.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(l.admit(Some("c"), Instant::now()), Admit::Send);
+    }
+
+    /// Records each send; fails the first `fail` attempts of every event.
+    struct Recorder {
+        sent: Mutex<Vec<String>>,
+        fail_first: u32,
+        attempts: Mutex<HashMap<String, u32>>,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl Action for Recorder {
+        async fn fire(&self, job: &Job) -> Result<(), ActionError> {
+            let id = job.context["tag"].as_str().unwrap_or_default().to_owned();
+            let n = {
+                let mut a = self.attempts.lock().expect("lock");
+                let n = a.entry(id.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            tokio::time::sleep(self.delay).await;
+            if n <= self.fail_first {
+                return Err(ActionError::Retriable("not yet".into()));
+            }
+            self.sent.lock().expect("lock").push(id);
+            Ok(())
+        }
+    }
+
+    fn dispatcher(rec: Arc<Recorder>, retries: u32, concurrency: usize) -> (Dispatcher, Arc<ActionCounters>) {
+        let counters = Arc::new(ActionCounters::default());
+        (
+            Dispatcher {
+                name: "t".into(),
+                action: rec,
+                templates: Arc::new(Templates::new(&[]).expect("templates")),
+                limiter: Arc::new(Mutex::new(Limiter::new(0, Duration::from_secs(60), Duration::from_secs(60)))),
+                counters: counters.clone(),
+                timeout: Duration::from_secs(5),
+                retries,
+                retry_min: Duration::from_secs(1),
+                retry_max: Duration::from_secs(10),
+                queue_size: 100,
+                concurrency,
+            },
+            counters,
+        )
+    }
+
+    fn job(key: &str, tag: &str) -> Job {
+        Job {
+            key: key.into(),
+            context: Arc::new(serde_json::json!({ "tag": tag })),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_minion_order_is_kept_under_retries() {
+        let rec = Arc::new(Recorder {
+            sent: Mutex::new(vec![]),
+            fail_first: 1,
+            attempts: Mutex::new(HashMap::new()),
+            delay: Duration::from_millis(10),
+        });
+        let (d, counters) = dispatcher(rec.clone(), 3, 4);
+        let (tx, rx) = mpsc::channel(100);
+        let task = tokio::spawn(d.run(rx));
+        for i in 0..5 {
+            tx.send(job("m1", &format!("m1-{i}"))).await.expect("send");
+            tx.send(job("m2", &format!("m2-{i}"))).await.expect("send");
+        }
+        drop(tx);
+        task.await.expect("dispatcher");
+        let sent = rec.sent.lock().expect("lock").clone();
+        assert_eq!(sent.len(), 10);
+        for m in ["m1", "m2"] {
+            let order: Vec<&String> = sent.iter().filter(|s| s.starts_with(m)).collect();
+            let want: Vec<String> = (0..5).map(|i| format!("{m}-{i}")).collect();
+            assert_eq!(order, want.iter().collect::<Vec<_>>(), "{m} order");
+        }
+        assert_eq!(counters.sent.load(Relaxed), 10);
+        assert_eq!(counters.retried.load(Relaxed), 10);
+        assert_eq!(counters.failed.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_the_retries_and_counts_it() {
+        let rec = Arc::new(Recorder {
+            sent: Mutex::new(vec![]),
+            fail_first: 100,
+            attempts: Mutex::new(HashMap::new()),
+            delay: Duration::ZERO,
+        });
+        let (d, counters) = dispatcher(rec.clone(), 2, 1);
+        let (tx, rx) = mpsc::channel(10);
+        let task = tokio::spawn(d.run(rx));
+        tx.send(job("m", "x")).await.expect("send");
+        drop(tx);
+        task.await.expect("dispatcher");
+        assert_eq!(rec.attempts.lock().expect("lock")["x"], 3);
+        assert_eq!(counters.failed.load(Relaxed), 1);
+        assert_eq!(counters.retried.load(Relaxed), 2);
+        assert_eq!(counters.sent.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_action_times_out_and_is_retried() {
+        let rec = Arc::new(Recorder {
+            sent: Mutex::new(vec![]),
+            fail_first: 0,
+            attempts: Mutex::new(HashMap::new()),
+            delay: Duration::from_secs(30),
+        });
+        let (d, counters) = dispatcher(rec.clone(), 1, 1);
+        let (tx, rx) = mpsc::channel(10);
+        let task = tokio::spawn(d.run(rx));
+        tx.send(job("m", "x")).await.expect("send");
+        drop(tx);
+        task.await.expect("dispatcher");
+        assert_eq!(rec.attempts.lock().expect("lock")["x"], 2);
+        assert_eq!(counters.failed.load(Relaxed), 1);
+        assert_eq!(counters.sent.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn config_checks() {
+        let parse = |t: &str| crate::config::from_str_with_env(t, std::path::Path::new("t"), &[]);
+        let err = parse("[[actions]]\nname = \"a\"\n").expect_err("no kind");
+        assert!(err.to_string().contains("exactly one"), "{err}");
+        let err = parse(
+            "[[actions]]\nname = \"a\"\nbody = \"{{ fun \"\nexec = { command = [\"/bin/true\"] }\n",
+        )
+        .expect_err("bad template");
+        assert!(err.to_string().contains("body template"), "{err}");
+        let err = parse(
+            "[[actions]]\nname = \"a\"\nexec = { command = [\"/bin/true\"] }\n[[actions]]\nname = \"a\"\nexec = { command = [\"/bin/true\"] }\n",
+        )
+        .expect_err("duplicate");
+        assert!(err.to_string().contains("another action"), "{err}");
+        parse("[[actions]]\nname = \"a\"\nwhen = { fun = \"state.*\", success = false }\ndedupe_key = \"{{ fun }}/{{ minion }}\"\nexec = { command = [\"/bin/true\"] }\n").expect("good");
+    }
+}

@@ -1,0 +1,272 @@
+//! Operations: `/metrics` and `/health` for the operator and the monitoring
+//! system, and `saltpipe top` ([`top`]) for a person on the master.
+//!
+//! The figures are the atomic counters of [`crate::stats`], the same ones
+//! `replay` prints and the tests assert. At each scrape they are copied into
+//! a `metrics-exporter-prometheus` recorder that belongs to this listener
+//! (a local recorder, not the process-global one, so several pipelines in
+//! one test process never mix their numbers) and rendered in Prometheus'
+//! text format. The hot path never touches a metrics registry.
+//!
+//! The listener binds 127.0.0.1:9273 by default: the figures name minions
+//! and functions, which are nobody else's business; expose it on purpose.
+
+use crate::config::ConfigError;
+use crate::source::now_ms;
+use crate::stats::Stats;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub mod top;
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` and `/health`.
+    pub enabled: bool,
+    /// Where; loopback by default.
+    pub listen: SocketAddr,
+}
+
+/// The default `[metrics] listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9273";
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9273)),
+        }
+    }
+}
+
+impl MetricsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("cannot listen on {addr} for /metrics: {source} (set [metrics] listen, or enabled = false)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {url}: {message}")]
+    Scrape { url: String, message: String },
+    #[error("terminal: {0}")]
+    Terminal(#[from] std::io::Error),
+}
+
+struct AppState {
+    stats: Arc<Stats>,
+    recorder: PrometheusRecorder,
+}
+
+/// Binds the listener (I/O) and serves until `shutdown`. Returns the bound
+/// address (useful with port 0) and the server task.
+pub async fn serve(
+    cfg: &MetricsConfig,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<()>), OpsError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| OpsError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| OpsError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let state = Arc::new(AppState {
+        stats,
+        recorder: PrometheusBuilder::new().build_recorder(),
+    });
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/health", axum::routing::get(health))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "the /metrics listener stopped");
+        }
+    });
+    tracing::info!(%addr, "serving /metrics and /health");
+    Ok((addr, task))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    metrics::with_local_recorder(&st.recorder, || publish(&st.stats));
+    let handle = st.recorder.handle();
+    handle.run_upkeep();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+}
+
+/// `/health`: why the process is or is not doing its job.
+pub fn health_of(stats: &Stats) -> (bool, serde_json::Value) {
+    let mut reasons = Vec::new();
+    let bus = stats.bus_connected();
+    if stats.bus_expected.load(Relaxed) && !bus {
+        reasons.push("not connected to the event bus".to_owned());
+    }
+    let running = stats.workers_running.load(Relaxed);
+    let expected = stats.workers_expected.load(Relaxed);
+    if running < expected {
+        reasons.push(format!("{running} of {expected} workers running"));
+    }
+    let ok = reasons.is_empty();
+    (
+        ok,
+        serde_json::json!({
+            "status": if ok { "ok" } else { "unhealthy" },
+            "reasons": reasons,
+            "bus_connected": bus,
+            "workers_running": running,
+            "workers_expected": expected,
+        }),
+    )
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let (ok, body) = health_of(&st.stats);
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body))
+}
+
+/// Copies every counter into the current (local) recorder.
+fn publish(s: &Stats) {
+    use metrics::{counter, describe_counter, describe_gauge, gauge};
+    let c = |name: &'static str, help: &'static str, v: u64| {
+        describe_counter!(name, help);
+        counter!(name).absolute(v);
+    };
+    c("saltpipe_bus_bytes_read_total", "Bytes read from the event bus.", s.bytes_read.load(Relaxed));
+    c("saltpipe_frames_total", "Frames (events) read from the bus.", s.frames.load(Relaxed));
+    c("saltpipe_frames_malformed_total", "Bus data that was not an event, skipped.", s.malformed.load(Relaxed));
+    c("saltpipe_frames_oversized_total", "Events over source.max_frame, skipped.", s.oversized.load(Relaxed));
+    c("saltpipe_events_kept_total", "Events the rules kept.", s.kept.load(Relaxed));
+    describe_counter!("saltpipe_events_dropped_total", "Events the rules dropped, by reason.");
+    for r in crate::rules::DropReason::ALL {
+        counter!("saltpipe_events_dropped_total", "reason" => r.as_str())
+            .absolute(s.dropped[r.index()].load(Relaxed));
+    }
+    c("saltpipe_events_overflow_dropped_total", "Kept events dropped because the queue could not keep up.", s.overflow_dropped.load(Relaxed));
+    c("saltpipe_bus_connects_total", "Connections made to the event bus.", s.connects.load(Relaxed));
+    c("saltpipe_bus_disconnects_total", "Connections to the bus lost (each a possible gap).", s.disconnects.load(Relaxed));
+    describe_gauge!("saltpipe_bus_connected", "1 while connected to the event bus.");
+    gauge!("saltpipe_bus_connected").set(if s.bus_connected() { 1.0 } else { 0.0 });
+    c("saltpipe_queue_pushed_total", "Events stored in the durable queue.", s.queued.load(Relaxed));
+    c("saltpipe_queue_errors_total", "Failed queue writes (retried).", s.queue_errors.load(Relaxed));
+    c("saltpipe_events_delivered_total", "Events workers pulled from the queue.", s.delivered.load(Relaxed));
+    c("saltpipe_events_acked_total", "Events written and acknowledged.", s.acked.load(Relaxed));
+    c("saltpipe_batches_total", "Batches written (one transaction each).", s.batches.load(Relaxed));
+    c("saltpipe_batch_events_sum", "Events in all batches written; divide by saltpipe_batches_total for the mean batch size.", s.batch_events.load(Relaxed));
+    describe_counter!("saltpipe_rows_written_total", "Rows inserted, by table.");
+    counter!("saltpipe_rows_written_total", "table" => "salt_returns").absolute(s.returns_written.load(Relaxed));
+    counter!("saltpipe_rows_written_total", "table" => "jids").absolute(s.jids_written.load(Relaxed));
+    counter!("saltpipe_rows_written_total", "table" => "salt_events").absolute(s.events_written.load(Relaxed));
+    c("saltpipe_rows_ignored_total", "Rows already present (redelivery, duplicates).", s.rows_ignored.load(Relaxed));
+    c("saltpipe_sink_retries_total", "Batch writes that failed and were retried.", s.sink_retries.load(Relaxed));
+    c("saltpipe_sink_errors_total", "Batch writes refused for good (narrowed down to one row).", s.sink_failures.load(Relaxed));
+    c("saltpipe_dead_letters_total", "Events set aside in the dead-letter table.", s.dead_letters.load(Relaxed));
+    c("saltpipe_sink_latency_microseconds_total", "Time spent writing batches; divide by saltpipe_batches_total for the mean.", s.sink_latency_us_total.load(Relaxed));
+    describe_gauge!("saltpipe_workers_running", "Workers running.");
+    gauge!("saltpipe_workers_running").set(s.workers_running.load(Relaxed) as f64);
+    let now = now_ms();
+    let oldest = s.oldest_unacked_ms.load(Relaxed);
+    describe_gauge!("saltpipe_oldest_unacked_age_seconds", "Age of the oldest event read but not yet written (0 when caught up).");
+    gauge!("saltpipe_oldest_unacked_age_seconds").set(age(now, oldest));
+    describe_gauge!("saltpipe_queue_depth", "Events waiting in each queue.");
+    for (q, d) in s.queue_depths.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        gauge!("saltpipe_queue_depth", "queue" => q.clone()).set(*d as f64);
+    }
+    describe_gauge!("saltpipe_queue_oldest_age_seconds", "Age of the oldest event of each queue not yet written (0 when caught up).");
+    for (q, t) in s.queue_oldest_ms.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        gauge!("saltpipe_queue_oldest_age_seconds", "queue" => q.clone()).set(age(now, *t));
+    }
+    describe_counter!("saltpipe_action_results_total", "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated.");
+    for (name, a) in s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (outcome, v) in a.outcomes() {
+            counter!("saltpipe_action_results_total", "action" => name.clone(), "outcome" => outcome).absolute(v);
+        }
+    }
+    c("saltpipe_config_reloads_total", "Configuration reloads (SIGHUP) applied.", s.reloads.load(Relaxed));
+    c("saltpipe_config_reload_failures_total", "Reloads refused (invalid config; the old one stays).", s.reload_failures.load(Relaxed));
+}
+
+fn age(now: i64, then_ms: i64) -> f64 {
+    if then_ms <= 0 {
+        0.0
+    } else {
+        (now - then_ms).max(0) as f64 / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_and_health_over_http() {
+        let stats = Arc::new(Stats::default());
+        stats.frames.store(44, Relaxed);
+        stats.count_drop(crate::rules::DropReason::FindJob);
+        stats.action("page").sent.store(3, Relaxed);
+        stats.set_queue_depth("default", 7, 0);
+        stats.bus_expected.store(true, Relaxed);
+        let stop = CancellationToken::new();
+        let cfg = MetricsConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+        };
+        let (addr, task) = serve(&cfg, stats.clone(), stop.clone()).await.expect("serve");
+        let base = format!("http://{addr}");
+        crate::tls::install_ring();
+        let client = reqwest::Client::new();
+        let text = client.get(format!("{base}/metrics")).send().await.expect("get").text().await.expect("text");
+        let m = top::parse(&text);
+        assert_eq!(m.get("saltpipe_frames_total", &[]), Some(44.0), "{text}");
+        assert_eq!(m.get("saltpipe_events_dropped_total", &[("reason", "find_job")]), Some(1.0));
+        assert_eq!(m.get("saltpipe_action_results_total", &[("action", "page"), ("outcome", "sent")]), Some(3.0));
+        assert_eq!(m.get("saltpipe_queue_depth", &[("queue", "default")]), Some(7.0));
+        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 503, "no bus connection yet");
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert!(body["reasons"][0].as_str().unwrap_or_default().contains("bus"), "{body}");
+        stats.connects.store(1, Relaxed);
+        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 200);
+        stats.workers_expected.store(2, Relaxed);
+        stats.workers_running.store(1, Relaxed);
+        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 503);
+        stop.cancel();
+        task.await.expect("server");
+    }
+}
