@@ -205,7 +205,9 @@ fn reload_on_sighup(
                 .map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
             match config::load(path.as_deref()) {
                 Ok(l) => match reloader.apply(&l.config) {
-                    Ok(()) => tracing::info!(config = %shown, rules = l.config.rules.rule.len(), actions = l.config.actions.len(), "SIGHUP: rules and actions reloaded (other settings change at restart)"),
+                    Ok(()) => {
+                        tracing::info!(config = %shown, rules = l.config.rules.rule.len(), actions = l.config.actions.len(), "SIGHUP: rules and actions reloaded (other settings change at restart)")
+                    }
                     Err(e) => {
                         stats.reload_failures.fetch_add(1, Relaxed);
                         tracing::error!(config = %shown, error = %e, "SIGHUP: reload refused; the running rules and actions stay");

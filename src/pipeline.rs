@@ -56,7 +56,9 @@ pub struct Hooks {
 /// Why a reload was refused (the running config stays).
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("rules route to queue `{0}`, which this process does not consume yet; restart to add a queue")]
+    #[error(
+        "rules route to queue `{0}`, which this process does not consume yet; restart to add a queue"
+    )]
     NewQueue(String),
     #[error("actions: {0}")]
     Action(#[from] ActionError),
@@ -116,7 +118,11 @@ impl Reloader {
     pub fn apply(&self, cfg: &Config) -> Result<(), ReloadError> {
         if self.rules.is_some() && self.actions.is_some() {
             // In `run`, a rule routing to a queue no worker reads would strand events.
-            if let Some(q) = cfg.queue_names().into_iter().find(|q| !self.queues.contains(q)) {
+            if let Some(q) = cfg
+                .queue_names()
+                .into_iter()
+                .find(|q| !self.queues.contains(q))
+            {
                 return Err(ReloadError::NewQueue(q));
             }
         }

@@ -138,7 +138,10 @@ impl Stats {
         let mut d = self.queue_depths.lock().unwrap_or_else(|p| p.into_inner());
         d.insert(queue.to_owned(), depth);
         drop(d);
-        let mut o = self.queue_oldest_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut o = self
+            .queue_oldest_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         o.insert(queue.to_owned(), oldest_ms);
     }
 

@@ -47,10 +47,7 @@ async fn endpoint(
     UrlPath(path): UrlPath<String>,
     body: String,
 ) -> StatusCode {
-    rx.posts
-        .lock()
-        .expect("lock")
-        .push((path.clone(), body));
+    rx.posts.lock().expect("lock").push((path.clone(), body));
     if path.starts_with("fail") {
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
@@ -200,9 +197,17 @@ webhook = {{ url = "{base}/rate" }}
             let v: serde_json::Value = serde_json::from_str(b).expect("JSON body");
             assert_eq!(
                 v["text"],
-                format!("{} failed on {}", v["fun"].as_str().expect("fun"), v["minion"].as_str().expect("minion"))
+                format!(
+                    "{} failed on {}",
+                    v["fun"].as_str().expect("fun"),
+                    v["minion"].as_str().expect("minion")
+                )
             );
-            assert_eq!(v["jid"].as_str().map(str::len), Some(20), "data.* available: {b}");
+            assert_eq!(
+                v["jid"].as_str().map(str::len),
+                Some(20),
+                "data.* available: {b}"
+            );
             (
                 v["fun"].as_str().expect("fun").to_owned(),
                 v["minion"].as_str().expect("minion").to_owned(),
@@ -356,8 +361,16 @@ impl Smtp {
             .arg(root.join("scripts/smtp-venv.sh"))
             .output()
             .expect("smtp-venv.sh");
-        assert!(venv.status.success(), "{}", String::from_utf8_lossy(&venv.stderr));
-        let venv = String::from_utf8_lossy(&venv.stdout).lines().last().expect("venv path").to_owned();
+        assert!(
+            venv.status.success(),
+            "{}",
+            String::from_utf8_lossy(&venv.stderr)
+        );
+        let venv = String::from_utf8_lossy(&venv.stdout)
+            .lines()
+            .last()
+            .expect("venv path")
+            .to_owned();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = std::process::Command::new(Path::new(&venv).join("bin/python"))
             .arg(root.join("scripts/smtp-sink.py"))
@@ -432,15 +445,26 @@ email = {{ host = "127.0.0.1", port = {port}, tls = "none", username = "saltpipe
     assert_eq!(msgs.len(), 4, "{msgs:?}");
     let subjects: BTreeSet<String> = msgs
         .iter()
-        .filter_map(|m| m.lines().find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned)))
+        .filter_map(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        })
         .collect();
     let want: BTreeSet<String> = failed_returns()
         .into_iter()
         .map(|(f, m, _)| format!("{f} failed on {m}"))
         .collect();
     assert_eq!(subjects, want);
-    assert!(msgs.iter().all(|m| m.contains("To: ops@example.org, oncall@example.org")), "{msgs:?}");
-    assert!(msgs.iter().any(|m| m.contains("state.apply on minion-1 returned 2")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .all(|m| m.contains("To: ops@example.org, oncall@example.org")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("state.apply on minion-1 returned 2")),
+        "{msgs:?}"
+    );
     assert_eq!(outcome(&stats, "mail", "sent"), 4);
     // A refused login is permanent: no retries.
     assert_eq!(outcome(&stats, "bad-password", "failed"), 4);

@@ -79,7 +79,10 @@ impl Action for Exec {
         if out.status.success() {
             return Ok(());
         }
-        let stderr: String = String::from_utf8_lossy(&out.stderr).chars().take(300).collect();
+        let stderr: String = String::from_utf8_lossy(&out.stderr)
+            .chars()
+            .take(300)
+            .collect();
         Err(ActionError::Retriable(format!(
             "{program} exited with {}: {}",
             out.status,

@@ -97,13 +97,19 @@ pub struct ActionConfig {
     /// At most this many sends per `rate_window`; 0 means no limit.
     #[serde(default = "defaults::rate_limit")]
     pub rate_limit: u32,
-    #[serde(default = "defaults::rate_window", deserialize_with = "human::duration")]
+    #[serde(
+        default = "defaults::rate_window",
+        deserialize_with = "human::duration"
+    )]
     pub rate_window: Duration,
     /// Template of the de-duplication key, e.g. `"{{ fun }}/{{ minion }}"`;
     /// none: every event is sent.
     #[serde(default)]
     pub dedupe_key: Option<String>,
-    #[serde(default = "defaults::dedupe_window", deserialize_with = "human::duration")]
+    #[serde(
+        default = "defaults::dedupe_window",
+        deserialize_with = "human::duration"
+    )]
     pub dedupe_window: Duration,
     /// Events waiting for this action; past it, new ones are dropped (counted).
     #[serde(default = "defaults::queue_size")]
@@ -233,7 +239,9 @@ impl ActionConfig {
             return Err(invalid("rate_window must be above zero".into()));
         }
         if self.queue_size == 0 || self.concurrency == 0 {
-            return Err(invalid("queue_size and concurrency must be at least 1".into()));
+            return Err(invalid(
+                "queue_size and concurrency must be at least 1".into(),
+            ));
         }
         self.templates().map_err(invalid)?;
         #[cfg(feature = "action-webhook")]
@@ -242,7 +250,9 @@ impl ActionConfig {
         }
         #[cfg(not(feature = "action-webhook"))]
         if self.webhook.is_some() {
-            return Err(invalid("this build has no webhook actions (cargo feature action-webhook)".into()));
+            return Err(invalid(
+                "this build has no webhook actions (cargo feature action-webhook)".into(),
+            ));
         }
         #[cfg(feature = "action-email")]
         if let Some(e) = &self.email {
@@ -250,7 +260,9 @@ impl ActionConfig {
         }
         #[cfg(not(feature = "action-email"))]
         if self.email.is_some() {
-            return Err(invalid("this build has no email actions (cargo feature action-email)".into()));
+            return Err(invalid(
+                "this build has no email actions (cargo feature action-email)".into(),
+            ));
         }
         #[cfg(feature = "action-exec")]
         if let Some(x) = &self.exec {
@@ -258,7 +270,9 @@ impl ActionConfig {
         }
         #[cfg(not(feature = "action-exec"))]
         if self.exec.is_some() {
-            return Err(invalid("this build has no exec actions (cargo feature action-exec)".into()));
+            return Err(invalid(
+                "this build has no exec actions (cargo feature action-exec)".into(),
+            ));
         }
         Ok(())
     }
@@ -306,7 +320,10 @@ pub fn validate_all(actions: &[ActionConfig]) -> Result<(), ConfigError> {
     for (i, a) in actions.iter().enumerate() {
         let key = format!("actions[{i}] ({})", a.name);
         if a.name.is_empty() {
-            return Err(ConfigError::invalid(format!("actions[{i}]"), "needs a name"));
+            return Err(ConfigError::invalid(
+                format!("actions[{i}]"),
+                "needs a name",
+            ));
         }
         if !names.insert(a.name.as_str()) {
             return Err(ConfigError::invalid(key, "another action has this name"));
@@ -467,11 +484,7 @@ impl ActionSet {
                 }
                 let j = job
                     .get_or_insert_with(|| Job {
-                        key: e
-                            .fields
-                            .minion
-                            .clone()
-                            .unwrap_or_else(|| e.partition_key()),
+                        key: e.fields.minion.clone().unwrap_or_else(|| e.partition_key()),
                         context: Arc::new(context(e)),
                     })
                     .clone();
@@ -794,14 +807,22 @@ mod tests {
         }
     }
 
-    fn dispatcher(rec: Arc<Recorder>, retries: u32, concurrency: usize) -> (Dispatcher, Arc<ActionCounters>) {
+    fn dispatcher(
+        rec: Arc<Recorder>,
+        retries: u32,
+        concurrency: usize,
+    ) -> (Dispatcher, Arc<ActionCounters>) {
         let counters = Arc::new(ActionCounters::default());
         (
             Dispatcher {
                 name: "t".into(),
                 action: rec,
                 templates: Arc::new(Templates::new(&[]).expect("templates")),
-                limiter: Arc::new(Mutex::new(Limiter::new(0, Duration::from_secs(60), Duration::from_secs(60)))),
+                limiter: Arc::new(Mutex::new(Limiter::new(
+                    0,
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                ))),
                 counters: counters.clone(),
                 timeout: Duration::from_secs(5),
                 retries,

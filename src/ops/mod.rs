@@ -57,7 +57,9 @@ impl MetricsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
-    #[error("cannot listen on {addr} for /metrics: {source} (set [metrics] listen, or enabled = false)")]
+    #[error(
+        "cannot listen on {addr} for /metrics: {source} (set [metrics] listen, or enabled = false)"
+    )]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -166,58 +168,170 @@ fn publish(s: &Stats) {
         describe_counter!(name, help);
         counter!(name).absolute(v);
     };
-    c("saltpipe_bus_bytes_read_total", "Bytes read from the event bus.", s.bytes_read.load(Relaxed));
-    c("saltpipe_frames_total", "Frames (events) read from the bus.", s.frames.load(Relaxed));
-    c("saltpipe_frames_malformed_total", "Bus data that was not an event, skipped.", s.malformed.load(Relaxed));
-    c("saltpipe_frames_oversized_total", "Events over source.max_frame, skipped.", s.oversized.load(Relaxed));
-    c("saltpipe_events_kept_total", "Events the rules kept.", s.kept.load(Relaxed));
-    describe_counter!("saltpipe_events_dropped_total", "Events the rules dropped, by reason.");
+    c(
+        "saltpipe_bus_bytes_read_total",
+        "Bytes read from the event bus.",
+        s.bytes_read.load(Relaxed),
+    );
+    c(
+        "saltpipe_frames_total",
+        "Frames (events) read from the bus.",
+        s.frames.load(Relaxed),
+    );
+    c(
+        "saltpipe_frames_malformed_total",
+        "Bus data that was not an event, skipped.",
+        s.malformed.load(Relaxed),
+    );
+    c(
+        "saltpipe_frames_oversized_total",
+        "Events over source.max_frame, skipped.",
+        s.oversized.load(Relaxed),
+    );
+    c(
+        "saltpipe_events_kept_total",
+        "Events the rules kept.",
+        s.kept.load(Relaxed),
+    );
+    describe_counter!(
+        "saltpipe_events_dropped_total",
+        "Events the rules dropped, by reason."
+    );
     for r in crate::rules::DropReason::ALL {
         counter!("saltpipe_events_dropped_total", "reason" => r.as_str())
             .absolute(s.dropped[r.index()].load(Relaxed));
     }
-    c("saltpipe_events_overflow_dropped_total", "Kept events dropped because the queue could not keep up.", s.overflow_dropped.load(Relaxed));
-    c("saltpipe_bus_connects_total", "Connections made to the event bus.", s.connects.load(Relaxed));
-    c("saltpipe_bus_disconnects_total", "Connections to the bus lost (each a possible gap).", s.disconnects.load(Relaxed));
-    describe_gauge!("saltpipe_bus_connected", "1 while connected to the event bus.");
+    c(
+        "saltpipe_events_overflow_dropped_total",
+        "Kept events dropped because the queue could not keep up.",
+        s.overflow_dropped.load(Relaxed),
+    );
+    c(
+        "saltpipe_bus_connects_total",
+        "Connections made to the event bus.",
+        s.connects.load(Relaxed),
+    );
+    c(
+        "saltpipe_bus_disconnects_total",
+        "Connections to the bus lost (each a possible gap).",
+        s.disconnects.load(Relaxed),
+    );
+    describe_gauge!(
+        "saltpipe_bus_connected",
+        "1 while connected to the event bus."
+    );
     gauge!("saltpipe_bus_connected").set(if s.bus_connected() { 1.0 } else { 0.0 });
-    c("saltpipe_queue_pushed_total", "Events stored in the durable queue.", s.queued.load(Relaxed));
-    c("saltpipe_queue_errors_total", "Failed queue writes (retried).", s.queue_errors.load(Relaxed));
-    c("saltpipe_events_delivered_total", "Events workers pulled from the queue.", s.delivered.load(Relaxed));
-    c("saltpipe_events_acked_total", "Events written and acknowledged.", s.acked.load(Relaxed));
-    c("saltpipe_batches_total", "Batches written (one transaction each).", s.batches.load(Relaxed));
-    c("saltpipe_batch_events_sum", "Events in all batches written; divide by saltpipe_batches_total for the mean batch size.", s.batch_events.load(Relaxed));
+    c(
+        "saltpipe_queue_pushed_total",
+        "Events stored in the durable queue.",
+        s.queued.load(Relaxed),
+    );
+    c(
+        "saltpipe_queue_errors_total",
+        "Failed queue writes (retried).",
+        s.queue_errors.load(Relaxed),
+    );
+    c(
+        "saltpipe_events_delivered_total",
+        "Events workers pulled from the queue.",
+        s.delivered.load(Relaxed),
+    );
+    c(
+        "saltpipe_events_acked_total",
+        "Events written and acknowledged.",
+        s.acked.load(Relaxed),
+    );
+    c(
+        "saltpipe_batches_total",
+        "Batches written (one transaction each).",
+        s.batches.load(Relaxed),
+    );
+    c(
+        "saltpipe_batch_events_sum",
+        "Events in all batches written; divide by saltpipe_batches_total for the mean batch size.",
+        s.batch_events.load(Relaxed),
+    );
     describe_counter!("saltpipe_rows_written_total", "Rows inserted, by table.");
-    counter!("saltpipe_rows_written_total", "table" => "salt_returns").absolute(s.returns_written.load(Relaxed));
-    counter!("saltpipe_rows_written_total", "table" => "jids").absolute(s.jids_written.load(Relaxed));
-    counter!("saltpipe_rows_written_total", "table" => "salt_events").absolute(s.events_written.load(Relaxed));
-    c("saltpipe_rows_ignored_total", "Rows already present (redelivery, duplicates).", s.rows_ignored.load(Relaxed));
-    c("saltpipe_sink_retries_total", "Batch writes that failed and were retried.", s.sink_retries.load(Relaxed));
-    c("saltpipe_sink_errors_total", "Batch writes refused for good (narrowed down to one row).", s.sink_failures.load(Relaxed));
-    c("saltpipe_dead_letters_total", "Events set aside in the dead-letter table.", s.dead_letters.load(Relaxed));
-    c("saltpipe_sink_latency_microseconds_total", "Time spent writing batches; divide by saltpipe_batches_total for the mean.", s.sink_latency_us_total.load(Relaxed));
+    counter!("saltpipe_rows_written_total", "table" => "salt_returns")
+        .absolute(s.returns_written.load(Relaxed));
+    counter!("saltpipe_rows_written_total", "table" => "jids")
+        .absolute(s.jids_written.load(Relaxed));
+    counter!("saltpipe_rows_written_total", "table" => "salt_events")
+        .absolute(s.events_written.load(Relaxed));
+    c(
+        "saltpipe_rows_ignored_total",
+        "Rows already present (redelivery, duplicates).",
+        s.rows_ignored.load(Relaxed),
+    );
+    c(
+        "saltpipe_sink_retries_total",
+        "Batch writes that failed and were retried.",
+        s.sink_retries.load(Relaxed),
+    );
+    c(
+        "saltpipe_sink_errors_total",
+        "Batch writes refused for good (narrowed down to one row).",
+        s.sink_failures.load(Relaxed),
+    );
+    c(
+        "saltpipe_dead_letters_total",
+        "Events set aside in the dead-letter table.",
+        s.dead_letters.load(Relaxed),
+    );
+    c(
+        "saltpipe_sink_latency_microseconds_total",
+        "Time spent writing batches; divide by saltpipe_batches_total for the mean.",
+        s.sink_latency_us_total.load(Relaxed),
+    );
     describe_gauge!("saltpipe_workers_running", "Workers running.");
     gauge!("saltpipe_workers_running").set(s.workers_running.load(Relaxed) as f64);
     let now = now_ms();
     let oldest = s.oldest_unacked_ms.load(Relaxed);
-    describe_gauge!("saltpipe_oldest_unacked_age_seconds", "Age of the oldest event read but not yet written (0 when caught up).");
+    describe_gauge!(
+        "saltpipe_oldest_unacked_age_seconds",
+        "Age of the oldest event read but not yet written (0 when caught up)."
+    );
     gauge!("saltpipe_oldest_unacked_age_seconds").set(age(now, oldest));
     describe_gauge!("saltpipe_queue_depth", "Events waiting in each queue.");
-    for (q, d) in s.queue_depths.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    for (q, d) in s
+        .queue_depths
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
         gauge!("saltpipe_queue_depth", "queue" => q.clone()).set(*d as f64);
     }
-    describe_gauge!("saltpipe_queue_oldest_age_seconds", "Age of the oldest event of each queue not yet written (0 when caught up).");
-    for (q, t) in s.queue_oldest_ms.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    describe_gauge!(
+        "saltpipe_queue_oldest_age_seconds",
+        "Age of the oldest event of each queue not yet written (0 when caught up)."
+    );
+    for (q, t) in s
+        .queue_oldest_ms
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
         gauge!("saltpipe_queue_oldest_age_seconds", "queue" => q.clone()).set(age(now, *t));
     }
-    describe_counter!("saltpipe_action_results_total", "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated.");
+    describe_counter!(
+        "saltpipe_action_results_total",
+        "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated."
+    );
     for (name, a) in s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         for (outcome, v) in a.outcomes() {
             counter!("saltpipe_action_results_total", "action" => name.clone(), "outcome" => outcome).absolute(v);
         }
     }
-    c("saltpipe_config_reloads_total", "Configuration reloads (SIGHUP) applied.", s.reloads.load(Relaxed));
-    c("saltpipe_config_reload_failures_total", "Reloads refused (invalid config; the old one stays).", s.reload_failures.load(Relaxed));
+    c(
+        "saltpipe_config_reloads_total",
+        "Configuration reloads (SIGHUP) applied.",
+        s.reloads.load(Relaxed),
+    );
+    c(
+        "saltpipe_config_reload_failures_total",
+        "Reloads refused (invalid config; the old one stays).",
+        s.reload_failures.load(Relaxed),
+    );
 }
 
 fn age(now: i64, then_ms: i64) -> f64 {
@@ -245,26 +359,65 @@ mod tests {
             enabled: true,
             listen: "127.0.0.1:0".parse().expect("addr"),
         };
-        let (addr, task) = serve(&cfg, stats.clone(), stop.clone()).await.expect("serve");
+        let (addr, task) = serve(&cfg, stats.clone(), stop.clone())
+            .await
+            .expect("serve");
         let base = format!("http://{addr}");
         crate::tls::install_ring();
         let client = reqwest::Client::new();
-        let text = client.get(format!("{base}/metrics")).send().await.expect("get").text().await.expect("text");
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text");
         let m = top::parse(&text);
         assert_eq!(m.get("saltpipe_frames_total", &[]), Some(44.0), "{text}");
-        assert_eq!(m.get("saltpipe_events_dropped_total", &[("reason", "find_job")]), Some(1.0));
-        assert_eq!(m.get("saltpipe_action_results_total", &[("action", "page"), ("outcome", "sent")]), Some(3.0));
-        assert_eq!(m.get("saltpipe_queue_depth", &[("queue", "default")]), Some(7.0));
-        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        assert_eq!(
+            m.get("saltpipe_events_dropped_total", &[("reason", "find_job")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.get(
+                "saltpipe_action_results_total",
+                &[("action", "page"), ("outcome", "sent")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            m.get("saltpipe_queue_depth", &[("queue", "default")]),
+            Some(7.0)
+        );
+        let r = client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .expect("get");
         assert_eq!(r.status().as_u16(), 503, "no bus connection yet");
         let body: serde_json::Value = r.json().await.expect("json");
-        assert!(body["reasons"][0].as_str().unwrap_or_default().contains("bus"), "{body}");
+        assert!(
+            body["reasons"][0]
+                .as_str()
+                .unwrap_or_default()
+                .contains("bus"),
+            "{body}"
+        );
         stats.connects.store(1, Relaxed);
-        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        let r = client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .expect("get");
         assert_eq!(r.status().as_u16(), 200);
         stats.workers_expected.store(2, Relaxed);
         stats.workers_running.store(1, Relaxed);
-        let r = client.get(format!("{base}/health")).send().await.expect("get");
+        let r = client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .expect("get");
         assert_eq!(r.status().as_u16(), 503);
         stop.cancel();
         task.await.expect("server");

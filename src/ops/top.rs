@@ -111,7 +111,9 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Scrape, OpsError> 
 pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String {
     let rate = |name: &str| -> String {
         match before {
-            Some((b, dt)) if dt > 0.0 => format!("{:>10.1}/s", (now.sum(name) - b.sum(name)).max(0.0) / dt),
+            Some((b, dt)) if dt > 0.0 => {
+                format!("{:>10.1}/s", (now.sum(name) - b.sum(name)).max(0.0) / dt)
+            }
             _ => format!("{:>12}", "-"),
         }
     };
@@ -120,7 +122,11 @@ pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String
     let _ = writeln!(
         o,
         "saltpipe top  {url}  bus: {}  workers: {}",
-        if connected { "connected" } else { "NOT connected" },
+        if connected {
+            "connected"
+        } else {
+            "NOT connected"
+        },
         now.sum("saltpipe_workers_running")
     );
     let _ = writeln!(o);
@@ -165,7 +171,10 @@ pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String
         ("bus disconnects", "saltpipe_bus_disconnects_total"),
         ("malformed frames", "saltpipe_frames_malformed_total"),
         ("oversized frames", "saltpipe_frames_oversized_total"),
-        ("queue overflow drops", "saltpipe_events_overflow_dropped_total"),
+        (
+            "queue overflow drops",
+            "saltpipe_events_overflow_dropped_total",
+        ),
         ("queue write errors", "saltpipe_queue_errors_total"),
         ("sink retries", "saltpipe_sink_retries_total"),
         ("sink errors", "saltpipe_sink_errors_total"),
@@ -183,7 +192,11 @@ pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String
         );
         let mut names: Vec<&str> = series
             .iter()
-            .filter_map(|(l, _)| l.iter().find(|(k, _)| k == "action").map(|(_, v)| v.as_str()))
+            .filter_map(|(l, _)| {
+                l.iter()
+                    .find(|(k, _)| k == "action")
+                    .map(|(_, v)| v.as_str())
+            })
             .collect();
         names.dedup();
         for a in names {
@@ -238,7 +251,10 @@ pub async fn run(url: &str, interval: Duration, count: Option<u64>) -> Result<()
                 previous = Some((now, t));
                 s
             }
-            Err(e) => format!("saltpipe top  {url}\n\n{e}\n\nretrying every {}s\n", interval.as_secs_f64()),
+            Err(e) => format!(
+                "saltpipe top  {url}\n\n{e}\n\nretrying every {}s\n",
+                interval.as_secs_f64()
+            ),
         };
         // Home, draw, clear what is left of the old screen.
         let frame = screen.replace('\n', "\x1b[K\n");
@@ -270,7 +286,10 @@ mod tests {
         assert_eq!(s.get("saltpipe_frames_total", &[]), Some(12.0));
         assert_eq!(s.sum("saltpipe_events_dropped_total"), 5.0);
         assert_eq!(
-            s.get("saltpipe_action_results_total", &[("outcome", "sent"), ("action", "a")]),
+            s.get(
+                "saltpipe_action_results_total",
+                &[("outcome", "sent"), ("action", "a")]
+            ),
             Some(5.0)
         );
         let screen = render("u", &s, Some((&Scrape::default(), 2.0)));
