@@ -141,14 +141,17 @@ impl Drop for Sandbox {
     }
 }
 
+/// (path, JSON body) of each POST received.
+type Posts = Arc<Mutex<Vec<(String, Value)>>>;
+
 /// An HTTP server for the webhook actions, on its own runtime thread.
 struct Hooks {
     port: u16,
-    posts: Arc<Mutex<Vec<(String, Value)>>>,
+    posts: Posts,
 }
 
 fn hook_server() -> Hooks {
-    let posts: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let posts: Posts = Arc::default();
     let p = posts.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -160,7 +163,7 @@ fn hook_server() -> Hooks {
             .expect("rt");
         rt.block_on(async move {
             async fn h(
-                State(p): State<Arc<Mutex<Vec<(String, Value)>>>>,
+                State(p): State<Posts>,
                 UrlPath(path): UrlPath<String>,
                 body: String,
             ) -> &'static str {

@@ -14,10 +14,13 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
+/// A series' labels, as (name, value) pairs.
+type Labels = Vec<(String, String)>;
+
 /// One scrape: `name` → (labels → value).
 #[derive(Debug, Default, Clone)]
 pub struct Scrape {
-    series: BTreeMap<String, Vec<(Vec<(String, String)>, f64)>>,
+    series: BTreeMap<String, Vec<(Labels, f64)>>,
 }
 
 impl Scrape {
