@@ -363,6 +363,13 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
         cfg.rules.drop_redundant,
         cfg.rules.dedupe_returns
     );
+    if cfg.metrics.enabled {
+        println!("  metrics: http://{}/metrics and /health", cfg.metrics.listen);
+    } else {
+        println!("  metrics: off");
+    }
+    let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
+    println!("  actions: {} ({})", names.len(), names.join(", "));
     if no_connect {
         return Ok(exit::OK);
     }

@@ -106,7 +106,7 @@ impl Action for Webhook {
             .body(body)
             .send()
             .await
-            .map_err(|e| ActionError::Retriable(format!("POST {}: {e}", self.url)))?;
+            .map_err(|e| ActionError::Retriable(format!("POST {}: {}", self.url, chain(&e))))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -125,4 +125,17 @@ impl Action for Webhook {
             Err(ActionError::Permanent(msg))
         }
     }
+}
+
+/// An error with its causes: reqwest's own message ("error sending
+/// request") hides the useful part (connection refused, timed out).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
