@@ -64,20 +64,30 @@ fn bench(c: &mut Criterion) {
     let exec = "exec = { command = [\"true\"] }\nrate_limit = 1\nrate_window = \"1h\"\nqueue_size = 100000\n";
     let none = Actions::start(&[], &stats).expect("none");
     let miss = Actions::start(
-        &actions(&format!("[[actions]]\nname = \"miss\"\nwhen = {{ success = false }}\n{exec}")),
+        &actions(&format!(
+            "[[actions]]\nname = \"miss\"\nwhen = {{ success = false }}\n{exec}"
+        )),
         &stats,
     )
     .expect("miss");
     let hit = Actions::start(
-        &actions(&format!("[[actions]]\nname = \"hit\"\nwhen = {{ fun = \"state.*\" }}\n{exec}")),
+        &actions(&format!(
+            "[[actions]]\nname = \"hit\"\nwhen = {{ fun = \"state.*\" }}\n{exec}"
+        )),
         &stats,
     )
     .expect("hit");
     let mut g = c.benchmark_group("offer_batch_2000");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("no_actions", |b| b.iter(|| none.current().offer(black_box(&events))));
-    g.bench_function("action_matching_none", |b| b.iter(|| miss.current().offer(black_box(&events))));
-    g.bench_function("action_matching_all", |b| b.iter(|| hit.current().offer(black_box(&events))));
+    g.bench_function("no_actions", |b| {
+        b.iter(|| none.current().offer(black_box(&events)))
+    });
+    g.bench_function("action_matching_none", |b| {
+        b.iter(|| miss.current().offer(black_box(&events)))
+    });
+    g.bench_function("action_matching_all", |b| {
+        b.iter(|| hit.current().offer(black_box(&events)))
+    });
     g.finish();
 }
 

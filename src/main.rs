@@ -364,7 +364,10 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
         cfg.rules.dedupe_returns
     );
     if cfg.metrics.enabled {
-        println!("  metrics: http://{}/metrics and /health", cfg.metrics.listen);
+        println!(
+            "  metrics: http://{}/metrics and /health",
+            cfg.metrics.listen
+        );
     } else {
         println!("  metrics: off");
     }

@@ -274,7 +274,9 @@ async fn a_full_action_queue_drops_the_action_not_the_event() {
 #[tokio::test]
 async fn exec_gets_the_event_on_stdin_and_is_killed_on_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // One file per run: sends for different minions run concurrently.
     let out = dir.path().join("exec.out");
+    std::fs::create_dir(&out).expect("out dir");
     let marker = format!("saltpipe-exec-test-{}", std::process::id());
     let cfg = config(
         dir.path(),
@@ -283,7 +285,7 @@ async fn exec_gets_the_event_on_stdin_and_is_killed_on_timeout() {
 [[actions]]
 name = "append"
 when = {{ kind = "job_return", success = false }}
-exec = {{ command = ["sh", "-c", "cat >> \"$OUT\"; echo >> \"$OUT\""], env = {{ OUT = "{out}" }} }}
+exec = {{ command = ["sh", "-c", "cat > \"$(mktemp \"$OUT/ev.XXXXXX\")\""], env = {{ OUT = "{out}" }} }}
 
 [[actions]]
 name = "hang"
@@ -311,10 +313,14 @@ exec = {{ command = ["/nonexistent/saltpipe-page"] }}
     let stats = replay(&cfg).await;
     assert_all_written(&stats, dir.path());
 
-    let text = std::fs::read_to_string(&out).expect("exec output");
-    let got: BTreeSet<(String, String, i64)> = text
-        .lines()
-        .filter(|l| !l.is_empty())
+    let runs: Vec<String> = std::fs::read_dir(&out)
+        .expect("exec output")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).expect("read"))
+        .collect();
+    assert_eq!(runs.len(), 4, "one run per failed return");
+    let got: BTreeSet<(String, String, i64)> = runs
+        .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("event JSON on stdin");
             assert!(v["tag"].as_str().expect("tag").starts_with("salt/job/"));

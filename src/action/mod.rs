@@ -170,6 +170,14 @@ pub trait Action: Send + Sync {
     async fn fire(&self, job: &Job) -> Result<(), ActionError>;
 }
 
+/// An event handed from a worker to a dispatcher: a cheap clone (the body
+/// is shared), so the worker never pays for the template context.
+#[derive(Debug, Clone)]
+struct Offer {
+    key: String,
+    event: Event,
+}
+
 /// An event offered to an action, with its template context.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -455,7 +463,7 @@ struct Dispatcher {
 struct Running {
     name: String,
     when: MatcherConfig,
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Offer>,
     counters: Arc<ActionCounters>,
     limiter: Arc<Mutex<Limiter>>,
 }
@@ -477,15 +485,15 @@ impl ActionSet {
             return;
         }
         for e in events {
-            let mut job: Option<Job> = None;
+            let mut job: Option<Offer> = None;
             for r in &self.running {
                 if !r.when.matches(e) {
                     continue;
                 }
                 let j = job
-                    .get_or_insert_with(|| Job {
+                    .get_or_insert_with(|| Offer {
                         key: e.fields.minion.clone().unwrap_or_else(|| e.partition_key()),
-                        context: Arc::new(context(e)),
+                        event: e.clone(),
                     })
                     .clone();
                 match r.tx.try_send(j) {
@@ -596,13 +604,39 @@ impl Actions {
     }
 }
 
+/// A send that panicked: counted as failed, its minion's next events go on.
+fn self_failed(d: &Dispatcher, e: &tokio::task::JoinError) {
+    d.counters.failed.fetch_add(1, Relaxed);
+    tracing::error!(action = %d.name, error = %e, "an action send crashed; counted as failed");
+}
+
 impl Dispatcher {
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(self, rx: mpsc::Receiver<Offer>) {
+        let (tx, jobs) = mpsc::channel::<Job>(1);
+        // Builds each event's context here, off the worker's path.
+        let convert = async move {
+            let mut rx = rx;
+            while let Some(o) = rx.recv().await {
+                let job = Job {
+                    key: o.key,
+                    context: Arc::new(context(&o.event)),
+                };
+                if tx.send(job).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::join!(convert, self.dispatch(jobs));
+    }
+
+    async fn dispatch(self, mut rx: mpsc::Receiver<Job>) {
         let this = Arc::new(self);
         let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
         let mut pending = 0usize;
         let mut busy: HashSet<String> = HashSet::new();
-        let mut inflight: JoinSet<String> = JoinSet::new();
+        let mut inflight: JoinSet<()> = JoinSet::new();
+        // Which key each send holds, found again even if the send panicked.
+        let mut keys_of: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut open = true;
         loop {
             // Start what may start: one per key, `concurrency` in all.
@@ -626,10 +660,10 @@ impl Dispatcher {
                     pending -= 1;
                     busy.insert(key.clone());
                     let t = this.clone();
-                    inflight.spawn(async move {
+                    let handle = inflight.spawn(async move {
                         t.send(&job).await;
-                        key
                     });
+                    keys_of.insert(handle.id(), key);
                 }
             }
             if !open && pending == 0 && inflight.is_empty() {
@@ -645,11 +679,19 @@ impl Dispatcher {
                     }
                     None => open = false,
                 },
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    if let Ok(key) = done {
+                Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(e) => {
+                            self_failed(&this, &e);
+                            e.id()
+                        }
+                    };
+                    if let Some(key) = keys_of.remove(&id) {
                         busy.remove(&key);
                     }
                 }
+                else => return,
             }
         }
     }
@@ -852,7 +894,7 @@ mod tests {
         });
         let (d, counters) = dispatcher(rec.clone(), 3, 4);
         let (tx, rx) = mpsc::channel(100);
-        let task = tokio::spawn(d.run(rx));
+        let task = tokio::spawn(d.dispatch(rx));
         for i in 0..5 {
             tx.send(job("m1", &format!("m1-{i}"))).await.expect("send");
             tx.send(job("m2", &format!("m2-{i}"))).await.expect("send");
@@ -881,7 +923,7 @@ mod tests {
         });
         let (d, counters) = dispatcher(rec.clone(), 2, 1);
         let (tx, rx) = mpsc::channel(10);
-        let task = tokio::spawn(d.run(rx));
+        let task = tokio::spawn(d.dispatch(rx));
         tx.send(job("m", "x")).await.expect("send");
         drop(tx);
         task.await.expect("dispatcher");
@@ -901,7 +943,7 @@ mod tests {
         });
         let (d, counters) = dispatcher(rec.clone(), 1, 1);
         let (tx, rx) = mpsc::channel(10);
-        let task = tokio::spawn(d.run(rx));
+        let task = tokio::spawn(d.dispatch(rx));
         tx.send(job("m", "x")).await.expect("send");
         drop(tx);
         task.await.expect("dispatcher");
