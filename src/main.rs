@@ -490,6 +490,10 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
         } else {
             0.0
         };
+        for (name, outcomes) in &s.actions {
+            let o: Vec<String> = outcomes.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            println!("  action {name}: {}", o.join(", "));
+        }
         println!(
             "  batches:  {} ({per10k:.1} transactions per 10,000 events); {:.0} events/s end to end",
             s.batches,

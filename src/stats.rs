@@ -116,6 +116,9 @@ pub struct Snapshot {
     pub dead_letters: u64,
     /// Total time spent in sink writes, ms.
     pub sink_busy_ms: u64,
+    /// Action outcomes by action name (only outcomes that happened).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub actions: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
 impl Stats {
@@ -173,6 +176,16 @@ impl Stats {
             sink_retries: self.sink_retries.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
             sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
+            actions: self
+                .actions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(name, a)| {
+                    let o = a.outcomes().into_iter().filter(|(_, n)| *n > 0).collect();
+                    (name.clone(), o)
+                })
+                .collect(),
         }
     }
 }
