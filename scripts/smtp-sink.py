@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """A real SMTP server on loopback that stores what it receives, for tests.
 
-    smtp-sink.py --dir D [--user U --password P]
+    smtp-sink.py --dir D [--user U --password P] [--tls starttls|tls --cert C --key K]
 
 Listens on 127.0.0.1 on a free port (aiosmtpd), prints {"port": N} on one
 stdout line once it accepts connections, writes each message it accepts to
 D/<n>.eml (envelope sender and recipients in D/<n>.json), and with --user
 refuses mail until the client has authenticated (AUTH PLAIN/LOGIN, allowed
-without TLS: loopback only). Stops when stdin closes or on SIGTERM.
+without TLS: loopback only). With --tls starttls it requires STARTTLS
+before anything else; with --tls tls it speaks TLS from the first byte.
+Stops when stdin closes or on SIGTERM.
 """
 import argparse, json, os, signal, socket, sys, threading
 
@@ -20,6 +22,9 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--user")
     ap.add_argument("--password")
+    ap.add_argument("--tls", choices=["starttls", "tls"])
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     lock = threading.Lock()
@@ -54,6 +59,14 @@ def main():
     kw = {}
     if a.user:
         kw = dict(authenticator=authenticator, auth_require_tls=False)
+    if a.tls:
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(a.cert, a.key)
+        if a.tls == "starttls":
+            kw.update(tls_context=ctx, require_starttls=True)
+        else:
+            kw.update(ssl_context=ctx)
     c = Controller(Handler(), hostname="127.0.0.1", port=port, **kw)
     c.start()
     print(json.dumps({"port": port}), flush=True)

@@ -362,6 +362,10 @@ struct Smtp {
 
 impl Smtp {
     fn start(user: &str, password: &str) -> Smtp {
+        Smtp::start_with(user, password, &[])
+    }
+
+    fn start_with(user: &str, password: &str, extra: &[&std::ffi::OsStr]) -> Smtp {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = std::process::Command::new("bash")
             .arg(root.join("scripts/smtp-venv.sh"))
@@ -383,6 +387,7 @@ impl Smtp {
             .args(["--dir"])
             .arg(dir.path())
             .args(["--user", user, "--password", password])
+            .args(extra)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -475,4 +480,79 @@ email = {{ host = "127.0.0.1", port = {port}, tls = "none", username = "saltpipe
     // A refused login is permanent: no retries.
     assert_eq!(outcome(&stats, "bad-password", "failed"), 4);
     assert_eq!(outcome(&stats, "bad-password", "retried"), 0);
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it, via
+/// openssl. Returns (ca, cert, key).
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let script = "set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=saltpipe-test-ca -keyout ca.key -out ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr
+printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > leaf.ext
+openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem";
+    let st = std::process::Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "openssl");
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+#[tokio::test]
+async fn email_over_starttls_and_implicit_tls_with_a_private_ca() {
+    // The untrusted action's aborted handshakes make aiosmtpd print tracebacks: expected.
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = private_ca(certs.path());
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("saltpipe::action=info")
+        .try_init();
+    for mode in ["starttls", "tls"] {
+        let smtp = Smtp::start_with(
+            "saltpipe",
+            "pa55",
+            &[
+                "--tls".as_ref(),
+                mode.as_ref(),
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--key".as_ref(),
+                key.as_os_str(),
+            ],
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(
+            dir.path(),
+            &format!(
+                r#"
+[[actions]]
+name = "mail"
+when = {{ kind = "job_return", success = false }}
+email = {{ host = "127.0.0.1", port = {port}, tls = "{mode}", ca_file = "{ca}", username = "saltpipe", password = "pa55", from = "saltpipe@example.org", to = ["ops@example.org"] }}
+
+[[actions]]
+name = "untrusted"
+when = {{ kind = "job_return", success = false }}
+retries = 0
+timeout = "3s"
+email = {{ host = "127.0.0.1", port = {port}, tls = "{mode}", username = "saltpipe", password = "pa55", from = "saltpipe@example.org", to = ["ops@example.org"] }}
+"#,
+                port = smtp.port,
+                ca = ca.display()
+            ),
+        );
+        let stats = replay(&cfg).await;
+        assert_all_written(&stats, dir.path());
+        assert_eq!(smtp.messages().len(), 4, "{mode}");
+        assert_eq!(outcome(&stats, "mail", "sent"), 4, "{mode}");
+        // Without the CA the certificate is refused: nothing sent in clear.
+        assert_eq!(outcome(&stats, "untrusted", "sent"), 0, "{mode}");
+        assert_eq!(outcome(&stats, "untrusted", "failed"), 4, "{mode}");
+    }
 }

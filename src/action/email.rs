@@ -39,6 +39,10 @@ pub struct EmailConfig {
     /// Subject template.
     #[serde(default = "default_subject")]
     pub subject: String,
+    /// A PEM CA certificate to trust besides the public roots (a relay with
+    /// a private CA or a self-signed certificate).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_subject() -> String {
@@ -71,6 +75,9 @@ impl EmailConfig {
         }
         if self.password.is_some() && self.password_file.is_some() {
             return Err("email: give password or password_file, not both".into());
+        }
+        if self.ca_file.is_some() && self.tls == TlsMode::None {
+            return Err("email.ca_file needs tls = \"starttls\" or \"tls\"".into());
         }
         if (self.password.is_some() || self.password_file.is_some()) && self.username.is_none() {
             return Err("email: a password needs a username".into());
@@ -110,6 +117,22 @@ impl Email {
             TlsMode::None => 25,
         });
         let mut builder = builder.port(port).timeout(Some(timeout));
+        if let Some(ca) = &cfg.ca_file {
+            use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+            let pem = std::fs::read(ca)
+                .map_err(|e| perm(format!("email.ca_file {}: {e}", ca.display())))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| perm(format!("email.ca_file {}: {e}", ca.display())))?;
+            let params = TlsParameters::builder(cfg.host.clone())
+                .add_root_certificate(cert)
+                .build_rustls()
+                .map_err(perm)?;
+            builder = match cfg.tls {
+                TlsMode::Starttls => builder.tls(Tls::Required(params)),
+                TlsMode::Tls => builder.tls(Tls::Wrapper(params)),
+                TlsMode::None => builder,
+            };
+        }
         if let Some(user) = &cfg.username {
             let password = match (&cfg.password, &cfg.password_file) {
                 (Some(p), _) => p.clone(),
