@@ -311,6 +311,16 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_from_env() {
+        let vars = vec![(
+            "SALTPIPE_METRICS_LISTEN".to_string(),
+            "127.0.0.1:9274".to_string(),
+        )];
+        let c = from_str_with_env("", Path::new("t"), &vars).expect("env");
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9274");
+    }
+
+    #[test]
     fn bad_env_value_names_the_variable() {
         let vars = vec![(
             "SALTPIPE_WORKER_BATCH_TIMEOUT".to_string(),
