@@ -8,7 +8,9 @@
 use super::ConfigError;
 
 /// Sections that can be overridden.
-const SECTIONS: &[&str] = &["source", "rules", "queue", "worker", "sink", "log", "metrics"];
+const SECTIONS: &[&str] = &[
+    "source", "rules", "queue", "worker", "sink", "log", "metrics",
+];
 
 /// Variables that are not overrides even though they start with the prefix.
 const NOT_OVERRIDES: &[&str] = &["SALTPIPE_CONFIG"];
