@@ -293,7 +293,7 @@ when = {{ kind = "job_return", success = false }}
 timeout = "300ms"
 retries = 1
 retry_min = "10ms"
-exec = {{ command = ["sh", "-c", "sleep 30 # {marker}"] }}
+exec = {{ command = ["sh", "-c", "sh -c 'sleep 30; true # {marker}'; true # {marker}"] }}
 
 [[actions]]
 name = "exit1"
@@ -336,16 +336,27 @@ exec = {{ command = ["/nonexistent/saltpipe-page"] }}
 
     assert_eq!(outcome(&stats, "hang", "failed"), 4);
     assert_eq!(outcome(&stats, "hang", "retried"), 4);
-    // Killed, not left behind.
-    let mut left = 0;
-    for p in std::fs::read_dir("/proc").expect("proc").flatten() {
-        if let Ok(cmd) = std::fs::read(p.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&marker)
-        {
-            left += 1;
-        }
+    // Killed, with the shell's own child: nothing left behind once the
+    // SIGKILLs are delivered (asynchronous, hence the short wait).
+    let left = || {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter(|p| {
+                std::fs::read(p.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while left() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(left, 0, "timed-out commands were killed");
+    assert_eq!(
+        left(),
+        0,
+        "timed-out commands and their children were killed"
+    );
 
     assert_eq!(outcome(&stats, "exit1", "failed"), 4);
     assert_eq!(outcome(&stats, "exit1", "retried"), 4);

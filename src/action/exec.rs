@@ -1,8 +1,10 @@
 //! `exec`: runs a command with the event as JSON on its stdin.
 //!
 //! The command is an argv list, never a shell line, so nothing in an event
-//! can inject a command. It runs under the action's timeout and is killed
-//! when that passes (`kill_on_drop`: the timeout drops the future). Exit 0
+//! can inject a command. It runs under the action's timeout in a process
+//! group of its own, and the whole group is killed when that passes (the
+//! timeout drops the future; a guard kills on drop), so a script's own
+//! children do not linger either. Exit 0
 //! is success; any other exit is retried, as a pager script failing to
 //! reach its service may pass later; a command that cannot start is not.
 
@@ -65,8 +67,10 @@ impl Action for Exec {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .map_err(|e| ActionError::Permanent(format!("cannot start {program}: {e}")))?;
+        let mut group = KillGroup(child.id());
         if let Some(mut stdin) = child.stdin.take() {
             // A command that exits without reading its stdin is its own business.
             let _ = stdin.write_all(input.as_bytes()).await;
@@ -76,6 +80,8 @@ impl Action for Exec {
             .wait_with_output()
             .await
             .map_err(|e| ActionError::Retriable(format!("{program}: {e}")))?;
+        // It exited by itself: its group may be gone, or reused. Leave it be.
+        group.0 = None;
         if out.status.success() {
             return Ok(());
         }
@@ -88,5 +94,21 @@ impl Action for Exec {
             out.status,
             stderr.trim()
         )))
+    }
+}
+
+/// Kills a command's process group unless it exited by itself first.
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok())
+            && pid > 0
+        {
+            // SAFETY: killpg(2) on the group we created for this command.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
     }
 }
