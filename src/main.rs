@@ -176,14 +176,19 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-/// Serves /metrics and /health until `shutdown`, if enabled.
+/// Serves /metrics and /health until `shutdown`, if enabled. A listener
+/// that cannot bind is logged, not fatal: a second saltpipe on the host
+/// (listen + work with one config) must not stop the pipeline.
 async fn serve_metrics(
     cfg: &Config,
     stats: &Arc<Stats>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    if cfg.metrics.enabled {
-        saltpipe::ops::serve(&cfg.metrics, stats.clone(), shutdown.clone()).await?;
+    // A busy port costs the figures, not the events: keep running, loudly.
+    if cfg.metrics.enabled
+        && let Err(e) = saltpipe::ops::serve(&cfg.metrics, stats.clone(), shutdown.clone()).await
+    {
+        tracing::error!(error = %e, "running without /metrics and /health");
     }
     Ok(())
 }
