@@ -103,6 +103,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // One rustls crypto provider (ring) for every broker client's TLS, set
+    // before anything builds a TLS config; a second provider would panic there.
+    #[cfg(any(feature = "redis", feature = "amqp", feature = "nats"))]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -207,14 +211,13 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
         Command::Listen => {
             let shutdown = shutdown_on_signals()?;
             let stats = Arc::new(Stats::default());
-            let producer = cfg.queue.producer().await?;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, "saltpipe listen");
-            pipeline::listen(
+            pipeline::listen_to_queue(
                 &cfg,
                 Box::new(BusSource::new(&cfg.source)),
-                producer,
                 stats.clone(),
                 shutdown,
+                Some(cfg.worker.drain_timeout),
             )
             .await?;
             tracing::info!(summary = ?stats.snapshot(), "stopped");

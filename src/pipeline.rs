@@ -130,11 +130,38 @@ pub async fn start_workers(
     };
     let mut set = JoinSet::new();
     for q in queues {
-        let consumer = cfg.queue.consumer(&q).await?;
-        let w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone());
-        set.spawn(w.run(stop.clone()));
+        for _ in 0..cfg.worker.concurrency.max(1) {
+            let consumer = cfg
+                .queue
+                .consumer_with(&q, cfg.worker.batch_max_events)
+                .await?;
+            let w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone());
+            set.spawn(w.run(stop.clone()));
+        }
     }
     Ok(set)
+}
+
+/// The listening half with the queue the config names: straight into the
+/// embedded queue, or, for a broker, into the local spool with forwarders
+/// to the broker (see [`crate::queue::forward`]). `drain` bounds how long
+/// the forwarders keep emptying the spool after the source ended.
+pub async fn listen_to_queue(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+) -> Result<(), PipelineError> {
+    if !cfg.queue.url.is_broker() {
+        let producer = cfg.queue.producer().await?;
+        return listen(cfg, source, producer, stats, shutdown).await;
+    }
+    let (spool, forwarder) =
+        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain).await?;
+    let listened = listen(cfg, source, spool, stats, shutdown).await;
+    let forwarded = forwarder.finish().await;
+    listened.and(forwarded.map_err(PipelineError::from))
 }
 
 /// Waits for all workers; the first error wins.
@@ -164,7 +191,6 @@ pub async fn run_all(
     shutdown: CancellationToken,
     drain: Option<Duration>,
 ) -> Result<(), PipelineError> {
-    let producer = cfg.queue.producer().await?;
     let sink = cfg.sink.build_or_defer().await?;
     let worker_stop = CancellationToken::new();
     let stop = Stop::new(worker_stop.clone(), drain);
@@ -172,7 +198,7 @@ pub async fn run_all(
     let mut workers = start_workers(cfg, sink, stats.clone(), stop).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.
-    let listening = listen(cfg, source, producer, stats.clone(), shutdown.clone());
+    let listening = listen_to_queue(cfg, source, stats.clone(), shutdown.clone(), drain);
     tokio::pin!(listening);
     let mut worker_error = None;
     let listen_result = loop {

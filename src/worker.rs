@@ -52,6 +52,9 @@ pub struct WorkerConfig {
     /// On shutdown, how long to keep writing what the queue already holds.
     #[serde(deserialize_with = "human::duration")]
     pub drain_timeout: Duration,
+    /// Workers per queue in this process, each with its own consumer and
+    /// batches. Brokers only: the embedded queue has one consumer per queue.
+    pub concurrency: usize,
 }
 
 impl Default for WorkerConfig {
@@ -64,6 +67,7 @@ impl Default for WorkerConfig {
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            concurrency: 1,
         }
     }
 }
@@ -92,6 +96,12 @@ impl WorkerConfig {
             return Err(ConfigError::invalid(
                 "worker.retry_min",
                 "must be above zero and not above retry_max",
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return Err(ConfigError::invalid(
+                "worker.concurrency",
+                "must be between 1 and 256",
             ));
         }
         for q in &self.queues {
