@@ -43,7 +43,10 @@ impl Fixture {
             #[cfg(feature = "redis")]
             Backend::Redis => env_or("SALTPIPE_TEST_REDIS", "redis://127.0.0.1:6379"),
             #[cfg(feature = "amqp")]
-            Backend::Amqp => env_or("SALTPIPE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            Backend::Amqp => env_or(
+                "SALTPIPE_TEST_AMQP",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
             #[cfg(feature = "nats")]
             Backend::Nats => env_or("SALTPIPE_TEST_NATS", "nats://127.0.0.1:4222"),
         };
@@ -115,7 +118,9 @@ impl Fixture {
                 for q in &self.queues {
                     let _ = ch
                         .queue_delete(
-                            saltpipe::queue::amqp::queue_name(&prefix, q).as_str().into(),
+                            saltpipe::queue::amqp::queue_name(&prefix, q)
+                                .as_str()
+                                .into(),
                             lapin::options::QueueDeleteOptions::default(),
                         )
                         .await;
@@ -169,9 +174,16 @@ async fn push_pull_ack(backend: Backend) {
     f.push(&batch).await;
     let got = pull_n(&mut *c, 40, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 40, "exactly the messages of queue a");
-    assert!(got.iter().all(|d| d.received_ms % 5 != 0), "none of queue b");
+    assert!(
+        got.iter().all(|d| d.received_ms % 5 != 0),
+        "none of queue b"
+    );
     assert_eq!(got[0].key, "m1", "the key travels");
-    assert_eq!(got[0].body, msg("a", "m1", 1).body, "the body travels byte for byte");
+    assert_eq!(
+        got[0].body,
+        msg("a", "m1", 1).body,
+        "the body travels byte for byte"
+    );
     assert_eq!(got[0].received_ms, 1, "the receive time travels");
     let extra = c
         .pull(10, usize::MAX, Duration::from_millis(300))
@@ -212,11 +224,17 @@ async fn order_per_key(backend: Backend) {
     assert_eq!(got.len(), 300);
     let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for d in &got {
-        per_key.entry(d.key.clone()).or_default().push(d.received_ms);
+        per_key
+            .entry(d.key.clone())
+            .or_default()
+            .push(d.received_ms);
     }
     assert_eq!(per_key.len(), 3);
     for (k, seqs) in &per_key {
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{k} out of order: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{k} out of order: {seqs:?}"
+        );
         assert_eq!(seqs.len(), 100);
     }
     c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())

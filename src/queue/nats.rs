@@ -45,7 +45,6 @@ pub fn subject(prefix: &str, queue: &str) -> String {
 async fn connect(url: &str) -> Result<async_nats::Client, QueueError> {
     async_nats::ConnectOptions::new()
         .connection_timeout(CONNECT_TIMEOUT)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(url)
         .await
