@@ -13,7 +13,7 @@ mod brokers;
 use brokers::*;
 use std::time::Duration;
 
-const N: usize = 6000;
+const N: usize = 20000;
 
 async fn sigkill_one_of_two_workers(broker: Broker) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -28,16 +28,20 @@ async fn sigkill_one_of_two_workers(broker: Broker) {
     let mut b = spawn_saltpipe("work", &cfg, &dir.path().join("b.log"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let producer = q.producer().await.expect("producer");
-    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
-        let batch: Vec<_> = chunk.iter().map(|&i| return_message(i)).collect();
-        producer.push(&batch).await.expect("push");
-    }
+    // Push while the workers write, as a listener would.
+    let pusher = tokio::spawn(async move {
+        for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+            let batch: Vec<_> = chunk.iter().map(|&i| return_message(i)).collect();
+            producer.push(&batch).await.expect("push");
+        }
+    });
     // Kill A once writing is well under way: it is holding a batch.
     let partial = wait_for_returns(&db, 300, Duration::from_secs(60)).await;
     assert!(partial.0 > 0, "workers never wrote anything");
     a.kill().expect("SIGKILL");
     let _ = a.wait();
     let killed_at = stored_returns(&db).0;
+    pusher.await.expect("pusher");
     let (rows, distinct) = wait_for_returns(&db, N as u64, Duration::from_secs(90)).await;
     stop(&mut b);
     let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap_or_default();

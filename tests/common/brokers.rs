@@ -205,7 +205,7 @@ pub async fn wait_for_returns(db: &Path, n: u64, within: Duration) -> (u64, u64)
         if got.0 >= n || tokio::time::Instant::now() >= deadline {
             return got;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
