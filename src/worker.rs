@@ -204,6 +204,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// ...and how long while the writer has batches whose acks are due, so a
 /// committed batch is acked promptly even on a quiet queue.
 const ACK_WAIT: Duration = Duration::from_millis(20);
+/// While draining, how long a pull waits before calling the queue empty: a
+/// broker's messages are on the wire for a moment, so zero would stop a
+/// worker with a full queue.
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub fn new(
@@ -301,7 +305,7 @@ impl Worker {
                 }
                 let wait = match closes_at {
                     Some(t) => t.saturating_duration_since(Instant::now()),
-                    None if draining => Duration::ZERO,
+                    None if draining => DRAIN_WAIT,
                     None if in_flight > 0 => ACK_WAIT,
                     None => IDLE_WAIT,
                 };
