@@ -279,6 +279,37 @@ async fn redelivery_after_consumer_death(backend: Backend) {
     f.cleanup().await;
 }
 
+/// A pull abandoned while it waits (a worker's shutdown select drops it)
+/// must not swallow the messages that arrive just then.
+async fn cancelled_pull_loses_nothing(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c = f.consumer("default").await;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.pull(100, usize::MAX, Duration::from_secs(2)),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the pull was still waiting when dropped"
+    );
+    f.push(&(0..10).map(|i| msg("default", "m", i)).collect::<Vec<_>>())
+        .await;
+    // Well within redeliver_after (1 s): not rescued by a redelivery.
+    let got = pull_n(&mut *c, 10, Duration::from_millis(800)).await;
+    let seqs: Vec<i64> = got.iter().map(|d| d.received_ms).collect();
+    assert_eq!(
+        seqs,
+        (0..10).collect::<Vec<i64>>(),
+        "all ten, in order, once"
+    );
+    c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    drop(c);
+    f.cleanup().await;
+}
+
 /// Two consumers of one queue share the work (brokers only): every message
 /// reaches exactly one of them.
 async fn competing_consumers(backend: Backend) {
@@ -324,6 +355,10 @@ macro_rules! conformance {
             async fn redelivery_after_consumer_death() {
                 super::redelivery_after_consumer_death($backend).await
             }
+            #[tokio::test]
+            async fn cancelled_pull_loses_nothing() {
+                super::cancelled_pull_loses_nothing($backend).await
+            }
         }
     };
 }
@@ -342,6 +377,10 @@ mod embedded {
     #[tokio::test]
     async fn redelivery_after_consumer_death() {
         super::redelivery_after_consumer_death(Backend::Embedded).await
+    }
+    #[tokio::test]
+    async fn cancelled_pull_loses_nothing() {
+        super::cancelled_pull_loses_nothing(Backend::Embedded).await
     }
 }
 conformance!(redis_streams, Backend::Redis, "redis");

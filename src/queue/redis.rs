@@ -133,6 +133,7 @@ impl RedisQueue {
             redeliver_after: self.redeliver_after,
             next_claim: Instant::now(),
             claim_cursor: "0-0".into(),
+            in_flight: false,
         })
     }
 }
@@ -185,6 +186,12 @@ pub struct RedisConsumer {
     redeliver_after: Duration,
     next_claim: Instant,
     claim_cursor: String,
+    /// A read or claim was sent and its reply not yet taken in. If the pull
+    /// was dropped meanwhile (the worker's shutdown select does that), Redis
+    /// has put the entries in our pending list without our knowing; the
+    /// next pull reads them back from there. Without this they would sit
+    /// until another worker's XAUTOCLAIM, `redeliver_after` later.
+    in_flight: bool,
 }
 
 impl RedisConsumer {
@@ -212,6 +219,28 @@ impl RedisConsumer {
             body,
             received_ms,
         }
+    }
+
+    /// Entries in our own pending list that we never handed out (see `in_flight`).
+    async fn recover(&mut self) -> Result<Vec<Delivery>, QueueError> {
+        let held: std::collections::HashSet<&String> = self.handed.values().collect();
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg("0")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(conn_err)?;
+        let lost: Vec<StreamId> = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| !held.contains(&e.id))
+            .collect();
+        Ok(lost.into_iter().map(|e| self.deliver(e)).collect())
     }
 
     /// Takes over entries another (dead) worker left pending too long.
@@ -248,8 +277,17 @@ impl Consumer for RedisConsumer {
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let max = max.max(1);
+        if self.in_flight {
+            let lost = self.recover().await?;
+            self.in_flight = false;
+            if !lost.is_empty() {
+                return Ok(lost);
+            }
+        }
         if Instant::now() >= self.next_claim {
+            self.in_flight = true;
             let claimed = self.claim(max).await?;
+            self.in_flight = false;
             if !claimed.is_empty() {
                 return Ok(claimed);
             }
@@ -266,8 +304,10 @@ impl Consumer for RedisConsumer {
             c.arg("BLOCK").arg(ms);
         }
         c.arg("STREAMS").arg(&self.stream).arg(">");
+        self.in_flight = true;
         let reply: Option<StreamReadReply> =
             c.query_async(&mut self.blocking).await.map_err(conn_err)?;
+        self.in_flight = false;
         let entries: Vec<StreamId> = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
             .unwrap_or_default();
