@@ -45,6 +45,8 @@ pub enum PipelineError {
 const CHANNEL_CHUNKS: usize = 16;
 /// Messages the writer puts in one queue transaction at most.
 const WRITE_BATCH: usize = 4096;
+/// How long the writer waits for more messages before storing a small batch.
+const WRITE_LINGER: Duration = Duration::from_millis(20);
 
 /// Stores every chunk it receives, retrying failures, until the channel
 /// closes. After `give_up` fires, a push that keeps failing is abandoned
@@ -56,10 +58,18 @@ async fn queue_writer(
     give_up: CancellationToken,
 ) {
     while let Some(mut batch) = rx.recv().await {
+        // Linger a moment for more: at a few thousand events a second they
+        // trickle in a few at a time, and one queue transaction per handful
+        // cost the listener most of its CPU (see docs/BENCHMARKS.md).
+        let linger = tokio::time::sleep(WRITE_LINGER);
+        tokio::pin!(linger);
         while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
+            tokio::select! {
+                more = rx.recv() => match more {
+                    Some(more) => batch.extend(more),
+                    None => break,
+                },
+                _ = &mut linger => break,
             }
         }
         let mut delay = Duration::from_millis(100);
