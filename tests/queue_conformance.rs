@@ -5,6 +5,10 @@
 //! streams) and removes what it created, because other engineers run tests
 //! against the same servers at the same time. The broker URLs can be moved
 //! with SALTPIPE_TEST_REDIS, SALTPIPE_TEST_AMQP and SALTPIPE_TEST_NATS.
+#![cfg_attr(
+    not(all(feature = "redis", feature = "amqp", feature = "nats")),
+    allow(unused)
+)]
 
 use bytes::Bytes;
 use saltpipe::queue::{Consumer, Delivery, Message, QueueConfig, QueueUrl};

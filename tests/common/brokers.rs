@@ -2,6 +2,10 @@
 //! return events in the bus's format, `saltpipe work` child processes, a
 //! TCP proxy that simulates a broker outage for saltpipe only, and cleanup
 //! of what a test created on the shared servers.
+#![cfg_attr(
+    not(all(feature = "redis", feature = "amqp", feature = "nats")),
+    allow(unused)
+)]
 #![allow(dead_code)]
 
 use bytes::Bytes;
