@@ -288,14 +288,13 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             serve_metrics(&cfg, &stats, &ops_stop).await?;
             let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, false)?;
             reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
-            let producer = cfg.queue.producer().await?;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, "saltpipe listen");
-            pipeline::listen_with(
+            pipeline::listen_to_queue(
                 &cfg,
                 Box::new(BusSource::new(&cfg.source)),
-                producer,
                 stats.clone(),
                 shutdown,
+                Some(cfg.worker.drain_timeout),
                 hooks.rules,
             )
             .await?;

@@ -142,6 +142,8 @@ impl Reloader {
 const CHANNEL_CHUNKS: usize = 16;
 /// Messages the writer puts in one queue transaction at most.
 const WRITE_BATCH: usize = 4096;
+/// How long the writer waits for more messages before storing a small batch.
+const WRITE_LINGER: Duration = Duration::from_millis(20);
 
 /// Stores every chunk it receives, retrying failures, until the channel
 /// closes. After `give_up` fires, a push that keeps failing is abandoned
@@ -153,10 +155,18 @@ async fn queue_writer(
     give_up: CancellationToken,
 ) {
     while let Some(mut batch) = rx.recv().await {
+        // Linger a moment for more: at a few thousand events a second they
+        // trickle in a few at a time, and one queue transaction per handful
+        // cost the listener most of its CPU (see docs/BENCHMARKS.md).
+        let linger = tokio::time::sleep(WRITE_LINGER);
+        tokio::pin!(linger);
         while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
+            tokio::select! {
+                more = rx.recv() => match more {
+                    Some(more) => batch.extend(more),
+                    None => break,
+                },
+                _ = &mut linger => break,
             }
         }
         let mut delay = Duration::from_millis(100);
@@ -253,16 +263,44 @@ pub async fn start_workers_with(
     };
     let mut set = JoinSet::new();
     for q in queues {
-        let consumer = cfg.queue.consumer(&q).await?;
-        let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
-            .with_queue_name(&q);
-        if let Some(a) = &actions {
-            w = w.with_actions(a.clone());
+        for _ in 0..cfg.worker.concurrency.max(1) {
+            let consumer = cfg
+                .queue
+                .consumer_with(&q, cfg.worker.batch_max_events)
+                .await?;
+            let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
+                .with_queue_name(&q);
+            if let Some(a) = &actions {
+                w = w.with_actions(a.clone());
+            }
+            stats.workers_expected.fetch_add(1, Relaxed);
+            set.spawn(w.run(stop.clone()));
         }
-        stats.workers_expected.fetch_add(1, Relaxed);
-        set.spawn(w.run(stop.clone()));
     }
     Ok(set)
+}
+
+/// The listening half with the queue the config names: straight into the
+/// embedded queue, or, for a broker, into the local spool with forwarders
+/// to the broker (see [`crate::queue::forward`]). `drain` bounds how long
+/// the forwarders keep emptying the spool after the source ended.
+pub async fn listen_to_queue(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+    rules: Option<mpsc::UnboundedReceiver<Rules>>,
+) -> Result<(), PipelineError> {
+    if !cfg.queue.url.is_broker() {
+        let producer = cfg.queue.producer().await?;
+        return listen_with(cfg, source, producer, stats, shutdown, rules).await;
+    }
+    let (spool, forwarder) =
+        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain).await?;
+    let listened = listen_with(cfg, source, spool, stats, shutdown, rules).await;
+    let forwarded = forwarder.finish().await;
+    listened.and(forwarded.map_err(PipelineError::from))
 }
 
 /// Waits for all workers; the first error wins.
@@ -309,7 +347,6 @@ pub async fn run_all_with(
         Some(a) => a,
         None => Actions::start(&cfg.actions, &stats)?,
     };
-    let producer = cfg.queue.producer().await?;
     let sink = cfg.sink.build_or_defer().await?;
     let worker_stop = CancellationToken::new();
     let stop = Stop::new(worker_stop.clone(), drain);
@@ -318,12 +355,12 @@ pub async fn run_all_with(
         start_workers_with(cfg, sink, stats.clone(), stop, Some(actions.clone())).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.
-    let listening = listen_with(
+    let listening = listen_to_queue(
         cfg,
         source,
-        producer,
         stats.clone(),
         shutdown.clone(),
+        drain,
         hooks.rules,
     );
     tokio::pin!(listening);

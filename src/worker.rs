@@ -57,6 +57,9 @@ pub struct WorkerConfig {
     /// On shutdown, how long to keep writing what the queue already holds.
     #[serde(deserialize_with = "human::duration")]
     pub drain_timeout: Duration,
+    /// Workers per queue in this process, each with its own consumer and
+    /// batches. Brokers only: the embedded queue has one consumer per queue.
+    pub concurrency: usize,
 }
 
 impl Default for WorkerConfig {
@@ -69,6 +72,7 @@ impl Default for WorkerConfig {
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            concurrency: 1,
         }
     }
 }
@@ -97,6 +101,12 @@ impl WorkerConfig {
             return Err(ConfigError::invalid(
                 "worker.retry_min",
                 "must be above zero and not above retry_max",
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return Err(ConfigError::invalid(
+                "worker.concurrency",
+                "must be between 1 and 256",
             ));
         }
         for q in &self.queues {
@@ -251,6 +261,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// ...and how long while the writer has batches whose acks are due, so a
 /// committed batch is acked promptly even on a quiet queue.
 const ACK_WAIT: Duration = Duration::from_millis(20);
+/// While draining, how long a pull waits before calling the queue empty: a
+/// broker's messages are on the wire for a moment, so zero would stop a
+/// worker with a full queue.
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub fn new(
@@ -378,7 +392,7 @@ impl Worker {
                 }
                 let wait = match closes_at {
                     Some(t) => t.saturating_duration_since(Instant::now()),
-                    None if draining => Duration::ZERO,
+                    None if draining => DRAIN_WAIT,
                     None if in_flight > 0 => ACK_WAIT,
                     None => IDLE_WAIT,
                 };

@@ -191,7 +191,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate()?;
         self.rules.validate()?;
+        self.queue.validate()?;
         self.worker.validate()?;
+        if self.worker.concurrency > 1 && !self.queue.url.is_broker() {
+            return Err(ConfigError::invalid(
+                "worker.concurrency",
+                "the embedded queue has one consumer per queue; concurrency above 1 needs a broker queue (redis://, amqp://, nats://)",
+            ));
+        }
         self.sink.validate()?;
         self.metrics.validate()?;
         crate::action::validate_all(&self.actions)?;
@@ -331,6 +338,15 @@ mod tests {
             err.to_string().contains("SALTPIPE_WORKER_BATCH_TIMEOUT"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn concurrency_needs_a_broker() {
+        let err = parse("[worker]\nconcurrency = 4\n").expect_err("embedded");
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+        #[cfg(feature = "redis")]
+        parse("[queue]\nurl = \"redis://127.0.0.1:6379\"\n[worker]\nconcurrency = 4\n")
+            .expect("broker");
     }
 
     #[test]

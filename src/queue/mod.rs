@@ -19,7 +19,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod embedded;
+pub mod forward;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod resilient;
 
 /// A kept event on its way into a queue.
 #[derive(Debug, Clone)]
@@ -99,6 +107,28 @@ pub struct QueueConfig {
     /// Embedded queue: `normal` survives a crash of saltpipe (the default);
     /// `full` also survives a power cut, at the cost of an fsync per write.
     pub sync: SyncMode,
+    /// Brokers: the first part of every stream, queue and subject name
+    /// (`<prefix>:<queue>` in Redis, `<prefix>.<queue>` in RabbitMQ and NATS).
+    pub prefix: String,
+    /// Brokers: a message handed to a worker and not acked for this long is
+    /// given to another worker (Redis: XAUTOCLAIM idle time; NATS: ack_wait;
+    /// RabbitMQ redelivers as soon as the worker's connection drops). Must
+    /// exceed the longest batch write, or slow batches are written twice
+    /// (harmlessly, but for nothing).
+    #[serde(deserialize_with = "crate::config::human::duration")]
+    pub redeliver_after: Duration,
+    /// Brokers: messages a worker may hold unacked (RabbitMQ prefetch); 0
+    /// means `worker.batch_max_events`, so a batch can fill.
+    pub prefetch: u32,
+    /// Redis only: cap each stream near this many entries (XADD MAXLEN ~).
+    /// 0, the default, means no cap: trimming drops the oldest entries
+    /// whether acked or not, i.e. it loses events when workers fall behind.
+    /// Acked entries are deleted anyway, so the stream holds only the backlog.
+    pub max_len: u64,
+    /// Brokers: the listener's local durable spool (an embedded queue). The
+    /// bus is drained into it and a forwarder moves it to the broker, so a
+    /// broker outage never stalls the reader.
+    pub spool: PathBuf,
 }
 
 impl Default for QueueConfig {
@@ -108,6 +138,11 @@ impl Default for QueueConfig {
                 dir: PathBuf::from("/var/lib/saltpipe/queue"),
             },
             sync: SyncMode::Normal,
+            prefix: "saltpipe".into(),
+            redeliver_after: Duration::from_secs(60),
+            prefetch: 0,
+            max_len: 0,
+            spool: PathBuf::from("/var/lib/saltpipe/spool"),
         }
     }
 }
@@ -124,6 +159,15 @@ pub enum SyncMode {
 pub enum QueueUrl {
     /// `embedded:///path/to/dir`: SQLite on local disk.
     Embedded { dir: PathBuf },
+    /// `redis://[user:pass@]host:port[/db]` (or `rediss://`): Redis Streams.
+    #[cfg(feature = "redis")]
+    Redis { url: String },
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`): RabbitMQ.
+    #[cfg(feature = "amqp")]
+    Amqp { url: String },
+    /// `nats://[user:pass@]host:port` (or `tls://`): NATS JetStream.
+    #[cfg(feature = "nats")]
+    Nats { url: String },
 }
 
 impl QueueUrl {
@@ -143,10 +187,61 @@ impl QueueUrl {
                     dir: PathBuf::from(rest),
                 })
             }
+            "redis" | "rediss" => {
+                check_broker_url(s)?;
+                #[cfg(feature = "redis")]
+                return Ok(QueueUrl::Redis { url: s.to_owned() });
+                #[cfg(not(feature = "redis"))]
+                return Err(missing_feature(scheme, "redis"));
+            }
+            "amqp" | "amqps" => {
+                check_broker_url(s)?;
+                #[cfg(feature = "amqp")]
+                return Ok(QueueUrl::Amqp { url: s.to_owned() });
+                #[cfg(not(feature = "amqp"))]
+                return Err(missing_feature(scheme, "amqp"));
+            }
+            "nats" | "tls" => {
+                check_broker_url(s)?;
+                #[cfg(feature = "nats")]
+                return Ok(QueueUrl::Nats { url: s.to_owned() });
+                #[cfg(not(feature = "nats"))]
+                return Err(missing_feature(scheme, "nats"));
+            }
             other => Err(format!(
-                "unknown queue scheme `{other}`; this build supports: embedded"
+                "unknown queue scheme `{other}`; known: embedded, redis, amqp, nats"
             )),
         }
+    }
+
+    /// Whether workers reach this queue over the network (anything but embedded).
+    pub fn is_broker(&self) -> bool {
+        !matches!(self, QueueUrl::Embedded { .. })
+    }
+}
+
+#[allow(dead_code)]
+fn missing_feature(scheme: &str, feature: &str) -> String {
+    format!("`{scheme}://` needs a saltpipe built with the cargo feature `{feature}`")
+}
+
+fn check_broker_url(s: &str) -> Result<(), String> {
+    let u = url::Url::parse(s).map_err(|e| format!("`{}` is not a valid URL: {e}", redact(s)))?;
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{}` names no host", redact(s)));
+    }
+    Ok(())
+}
+
+/// The URL with any password replaced, for logs and messages.
+pub fn redact(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => s.to_owned(),
+        Err(_) => "<unparsable url>".to_owned(),
     }
 }
 
@@ -154,6 +249,12 @@ impl std::fmt::Display for QueueUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             QueueUrl::Embedded { dir } => write!(f, "embedded://{}", dir.display()),
+            #[cfg(feature = "redis")]
+            QueueUrl::Redis { url } => f.write_str(&redact(url)),
+            #[cfg(feature = "amqp")]
+            QueueUrl::Amqp { url } => f.write_str(&redact(url)),
+            #[cfg(feature = "nats")]
+            QueueUrl::Nats { url } => f.write_str(&redact(url)),
         }
     }
 }
@@ -167,25 +268,107 @@ impl<'de> Deserialize<'de> for QueueUrl {
 
 impl QueueConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::rules::validate_queue_name(&self.prefix)
+            .map_err(|m| ConfigError::invalid("queue.prefix", m))?;
+        if self.redeliver_after < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "queue.redeliver_after",
+                "must be at least 1s",
+            ));
+        }
+        if self.url.is_broker() && self.spool.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "queue.spool",
+                "a broker queue needs a local spool directory",
+            ));
+        }
+        if let QueueUrl::Embedded { dir } = &self.url
+            && dir == &self.spool
+        {
+            return Err(ConfigError::invalid(
+                "queue.spool",
+                "must not be the embedded queue's own directory",
+            ));
+        }
         Ok(())
     }
 
-    /// Opens the producer side (I/O happens here).
+    /// Opens the producer side (I/O happens here). For a broker this is
+    /// the broker itself; `listen` puts the spool in front (see [`forward`]).
     pub async fn producer(&self) -> Result<Arc<dyn Producer>, QueueError> {
         match &self.url {
             QueueUrl::Embedded { dir } => {
                 Ok(Arc::new(embedded::Embedded::open(dir, self.sync).await?))
             }
+            #[cfg(feature = "redis")]
+            QueueUrl::Redis { url } => Ok(Arc::new(redis::RedisQueue::connect(url, self).await?)),
+            #[cfg(feature = "amqp")]
+            QueueUrl::Amqp { url } => Ok(Arc::new(amqp::AmqpProducer::connect(url, self).await?)),
+            #[cfg(feature = "nats")]
+            QueueUrl::Nats { url } => Ok(Arc::new(nats::NatsProducer::connect(url, self).await?)),
         }
     }
 
     /// Opens a consumer of one named queue.
     pub async fn consumer(&self, queue: &str) -> Result<Box<dyn Consumer>, QueueError> {
+        self.consumer_with(queue, 0).await
+    }
+
+    /// Opens a consumer of one named queue; `batch` (the worker's
+    /// `batch_max_events`) sizes a broker's prefetch when `prefetch` is 0.
+    /// A broker consumer reconnects by itself (see [`resilient`]), so a
+    /// broker outage pauses workers instead of stopping them.
+    pub async fn consumer_with(
+        &self,
+        queue: &str,
+        batch: usize,
+    ) -> Result<Box<dyn Consumer>, QueueError> {
         match &self.url {
             QueueUrl::Embedded { dir } => {
                 let q = embedded::Embedded::open(dir, self.sync).await?;
                 Ok(Box::new(q.consumer(queue)?))
             }
+            #[allow(unreachable_patterns)]
+            _ => {
+                let prefetch = if self.prefetch > 0 {
+                    self.prefetch
+                } else {
+                    batch.clamp(1, u16::MAX as usize) as u32
+                };
+                Ok(Box::new(
+                    resilient::Resilient::start(self.clone(), queue.to_owned(), prefetch).await,
+                ))
+            }
+        }
+    }
+
+    /// A direct consumer of a broker, without reconnection (used by
+    /// [`resilient::Resilient`], and by tests that need a consumer to die).
+    pub async fn broker_consumer(
+        &self,
+        queue: &str,
+        prefetch: u32,
+    ) -> Result<Box<dyn Consumer>, QueueError> {
+        let _ = (queue, prefetch);
+        match &self.url {
+            QueueUrl::Embedded { .. } => Err(QueueError::Config(
+                "broker_consumer called for the embedded queue".into(),
+            )),
+            #[cfg(feature = "redis")]
+            QueueUrl::Redis { url } => Ok(Box::new(
+                redis::RedisQueue::connect(url, self)
+                    .await?
+                    .consumer(queue)
+                    .await?,
+            )),
+            #[cfg(feature = "amqp")]
+            QueueUrl::Amqp { url } => Ok(Box::new(
+                amqp::AmqpConsumer::connect(url, self, queue, prefetch).await?,
+            )),
+            #[cfg(feature = "nats")]
+            QueueUrl::Nats { url } => Ok(Box::new(
+                nats::NatsConsumer::connect(url, self, queue, prefetch).await?,
+            )),
         }
     }
 }
@@ -209,5 +392,31 @@ mod tests {
         assert!(QueueUrl::parse("embedded://").is_err());
         assert!(QueueUrl::parse("/var/q").is_err());
         assert!(QueueUrl::parse("kafka://x").unwrap_err().contains("kafka"));
+    }
+
+    #[cfg(all(feature = "redis", feature = "amqp", feature = "nats"))]
+    #[test]
+    fn broker_urls_parse_and_hide_passwords() {
+        let u = QueueUrl::parse("redis://:s3cret@10.0.0.1:6379/2").expect("redis");
+        assert!(u.is_broker());
+        assert!(!u.to_string().contains("s3cret"), "{u}");
+        let u = QueueUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").expect("amqp");
+        assert_eq!(u.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        let u = QueueUrl::parse("nats://127.0.0.1:4222").expect("nats");
+        assert_eq!(u.to_string(), "nats://127.0.0.1:4222");
+        assert!(QueueUrl::parse("redis://").is_err(), "no host");
+        assert!(QueueUrl::parse("amqp://:5672").is_err(), "no host");
+        assert!(!QueueUrl::parse("embedded:///q").expect("e").is_broker());
+    }
+
+    #[test]
+    fn validation() {
+        let mut c = QueueConfig::default();
+        assert!(c.validate().is_ok());
+        c.prefix = "has space".into();
+        assert!(c.validate().is_err());
+        c.prefix = "ok".into();
+        c.redeliver_after = Duration::from_millis(10);
+        assert!(c.validate().is_err());
     }
 }

@@ -1,0 +1,408 @@
+//! One conformance suite for every queue backend: embedded SQLite, and the
+//! real Redis, RabbitMQ and NATS JetStream on this machine (127.0.0.1).
+//!
+//! Each test uses its own random prefix (Redis keys, RabbitMQ queues, NATS
+//! streams) and removes what it created, because other engineers run tests
+//! against the same servers at the same time. The broker URLs can be moved
+//! with SALTPIPE_TEST_REDIS, SALTPIPE_TEST_AMQP and SALTPIPE_TEST_NATS.
+#![cfg_attr(
+    not(all(feature = "redis", feature = "amqp", feature = "nats")),
+    allow(unused)
+)]
+
+use bytes::Bytes;
+use saltpipe::queue::{Consumer, Delivery, Message, QueueConfig, QueueUrl};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backend {
+    Embedded,
+    #[cfg(feature = "redis")]
+    Redis,
+    #[cfg(feature = "amqp")]
+    Amqp,
+    #[cfg(feature = "nats")]
+    Nats,
+}
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A queue config with names no other test uses.
+struct Fixture {
+    cfg: QueueConfig,
+    backend: Backend,
+    queues: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(backend: Backend) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = match backend {
+            Backend::Embedded => format!("embedded://{}", dir.path().join("q").display()),
+            #[cfg(feature = "redis")]
+            Backend::Redis => env_or("SALTPIPE_TEST_REDIS", "redis://127.0.0.1:6379"),
+            #[cfg(feature = "amqp")]
+            Backend::Amqp => env_or(
+                "SALTPIPE_TEST_AMQP",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
+            #[cfg(feature = "nats")]
+            Backend::Nats => env_or("SALTPIPE_TEST_NATS", "nats://127.0.0.1:4222"),
+        };
+        let cfg = QueueConfig {
+            url: QueueUrl::parse(&url).expect("url"),
+            prefix: format!("sptest-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
+            redeliver_after: Duration::from_secs(1),
+            spool: dir.path().join("spool"),
+            ..QueueConfig::default()
+        };
+        Fixture {
+            cfg,
+            backend,
+            queues: vec![],
+            _dir: dir,
+        }
+    }
+
+    /// A consumer that dies when dropped (no reconnecting wrapper).
+    async fn consumer(&mut self, queue: &str) -> Box<dyn Consumer> {
+        if !self.queues.iter().any(|q| q == queue) {
+            self.queues.push(queue.to_owned());
+        }
+        match self.backend {
+            Backend::Embedded => self.cfg.consumer(queue).await.expect("consumer"),
+            #[allow(unreachable_patterns)]
+            _ => self
+                .cfg
+                .broker_consumer(queue, 1000)
+                .await
+                .expect("broker consumer"),
+        }
+    }
+
+    async fn push(&mut self, batch: &[Message]) {
+        for m in batch {
+            if !self.queues.iter().any(|q| **q == *m.queue) {
+                self.queues.push(m.queue.to_string());
+            }
+        }
+        let p = self.cfg.producer().await.expect("producer");
+        p.push(batch).await.expect("push");
+    }
+
+    /// Removes what the test created on the shared servers.
+    async fn cleanup(self) {
+        let prefix = self.cfg.prefix.clone();
+        match (self.backend, &self.cfg.url) {
+            #[cfg(feature = "redis")]
+            (Backend::Redis, QueueUrl::Redis { url }) => {
+                let client = redis::Client::open(url.as_str()).expect("redis client");
+                let mut c = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis conn");
+                for q in &self.queues {
+                    let _: Result<(), _> = redis::cmd("DEL")
+                        .arg(saltpipe::queue::redis::stream_key(&prefix, q))
+                        .query_async(&mut c)
+                        .await;
+                }
+            }
+            #[cfg(feature = "amqp")]
+            (Backend::Amqp, QueueUrl::Amqp { url }) => {
+                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                    .await
+                    .expect("amqp conn");
+                let ch = conn.create_channel().await.expect("channel");
+                for q in &self.queues {
+                    let _ = ch
+                        .queue_delete(
+                            saltpipe::queue::amqp::queue_name(&prefix, q)
+                                .as_str()
+                                .into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            }
+            #[cfg(feature = "nats")]
+            (Backend::Nats, QueueUrl::Nats { url }) => {
+                let client = async_nats::connect(url.as_str()).await.expect("nats conn");
+                let js = async_nats::jetstream::new(client);
+                for q in &self.queues {
+                    let _ = js
+                        .delete_stream(saltpipe::queue::nats::stream_name(&prefix, q))
+                        .await;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn msg(queue: &str, key: &str, seq: usize) -> Message {
+    Message {
+        queue: Arc::from(queue),
+        key: key.to_owned(),
+        body: Bytes::from(format!("test/{key}/{seq}\n\n\u{80}")),
+        received_ms: seq as i64,
+    }
+}
+
+/// Pulls until `n` messages arrived or `within` passed.
+async fn pull_n(c: &mut dyn Consumer, n: usize, within: Duration) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n && tokio::time::Instant::now() < deadline {
+        let got = c
+            .pull(n - out.len(), usize::MAX, Duration::from_millis(200))
+            .await
+            .expect("pull");
+        out.extend(got);
+    }
+    out
+}
+
+async fn push_pull_ack(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c = f.consumer("a").await;
+    let batch: Vec<Message> = (0..50)
+        .map(|i| msg(if i % 5 == 0 { "b" } else { "a" }, "m1", i))
+        .collect();
+    f.push(&batch).await;
+    let got = pull_n(&mut *c, 40, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 40, "exactly the messages of queue a");
+    assert!(
+        got.iter().all(|d| d.received_ms % 5 != 0),
+        "none of queue b"
+    );
+    assert_eq!(got[0].key, "m1", "the key travels");
+    assert_eq!(
+        got[0].body,
+        msg("a", "m1", 1).body,
+        "the body travels byte for byte"
+    );
+    assert_eq!(got[0].received_ms, 1, "the receive time travels");
+    let extra = c
+        .pull(10, usize::MAX, Duration::from_millis(300))
+        .await
+        .expect("pull");
+    assert!(extra.is_empty(), "nothing more: {extra:?}");
+    c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    let depth = c.depth().await.expect("depth");
+    assert!(matches!(depth, Some(0) | None), "{depth:?}");
+    // The other queue still holds its 10.
+    let mut b = f.consumer("b").await;
+    let got_b = pull_n(&mut *b, 10, Duration::from_secs(10)).await;
+    assert_eq!(got_b.len(), 10);
+    b.ack(&got_b.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    drop((c, b));
+    f.cleanup().await;
+}
+
+async fn order_per_key(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c = f.consumer("default").await;
+    let keys = ["m0", "m1", "m2"];
+    // Several pushes, keys interleaved.
+    for chunk in 0..5 {
+        let batch: Vec<Message> = (0..60)
+            .map(|i| {
+                let seq = chunk * 60 + i;
+                msg("default", keys[seq % 3], seq)
+            })
+            .collect();
+        f.push(&batch).await;
+    }
+    let got = pull_n(&mut *c, 300, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 300);
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for d in &got {
+        per_key
+            .entry(d.key.clone())
+            .or_default()
+            .push(d.received_ms);
+    }
+    assert_eq!(per_key.len(), 3);
+    for (k, seqs) in &per_key {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{k} out of order: {seqs:?}"
+        );
+        assert_eq!(seqs.len(), 100);
+    }
+    c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    drop(c);
+    f.cleanup().await;
+}
+
+/// A consumer that dies holding unacked messages: they come back to the
+/// next one (embedded: at reopen; RabbitMQ: when the connection closes;
+/// Redis: XAUTOCLAIM after redeliver_after; NATS: after ack_wait), and the
+/// acked ones never do.
+async fn redelivery_after_consumer_death(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c1 = f.consumer("default").await;
+    f.push(&(0..20).map(|i| msg("default", "m", i)).collect::<Vec<_>>())
+        .await;
+    let got = pull_n(&mut *c1, 20, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 20);
+    let (acked, held): (Vec<_>, Vec<_>) = got.iter().partition(|d| d.received_ms < 12);
+    c1.ack(&acked.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    let held: BTreeSet<i64> = held.iter().map(|d| d.received_ms).collect();
+    drop(c1); // dies without acking the rest
+    let mut c2 = f.consumer("default").await;
+    let again = pull_n(&mut *c2, held.len(), Duration::from_secs(20)).await;
+    let again_set: BTreeSet<i64> = again.iter().map(|d| d.received_ms).collect();
+    assert_eq!(again_set, held, "exactly the unacked ones come back");
+    c2.ack(&again.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    // And after the ack, nothing comes back even past the redelivery time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let none = c2
+        .pull(100, usize::MAX, Duration::from_millis(500))
+        .await
+        .expect("pull");
+    assert!(none.is_empty(), "acked messages came back: {none:?}");
+    drop(c2);
+    f.cleanup().await;
+}
+
+/// A pull abandoned while it waits (a worker's shutdown select drops it)
+/// must not swallow the messages that arrive just then.
+async fn cancelled_pull_loses_nothing(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c = f.consumer("default").await;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.pull(100, usize::MAX, Duration::from_secs(2)),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the pull was still waiting when dropped"
+    );
+    f.push(&(0..10).map(|i| msg("default", "m", i)).collect::<Vec<_>>())
+        .await;
+    // Well within redeliver_after (1 s): not rescued by a redelivery.
+    let got = pull_n(&mut *c, 10, Duration::from_millis(800)).await;
+    let seqs: Vec<i64> = got.iter().map(|d| d.received_ms).collect();
+    assert_eq!(
+        seqs,
+        (0..10).collect::<Vec<i64>>(),
+        "all ten, in order, once"
+    );
+    c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    drop(c);
+    f.cleanup().await;
+}
+
+/// Two consumers of one queue share the work (brokers only): every message
+/// reaches exactly one of them.
+async fn competing_consumers(backend: Backend) {
+    let mut f = Fixture::new(backend);
+    let mut c1 = f.consumer("default").await;
+    let mut c2 = f.consumer("default").await;
+    f.push(&(0..200).map(|i| msg("default", "m", i)).collect::<Vec<_>>())
+        .await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < 200 && tokio::time::Instant::now() < deadline {
+        for c in [&mut c1, &mut c2] {
+            let got = c
+                .pull(30, usize::MAX, Duration::from_millis(100))
+                .await
+                .expect("pull");
+            c.ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+                .await
+                .expect("ack");
+            seen.extend(got.iter().map(|d| d.received_ms));
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..200).collect::<Vec<i64>>(), "each exactly once");
+    drop((c1, c2));
+    f.cleanup().await;
+}
+
+macro_rules! conformance {
+    ($modname:ident, $backend:expr, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        mod $modname {
+            use super::*;
+            #[tokio::test]
+            async fn push_pull_ack() {
+                super::push_pull_ack($backend).await
+            }
+            #[tokio::test]
+            async fn order_per_key() {
+                super::order_per_key($backend).await
+            }
+            #[tokio::test]
+            async fn redelivery_after_consumer_death() {
+                super::redelivery_after_consumer_death($backend).await
+            }
+            #[tokio::test]
+            async fn cancelled_pull_loses_nothing() {
+                super::cancelled_pull_loses_nothing($backend).await
+            }
+        }
+    };
+}
+
+// The embedded queue is always built; the feature named is a default one.
+mod embedded {
+    use super::*;
+    #[tokio::test]
+    async fn push_pull_ack() {
+        super::push_pull_ack(Backend::Embedded).await
+    }
+    #[tokio::test]
+    async fn order_per_key() {
+        super::order_per_key(Backend::Embedded).await
+    }
+    #[tokio::test]
+    async fn redelivery_after_consumer_death() {
+        super::redelivery_after_consumer_death(Backend::Embedded).await
+    }
+    #[tokio::test]
+    async fn cancelled_pull_loses_nothing() {
+        super::cancelled_pull_loses_nothing(Backend::Embedded).await
+    }
+}
+conformance!(redis_streams, Backend::Redis, "redis");
+conformance!(rabbitmq, Backend::Amqp, "amqp");
+conformance!(nats_jetstream, Backend::Nats, "nats");
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_competing_consumers() {
+    competing_consumers(Backend::Redis).await
+}
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn amqp_competing_consumers() {
+    competing_consumers(Backend::Amqp).await
+}
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn nats_competing_consumers() {
+    competing_consumers(Backend::Nats).await
+}
