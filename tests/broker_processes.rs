@@ -46,7 +46,7 @@ async fn sigkill_one_of_two_workers(broker: Broker) {
     let _ = a.wait();
     let killed_at = stored_returns(&db).0;
     pusher.await.expect("pusher");
-    let (rows, distinct) = wait_for_returns(&db, N as u64, Duration::from_secs(90)).await;
+    let (rows, distinct) = wait_for_returns(&db, N as u64, Duration::from_secs(240)).await;
     stop(&mut b);
     let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap_or_default();
     cleanup(broker, &prefix, &["default"]).await;
@@ -97,7 +97,7 @@ async fn broker_outage_loses_nothing(broker: Broker) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     forwarder.finish().await.expect("forwarder drained");
-    let (rows, distinct) = wait_for_returns(&db, total as u64, Duration::from_secs(90)).await;
+    let (rows, distinct) = wait_for_returns(&db, total as u64, Duration::from_secs(240)).await;
     stop(&mut worker);
     let log = std::fs::read_to_string(dir.path().join("work.log")).unwrap_or_default();
     drop(proxy);

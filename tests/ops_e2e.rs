@@ -502,9 +502,16 @@ fn health_reports_a_missing_bus() {
             .spawn()
             .expect("run"),
     );
-    let (code, body) = wait_for("/health", Duration::from_secs(20), || {
-        get(&format!("http://127.0.0.1:{mport}/health"))
-    });
+    // The listener comes up before the workers: wait until they run too.
+    let (code, body) = wait_for(
+        "/health with the worker running",
+        Duration::from_secs(20),
+        || {
+            get(&format!("http://127.0.0.1:{mport}/health")).filter(|(_, body)| {
+                serde_json::from_str::<Value>(body).is_ok_and(|v| v["workers_running"] == 1)
+            })
+        },
+    );
     assert_eq!(code, 503, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["status"], "unhealthy");

@@ -104,8 +104,22 @@ impl Embedded {
             return Ok(Embedded { inner });
         }
         let db = key.join("queue.db");
-        let writer = open_connection(&db, sync)?;
-        writer.execute_batch(SCHEMA).map_err(storage)?;
+        // Another process opening the same queue at the same moment (a
+        // `listen` and a `work` started together) may hold the lock while it
+        // switches to WAL or creates the table: wait for it, briefly.
+        let started = std::time::Instant::now();
+        let writer = loop {
+            let attempt = open_connection(&db, sync)
+                .and_then(|c| c.execute_batch(SCHEMA).map(|_| c).map_err(storage));
+            match attempt {
+                Err(QueueError::Storage(m))
+                    if m.contains("locked") && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
         let inner = Arc::new(Inner {
             dir: key.clone(),
             db,

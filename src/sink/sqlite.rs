@@ -82,29 +82,74 @@ fn classify(e: rusqlite::Error) -> SinkError {
     }
 }
 
+enum OpenError {
+    Busy(rusqlite::Error),
+    Fatal(SinkError),
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Opens the file in WAL mode and creates what is missing of the schema.
+fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
+    let fatal = |e: rusqlite::Error| {
+        if is_busy(&e) {
+            OpenError::Busy(e)
+        } else {
+            OpenError::Fatal(SinkError::Fatal(format!("{}: {e}", p.display())))
+        }
+    };
+    let c = Connection::open(p).map_err(fatal)?;
+    c.busy_timeout(Duration::from_secs(10)).map_err(fatal)?;
+    c.pragma_update(None, "journal_mode", "WAL")
+        .map_err(fatal)?;
+    c.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(fatal)?;
+    c.execute_batch(SCHEMA).map_err(|e| {
+        if is_busy(&e) {
+            return OpenError::Busy(e);
+        }
+        OpenError::Fatal(SinkError::Fatal(format!(
+            "{}: cannot create the schema: {e}. If duplicate (jid, id) rows exist, remove them \
+             (keep the oldest: DELETE FROM salt_returns WHERE rowid NOT IN (SELECT min(rowid) FROM salt_returns GROUP BY jid, id)) \
+             and start again",
+            p.display()
+        )))
+    })?;
+    Ok(c)
+}
+
 impl SqliteSink {
     pub async fn open(path: &Path, master_id: String) -> Result<SqliteSink, SinkError> {
         let path = path.to_path_buf();
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, SinkError> {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| SinkError::Fatal(format!("cannot create {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    SinkError::Fatal(format!("cannot create {}: {e}", dir.display()))
+                })?;
             }
-            let fatal = |e: rusqlite::Error| SinkError::Fatal(format!("{}: {e}", p.display()));
-            let c = Connection::open(&p).map_err(fatal)?;
-            c.busy_timeout(Duration::from_secs(10)).map_err(fatal)?;
-            c.pragma_update(None, "journal_mode", "WAL").map_err(fatal)?;
-            c.pragma_update(None, "synchronous", "NORMAL").map_err(fatal)?;
-            c.execute_batch(SCHEMA).map_err(|e| {
-                SinkError::Fatal(format!(
-                    "{}: cannot create the schema: {e}. If duplicate (jid, id) rows exist, remove them \
-                     (keep the oldest: DELETE FROM salt_returns WHERE rowid NOT IN (SELECT min(rowid) FROM salt_returns GROUP BY jid, id)) \
-                     and start again",
-                    p.display()
-                ))
-            })?;
-            Ok(c)
+            // Another process opening the same file at the same moment (two
+            // `work` processes starting together) holds the lock while it
+            // switches to WAL or creates the schema: wait for it, briefly.
+            let started = std::time::Instant::now();
+            loop {
+                match open_blocking(&p) {
+                    Err(OpenError::Busy(e)) if started.elapsed() < Duration::from_secs(30) => {
+                        tracing::debug!(error = %e, "sqlite sink busy at open; retrying");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(OpenError::Busy(e)) => {
+                        return Err(SinkError::Fatal(format!("{}: {e}", p.display())));
+                    }
+                    Err(OpenError::Fatal(e)) => return Err(e),
+                    Ok(c) => return Ok(c),
+                }
+            }
         })
         .await
         .map_err(|e| SinkError::Fatal(e.to_string()))??;

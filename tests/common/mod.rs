@@ -270,7 +270,7 @@ pub fn write_config(dir: &Path, bus: &Path, extra: &str) -> PathBuf {
 pub fn write_config_source(dir: &Path, source: &str, extra: &str) -> PathBuf {
     let path = dir.join("saltpipe.toml");
     let text = format!(
-        "[source]\n{source}\nreconnect_max = \"1s\"\n\n[queue]\nurl = \"embedded://{}\"\n\n[worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"sqlite://{}\"\n\n{extra}\n",
+        "[source]\n{source}\nreconnect_max = \"1s\"\n\n[queue]\nurl = \"embedded://{}\"\n\n[worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"sqlite://{}\"\n\n[metrics]\nenabled = false\n\n{extra}\n",
         dir.join("queue").display(),
         dir.join("salt.db").display(),
     );
