@@ -20,6 +20,7 @@ pub struct BusSource {
     address: BusAddress,
     reconnect_min: Duration,
     reconnect_max: Duration,
+    read_coalesce: Duration,
 }
 
 type Stream = Box<dyn AsyncRead + Send + Unpin>;
@@ -30,6 +31,7 @@ impl BusSource {
             address: cfg.address(),
             reconnect_min: cfg.reconnect_min,
             reconnect_max: cfg.reconnect_max,
+            read_coalesce: cfg.read_coalesce,
         }
     }
 
@@ -65,6 +67,18 @@ impl BusSource {
                         ingest.stats().bytes_read.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                         ingest.process(now_ms());
                         ingest.flush_nowait()?;
+                        // A short read means events trickle in one write at a
+                        // time: pause a moment so the next read takes many at
+                        // once, one wake-up instead of dozens. The socket
+                        // buffer holds far more than a few ms of events, and
+                        // a full read (a busy bus) never pauses.
+                        if n < READ_CHUNK / 2 && !self.read_coalesce.is_zero() {
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => return Ok((true, None)),
+                                _ = tokio::time::sleep(self.read_coalesce) => {}
+                            }
+                        }
                     }
                     Err(e) => return Ok((false, Some(e.to_string()))),
                 },

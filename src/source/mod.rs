@@ -56,6 +56,11 @@ pub struct SourceConfig {
     /// master caps events near `max_event_size` (1 MiB) unless raised.
     #[serde(deserialize_with = "human::size")]
     pub max_frame: u64,
+    /// After a short read, wait this long before reading again, so a bus
+    /// that trickles one event per write is read many events per wake-up
+    /// (less CPU). At most 100ms; "0s" reads at once.
+    #[serde(deserialize_with = "human::duration")]
+    pub read_coalesce: Duration,
     /// Kept events held in memory when the queue writer lags, before the
     /// reader starts dropping (counted) instead of stalling the bus.
     #[serde(deserialize_with = "human::size")]
@@ -69,6 +74,7 @@ impl Default for SourceConfig {
             tcp: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            read_coalesce: Duration::from_millis(2),
             max_frame: 64 << 20,
             pending_limit: 64 << 20,
         }
@@ -113,6 +119,12 @@ impl SourceConfig {
             return Err(ConfigError::invalid(
                 "source.reconnect_min",
                 "must be above zero and not above reconnect_max",
+            ));
+        }
+        if self.read_coalesce > Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "source.read_coalesce",
+                "must be at most 100ms: the master cuts off a reader that falls behind",
             ));
         }
         if self.max_frame < 1024 || self.max_frame > 1 << 30 {
