@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 bash scripts/salt-venv.sh >/dev/null
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # The benches once in test mode (each benchmark runs once, checking it works),
-# then every unit, conformance and end-to-end test; cargo's summary comes last.
-cargo test --benches "$@"
-exec cargo test "$@"
+# then every unit, conformance and end-to-end test (there are no doc tests).
+cargo test --benches "$@" 2>&1 | tee -a "$log"
+cargo test --lib --bins --tests "$@" 2>&1 | tee -a "$log"
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
