@@ -203,28 +203,9 @@ fn real_master_jobs_land_exactly_once_and_survive_a_master_restart() {
     assert_eq!(count(&db, "SELECT count(*) FROM salt_events"), 0);
 }
 
-/// A return frame with a data map like a real `_return`.
+/// A numbered return frame (see `common::return_frame`).
 fn return_frame(jid: &str, minion: &str, i: usize) -> Vec<u8> {
-    let mut d = Vec::new();
-    let fields: [(&str, &str); 5] = [
-        ("cmd", "_return"),
-        ("id", minion),
-        ("jid", jid),
-        ("fun", "test.echo"),
-        ("user", "root"),
-    ];
-    let _ = rmp::encode::write_map_len(&mut d, fields.len() as u32 + 3);
-    for (k, v) in fields {
-        let _ = rmp::encode::write_str(&mut d, k);
-        let _ = rmp::encode::write_str(&mut d, v);
-    }
-    let _ = rmp::encode::write_str(&mut d, "return");
-    let _ = rmp::encode::write_str(&mut d, &format!("payload {i} café 🧂"));
-    let _ = rmp::encode::write_str(&mut d, "retcode");
-    let _ = rmp::encode::write_uint(&mut d, 0);
-    let _ = rmp::encode::write_str(&mut d, "success");
-    let _ = rmp::encode::write_bool(&mut d, true);
-    saltpipe::bus::encode::frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+    common::return_frame(jid, minion, &format!("payload {i} café 🧂"))
 }
 
 #[test]

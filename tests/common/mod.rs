@@ -290,3 +290,27 @@ pub fn open_db(dir: &Path) -> rusqlite::Connection {
 pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
     db.query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
 }
+
+/// A return frame with a data map like a real `_return` from `test.echo`.
+pub fn return_frame(jid: &str, minion: &str, ret: &str) -> Vec<u8> {
+    let mut d = Vec::new();
+    let fields: [(&str, &str); 5] = [
+        ("cmd", "_return"),
+        ("id", minion),
+        ("jid", jid),
+        ("fun", "test.echo"),
+        ("user", "root"),
+    ];
+    let _ = rmp::encode::write_map_len(&mut d, fields.len() as u32 + 3);
+    for (k, v) in fields {
+        let _ = rmp::encode::write_str(&mut d, k);
+        let _ = rmp::encode::write_str(&mut d, v);
+    }
+    let _ = rmp::encode::write_str(&mut d, "return");
+    let _ = rmp::encode::write_str(&mut d, ret);
+    let _ = rmp::encode::write_str(&mut d, "retcode");
+    let _ = rmp::encode::write_uint(&mut d, 0);
+    let _ = rmp::encode::write_str(&mut d, "success");
+    let _ = rmp::encode::write_bool(&mut d, true);
+    saltpipe::bus::encode::frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+}
