@@ -98,21 +98,21 @@ fn usage_errors_exit_2_and_unreachable_parts_exit_4() {
     assert!(text.contains("opened the sink"), "{text}");
 }
 
-#[test]
-fn replay_of_real_captures_keeps_jobs_and_drops_noise_by_reason() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fixture =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/salt-3008.5-bus.bin");
+/// `saltpipe replay --json FILE` with its queue and sink at the given
+/// paths; the summary, after checking the exit status.
+fn replay_json(
+    file: &std::path::Path,
+    queue: &std::path::Path,
+    sink: &std::path::Path,
+) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
-        .args(["replay", "--json", fixture.to_str().expect("utf8")])
+        .args(["replay", "--json"])
+        .arg(file)
         .env(
             "SALTPIPE_QUEUE_URL",
-            format!("embedded://{}/q", dir.path().display()),
+            format!("embedded://{}", queue.display()),
         )
-        .env(
-            "SALTPIPE_SINK_URL",
-            format!("sqlite://{}/s.db", dir.path().display()),
-        )
+        .env("SALTPIPE_SINK_URL", format!("sqlite://{}", sink.display()))
         .output()
         .expect("replay");
     assert!(
@@ -120,7 +120,15 @@ fn replay_of_real_captures_keeps_jobs_and_drops_noise_by_reason() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    serde_json::from_slice(&out.stdout).expect("json summary")
+}
+
+#[test]
+fn replay_of_real_captures_keeps_jobs_and_drops_noise_by_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/salt-3008.5-bus.bin");
+    let v = replay_json(&fixture, &dir.path().join("q"), &dir.path().join("s.db"));
     // 44 frames: see tests/fixtures/README.md for what each is.
     assert_eq!(v["frames"], 44);
     assert_eq!(v["malformed"], 0);
@@ -136,19 +144,7 @@ fn replay_of_real_captures_keeps_jobs_and_drops_noise_by_reason() {
     // 3006.29 frames carry a length prefix; its bare-jid announcements are redundant.
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/salt-3006.29-bus.bin");
-    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
-        .args(["replay", "--json", fixture.to_str().expect("utf8")])
-        .env(
-            "SALTPIPE_QUEUE_URL",
-            format!("embedded://{}/q2", dir.path().display()),
-        )
-        .env(
-            "SALTPIPE_SINK_URL",
-            format!("sqlite://{}/s2.db", dir.path().display()),
-        )
-        .output()
-        .expect("replay");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    let v = replay_json(&fixture, &dir.path().join("q2"), &dir.path().join("s2.db"));
     assert_eq!(v["frames"], 8);
     assert_eq!(v["dropped"]["legacy_announce"], 2);
     assert_eq!(v["returns_written"], 4);
@@ -173,24 +169,7 @@ fn replay_of_a_damaged_stream_counts_rejections_and_keeps_good_events() {
     damaged.extend_from_slice(&good[..good.len() / 3]);
     let p = dir.path().join("damaged.bin");
     std::fs::write(&p, &damaged).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
-        .args(["replay", "--json", p.to_str().expect("utf8")])
-        .env(
-            "SALTPIPE_QUEUE_URL",
-            format!("embedded://{}/q", dir.path().display()),
-        )
-        .env(
-            "SALTPIPE_SINK_URL",
-            format!("sqlite://{}/s.db", dir.path().display()),
-        )
-        .output()
-        .expect("replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    let v = replay_json(&p, &dir.path().join("q"), &dir.path().join("s.db"));
     assert!(v["malformed"].as_u64().expect("malformed") >= 3, "{v}");
     // All 14 returns of the intact copy land; the partial copy repeats some
     // of them, which the duplicate check and the unique key absorb.
