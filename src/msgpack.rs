@@ -348,23 +348,38 @@ pub fn to_json_with_field(
         write_json(&mut r, &mut out, 0)?;
         return Ok((out, None));
     };
+    let range = write_map(&mut r, &mut out, n, 1, Some(field))?;
+    Ok((out, range))
+}
+
+/// Writes the `n` entries of a map whose header `r` has just read; returns
+/// where the value of the first entry keyed `capture` lies in `out`.
+fn write_map(
+    r: &mut Reader<'_>,
+    out: &mut String,
+    n: u32,
+    depth: usize,
+    capture: Option<&str>,
+) -> Result<Option<std::ops::Range<usize>>, WalkError> {
     let mut range = None;
     out.push('{');
     for i in 0..n {
         if i > 0 {
             out.push_str(", ");
         }
-        let is_field = matches!(r.clone().item(), Ok(Item::Str(k)) if k == field.as_bytes());
-        write_key(&mut r, &mut out, 1)?;
+        let wanted = capture.is_some_and(|f| {
+            range.is_none() && matches!(r.clone().item(), Ok(Item::Str(k)) if k == f.as_bytes())
+        });
+        write_key(r, out, depth)?;
         out.push_str(": ");
         let start = out.len();
-        write_json(&mut r, &mut out, 1)?;
-        if is_field && range.is_none() {
+        write_json(r, out, depth)?;
+        if wanted {
             range = Some(start..out.len());
         }
     }
     out.push('}');
-    Ok((out, range))
+    Ok(range)
 }
 
 /// Appends the JSON of the next value in `r` to `out`.
@@ -399,16 +414,7 @@ pub fn write_json(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<
             out.push(']');
         }
         Item::Map(n) => {
-            out.push('{');
-            for i in 0..n {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_key(r, out, depth + 1)?;
-                out.push_str(": ");
-                write_json(r, out, depth + 1)?;
-            }
-            out.push('}');
+            write_map(r, out, n, depth + 1, None)?;
         }
     }
     Ok(())
