@@ -30,4 +30,5 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod tls;
+pub mod wal;
 pub mod worker;

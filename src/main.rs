@@ -3,6 +3,7 @@
 //! exit codes.
 
 use anyhow::Context as _;
+
 use clap::{Parser, Subcommand};
 use saltpipe::config::{self, Config, ConfigError, LogFormat};
 use saltpipe::pipeline;
@@ -116,7 +117,24 @@ enum Command {
     },
 }
 
+/// Caps glibc's malloc at two arenas, before any thread starts. By default
+/// glibc gives every thread that allocates (tokio workers, the blocking
+/// SQLite threads) an arena of its own, up to 8 per core, and keeps freed
+/// memory in each: ~18 MB of RSS in a full-speed replay, measured against
+/// `MALLOC_ARENA_MAX=2`, for no speed gained (saltpipe's threads hand
+/// buffers to each other; they do not allocate in parallel much). mimalloc
+/// was tried instead and held 160+ MB.
+fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called first
+    // thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     saltpipe::tls::install_ring();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
