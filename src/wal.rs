@@ -24,7 +24,7 @@
 //! [`nudge`]: Checkpointer::nudge
 
 use rusqlite::Connection;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -117,7 +117,7 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: Connection, path: &PathBuf, signal: &Signal, stop: &AtomicBool) {
+fn run(conn: Connection, path: &Path, signal: &Signal, stop: &AtomicBool) {
     loop {
         let stopping = stop.load(Ordering::Acquire);
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
