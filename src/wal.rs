@@ -31,9 +31,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// WAL size (pages) at which a commit checkpoints inline after all: the
-/// bound on the WAL file (64 MiB with 4 KiB pages) when the background
-/// thread cannot keep up.
-pub const BACKSTOP_PAGES: u32 = 16_384;
+/// bound on the WAL file (64 MiB with [`PAGE_SIZE`] pages) when the
+/// background thread cannot keep up.
+pub const BACKSTOP_PAGES: u32 = 4_096;
+
+/// Page size for the databases saltpipe creates (the sink's and the
+/// queue's): 16 KiB instead of SQLite's 4 KiB. Returns are 1-2 KiB rows, so
+/// bigger pages mean 4x fewer WAL frames, page writes, checksums and b-tree
+/// splits per batch: -26% CPU per return in a 200k-return replay A/B
+/// (u+s 5.7 s -> 4.2 s), at ~10% more bytes written.
+pub const PAGE_SIZE: u32 = 16_384;
 
 /// Longest pause between two checks when no writer nudges.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);

@@ -114,6 +114,10 @@ fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
     };
     let c = Connection::open(p).map_err(fatal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(fatal)?;
+    // Only takes effect while the file is new (empty): existing files keep
+    // the page size they were made with.
+    c.pragma_update(None, "page_size", crate::wal::PAGE_SIZE)
+        .map_err(fatal)?;
     c.pragma_update(None, "journal_mode", "WAL")
         .map_err(fatal)?;
     c.pragma_update(None, "synchronous", "NORMAL")
