@@ -45,10 +45,18 @@ pub const PAGE_SIZE: u32 = 16_384;
 /// Longest pause between two checks when no writer nudges.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// Sets a writing connection's inline checkpoint to the backstop. Call it
-/// on every connection that writes when a [`Checkpointer`] runs for the file.
+/// Largest `-wal` file kept on disk after the WAL starts over. Under a
+/// long burst the checkpointer may trail the writer and the file grows past
+/// the backstop (a 1M-return replay left 220 MB); without this limit SQLite
+/// keeps the file at its high-water mark for good.
+pub const WAL_FILE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// Sets a writing connection's inline checkpoint to the backstop and caps
+/// the size the WAL file is cut back to. Call it on every connection that
+/// writes when a [`Checkpointer`] runs for the file.
 pub fn defer_inline_checkpoints(c: &Connection) -> rusqlite::Result<()> {
-    c.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)
+    c.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)?;
+    c.pragma_update(None, "journal_size_limit", WAL_FILE_LIMIT)
 }
 
 /// Why a [`Checkpointer`] could not start.
@@ -197,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn the_inline_backstop_still_bounds_the_wal_without_a_thread() {
+    fn writers_keep_an_inline_backstop_and_a_wal_file_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("t.db");
         let w = Connection::open(&db).expect("open");
@@ -207,5 +215,9 @@ mod tests {
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
             .expect("read back");
         assert_eq!(pages, BACKSTOP_PAGES);
+        let limit: i64 = w
+            .query_row("PRAGMA journal_size_limit", [], |r| r.get(0))
+            .expect("read back");
+        assert_eq!(limit, WAL_FILE_LIMIT);
     }
 }

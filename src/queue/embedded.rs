@@ -32,10 +32,6 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Page cache of the writing connection, in KiB: a default batch of pushes
-/// (2,000 events of ~1 KiB) fits, so a commit does not spill halfway.
-const WRITER_CACHE_KIB: i64 = 4 * 1024;
-
 /// How often a consumer looks for rows written by another process.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -132,9 +128,6 @@ impl Embedded {
             }
         };
         crate::wal::defer_inline_checkpoints(&writer).map_err(storage)?;
-        writer
-            .pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
-            .map_err(storage)?;
         let checkpointer = Checkpointer::start(&db).map_err(storage)?;
         let inner = Arc::new(Inner {
             dir: key.clone(),
