@@ -4,9 +4,11 @@
 //!
 //! * `gen --out FILE --n N`: a bus byte stream of N distinct return events
 //!   (the lead's `saltpipe-gen` was not on main yet; this is a small stand-in).
-//! * `e2e --stream FILE --n N --url URL --workers W`: `saltpipe replay` of the
-//!   stream through the queue at URL with W workers into a fresh SQLite
-//!   sink; prints returns/s end to end (bus frames in, rows committed).
+//! * `e2e --stream FILE --n N --url URL --workers W [--mysql URL]`:
+//!   `saltpipe replay` of the stream through the queue at URL with W workers
+//!   into a fresh SQLite sink, or with `--mysql mysql://user@host:port` into
+//!   a fresh MariaDB database (created and dropped here); prints returns/s
+//!   end to end (bus frames in, rows committed).
 //! * `listen-cpu --pull SOCK --pub SOCK --url URL --rate R --secs S`:
 //!   `saltpipe listen` on a real master while this pushes R return events/s
 //!   into the master's `master_event_pull.ipc`; prints the listener's CPU
@@ -140,6 +142,56 @@ fn gen_file(out: &Path, n: u64) {
     f.flush().expect("flush");
 }
 
+/// A MariaDB database of the benchmark's own: created, counted, dropped.
+struct MyDb {
+    server: String,
+    name: String,
+}
+
+impl MyDb {
+    async fn create(server: &str) -> MyDb {
+        let name = format!("spbench_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        let pool = sqlx::MySqlPool::connect(server)
+            .await
+            .expect("connect to MariaDB");
+        // The name is ours (hex digits): nothing to inject.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        pool.close().await;
+        MyDb {
+            server: server.trim_end_matches('/').to_owned(),
+            name,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+
+    async fn count_and_drop(self) -> u64 {
+        let pool = sqlx::MySqlPool::connect(&self.server)
+            .await
+            .expect("connect to MariaDB");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.salt_returns",
+            self.name
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {}",
+            self.name
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+        n as u64
+    }
+}
+
 async fn e2e(args: &[String]) {
     let stream = need(args, "--stream");
     let n: u64 = need(args, "--n").parse().expect("--n");
@@ -153,6 +205,14 @@ async fn e2e(args: &[String]) {
         url
     };
     let db = dir.path().join("salt.db");
+    let mysql = match arg(args, "--mysql") {
+        Some(server) => Some(MyDb::create(&server).await),
+        None => None,
+    };
+    let sink = match &mysql {
+        Some(m) => m.url(),
+        None => format!("sqlite://{}", db.display()),
+    };
     let started = Instant::now();
     let out = Command::new(bin())
         .args(["replay", &stream, "--json"])
@@ -160,14 +220,17 @@ async fn e2e(args: &[String]) {
         .env("SALTPIPE_QUEUE_PREFIX", &p)
         .env("SALTPIPE_QUEUE_SPOOL", dir.path().join("spool"))
         .env("SALTPIPE_WORKER_CONCURRENCY", &workers)
-        .env("SALTPIPE_SINK_URL", format!("sqlite://{}", db.display()))
+        .env("SALTPIPE_SINK_URL", &sink)
         .env("SALTPIPE_RULES_DEDUPE_RETURNS", "false")
         .env("SALTPIPE_LOG_LEVEL", "warn")
         .stdout(Stdio::piped())
         .output()
         .expect("run saltpipe replay");
     let secs = started.elapsed().as_secs_f64();
-    let stored = count_returns(&db);
+    let (stored, sink_name) = match mysql {
+        Some(m) => (m.count_and_drop().await, "mariadb"),
+        None => (count_returns(&db), "sqlite"),
+    };
     cleanup(&url, &p).await;
     if !out.status.success() {
         eprintln!("replay failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -175,7 +238,7 @@ async fn e2e(args: &[String]) {
     let shown = saltpipe::queue::redact(&url);
     let scheme = shown.split("://").next().unwrap_or("?");
     println!(
-        "| {scheme} | {workers} | {n} | {stored} | {secs:.2} | {:.0} |",
+        "| {scheme} | {sink_name} | {workers} | {n} | {stored} | {secs:.2} | {:.0} |",
         stored as f64 / secs
     );
 }

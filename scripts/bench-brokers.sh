@@ -4,13 +4,14 @@
 #   scripts/bench-brokers.sh [N] [SECS]
 #
 # 1. returns/s end to end (`saltpipe replay` of N return events: bus frames ->
-#    rules -> queue -> workers -> SQLite), through the embedded queue and
+#    rules -> queue -> workers -> SQLite or MariaDB), through the embedded queue and
 #    through Redis, RabbitMQ and NATS (spool + forwarder + broker) with 1, 2
-#    and 4 workers;
+#    and 4 workers, into SQLite and into a fresh MariaDB database;
 # 2. the listener's CPU at 1,000 and 5,000 events/s: `saltpipe listen` on a
 #    real sandbox master while return events are pushed into its
 #    master_event_pull.ipc for SECS seconds.
-# Brokers: $SALTPIPE_TEST_REDIS, $SALTPIPE_TEST_AMQP, $SALTPIPE_TEST_NATS
+# Brokers: $SALTPIPE_TEST_REDIS, $SALTPIPE_TEST_AMQP, $SALTPIPE_TEST_NATS,
+# MariaDB server: $SALTPIPE_TEST_MYSQL
 # (defaults: the loopback servers). Every broker name is random and deleted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,7 @@ SECS="${2:-20}"
 REDIS="${SALTPIPE_TEST_REDIS:-redis://127.0.0.1:6379}"
 AMQP="${SALTPIPE_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 NATS="${SALTPIPE_TEST_NATS:-nats://127.0.0.1:4222}"
+MYSQL="${SALTPIPE_TEST_MYSQL:-mysql://root@127.0.0.1:3306}"
 
 cargo build --release --bin saltpipe --example bench_brokers >&2
 B=target/release/examples/bench_brokers
@@ -26,15 +28,19 @@ export SALTPIPE_BIN=target/release/saltpipe
 WORK="$(mktemp -d)"
 trap 'python3 scripts/salt-sandbox.py down --dir "$WORK/sandbox" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 
-echo "## end to end: $N return events, saltpipe replay into SQLite"
+echo "## end to end: $N return events, saltpipe replay into SQLite and MariaDB"
 echo
-echo "| queue | workers | events | stored | seconds | returns/s |"
-echo "|---|---|---|---|---|---|"
+echo "| queue | sink | workers | events | stored | seconds | returns/s |"
+echo "|---|---|---|---|---|---|---|"
 "$B" gen --out "$WORK/stream.bin" --n "$N"
-"$B" e2e --stream "$WORK/stream.bin" --n "$N" --url embedded --workers 1
-for url in "$REDIS" "$AMQP" "$NATS"; do
-    for w in 1 2 4; do
-        "$B" e2e --stream "$WORK/stream.bin" --n "$N" --url "$url" --workers "$w"
+for sink in sqlite mariadb; do
+    SINK=()
+    [ "$sink" = mariadb ] && SINK=(--mysql "$MYSQL")
+    "$B" e2e --stream "$WORK/stream.bin" --n "$N" --url embedded --workers 1 "${SINK[@]}"
+    for url in "$REDIS" "$AMQP" "$NATS"; do
+        for w in 1 2 4; do
+            "$B" e2e --stream "$WORK/stream.bin" --n "$N" --url "$url" --workers "$w" "${SINK[@]}"
+        done
     done
 done
 

@@ -158,10 +158,16 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&loaded.config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `listen` runs on one thread: its async work (the queue writer, the
+    // forwarders) is a few wake-ups per read, and hand-offs between worker
+    // threads cost it more CPU than the work itself. The bus reader has its
+    // own thread (src/source/bus.rs) and SQLite its blocking pool.
+    let mut builder = if matches!(cli.command, Command::Listen) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("saltpipe: cannot start the runtime: {e}");

@@ -222,8 +222,8 @@ pub async fn listen_with(
     if let Some(rx) = reload {
         ingest = ingest.with_reload(rx);
     }
-    let result = source.run(&mut ingest, shutdown).await;
-    drop(ingest);
+    // `run` drops `ingest` when it ends, closing the writer's channel.
+    let result = source.run(ingest, shutdown).await;
     // Give a failing queue the drain time to recover before giving up.
     let deadline = tokio::time::sleep(cfg.worker.drain_timeout);
     tokio::pin!(deadline);

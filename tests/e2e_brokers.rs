@@ -1,13 +1,15 @@
 //! End to end with a real Salt master (scripts/salt-sandbox.py, two
 //! minions): `saltpipe listen` on the master's bus, a broker in between, two
-//! `saltpipe work` processes, routing by named queue, into the SQL sink.
+//! `saltpipe work` processes, routing by named queue, into MariaDB (the
+//! loopback server; a database of its own per broker, dropped afterwards).
 //! Run once per broker (Redis, RabbitMQ, NATS) against one master.
-//!
-//! The sink is SQLite here: the MySQL/MariaDB sink (issue 3) was not on
-//! main when this was written; the worker side does not depend on which
-//! sink it writes to.
 #![cfg_attr(
-    not(all(feature = "redis", feature = "amqp", feature = "nats")),
+    not(all(
+        feature = "redis",
+        feature = "amqp",
+        feature = "nats",
+        feature = "mysql"
+    )),
     allow(unused)
 )]
 
@@ -78,29 +80,89 @@ impl Drop for Sandbox {
     }
 }
 
-fn jids_stored(db: &Path) -> u64 {
-    rusqlite::Connection::open(db)
-        .and_then(|c| c.query_row("SELECT count(*) FROM jids", [], |r| r.get::<_, i64>(0)))
-        .map(|n| n as u64)
+/// One value from the loopback MariaDB, through the `mysql` client as the
+/// other MariaDB tests do.
+fn my(db: &str, sql: &str) -> String {
+    let out = Command::new("mysql")
+        .args(["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e", sql])
+        .output()
+        .expect("run the mysql client");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn my_count(db: &str, sql: &str) -> u64 {
+    // Before the first worker created the tables the query fails: 0.
+    Command::new("mysql")
+        .args(["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e", sql])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A database of the test's own, dropped even if the test fails.
+struct Database(String);
+
+impl Database {
+    fn create() -> Database {
+        let name = format!("saltpipe_e2e_{:016x}", rand::random::<u64>());
+        my("test", &format!("CREATE DATABASE {name}"));
+        Database(name)
+    }
+
+    fn url(&self) -> String {
+        let base = std::env::var("SALTPIPE_TEST_MYSQL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned());
+        format!("{}/{}", base.trim_end_matches('/'), self.0)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = Command::new("mysql")
+            .args(["-h127.0.0.1", "-uroot", "-e"])
+            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
+            .status();
+    }
+}
+
+/// (rows, distinct (jid, id)) in `salt_returns`, once there are `n` or
+/// `within` passed.
+async fn wait_for_rows(db: &str, n: u64, within: Duration) -> (u64, u64) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let rows = my_count(db, "SELECT count(*) FROM salt_returns");
+        if rows >= n || tokio::time::Instant::now() >= deadline {
+            let distinct = my_count(db, "SELECT count(DISTINCT jid, id) FROM salt_returns");
+            return (rows, distinct);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn one_broker(broker: Broker, sb: &Sandbox, event_pub: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let prefix = unique_prefix();
-    let db = dir.path().join("salt.db");
+    let db = Database::create();
+    let sink = db.url();
     let q = queue_config(&broker.url(), &prefix, &dir.path().join("spool"));
     let routing = format!(
         "[source]\nsocket = \"{event_pub}\"\n[[rules.rule]]\nname = \"states\"\nfun = [\"state.*\"]\nqueue = \"state\"\n"
     );
-    let listen_cfg = write_config(dir.path(), "listen.toml", &q, &db, &routing);
+    let listen_cfg = write_config_sink(dir.path(), "listen.toml", &q, &sink, &routing);
     // Worker 1 takes only `default`; worker 2 takes both queues.
-    let w1 = write_worker_config(dir.path(), "w1.toml", &q, &db, &routing, "[\"default\"]");
+    let w1 = write_worker_config(dir.path(), "w1.toml", &q, &sink, &routing, "[\"default\"]");
     let w2 = write_worker_config(
         dir.path(),
         "w2.toml",
         &q,
-        &db,
+        &sink,
         &routing,
         "[\"default\", \"state\"]",
     );
@@ -119,18 +181,12 @@ async fn one_broker(broker: Broker, sb: &Sandbox, event_pub: &str) {
     );
     let jobs = pings + 1;
     let want = 2 * jobs as u64;
-    let (rows, distinct) = wait_for_returns(&db, want, Duration::from_secs(60)).await;
-    let jids = jids_stored(&db);
-    let state_rows: u64 = rusqlite::Connection::open(&db)
-        .and_then(|c| {
-            c.query_row(
-                "SELECT count(*) FROM salt_returns WHERE fun = 'state.apply'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-        })
-        .map(|n| n as u64)
-        .unwrap_or(0);
+    let (rows, distinct) = wait_for_rows(&db.0, want, Duration::from_secs(60)).await;
+    let jids = my_count(&db.0, "SELECT count(*) FROM jids");
+    let state_rows = my_count(
+        &db.0,
+        "SELECT count(*) FROM salt_returns WHERE fun = 'state.apply'",
+    );
     for c in [&mut listen, &mut work1, &mut work2] {
         stop(c);
     }
@@ -153,19 +209,21 @@ async fn one_broker(broker: Broker, sb: &Sandbox, event_pub: &str) {
         state_rows, 2,
         "{broker:?}: the state run went through the `state` queue\n{logs}"
     );
-    eprintln!("{broker:?}: {rows} returns from {jids} jobs stored through listen + 2 workers");
+    eprintln!(
+        "{broker:?}: {rows} returns from {jids} jobs stored in MariaDB through listen + 2 workers"
+    );
 }
 
 fn write_worker_config(
     dir: &Path,
     name: &str,
     q: &saltpipe::queue::QueueConfig,
-    db: &Path,
+    sink: &str,
     routing: &str,
     queues: &str,
 ) -> PathBuf {
     // write_config already writes a [worker] table: put `queues` into it.
-    let p = write_config(dir, name, q, db, routing);
+    let p = write_config_sink(dir, name, q, sink, routing);
     let text = std::fs::read_to_string(&p).expect("read");
     let text = text.replacen("[worker]\n", &format!("[worker]\nqueues = {queues}\n"), 1);
     std::fs::write(&p, text).expect("write");

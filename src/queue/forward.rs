@@ -29,6 +29,12 @@ const FORWARD_BATCH: usize = 2000;
 const FORWARD_BYTES: usize = 16 << 20;
 /// How long an idle forwarder waits for the spool before looking at `stop`.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// After moving a small batch, wait this long before the next: at a few
+/// thousand events a second the queue writer commits every few tens of ms,
+/// and a broker round trip plus a spool read and delete for each of those
+/// cost the listener more CPU than the messages themselves. A full batch
+/// (a backlog) goes on at once.
+const FORWARD_LINGER: Duration = Duration::from_millis(100);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A push the broker neither confirms nor refuses (a dead peer behind a
@@ -168,6 +174,12 @@ async fn forward(
             }
         }
         spool.ack(&ids).await?;
+        if ids.len() < FORWARD_BATCH && !stop.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep(FORWARD_LINGER) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
     }
 }
 

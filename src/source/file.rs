@@ -25,7 +25,7 @@ impl FileSource {
 impl Source for FileSource {
     async fn run(
         &mut self,
-        ingest: &mut Ingest,
+        mut ingest: Ingest,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
         let err = |source| SourceError::File {

@@ -74,7 +74,7 @@ impl Default for SourceConfig {
             tcp: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
-            read_coalesce: Duration::from_millis(2),
+            read_coalesce: Duration::from_millis(10),
             max_frame: 64 << 20,
             pending_limit: 64 << 20,
         }
@@ -162,6 +162,8 @@ pub enum SourceError {
     },
     #[error("the queue writer has stopped")]
     QueueClosed,
+    #[error("event bus: {0}")]
+    Bus(String),
 }
 
 /// A stream of bus bytes.
@@ -169,11 +171,10 @@ pub enum SourceError {
 pub trait Source: Send {
     /// Reads until the stream ends (a file) or `shutdown` fires (the bus),
     /// feeding `ingest`; returns after everything read was handed on.
-    async fn run(
-        &mut self,
-        ingest: &mut Ingest,
-        shutdown: CancellationToken,
-    ) -> Result<(), SourceError>;
+    /// Takes `ingest` and drops it at the end, which closes the queue
+    /// writer's channel.
+    async fn run(&mut self, ingest: Ingest, shutdown: CancellationToken)
+    -> Result<(), SourceError>;
 }
 
 /// Framing, decoding, rules and the hand-off to the queue writer: the

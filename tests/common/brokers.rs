@@ -125,6 +125,18 @@ pub fn write_config(
     sink_db: &Path,
     extra: &str,
 ) -> PathBuf {
+    let sink = format!("sqlite://{}", sink_db.display());
+    write_config_sink(dir, name, queue, &sink, extra)
+}
+
+/// [`write_config`] with any sink URL (MariaDB, PostgreSQL).
+pub fn write_config_sink(
+    dir: &Path,
+    name: &str,
+    queue: &QueueConfig,
+    sink_url: &str,
+    extra: &str,
+) -> PathBuf {
     let url = match &queue.url {
         QueueUrl::Embedded { dir } => format!("embedded://{}", dir.display()),
         #[allow(unreachable_patterns)]
@@ -133,11 +145,10 @@ pub fn write_config(
     let text = format!(
         "[queue]\nurl = \"{url}\"\nprefix = \"{}\"\nredeliver_after = \"{}s\"\nspool = \"{}\"\n\
          [worker]\nbatch_max_events = 200\nbatch_timeout = \"50ms\"\ndrain_timeout = \"5s\"\n\
-         [sink]\nurl = \"sqlite://{}\"\n[log]\nlevel = \"info\"\n{extra}",
+         [sink]\nurl = \"{sink_url}\"\n[log]\nlevel = \"info\"\n{extra}",
         queue.prefix,
         queue.redeliver_after.as_secs(),
         queue.spool.display(),
-        sink_db.display()
     );
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write config");
