@@ -6,6 +6,9 @@
 //!   cargo bench --bench sql_sinks                 # 200,000 returns of ~1 KiB
 //!   cargo bench --bench sql_sinks -- 500000 2000 100  # returns, batch size, return bytes
 //!
+//!   BENCH_ONLY=postgres cargo bench --bench sql_sinks  # one backend (mariadb, postgres, sqlite)
+//!   BENCH_VARY=1 cargo bench --bench sql_sinks   # batch sizes vary (batch/2..=batch), like the worker's
+//!
 //! Needs MariaDB on 127.0.0.1:3306 (root) and PostgreSQL on 127.0.0.1:5432 (trust).
 
 use bytes::Bytes;
@@ -59,7 +62,18 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
     let started = Instant::now();
     let mut returns = 0;
     let mut transactions = 0;
-    for chunk in records.chunks(batch) {
+    // BENCH_VARY=1: batches of varying size (batch/2..=batch), as the
+    // worker's are when returns, jobs and other events mix.
+    let vary = std::env::var("BENCH_VARY").is_ok_and(|v| v == "1");
+    let mut rest = records;
+    while !rest.is_empty() {
+        let n = if vary {
+            rand::random_range(batch / 2..=batch).max(1)
+        } else {
+            batch
+        };
+        let (chunk, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
         returns += sink.write(chunk).await.expect("write").returns;
         transactions += 1;
     }
@@ -111,8 +125,11 @@ async fn main() {
         "| sink | returns | return bytes | batch | seconds | returns/s | transactions per 10,000 returns |"
     );
     println!("|---|---|---|---|---|---|---|");
+    // BENCH_ONLY=mariadb|postgres|sqlite: one backend, e.g. under a profiler.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     #[cfg(feature = "mysql")]
-    {
+    if run("mariadb") {
         cmd(
             "mysql",
             &[
@@ -138,7 +155,7 @@ async fn main() {
         );
     }
     #[cfg(feature = "postgres")]
-    {
+    if run("postgres") {
         let pg = |sql: String| {
             cmd(
                 "psql",
@@ -167,6 +184,9 @@ async fn main() {
         if own.is_none() {
             pg(format!("DROP DATABASE {db} WITH (FORCE)"));
         }
+    }
+    if !run("sqlite") {
+        return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let sink = config(&format!("sqlite://{}/salt.db", dir.path().display()))

@@ -3,6 +3,8 @@
 #
 #   scripts/bench-sql-sinks.sh            # COUNT=200000 returns of SIZE=1024 bytes
 #   COUNT=500000 SALT_COUNT=20000 scripts/bench-sql-sinks.sh
+#   SINKS="mariadb postgres" SALT_COUNT=0 BIN=/tmp/old scripts/bench-sql-sinks.sh
+#       # some sinks only, no Salt run, binaries from elsewhere (A/B of two builds)
 #
 # 1. saltpipe-gen writes a stream: COUNT job returns of ~SIZE bytes, 100 minions
 #    per job, with the noise a real bus carries (new/publish, find_job, auth).
@@ -27,8 +29,11 @@ SIZE="${SIZE:-1024}"
 SALT_COUNT="${SALT_COUNT:-20000}"
 cd "$(dirname "$0")/.."
 
-cargo build --release --bins >&2
-BIN=target/release
+SINKS="${SINKS:-mariadb postgres sqlite}"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --bins >&2
+    BIN=target/release
+fi
 work="$(mktemp -d)"
 suffix="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 MDB="saltpipe_bench_$suffix"
@@ -59,7 +64,7 @@ declare -A URL=(
 
 printf '| sink | returns | seconds | returns/s | transactions per 10,000 returns | rows in salt_returns |\n'
 printf '|---|---|---|---|---|---|\n'
-for b in mariadb postgres sqlite; do
+for b in $SINKS; do
     cat >"$work/$b.toml" <<EOF
 [queue]
 url = "embedded://$work/queue-$b"
@@ -84,6 +89,7 @@ print(f"| {name} | {r} | {t:.2f} | {r / t:,.0f} | {b * 10000 / max(r, 1):.1f} | 
 EOF
 done
 
+[ "$SALT_COUNT" -gt 0 ] || exit 0
 VENV="$(scripts/salt-venv.sh 2>/dev/null | tail -1)"
 my "$SDB" <<'EOF'
 CREATE TABLE `salt_events` (

@@ -7,7 +7,11 @@
 //! multi-function jobs, salt-call returns and trimmed returns intact in the
 //! returner's columns; let the worker put a refused row in the dead-letter
 //! table while the rest of its batch lands; and purge old rows for
-//! retention.
+//! retention. And never lose a good return for a column: a multi-function
+//! `fun` wider than the returner's varchar(50) is cut, a NUL character
+//! (which PostgreSQL cannot store) is written as the text `\u0000`; store
+//! each `salt_events` row once too, also in a table made by an older
+//! version (the dedupe column is added).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -116,6 +120,14 @@ trait Backend: Send + Sync + Sized {
     fn refused_record(&self) -> Record;
     /// SQL that makes the rows written in the last day `days` old.
     fn age_sql(&self, table: &str, days: u32) -> String;
+    /// Whether a NUL character is stored as the six characters `\u0000`.
+    fn escapes_nul(&self) -> bool {
+        false
+    }
+    /// `salt_events` and its archive as an older saltpipe (or Salt) made
+    /// them, without `saltpipe_key`, one statement each; and a row as Salt's
+    /// own event_return writes it.
+    fn old_events_ddl(&self) -> Vec<&'static str>;
 }
 
 fn sink_config(url: &str) -> SinkConfig {
@@ -222,6 +234,15 @@ impl Backend for Sqlite {
             "UPDATE {table} SET alter_time = datetime('now', '-{days} days') \
              WHERE alter_time > datetime('now', '-1 days')"
         )
+    }
+    fn old_events_ddl(&self) -> Vec<&'static str> {
+        vec![
+            "CREATE TABLE salt_events (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+             tag varchar(255) NOT NULL, data mediumtext NOT NULL, \
+             alter_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP, master_id varchar(255) NOT NULL)",
+            "CREATE TABLE salt_events_archive AS SELECT * FROM salt_events WHERE 0",
+            "INSERT INTO salt_events (tag, data, master_id) VALUES ('salt/auth', '{\"x\": 0}', 'salt')",
+        ]
     }
 }
 
@@ -330,6 +351,17 @@ mod mysql_backend {
             // The returner's id column is varchar(255): strict mode refuses more.
             let long = "m".repeat(300);
             ret("1", &long, "test.ping", V::from(true))
+        }
+        fn old_events_ddl(&self) -> Vec<&'static str> {
+            vec![
+                "CREATE TABLE `salt_events` (`id` BIGINT NOT NULL AUTO_INCREMENT, \
+                 `tag` varchar(255) NOT NULL, `data` mediumtext NOT NULL, \
+                 `alter_time` TIMESTAMP DEFAULT CURRENT_TIMESTAMP, \
+                 `master_id` varchar(255) NOT NULL, PRIMARY KEY (`id`), KEY `tag` (`tag`)) \
+                 ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+                "CREATE TABLE `salt_events_archive` LIKE `salt_events`",
+                "INSERT INTO salt_events (tag, data, master_id) VALUES ('salt/auth', '{\"x\": 0}', 'salt')",
+            ]
         }
         fn age_sql(&self, table: &str, days: u32) -> String {
             format!(
@@ -442,8 +474,22 @@ mod pg_backend {
                 .expect("count")
         }
         fn refused_record(&self) -> Record {
-            // jsonb has no room for a NUL character in a string.
-            ret("1", "bad", "cmd.run", V::from("nul \u{0} inside"))
+            // The returner's id column is varchar(255): PostgreSQL refuses more.
+            let long = "m".repeat(300);
+            ret("1", &long, "test.ping", V::from(true))
+        }
+        fn escapes_nul(&self) -> bool {
+            true
+        }
+        fn old_events_ddl(&self) -> Vec<&'static str> {
+            vec![
+                "CREATE SEQUENCE seq_salt_events_id",
+                "CREATE TABLE salt_events (id BIGINT NOT NULL UNIQUE DEFAULT nextval('seq_salt_events_id'), \
+                 tag varchar(255) NOT NULL, data jsonb NOT NULL, \
+                 alter_time TIMESTAMP WITH TIME ZONE DEFAULT NOW(), master_id varchar(255) NOT NULL)",
+                "CREATE TABLE salt_events_archive (LIKE salt_events INCLUDING DEFAULTS)",
+                "INSERT INTO salt_events (tag, data, master_id) VALUES ('salt/auth', '{\"x\": 0}', 'salt')",
+            ]
         }
         fn age_sql(&self, table: &str, days: u32) -> String {
             format!(
@@ -618,6 +664,130 @@ async fn trimmed_return<B: Backend>() {
     assert_eq!(rows[0].full_ret["return"], "VALUE_TRIMMED");
 }
 
+async fn events_are_stored_once<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let e1 = record(
+        "salt/auth",
+        vec![
+            ("id", V::from("m1")),
+            ("_stamp", V::from("2026-11-25T12:00:00.000001")),
+        ],
+    );
+    let e2 = record(
+        "salt/auth",
+        vec![
+            ("id", V::from("m1")),
+            ("_stamp", V::from("2026-11-25T12:00:00.000002")),
+        ],
+    );
+    let first = sink
+        .write(&[e1.clone(), e2.clone(), e1.clone()])
+        .await
+        .expect("write");
+    assert_eq!(
+        (first.events, first.ignored),
+        (2, 1),
+        "a duplicate inside the batch"
+    );
+    // Redelivered, alone and with new events around it.
+    let again = sink
+        .write(&[e2.clone(), e1.clone()])
+        .await
+        .expect("rewrite");
+    assert_eq!((again.events, again.ignored), (0, 2));
+    let e3 = record("my/event", vec![("x", V::from(3))]);
+    let mixed = sink
+        .write(&[e1, e3, ret(&jid(), "m1", "test.ping", V::from(true))])
+        .await
+        .expect("mixed");
+    assert_eq!((mixed.events, mixed.returns, mixed.ignored), (1, 1, 1));
+    let events = b.events().await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0].1["_stamp"], "2026-11-25T12:00:00.000001");
+    assert_eq!(events[2].0, "my/event");
+}
+
+async fn older_events_table_gets_the_key<B: Backend>() {
+    let b = B::fresh().await;
+    for ddl in b.old_events_ddl() {
+        b.exec(ddl).await;
+    }
+    let sink = build(&b).await;
+    let e = record("my/event", vec![("x", V::from(1))]);
+    assert_eq!(
+        sink.write(std::slice::from_ref(&e))
+            .await
+            .expect("write")
+            .events,
+        1
+    );
+    assert_eq!(sink.write(&[e]).await.expect("rewrite").ignored, 1);
+    // Salt's own event_return rows (no key) are kept, and more may come.
+    b.exec(b.old_events_ddl().last().expect("row")).await;
+    assert_eq!(b.count("salt_events").await, 3);
+    // Retention's archive (made before the column existed) takes the rows.
+    b.exec(&b.age_sql("salt_events", 42)).await;
+    let keep = Duration::from_secs(30 * 86400);
+    assert_eq!(sink.purge_chunk(keep, true, 10).await.expect("chunk"), 3);
+    assert_eq!(b.count("salt_events_archive").await, 3);
+    // A second start finds everything in place.
+    build(&b).await;
+}
+
+async fn long_fun_is_cut_not_refused<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let names: Vec<String> = (0..8).map(|i| format!("test.echo_é{i}")).collect();
+    let joined = names.join(",");
+    assert!(joined.chars().count() > 50);
+    let funs = V::Array(names.iter().map(|n| V::from(n.as_str())).collect());
+    let r = record(
+        &format!("salt/job/{j}/ret/m1"),
+        vec![
+            ("id", V::from("m1")),
+            ("jid", V::from(j.as_str())),
+            ("fun", funs),
+            ("return", V::Map(vec![])),
+            ("success", V::from(true)),
+        ],
+    );
+    assert_eq!(sink.write(&[r]).await.expect("write").returns, 1);
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 1);
+    let cut: String = joined.chars().take(50).collect();
+    assert_eq!(rows[0].fun, cut);
+    assert_eq!(
+        rows[0].full_ret["fun"],
+        serde_json::json!(names),
+        "the full list kept"
+    );
+    assert!(saltpipe::sink::rows::adjusted().fun_truncated >= 1);
+}
+
+async fn nul_in_a_return_is_kept<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let r = ret(&j, "m1", "cmd.run", V::from("nul \u{0} inside"));
+    let e = record("my/event", vec![("k\u{0}", V::from("v\u{0}"))]);
+    let w = sink.write(&[r, e]).await.expect("write");
+    assert_eq!((w.returns, w.events), (1, 1));
+    let rows = b.returns().await;
+    let (text, key, value) = if b.escapes_nul() {
+        ("nul \\u0000 inside", "k\\u0000", "v\\u0000")
+    } else {
+        ("nul \u{0} inside", "k\u{0}", "v\u{0}")
+    };
+    assert_eq!(rows[0].ret, J::String(text.into()));
+    assert_eq!(rows[0].full_ret["return"], text);
+    assert_eq!(b.events().await[0].1[key], value);
+    if b.escapes_nul() {
+        assert!(saltpipe::sink::rows::adjusted().nul_escaped >= 2);
+    }
+}
+
 /// A queue of fixed deliveries, so the real worker runs against the sink.
 struct Fixed {
     items: VecDeque<Delivery>,
@@ -786,6 +956,22 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn retention_purges_and_archives_in_chunks() {
                 super::retention_purges_and_archives_in_chunks::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn events_are_stored_once() {
+                super::events_are_stored_once::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn older_events_table_gets_the_key() {
+                super::older_events_table_gets_the_key::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn long_fun_is_cut_not_refused() {
+                super::long_fun_is_cut_not_refused::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nul_in_a_return_is_kept() {
+                super::nul_in_a_return_is_kept::<$backend>().await
             }
         }
     };

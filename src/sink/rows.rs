@@ -14,10 +14,97 @@
 //! a multi-function job's `fun` (a list) is written comma-joined, the way
 //! the command line takes it (`test.ping,test.echo`); its `success` (a map)
 //! is true only if every function succeeded.
+//!
+//! A good return is never lost for a column width: the returner's `fun` is
+//! varchar(50), and a multi-function job's joined list easily passes that,
+//! which MySQL/PostgreSQL would refuse (and the worker dead-letter). It is
+//! cut at 50 characters on a character boundary instead; the full list stays
+//! in `full_ret` (and the job's load). Counted in [`adjusted`], logged.
+//!
+//! `salt_events` has no natural key, so a redelivered event would double a
+//! row. Each row carries [`event_key`], a hash of (master_id, tag, data),
+//! under a unique index in every backend: Salt stamps every event's data
+//! with `_stamp` (microseconds), so two events with the same key are the same
+//! event seen twice. Rows written by Salt's own `event_return` leave the
+//! column NULL, which a unique index allows any number of times.
 
 use super::Record;
 use crate::event::Kind;
 use crate::msgpack;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Width of the returner's `salt_returns.fun` column, in characters.
+pub const FUN_WIDTH: usize = 50;
+
+static FUN_TRUNCATED: AtomicU64 = AtomicU64::new(0);
+static NUL_ESCAPED: AtomicU64 = AtomicU64::new(0);
+
+/// Values changed (never refused) so a good event fits its column, since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adjusted {
+    /// `fun` values cut to [`FUN_WIDTH`] characters.
+    pub fun_truncated: u64,
+    /// Rows whose NUL characters PostgreSQL cannot store were written as the
+    /// six characters `\u0000` (see the postgres sink).
+    pub nul_escaped: u64,
+}
+
+/// The counts so far (process-wide).
+pub fn adjusted() -> Adjusted {
+    Adjusted {
+        fun_truncated: FUN_TRUNCATED.load(Relaxed),
+        nul_escaped: NUL_ESCAPED.load(Relaxed),
+    }
+}
+
+/// Counts and logs a row whose NULs were escaped for PostgreSQL.
+pub fn note_nul_escaped(tag: &str) {
+    let n = NUL_ESCAPED.fetch_add(1, Relaxed) + 1;
+    tracing::warn!(
+        tag,
+        total = n,
+        "a NUL character, which PostgreSQL cannot store, was written as the text \\u0000"
+    );
+}
+
+/// `fun` cut to the column's width on a character boundary, counted and logged.
+fn fit_fun(fun: String, tag: &str) -> String {
+    match fun.char_indices().nth(FUN_WIDTH) {
+        None => fun,
+        Some((cut, _)) => {
+            let n = FUN_TRUNCATED.fetch_add(1, Relaxed) + 1;
+            tracing::warn!(
+                tag,
+                fun = %fun,
+                total = n,
+                "fun is longer than the returner's varchar({FUN_WIDTH}): written cut \
+                 (the full list stays in full_ret)"
+            );
+            let mut fun = fun;
+            fun.truncate(cut);
+            fun
+        }
+    }
+}
+
+/// The idempotency key of a `salt_events` row: 32 hex digits (128 bits) of
+/// SHA-256 over the length-prefixed master_id and tag, then the data.
+pub fn event_key(master_id: &str, tag: &str, data: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [master_id, tag] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(data.as_bytes());
+    let digest = h.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest[..16] {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
 
 /// How a database spells a boolean in `salt_returns.success`, a varchar:
 /// what the returner's Python driver made of `True`.
@@ -99,7 +186,7 @@ pub fn rows_of(record: &Record, style: BoolStyle) -> Result<RowSet, RowError> {
             });
             Ok(RowSet::Return(
                 ReturnRow {
-                    fun: e.fields.fun.join(","),
+                    fun: fit_fun(e.fields.fun.join(","), e.tag()),
                     jid: jid.clone(),
                     ret,
                     id: id.clone(),
@@ -212,6 +299,31 @@ mod tests {
             event: Event::from_frame(&Bytes::from(frame(tag, &packed))).expect("decode"),
             received_ms: 0,
         }
+    }
+
+    #[test]
+    fn long_fun_is_cut_on_a_char_boundary() {
+        let short = "test.ping,test.echo".to_owned();
+        assert_eq!(fit_fun(short.clone(), "t"), short);
+        let exact = "a".repeat(FUN_WIDTH);
+        assert_eq!(fit_fun(exact.clone(), "t"), exact);
+        let long = "é".repeat(FUN_WIDTH + 5);
+        let cut = fit_fun(long, "t");
+        assert_eq!(cut.chars().count(), FUN_WIDTH);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn event_keys_tell_events_apart() {
+        let k = event_key("m", "a/b", "{}");
+        assert_eq!(k.len(), 32);
+        assert!(k.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(k, event_key("m", "a/b", "{}"));
+        assert_ne!(k, event_key("m2", "a/b", "{}"));
+        assert_ne!(k, event_key("m", "a/b2", "{}"));
+        assert_ne!(k, event_key("m", "a/b", "{ }"));
+        // Length prefixes: moving bytes between fields changes the key.
+        assert_ne!(event_key("ab", "c", "{}"), event_key("a", "bc", "{}"));
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The returner's three tables, in SQLite's types, plus what we need:
-/// a unique key on (jid, id), indexes on alter_time, the dead-letter table.
+/// a unique key on (jid, id), indexes on alter_time, the dead-letter table,
+/// and `salt_events.saltpipe_key` (see [`rows::event_key`]), last so that a
+/// column added to an older table lands in the same place.
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jids (
     jid varchar(255) NOT NULL,
@@ -41,10 +43,12 @@ CREATE TABLE IF NOT EXISTS salt_events (
     tag varchar(255) NOT NULL,
     data mediumtext NOT NULL,
     alter_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-    master_id varchar(255) NOT NULL
+    master_id varchar(255) NOT NULL,
+    saltpipe_key char(32)
 );
 CREATE INDEX IF NOT EXISTS salt_events_tag ON salt_events (tag);
 CREATE INDEX IF NOT EXISTS salt_events_alter_time ON salt_events (alter_time);
+CREATE UNIQUE INDEX IF NOT EXISTS salt_events_saltpipe_key ON salt_events (saltpipe_key);
 CREATE TABLE IF NOT EXISTS saltpipe_dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     failed_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
@@ -126,6 +130,7 @@ fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
     c.pragma_update(None, "cache_size", -CACHE_KIB)
         .map_err(fatal)?;
     crate::wal::defer_inline_checkpoints(&c).map_err(fatal)?;
+    add_missing_columns(&c).map_err(fatal)?;
     c.execute_batch(SCHEMA).map_err(|e| {
         if is_busy(&e) {
             return OpenError::Busy(e);
@@ -138,6 +143,25 @@ fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
         )))
     })?;
     Ok(c)
+}
+
+/// What `CREATE TABLE IF NOT EXISTS` cannot give a database made by an
+/// older saltpipe: `salt_events.saltpipe_key` (before SCHEMA indexes it),
+/// also in an existing archive table, whose `SELECT *` copies must match.
+fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
+    for table in ["salt_events", "salt_events_archive"] {
+        let cols: Vec<String> = c
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !cols.is_empty() && !cols.iter().any(|n| n == "saltpipe_key") {
+            tracing::info!(table, "adding the missing column saltpipe_key");
+            c.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN saltpipe_key char(32)"
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 impl SqliteSink {
@@ -206,7 +230,10 @@ fn write_blocking(
             )
             .map_err(classify)?;
         let mut ev_st = tx
-            .prepare_cached("INSERT INTO salt_events (tag, data, master_id) VALUES (?1, ?2, ?3)")
+            .prepare_cached(
+                "INSERT OR IGNORE INTO salt_events (tag, data, master_id, saltpipe_key) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
             .map_err(classify)?;
         let at = |index: usize| {
             move |e: rusqlite::Error| match classify(e) {
@@ -248,10 +275,14 @@ fn write_blocking(
                     }
                 }
                 RowSet::Event(EventRow { tag, data }) => {
-                    ev_st
-                        .execute(params![tag, data, master_id])
-                        .map_err(at(i))?;
-                    report.events += 1;
+                    let key = rows::event_key(master_id, tag, data);
+                    match ev_st
+                        .execute(params![tag, data, master_id, key])
+                        .map_err(at(i))?
+                    {
+                        0 => report.ignored += 1,
+                        _ => report.events += 1,
+                    }
                 }
             }
         }
