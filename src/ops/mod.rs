@@ -263,6 +263,15 @@ fn publish(s: &Stats) {
         "Rows already present (redelivery, duplicates).",
         s.rows_ignored.load(Relaxed),
     );
+    let adjusted = crate::sink::rows::adjusted();
+    describe_counter!(
+        "saltpipe_values_adjusted_total",
+        "Values changed so a good event fits its column instead of being refused: fun cut to 50 characters, NUL written as \\u0000 for PostgreSQL."
+    );
+    counter!("saltpipe_values_adjusted_total", "what" => "fun_truncated")
+        .absolute(adjusted.fun_truncated);
+    counter!("saltpipe_values_adjusted_total", "what" => "nul_escaped")
+        .absolute(adjusted.nul_escaped);
     c(
         "saltpipe_sink_retries_total",
         "Batch writes that failed and were retried.",
@@ -379,6 +388,14 @@ mod tests {
             m.get("saltpipe_events_dropped_total", &[("reason", "find_job")]),
             Some(1.0)
         );
+        // Process-wide counts (other tests may have raised them): present.
+        for what in ["fun_truncated", "nul_escaped"] {
+            assert!(
+                m.get("saltpipe_values_adjusted_total", &[("what", what)])
+                    .is_some_and(|v| v >= 0.0),
+                "{what} in {text}"
+            );
+        }
         assert_eq!(
             m.get(
                 "saltpipe_action_results_total",
