@@ -542,26 +542,56 @@ def cmd_up(args):
         info("warning: not root; the sandbox config sets user: root")
     venv = resolve_venv(args)
     os.makedirs(d, exist_ok=True)
-    st = build(d, venv, args.minions, args.ipc_mode,
-               parse_opts(args.master_opt), parse_opts(args.minion_opt))
-    save_state(d, st)
-    try:
-        start_master_proc(st)
+    # A Salt daemon that dies during start-up (seen rarely in CI when two
+    # sandboxes start at the same moment; the ports are picked free but
+    # released before the daemons bind them) gets one more try on fresh
+    # ports, with its log shown first so the cause is never hidden.
+    for attempt in (1, 2):
+        st = build(d, venv, args.minions, args.ipc_mode,
+                   parse_opts(args.master_opt), parse_opts(args.minion_opt))
         save_state(d, st)
-        wait_for(lambda: (check_daemons_alive(st, []) or True) and master_ready(st),
-                 args.timeout, "the master's event socket")
-        for mid in st["minion_ids"]:
-            start_minion_proc(st, mid)
-        save_state(d, st)
-        ping_all(st, st["minion_ids"], args.timeout)
-    except BaseException as e:
-        info(f"up failed ({e}); cleaning up")
-        do_down(st)
-        save_state(d, st)
-        raise
+        try:
+            start_master_proc(st)
+            save_state(d, st)
+            wait_for(lambda: (check_daemons_alive(st, []) or True) and master_ready(st),
+                     args.timeout, "the master's event socket")
+            for mid in st["minion_ids"]:
+                start_minion_proc(st, mid)
+            save_state(d, st)
+            ping_all(st, st["minion_ids"], args.timeout)
+            break
+        except BaseException as e:
+            info(f"up failed ({e}); cleaning up")
+            show_exit_logs(st)
+            do_down(st)
+            save_state(d, st)
+            if attempt == 2 or not isinstance(e, SandboxError) or "exited" not in str(e):
+                raise
+            info("a daemon exited during start-up; trying once more on fresh ports")
     st["started_at"] = time.time()
     save_state(d, st)
     print(json.dumps(st, indent=2, sort_keys=True))
+
+
+def show_exit_logs(st):
+    """The last lines of the log of every daemon that is no longer running."""
+    logdir = os.path.join(st["dir"], "logs")
+    logs = [(st.get("master_pid"), st.get("master_log")),
+            (st.get("master_pid"), os.path.join(logdir, "master.stdout"))]
+    for mid, m in st["minions"].items():
+        logs += [(m.get("pid"), m.get("log")),
+                 (m.get("pid"), os.path.join(logdir, f"{mid}.stdout"))]
+    for pid, log in logs:
+        if pid and pid_alive(pid) or not log or not os.path.exists(log):
+            continue
+        try:
+            with open(log, errors="replace") as f:
+                tail = f.readlines()[-20:]
+        except OSError:
+            continue
+        info(f"--- last lines of {log} ---")
+        for line in tail:
+            sys.stderr.write("    " + line)
 
 
 def do_down(st):
