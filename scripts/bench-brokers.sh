@@ -13,6 +13,7 @@
 # Brokers: $SALTPIPE_TEST_REDIS, $SALTPIPE_TEST_AMQP, $SALTPIPE_TEST_NATS,
 # MariaDB server: $SALTPIPE_TEST_MYSQL
 # (defaults: the loopback servers). Every broker name is random and deleted.
+# ONLY=e2e or ONLY=listen runs just one of the two parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-100000}"
@@ -28,6 +29,7 @@ export SALTPIPE_BIN=target/release/saltpipe
 WORK="$(mktemp -d)"
 trap 'python3 scripts/salt-sandbox.py down --dir "$WORK/sandbox" >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 
+if [ "${ONLY:-}" != listen ]; then
 echo "## end to end: $N return events, saltpipe replay into SQLite and MariaDB"
 echo
 echo "| queue | sink | workers | events | stored | seconds | returns/s |"
@@ -43,6 +45,8 @@ for sink in sqlite mariadb; do
         done
     done
 done
+fi
+[ "${ONLY:-}" = e2e ] && exit 0
 
 echo
 echo "## listener CPU, ${SECS}s per row, real master (sandbox)"

@@ -200,7 +200,9 @@ impl Producer for Embedded {
                 }
             }
             tx.commit().map_err(storage)?;
-            inner.checkpointer.nudge();
+            inner
+                .checkpointer
+                .nudge(batch.iter().map(|m| m.body.len()).sum());
             inner.notify.notify_waiters();
             Ok(())
         })
@@ -298,6 +300,7 @@ impl Consumer for EmbeddedConsumer {
         let inner = self.shared.inner.clone();
         let queue = self.queue.clone();
         let runs = contiguous_runs(ids);
+        let acked = ids.len();
         tokio::task::spawn_blocking(move || {
             let mut c = inner.writer.lock().map_err(storage)?;
             let tx = c.transaction().map_err(storage)?;
@@ -315,7 +318,9 @@ impl Consumer for EmbeddedConsumer {
                 }
             }
             tx.commit().map_err(storage)?;
-            inner.checkpointer.nudge();
+            // A delete rewrites the pages its rows were on; their size is not
+            // known here, so count a typical small event per row.
+            inner.checkpointer.nudge(acked * 512);
             Ok(())
         })
         .await

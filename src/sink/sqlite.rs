@@ -309,6 +309,8 @@ pub fn convert(batch: &[Record], style: BoolStyle) -> Result<Vec<RowSet>, SinkEr
 impl Sink for SqliteSink {
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
         let sets = convert(batch, BoolStyle::Digit)?;
+        // A return is stored about twice (`return` and `full_ret`).
+        let wal_bytes = 2 * batch.iter().map(|r| r.event.body.len()).sum::<usize>();
         let conn = self.conn.clone();
         let master_id = self.master_id.clone();
         let checkpointer = self.checkpointer.clone();
@@ -317,7 +319,7 @@ impl Sink for SqliteSink {
                 .lock()
                 .map_err(|_| SinkError::Fatal("sqlite connection poisoned".into()))?;
             let report = write_blocking(&mut c, &sets, &master_id)?;
-            checkpointer.nudge();
+            checkpointer.nudge(wal_bytes);
             Ok(report)
         })
         .await
