@@ -3,7 +3,6 @@
 //! exit codes.
 
 use anyhow::Context as _;
-
 use clap::{Parser, Subcommand};
 use saltpipe::config::{self, Config, ConfigError, LogFormat};
 use saltpipe::pipeline;

@@ -13,10 +13,10 @@
 //! ([`BACKSTOP_PAGES`], so the WAL stays bounded even if this thread falls
 //! behind or dies), and a [`Checkpointer`] with its own connection runs
 //! `PRAGMA wal_checkpoint(PASSIVE)` once writers [`nudge`]d it about
-//! [`CHECKPOINT_BYTES`] of commits, or [`IDLE_CHECK`] after a smaller one. PASSIVE never waits for readers or writers,
-//! so it can only make a commit cheaper, never block one. Durability is
-//! unchanged: a commit is durable once it is in the WAL, whoever copies it
-//! later.
+//! [`CHECKPOINT_BYTES`] of commits, or [`IDLE_CHECK`] after a smaller one.
+//! PASSIVE never waits for readers or writers, so it can only make a commit
+//! cheaper, never block one. Durability is unchanged: a commit is durable
+//! once it is in the WAL, whoever copies it later.
 //!
 //! SQLite has no background checkpointer of its own (its docs suggest this
 //! very arrangement for applications that want one), hence this module.
@@ -57,10 +57,20 @@ pub const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 /// keeps the file at its high-water mark for good.
 pub const WAL_FILE_LIMIT: i64 = 64 * 1024 * 1024;
 
+/// The set-up both of saltpipe's SQLite files share (the sink's and the
+/// embedded queue's), on every connection: [`PAGE_SIZE`] (which only takes
+/// effect while the file is new and empty: existing files keep the page size
+/// they were made with), WAL, and the given `synchronous` level.
+pub fn set_up(c: &Connection, synchronous: &str) -> rusqlite::Result<()> {
+    c.pragma_update(None, "page_size", PAGE_SIZE)?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", synchronous)
+}
+
 /// Sets a writing connection's inline checkpoint to the backstop and caps
-/// the size the WAL file is cut back to. Call it on every connection that
-/// writes when a [`Checkpointer`] runs for the file.
-pub fn defer_inline_checkpoints(c: &Connection) -> rusqlite::Result<()> {
+/// the size the WAL file is cut back to: [`Checkpointer::start`] does it for
+/// the writer it takes over from.
+fn defer_inline_checkpoints(c: &Connection) -> rusqlite::Result<()> {
     c.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)?;
     c.pragma_update(None, "journal_size_limit", WAL_FILE_LIMIT)
 }
@@ -90,9 +100,12 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Opens a second connection to `db` and starts the thread. The file
-    /// must already be in WAL mode (the writer's open does that).
-    pub fn start(db: &Path) -> Result<Checkpointer, StartError> {
+    /// Hands `writer`'s checkpoints of `db` to a new thread: turns its
+    /// inline checkpoint down to the backstop ([`defer_inline_checkpoints`]),
+    /// opens a second connection and starts the thread. The file must
+    /// already be in WAL mode ([`set_up`]).
+    pub fn start(db: &Path, writer: &Connection) -> Result<Checkpointer, StartError> {
+        defer_inline_checkpoints(writer)?;
         let conn = Connection::open(db)?;
         // The checkpoint itself takes no lock that a writer waits on, but
         // opening may race a writer's schema change: wait rather than fail.
@@ -190,6 +203,15 @@ fn wait_for_work(signal: &Signal, stop: &AtomicBool) -> bool {
 mod tests {
     use super::*;
 
+    /// A fresh WAL file with one table, and its writing connection.
+    fn wal_db(dir: &tempfile::TempDir) -> (std::path::PathBuf, Connection) {
+        let db = dir.path().join("t.db");
+        let w = Connection::open(&db).expect("open");
+        set_up(&w, "NORMAL").expect("set up");
+        w.execute_batch("CREATE TABLE t (v BLOB)").expect("table");
+        (db, w)
+    }
+
     fn wal_pages(c: &Connection) -> i64 {
         // A checkpoint of nothing reports the WAL's size without copying.
         c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
@@ -199,12 +221,8 @@ mod tests {
     #[test]
     fn commits_are_checkpointed_by_the_thread_and_the_wal_restarts() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("t.db");
-        let w = Connection::open(&db).expect("open");
-        w.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        defer_inline_checkpoints(&w).expect("pragma");
-        w.execute_batch("CREATE TABLE t (v BLOB)").expect("table");
-        let ck = Checkpointer::start(&db).expect("start");
+        let (db, w) = wal_db(&dir);
+        let ck = Checkpointer::start(&db, &w).expect("start");
         for _ in 0..20 {
             w.execute("INSERT INTO t VALUES (zeroblob(100000))", [])
                 .expect("insert");
@@ -234,12 +252,8 @@ mod tests {
     #[test]
     fn a_small_commit_is_checkpointed_after_a_quiet_second() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("t.db");
-        let w = Connection::open(&db).expect("open");
-        w.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        defer_inline_checkpoints(&w).expect("pragma");
-        w.execute_batch("CREATE TABLE t (v BLOB)").expect("table");
-        let ck = Checkpointer::start(&db).expect("start");
+        let (db, w) = wal_db(&dir);
+        let ck = Checkpointer::start(&db, &w).expect("start");
         w.execute("INSERT INTO t VALUES (zeroblob(200000))", [])
             .expect("insert");
         ck.nudge(200_000);
@@ -254,12 +268,10 @@ mod tests {
     }
 
     #[test]
-    fn writers_keep_an_inline_backstop_and_a_wal_file_limit() {
+    fn starting_leaves_the_writer_an_inline_backstop_and_a_wal_file_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("t.db");
-        let w = Connection::open(&db).expect("open");
-        w.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        defer_inline_checkpoints(&w).expect("pragma");
+        let (db, w) = wal_db(&dir);
+        let _ck = Checkpointer::start(&db, &w).expect("start");
         let pages: u32 = w
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
             .expect("read back");

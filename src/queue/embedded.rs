@@ -78,18 +78,11 @@ fn open_connection(db: &Path, sync: SyncMode) -> Result<Connection, QueueError> 
     let c =
         Connection::open(db).map_err(|e| QueueError::Storage(format!("{}: {e}", db.display())))?;
     c.busy_timeout(Duration::from_secs(10)).map_err(storage)?;
-    // Only takes effect while the file is new (empty): existing files keep
-    // the page size they were made with.
-    c.pragma_update(None, "page_size", crate::wal::PAGE_SIZE)
-        .map_err(storage)?;
-    c.pragma_update(None, "journal_mode", "WAL")
-        .map_err(storage)?;
     let sync = match sync {
         SyncMode::Normal => "NORMAL",
         SyncMode::Full => "FULL",
     };
-    c.pragma_update(None, "synchronous", sync)
-        .map_err(storage)?;
+    crate::wal::set_up(&c, sync).map_err(storage)?;
     Ok(c)
 }
 
@@ -127,8 +120,7 @@ impl Embedded {
                 other => break other?,
             }
         };
-        crate::wal::defer_inline_checkpoints(&writer).map_err(storage)?;
-        let checkpointer = Checkpointer::start(&db).map_err(storage)?;
+        let checkpointer = Checkpointer::start(&db, &writer).map_err(storage)?;
         let inner = Arc::new(Inner {
             dir: key.clone(),
             db,

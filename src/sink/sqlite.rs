@@ -119,17 +119,9 @@ fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
     };
     let c = Connection::open(p).map_err(fatal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(fatal)?;
-    // Only takes effect while the file is new (empty): existing files keep
-    // the page size they were made with.
-    c.pragma_update(None, "page_size", crate::wal::PAGE_SIZE)
-        .map_err(fatal)?;
-    c.pragma_update(None, "journal_mode", "WAL")
-        .map_err(fatal)?;
-    c.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(fatal)?;
+    crate::wal::set_up(&c, "NORMAL").map_err(fatal)?;
     c.pragma_update(None, "cache_size", -CACHE_KIB)
         .map_err(fatal)?;
-    crate::wal::defer_inline_checkpoints(&c).map_err(fatal)?;
     add_missing_columns(&c).map_err(fatal)?;
     c.execute_batch(SCHEMA).map_err(|e| {
         if is_busy(&e) {
@@ -190,7 +182,7 @@ impl SqliteSink {
                         }
                         Err(OpenError::Fatal(e)) => return Err(e),
                         Ok(c) => {
-                            let ck = Checkpointer::start(&p)
+                            let ck = Checkpointer::start(&p, &c)
                                 .map_err(|e| SinkError::Fatal(format!("{}: {e}", p.display())))?;
                             return Ok((c, ck));
                         }
