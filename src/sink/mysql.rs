@@ -531,6 +531,19 @@ fn pieces<T>(run: &[T], max_rows: usize) -> Vec<&[T]> {
     out
 }
 
+/// Runs a built statement in the batch's (or purge chunk's) transaction:
+/// the rows it affected, or its error classified.
+async fn execute(
+    q: &mut QueryBuilder<MySql>,
+    tx: &mut sqlx::MySqlConnection,
+) -> Result<u64, SinkError> {
+    Ok(q.build()
+        .execute(tx)
+        .await
+        .map_err(classify)?
+        .rows_affected())
+}
+
 /// Below this many rows, one statement of the exact count (cheap to prepare).
 const PIECE_MIN: usize = 32;
 
@@ -571,12 +584,7 @@ impl Sink for MysqlSink {
                     self.bind_json(&mut b, &j.load);
                 });
                 q.push(&jid_dup);
-                jids += q
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?
-                    .rows_affected();
+                jids += execute(&mut q, &mut tx).await?;
             }
         }
         let ret_dup = on_duplicate("jid", "saltpipe_dr");
@@ -597,12 +605,7 @@ impl Sink for MysqlSink {
                     self.bind_json(&mut b, &r.full_ret);
                 });
                 q.push(&ret_dup);
-                returns += q
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?
-                    .rows_affected();
+                returns += execute(&mut q, &mut tx).await?;
             }
         }
         let keyed: Vec<(&rows::EventRow, &str)> = t
@@ -625,12 +628,7 @@ impl Sink for MysqlSink {
                     b.push_bind(self.master_id.as_str()).push_bind(*k);
                 });
                 q.push(&ev_dup);
-                events += q
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?
-                    .rows_affected();
+                events += execute(&mut q, &mut tx).await?;
             }
         }
         let (dj, dr, de): (i64, i64, i64) = sqlx::query_as(
@@ -713,18 +711,13 @@ impl Sink for MysqlSink {
                 q
             };
             if archive {
-                in_jobs("INSERT IGNORE INTO `jids_archive` SELECT * FROM `jids`")
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
+                execute(
+                    &mut in_jobs("INSERT IGNORE INTO `jids_archive` SELECT * FROM `jids`"),
+                    &mut tx,
+                )
+                .await?;
             }
-            moved += in_jobs("DELETE FROM `jids`")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            moved += execute(&mut in_jobs("DELETE FROM `jids`"), &mut tx).await?;
             let by_key = |prefix: &str| {
                 let mut q = QueryBuilder::<MySql>::new(prefix);
                 q.push(" WHERE (`jid`, `id`) IN (");
@@ -740,18 +733,15 @@ impl Sink for MysqlSink {
                 q
             };
             if archive {
-                by_key("INSERT IGNORE INTO `salt_returns_archive` SELECT * FROM `salt_returns`")
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
+                execute(
+                    &mut by_key(
+                        "INSERT IGNORE INTO `salt_returns_archive` SELECT * FROM `salt_returns`",
+                    ),
+                    &mut tx,
+                )
+                .await?;
             }
-            moved += by_key("DELETE FROM `salt_returns`")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            moved += execute(&mut by_key("DELETE FROM `salt_returns`"), &mut tx).await?;
         }
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT `id` FROM `salt_events` WHERE `alter_time` < NOW() - INTERVAL ? SECOND \
