@@ -192,6 +192,15 @@ impl MyDb {
     }
 }
 
+/// The queue URL to run with: `embedded` means a fresh queue in `dir`.
+fn queue_url(url: String, dir: &std::path::Path) -> String {
+    if url == "embedded" {
+        format!("embedded://{}", dir.join("queue").display())
+    } else {
+        url
+    }
+}
+
 async fn e2e(args: &[String]) {
     let stream = need(args, "--stream");
     let n: u64 = need(args, "--n").parse().expect("--n");
@@ -199,11 +208,7 @@ async fn e2e(args: &[String]) {
     let workers = need(args, "--workers");
     let dir = tempfile::tempdir().expect("tempdir");
     let p = prefix();
-    let url = if url == "embedded" {
-        format!("embedded://{}", dir.path().join("queue").display())
-    } else {
-        url
-    };
+    let url = queue_url(url, dir.path());
     let db = dir.path().join("salt.db");
     let mysql = match arg(args, "--mysql") {
         Some(server) => Some(MyDb::create(&server).await),
@@ -260,11 +265,7 @@ async fn listen_cpu(args: &[String]) {
     let secs: u64 = need(args, "--secs").parse().expect("--secs");
     let dir = tempfile::tempdir().expect("tempdir");
     let p = prefix();
-    let url = if url == "embedded" {
-        format!("embedded://{}", dir.path().join("queue").display())
-    } else {
-        url
-    };
+    let url = queue_url(url, dir.path());
     let log = std::fs::File::create(dir.path().join("listen.log")).expect("log");
     let mut child = Command::new(bin())
         .arg("listen")
