@@ -281,8 +281,9 @@ pub async fn start_workers_with(
 }
 
 /// The listening half with the queue the config names: straight into the
-/// embedded queue, or, for a broker, into the local spool with forwarders
-/// to the broker (see [`crate::queue::forward`]). `drain` bounds how long
+/// embedded queue, or, for a broker, to the broker directly while it keeps
+/// up and into the local spool otherwise, with forwarders emptying the
+/// spool into the broker (see [`crate::queue::forward`]). `drain` bounds how long
 /// the forwarders keep emptying the spool after the source ended.
 pub async fn listen_to_queue(
     cfg: &Config,
@@ -296,9 +297,9 @@ pub async fn listen_to_queue(
         let producer = cfg.queue.producer().await?;
         return listen_with(cfg, source, producer, stats, shutdown, rules).await;
     }
-    let (spool, forwarder) =
-        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain).await?;
-    let listened = listen_with(cfg, source, spool, stats, shutdown, rules).await;
+    let (spooled, forwarder) =
+        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain, stats.clone()).await?;
+    let listened = listen_with(cfg, source, spooled, stats, shutdown, rules).await;
     let forwarded = forwarder.finish().await;
     listened.and(forwarded.map_err(PipelineError::from))
 }

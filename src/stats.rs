@@ -31,6 +31,9 @@ pub struct Stats {
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
     pub queued: AtomicU64,
+    /// Listener with a broker: events written to the local spool because
+    /// the broker was down, slow or behind (the rest were published directly).
+    pub spooled: AtomicU64,
     pub queue_errors: AtomicU64,
     pub delivered: AtomicU64,
     pub acked: AtomicU64,

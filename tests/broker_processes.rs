@@ -5,7 +5,9 @@
 //!   dead one held unacked);
 //! * the broker goes away while events flow (a TCP proxy in front of it is
 //!   cut and restored, so the shared broker itself is never stopped): the
-//!   listener's spool and forwarder and the reconnecting worker lose nothing.
+//!   listener's spool and forwarder and the reconnecting worker lose nothing;
+//! * what a previous run left in the listener's spool reaches the broker
+//!   before anything published directly.
 #![cfg_attr(
     not(all(feature = "redis", feature = "amqp", feature = "nats")),
     allow(unused)
@@ -15,6 +17,11 @@
 mod brokers;
 
 use brokers::*;
+use saltpipe::queue::embedded::Embedded;
+use saltpipe::queue::{Producer, forward};
+use saltpipe::stats::Stats;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 const N: usize = 20000;
@@ -73,19 +80,26 @@ async fn broker_outage_loses_nothing(broker: Broker) {
     let q = queue_config(&via, &prefix, &dir.path().join("spool"));
     let cfg = write_config(dir.path(), "work.toml", &q, &db, "");
     let mut worker = spawn_saltpipe("work", &cfg, &dir.path().join("work.log"));
-    // The listening side in this process: spool + forwarder, as `listen` runs them.
-    let (spool, forwarder) =
-        saltpipe::queue::forward::start(&q, vec!["default".into()], Some(Duration::from_secs(60)))
-            .await
-            .expect("spool");
+    // The listening side in this process: direct publishing, spool and
+    // forwarder, as `listen` runs them.
+    let stats = Arc::new(Stats::default());
+    let (spool, forwarder) = forward::start(
+        &q,
+        vec!["default".into()],
+        Some(Duration::from_secs(60)),
+        stats.clone(),
+    )
+    .await
+    .expect("spool");
     let total = 4000;
     let mut during_outage = 0;
     for step in 0..40 {
         let batch: Vec<_> = (step * 100..(step + 1) * 100).map(return_message).collect();
-        // The spool takes every push at once whatever the broker does.
+        // Direct to the broker while it is up, else the spool: a push never
+        // waits on the broker for more than DIRECT_TIMEOUT.
         tokio::time::timeout(Duration::from_secs(2), spool.push(&batch))
             .await
-            .expect("the spool never waits on the broker")
+            .expect("the listener never waits long on the broker")
             .expect("spool push");
         if step == 10 {
             proxy.cut();
@@ -97,6 +111,7 @@ async fn broker_outage_loses_nothing(broker: Broker) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     forwarder.finish().await.expect("forwarder drained");
+    let spooled = stats.spooled.load(Relaxed);
     let (rows, distinct) = wait_for_returns(&db, total as u64, Duration::from_secs(240)).await;
     stop(&mut worker);
     let log = std::fs::read_to_string(dir.path().join("work.log")).unwrap_or_default();
@@ -116,8 +131,85 @@ async fn broker_outage_loses_nothing(broker: Broker) {
         (total as u64, total as u64),
         "nothing lost, nothing doubled; worker log:\n{log}"
     );
+    // The 2,000 pushed during the cut can only have gone to the spool; the
+    // 1,100 before it went straight to the broker once it was connected
+    // (it connects in the background, so the first pushes may be spooled).
+    assert!(
+        (2000..total as u64).contains(&spooled),
+        "spooled {spooled} of {total}"
+    );
 }
 
+async fn spool_backlog_goes_before_direct_publishing(broker: Broker) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique_prefix();
+    let q = queue_config(&broker.url(), &prefix, &dir.path().join("spool"));
+    let left = 300;
+    let total = 1300;
+    {
+        // A previous listener stopped with the broker away.
+        let spool = Embedded::open(&q.spool, q.sync).await.expect("spool");
+        let batch: Vec<_> = (0..left).map(return_message).collect();
+        spool.push(&batch).await.expect("spool push");
+    }
+    let mut consumer = q.consumer_with("default", 2000).await.expect("consumer");
+    let stats = Arc::new(Stats::default());
+    let (producer, forwarder) = forward::start(
+        &q,
+        vec!["default".into()],
+        Some(Duration::from_secs(60)),
+        stats.clone(),
+    )
+    .await
+    .expect("start");
+    for step in 0..10 {
+        let from = left + step * 100;
+        let batch: Vec<_> = (from..from + 100).map(return_message).collect();
+        producer.push(&batch).await.expect("push");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    forwarder.finish().await.expect("forwarder drained");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < total && tokio::time::Instant::now() < deadline {
+        let got = consumer
+            .pull(2000, 64 << 20, Duration::from_secs(1))
+            .await
+            .expect("pull");
+        consumer
+            .ack(&got.iter().map(|d| d.id).collect::<Vec<_>>())
+            .await
+            .expect("ack");
+        seen.extend(got.into_iter().map(|d| d.received_ms));
+    }
+    cleanup(broker, &prefix, &["default"]).await;
+    let spooled = stats.spooled.load(Relaxed);
+    // `received_ms` is the message's number: the broker got 0..1300 in order.
+    assert_eq!(
+        seen,
+        (0..total as i64).collect::<Vec<_>>(),
+        "spooled {spooled}"
+    );
+    // While the old backlog waited, new events went behind it in the spool;
+    // once it was forwarded, the rest went straight to the broker.
+    assert!(spooled < (total - left) as u64, "spooled {spooled}");
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_spool_backlog_goes_before_direct_publishing() {
+    spool_backlog_goes_before_direct_publishing(Broker::Redis).await
+}
+#[cfg(feature = "amqp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_spool_backlog_goes_before_direct_publishing() {
+    spool_backlog_goes_before_direct_publishing(Broker::Amqp).await
+}
+#[cfg(feature = "nats")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_spool_backlog_goes_before_direct_publishing() {
+    spool_backlog_goes_before_direct_publishing(Broker::Nats).await
+}
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sigkill_one_of_two_workers() {

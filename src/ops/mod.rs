@@ -227,6 +227,11 @@ fn publish(s: &Stats) {
         s.queued.load(Relaxed),
     );
     c(
+        "saltpipe_queue_spooled_total",
+        "Events the listener kept in its local spool because the broker was down, slow or behind.",
+        s.spooled.load(Relaxed),
+    );
+    c(
         "saltpipe_queue_errors_total",
         "Failed queue writes (retried).",
         s.queue_errors.load(Relaxed),

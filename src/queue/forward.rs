@@ -1,26 +1,42 @@
-//! The listener's local spool in front of a broker, and the forwarder that
-//! empties it into the broker.
+//! The listener's path to a broker: publish directly while the broker keeps
+//! up, and spool to local disk whenever it does not.
 //!
 //! The master cuts a slow subscriber off and throws away what it buffered,
-//! so `listen` must never wait on a broker that is slow, restarting or out
-//! of reach. It therefore always writes to a local embedded queue (the
-//! spool, `queue.spool`) exactly as `run` does, and one forwarder task per
-//! named queue moves the spool's messages to the broker in order, acking
-//! them in the spool only after the broker confirmed them. While the broker
-//! is down the spool grows on local disk; when it is back the backlog
-//! flows. Store-and-forward on every message (rather than only during an
-//! outage) keeps one code path, keeps order, and leaves no window at the
-//! switch-over where an event could be in neither place.
+//! so `listen` must never wait long on a broker that is slow, restarting or
+//! out of reach. [`Spooled`] is the producer the listener writes to:
+//!
+//! * while the broker answers quickly and nothing waits in the spool, a
+//!   batch is published straight to the broker and counts as stored once
+//!   the broker confirmed it (as it did once the spool committed it);
+//! * when the broker fails, does not answer within [`DIRECT_TIMEOUT`], or
+//!   a batch is so large that the writer has fallen behind, the batch goes
+//!   into a local embedded queue (the spool, `queue.spool`) instead, and
+//!   every batch after it too until one forwarder task per named queue has
+//!   moved the spool's backlog to the broker in order. Spool messages are
+//!   acked only after the broker confirmed them.
+//!
+//! Order holds because a batch is only published directly when the spool
+//! is empty, i.e. when everything spooled before it is confirmed by the
+//! broker. The direct path exists for the listener's CPU: writing every
+//! event to SQLite, reading it back and deleting it cost more than the
+//! broker client itself (docs/BENCHMARKS.md, "The listener's CPU"). An
+//! event is in memory until one of the two confirms it, exactly as long as
+//! before.
 //!
 //! A crash between the broker's confirm and the spool's ack forwards those
-//! messages again on the next start: at least once, and the sinks' unique
-//! keys keep each return once.
+//! messages again on the next start, and a direct publish that timed out
+//! may have reached the broker before its batch was spooled: at least
+//! once, and the sinks' unique keys keep each return once.
 
 use super::embedded::Embedded;
 use super::{Consumer, Message, Producer, QueueConfig, QueueError};
+use crate::stats::Stats;
+use async_trait::async_trait;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +56,19 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A push the broker neither confirms nor refuses (a dead peer behind a
 /// silent network) is abandoned after this and tried again.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// A direct publish that takes longer than this is
+/// abandoned and its batch spooled: the bus reader buffers in memory
+/// meanwhile, so this bounds that buffer. A healthy broker confirms a
+/// listener's batch in a few milliseconds.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A batch this large means the queue writer has fallen behind the bus
+/// (it gathers what arrived during the previous push): spool it, since the
+/// spool takes a burst at disk speed and the broker may not.
+const DIRECT_MAX: usize = 2048;
+/// After the direct path failed, publish through the spool for at least
+/// this long (doubling up to `DIRECT_RETRY_MAX` while it keeps failing).
+const DIRECT_RETRY_MIN: Duration = Duration::from_secs(1);
+const DIRECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The running forwarders; [`Forwarder::finish`] waits for them.
 pub struct Forwarder {
@@ -47,8 +76,8 @@ pub struct Forwarder {
     stop: CancellationToken,
 }
 
-/// Opens the spool and starts one forwarder per queue. Returns the spool,
-/// for the listener to push into.
+/// Opens the spool and starts one forwarder per queue. Returns the
+/// producer for the listener to push into ([`Spooled`]).
 ///
 /// After `stop`, forwarders keep moving what the spool holds for at most
 /// `drain` (`None`: until it is empty), then leave the rest for the next start.
@@ -56,21 +85,162 @@ pub async fn start(
     cfg: &QueueConfig,
     queues: Vec<String>,
     drain: Option<Duration>,
+    stats: Arc<Stats>,
 ) -> Result<(Arc<dyn Producer>, Forwarder), QueueError> {
     let spool = Embedded::open(&cfg.spool, cfg.sync).await?;
+    let backlog = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for q in queues {
-        let consumer = spool.consumer(&q)?;
+        let mut consumer = spool.consumer(&q)?;
+        // What a previous run left in the spool goes before anything new.
+        backlog.fetch_add(consumer.depth().await?.unwrap_or(0), SeqCst);
         tasks.spawn(forward(
             cfg.clone(),
             q,
             Box::new(consumer),
             stop.clone(),
             drain,
+            backlog.clone(),
         ));
     }
-    Ok((Arc::new(spool), Forwarder { tasks, stop }))
+    let producer = Spooled {
+        cfg: cfg.clone(),
+        spool,
+        backlog,
+        direct: tokio::sync::Mutex::new(Direct {
+            broker: None,
+            connecting: None,
+            failures: 0,
+            not_before: Instant::now(),
+        }),
+        stats,
+    };
+    Ok((Arc::new(producer), Forwarder { tasks, stop }))
+}
+
+/// The listener's producer when the queue is a broker: see the module docs.
+pub struct Spooled {
+    cfg: QueueConfig,
+    spool: Embedded,
+    /// Messages in the spool not yet confirmed by the broker. Direct
+    /// publishing waits for zero, which is what keeps order.
+    backlog: Arc<AtomicU64>,
+    direct: tokio::sync::Mutex<Direct>,
+    stats: Arc<Stats>,
+}
+
+struct Direct {
+    broker: Option<Arc<dyn Producer>>,
+    /// A connection being made in the background: connecting to an
+    /// unreachable broker can take seconds, and the writer must not wait.
+    connecting: Option<JoinHandle<Result<Arc<dyn Producer>, QueueError>>>,
+    failures: u32,
+    /// No direct publish (nor connection attempt) before this.
+    not_before: Instant,
+}
+
+impl Direct {
+    /// The connected broker, if there is one now; starts connecting if not.
+    async fn broker(&mut self, cfg: &QueueConfig) -> Result<Option<Arc<dyn Producer>>, QueueError> {
+        if let Some(p) = &self.broker {
+            return Ok(Some(p.clone()));
+        }
+        match self.connecting.take() {
+            Some(task) if task.is_finished() => {
+                let p = task
+                    .await
+                    .map_err(|e| QueueError::Connection(format!("connecting: {e}")))??;
+                self.broker = Some(p.clone());
+                Ok(Some(p))
+            }
+            Some(task) => {
+                self.connecting = Some(task);
+                Ok(None)
+            }
+            None => {
+                let cfg = cfg.clone();
+                self.connecting = Some(tokio::spawn(async move { cfg.producer().await }));
+                Ok(None)
+            }
+        }
+    }
+
+    fn failed(&mut self, url: &impl std::fmt::Display, e: &QueueError, events: usize) {
+        self.broker = None;
+        self.failures += 1;
+        let pause = DIRECT_RETRY_MIN
+            .saturating_mul(1 << self.failures.min(5))
+            .min(DIRECT_RETRY_MAX);
+        self.not_before = Instant::now() + pause;
+        tracing::warn!(url = %url, error = %e, events, spool_for = ?pause, "cannot publish to the broker directly; spooling to local disk (the forwarder delivers it later)");
+    }
+}
+
+impl Spooled {
+    /// Publishes `batch` straight to the broker if that is the right thing
+    /// to do now; false means it must be spooled.
+    async fn try_direct(&self, batch: &[Message]) -> bool {
+        if batch.len() > DIRECT_MAX || self.backlog.load(SeqCst) > 0 {
+            return false;
+        }
+        // Only the queue writer pushes, so this lock is never contended; it
+        // is here because `push` takes `&self`.
+        let mut d = self.direct.lock().await;
+        if Instant::now() < d.not_before {
+            return false;
+        }
+        let broker = match d.broker(&self.cfg).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return false,
+            Err(e) => {
+                d.failed(&self.cfg.url, &e, batch.len());
+                return false;
+            }
+        };
+        let result = tokio::time::timeout(DIRECT_TIMEOUT, broker.push(batch))
+            .await
+            .unwrap_or_else(|_| {
+                Err(QueueError::Connection(format!(
+                    "the broker did not confirm within {DIRECT_TIMEOUT:?}"
+                )))
+            });
+        match result {
+            Ok(()) => {
+                if d.failures > 0 {
+                    tracing::info!(url = %self.cfg.url, "publishing straight to the broker again");
+                }
+                d.failures = 0;
+                true
+            }
+            Err(e) => {
+                d.failed(&self.cfg.url, &e, batch.len());
+                false
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Producer for Spooled {
+    async fn push(&self, batch: &[Message]) -> Result<(), QueueError> {
+        if self.try_direct(batch).await {
+            return Ok(());
+        }
+        // Counted before the write so a forwarder that moves these at once
+        // cannot take the backlog below zero.
+        self.backlog.fetch_add(batch.len() as u64, SeqCst);
+        match self.spool.push(batch).await {
+            Ok(()) => {
+                self.stats.spooled.fetch_add(batch.len() as u64, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.backlog.fetch_sub(batch.len() as u64, SeqCst);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Forwarder {
@@ -97,6 +267,7 @@ async fn forward(
     mut spool: Box<dyn Consumer>,
     stop: CancellationToken,
     drain: Option<Duration>,
+    backlog: Arc<AtomicU64>,
 ) -> Result<(), QueueError> {
     let name: Arc<str> = Arc::from(queue.as_str());
     let mut broker: Option<Arc<dyn Producer>> = None;
@@ -174,6 +345,9 @@ async fn forward(
             }
         }
         spool.ack(&ids).await?;
+        // Saturating: a spool left by an older version may hold queues no
+        // forwarder reads, or the count may have started low.
+        let _ = backlog.fetch_update(SeqCst, SeqCst, |n| Some(n.saturating_sub(ids.len() as u64)));
         if ids.len() < FORWARD_BATCH && !stop.is_cancelled() {
             tokio::select! {
                 _ = tokio::time::sleep(FORWARD_LINGER) => {}

@@ -125,9 +125,10 @@ pub struct QueueConfig {
     /// whether acked or not, i.e. it loses events when workers fall behind.
     /// Acked entries are deleted anyway, so the stream holds only the backlog.
     pub max_len: u64,
-    /// Brokers: the listener's local durable spool (an embedded queue). The
-    /// bus is drained into it and a forwarder moves it to the broker, so a
-    /// broker outage never stalls the reader.
+    /// Brokers: the listener's local durable spool (an embedded queue).
+    /// While the broker is down, slow or behind, the bus is drained into it
+    /// and a forwarder moves it to the broker, so a broker outage never
+    /// stalls the reader; otherwise events go to the broker directly.
     pub spool: PathBuf,
 }
 
