@@ -39,14 +39,14 @@ fn ret(jid: &str, minion: &str, payload: &str) -> Record {
     rmp::encode::write_bool(&mut d, true).expect("w");
     s(&mut d, "user", "root");
     s(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
-    Record {
-        event: Event::from_frame(&Bytes::from(frame(
+    Record::new(
+        Event::from_frame(&Bytes::from(frame(
             &format!("salt/job/{jid}/ret/{minion}"),
             &d,
         )))
         .expect("decode"),
-        received_ms: 0,
-    }
+        0,
+    )
 }
 
 fn cmd(program: &str, args: &[&str]) {

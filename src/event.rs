@@ -615,7 +615,7 @@ mod tests {
             body.extend_from_slice(&data);
             if let Ok(e) = Event::from_body(Bytes::from(body)) {
                 let _ = e.partition_key();
-                let r = crate::sink::Record { event: e, received_ms: 0 };
+                let r = crate::sink::Record::new(e, 0);
                 let _ = crate::sink::rows::rows_of(&r, crate::sink::rows::BoolStyle::Digit);
             }
             let _ = crate::msgpack::to_json(&data);

@@ -16,9 +16,13 @@
 //! already holds for at most `drain_timeout`, commits, acks and returns;
 //! whatever is left stays in the durable queue for the next start.
 //!
-//! Actions (`[[actions]]`) are offered each batch just before its insert:
-//! a non-blocking hand-off to their own tasks, so they never hold back the
-//! write (see [`crate::action`]).
+//! A worker runs three stages at once: gathering batch N+2 from the queue,
+//! decoding and converting batch N+1 into rows, writing batch N. Acks still
+//! follow each batch's commit, in order.
+//!
+//! Actions (`[[actions]]`) are offered each batch as it is prepared for its
+//! insert: a non-blocking hand-off to their own tasks, so they never hold
+//! back the write (see [`crate::action`]).
 
 use crate::action::Actions;
 use crate::config::{ConfigError, human};
@@ -315,12 +319,32 @@ impl Worker {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u64>>();
         let writer_stop = stop.clone();
         let mut write_task = tokio::spawn(async move {
-            while let Some(batch) = batch_rx.recv().await {
-                if let Some(ids) = writer.flush(batch, &writer_stop).await? {
-                    // The gatherer may be gone after an error; then the ids
-                    // simply stay unacked and come back next start.
-                    let _ = done_tx.send(ids);
-                }
+            // Two stages in this task: batch N is written (the database
+            // works on its own thread or server) while batch N+1 is decoded
+            // and converted here. Without the overlap the conversion added
+            // to the writer's time, which bounds the whole pipeline.
+            let Some(first) = batch_rx.recv().await else {
+                return Ok(());
+            };
+            let mut next = writer.prepare(first, &writer_stop).await?;
+            while let Some(ready) = next.take() {
+                let write = async {
+                    if let Some(ids) = writer.commit(ready, &writer_stop).await? {
+                        // The gatherer may be gone after an error; then the
+                        // ids simply stay unacked and come back next start.
+                        let _ = done_tx.send(ids);
+                    }
+                    Ok::<(), WorkerError>(())
+                };
+                let prepare = async {
+                    match batch_rx.recv().await {
+                        Some(batch) => writer.prepare(batch, &writer_stop).await,
+                        None => Ok(None),
+                    }
+                };
+                // An error in either ends the worker at once: the other
+                // batch stays unacked and comes back at the next start.
+                (_, next) = tokio::try_join!(write, prepare)?;
             }
             Ok::<(), WorkerError>(())
         });
@@ -450,6 +474,15 @@ impl Worker {
     }
 }
 
+/// A batch decoded and converted, waiting for its write.
+struct Ready {
+    /// Every delivery's id, the dead-lettered ones too: all are acked
+    /// once the rest is written.
+    ids: Vec<u64>,
+    oldest: i64,
+    records: Vec<Record>,
+}
+
 /// Why gathering stopped early.
 enum GatherEnd {
     Queue(crate::queue::QueueError),
@@ -507,23 +540,20 @@ async fn ack(
 }
 
 impl Writer {
-    /// Writes one batch (retrying, splitting, dead-lettering). Returns the
-    /// ids to ack, or None if shutdown's deadline came first.
-    async fn flush(
+    /// The CPU half of a batch: decodes it (dead-lettering what does not
+    /// decode), offers it to the actions, and has the sink convert it to
+    /// rows. None if shutdown's deadline came while dead-lettering.
+    async fn prepare(
         &self,
         batch: Vec<Delivery>,
         stop: &Stop,
-    ) -> Result<Option<Vec<u64>>, WorkerError> {
+    ) -> Result<Option<Ready>, WorkerError> {
         let ids: Vec<u64> = batch.iter().map(|d| d.id).collect();
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
-        self.stats.oldest_unacked_ms.store(oldest, Relaxed);
         let mut records = Vec::with_capacity(batch.len());
         for d in batch {
             match Event::from_body(d.body.clone()) {
-                Ok(event) => records.push(Record {
-                    event,
-                    received_ms: d.received_ms,
-                }),
+                Ok(event) => records.push(Record::new(event, d.received_ms)),
                 Err(e) => {
                     // The queue gave back bytes we did not put there: keep them aside.
                     tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
@@ -542,6 +572,23 @@ impl Writer {
             // hand-off: a slow or full action never delays the write.
             actions.current().offer(records.iter().map(|r| &r.event));
         }
+        self.sink.prepare(&mut records);
+        Ok(Some(Ready {
+            ids,
+            oldest,
+            records,
+        }))
+    }
+
+    /// Writes one prepared batch (retrying, splitting, dead-lettering).
+    /// Returns the ids to ack, or None if shutdown's deadline came first.
+    async fn commit(&self, ready: Ready, stop: &Stop) -> Result<Option<Vec<u64>>, WorkerError> {
+        let Ready {
+            ids,
+            oldest,
+            records,
+        } = ready;
+        self.stats.oldest_unacked_ms.store(oldest, Relaxed);
         let started = std::time::Instant::now();
         let Some(report) = self.write_all(&records, stop).await? else {
             tracing::warn!(

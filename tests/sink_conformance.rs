@@ -39,10 +39,10 @@ fn packed(data: Vec<(&str, V)>) -> Vec<u8> {
 }
 
 fn record_raw(tag: &str, data: &[u8]) -> Record {
-    Record {
-        event: Event::from_frame(&Bytes::from(frame(tag, data))).expect("decode"),
-        received_ms: 0,
-    }
+    Record::new(
+        Event::from_frame(&Bytes::from(frame(tag, data))).expect("decode"),
+        0,
+    )
 }
 
 fn record(tag: &str, data: Vec<(&str, V)>) -> Record {

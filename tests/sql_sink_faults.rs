@@ -268,15 +268,15 @@ async fn down_at_start(
         "an unreachable database is a retriable condition"
     );
     let sink = cfg.build_or_defer().await.expect("start anyway");
-    let rec = saltpipe::sink::Record {
-        event: saltpipe::event::Event::from_frame(&bytes::Bytes::from(return_frame(
+    let rec = saltpipe::sink::Record::new(
+        saltpipe::event::Event::from_frame(&bytes::Bytes::from(return_frame(
             "20261125120000000001",
             "m1",
             1,
         )))
         .expect("decode"),
-        received_ms: 0,
-    };
+        0,
+    );
     let err = sink
         .write(std::slice::from_ref(&rec))
         .await

@@ -172,10 +172,10 @@ KEY `tag` (`tag`)
             d
         };
         let frame = bytes::Bytes::from(saltpipe::bus::encode::frame("salt/job/2/ret/m1", &data));
-        let rec = saltpipe::sink::Record {
-            event: saltpipe::event::Event::from_frame(&frame).expect("decode"),
-            received_ms: 0,
-        };
+        let rec = saltpipe::sink::Record::new(
+            saltpipe::event::Event::from_frame(&frame).expect("decode"),
+            0,
+        );
         assert_eq!(sink.write(&[rec]).await.expect("write").returns, 1);
         let stored = sql(&db.0, "SELECT `return` FROM salt_returns WHERE jid = '2'");
         let back: String = serde_json::from_str(&stored).expect("json");

@@ -33,6 +33,19 @@ pub mod sqlite;
 pub struct Record {
     pub event: Event,
     pub received_ms: i64,
+    /// Its rows, converted ahead of the write by [`Sink::prepare`] (`None`:
+    /// not yet, or the conversion failed and the write will say why).
+    pub rows: Option<Arc<rows::RowSet>>,
+}
+
+impl Record {
+    pub fn new(event: Event, received_ms: i64) -> Record {
+        Record {
+            event,
+            received_ms,
+            rows: None,
+        }
+    }
 }
 
 /// What a committed batch wrote.
@@ -71,6 +84,15 @@ impl SinkError {
 /// A place to store batches.
 #[async_trait]
 pub trait Sink: Send + Sync {
+    /// The CPU half of a write, done ahead: converts each record into its
+    /// rows (`Record::rows`), mostly the msgpack to JSON transcode. The
+    /// worker calls it for the next batch while the current one is being
+    /// written, so the conversion no longer adds to the database's one
+    /// writer. Records it cannot convert are left as they are; `write`
+    /// reports them.
+    fn prepare(&self, batch: &mut [Record]) {
+        let _ = batch;
+    }
     /// Stores the batch in one transaction: all of it, or nothing.
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError>;
     /// Sets aside one event the database refused (or that could not be

@@ -558,6 +558,10 @@ fn on_duplicate(column: &str, var: &str) -> String {
 
 #[async_trait]
 impl Sink for MysqlSink {
+    fn prepare(&self, batch: &mut [Record]) {
+        super::sqlite::prepare(batch, BoolStyle::Digit)
+    }
+
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
         let sets = super::sqlite::convert(batch, BoolStyle::Digit)?;
         let t = ByTable::of(&sets);

@@ -319,6 +319,10 @@ fn check_sizes(t: &ByTable<'_>) -> Result<(), SinkError> {
 
 #[async_trait]
 impl Sink for PgSink {
+    fn prepare(&self, batch: &mut [Record]) {
+        super::sqlite::prepare(batch, BoolStyle::Word)
+    }
+
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
         let sets = super::sqlite::convert(batch, BoolStyle::Word)?;
         let t = ByTable::of(&sets);

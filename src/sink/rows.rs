@@ -214,10 +214,10 @@ pub struct ByTable<'a> {
 }
 
 impl<'a> ByTable<'a> {
-    pub fn of(sets: &'a [RowSet]) -> ByTable<'a> {
+    pub fn of(sets: &'a [std::sync::Arc<RowSet>]) -> ByTable<'a> {
         let mut t = ByTable::default();
         for (i, s) in sets.iter().enumerate() {
-            match s {
+            match &**s {
                 RowSet::Job(j) => t.jids.push((i, j)),
                 RowSet::Return(r, j) => {
                     t.returns.push((i, r));
@@ -295,10 +295,10 @@ mod tests {
         let v = V::Map(data.into_iter().map(|(k, v)| (V::from(k), v)).collect());
         let mut packed = Vec::new();
         rmpv::encode::write_value(&mut packed, &v).expect("encode");
-        Record {
-            event: Event::from_frame(&Bytes::from(frame(tag, &packed))).expect("decode"),
-            received_ms: 0,
-        }
+        Record::new(
+            Event::from_frame(&Bytes::from(frame(tag, &packed))).expect("decode"),
+            0,
+        )
     }
 
     #[test]
@@ -436,5 +436,38 @@ mod tests {
                 data: "{\"x\": 1}".into()
             })
         );
+    }
+
+    #[test]
+    fn prepared_rows_are_the_rows_write_converts() {
+        let good = record(
+            "salt/job/4/ret/m1",
+            vec![
+                ("jid", V::from("4")),
+                ("id", V::from("m1")),
+                ("fun", V::from("test.ping")),
+                ("return", V::from(true)),
+                ("success", V::from(true)),
+            ],
+        );
+        // Nested past the walker's depth: no JSON form, so no rows.
+        let mut deep = V::from(1);
+        for _ in 0..300 {
+            deep = V::Array(vec![deep]);
+        }
+        let bad = record("my/deep", vec![("x", deep)]);
+        let plain = vec![good.clone(), bad.clone()];
+        let mut ready = plain.clone();
+        crate::sink::sqlite::prepare(&mut ready, BoolStyle::Word);
+        assert!(ready[0].rows.is_some(), "a good record is converted ahead");
+        assert!(ready[1].rows.is_none(), "a bad one is left for the write");
+        let ahead = crate::sink::sqlite::convert(&ready[..1], BoolStyle::Word).expect("rows");
+        let inline = crate::sink::sqlite::convert(&plain[..1], BoolStyle::Word).expect("rows");
+        assert_eq!(ahead, inline);
+        // The write still names the record it cannot store.
+        match crate::sink::sqlite::convert(&ready, BoolStyle::Word) {
+            Err(crate::sink::SinkError::Permanent { index, .. }) => assert_eq!(index, Some(1)),
+            other => panic!("expected a refusal of record 1, got {other:?}"),
+        }
     }
 }

@@ -207,7 +207,7 @@ impl SqliteSink {
 
 fn write_blocking(
     c: &mut Connection,
-    sets: &[RowSet],
+    sets: &[Arc<RowSet>],
     master_id: &str,
 ) -> Result<WriteReport, SinkError> {
     let tx = c.transaction().map_err(classify)?;
@@ -244,7 +244,7 @@ fn write_blocking(
             Ok(())
         };
         for (i, set) in sets.iter().enumerate() {
-            match set {
+            match &**set {
                 RowSet::Job(j) => job(j, &mut report, i)?,
                 RowSet::Return(r, j) => {
                     let ReturnRow {
@@ -283,22 +283,37 @@ fn write_blocking(
     Ok(report)
 }
 
-/// Converts a batch, naming the first record that cannot be converted.
-pub fn convert(batch: &[Record], style: BoolStyle) -> Result<Vec<RowSet>, SinkError> {
+/// Converts a batch (what [`prepare`] did not already), naming the first
+/// record that cannot be converted.
+pub fn convert(batch: &[Record], style: BoolStyle) -> Result<Vec<Arc<RowSet>>, SinkError> {
     batch
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            rows::rows_of(r, style).map_err(|e| SinkError::Permanent {
-                message: e.to_string(),
-                index: Some(i),
-            })
+        .map(|(i, r)| match &r.rows {
+            Some(rows) => Ok(rows.clone()),
+            None => rows::rows_of(r, style)
+                .map(Arc::new)
+                .map_err(|e| SinkError::Permanent {
+                    message: e.to_string(),
+                    index: Some(i),
+                }),
         })
         .collect()
 }
 
+/// [`Sink::prepare`] for the SQL sinks, in their boolean style.
+pub fn prepare(batch: &mut [Record], style: BoolStyle) {
+    for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
+        r.rows = rows::rows_of(r, style).ok().map(Arc::new);
+    }
+}
+
 #[async_trait]
 impl Sink for SqliteSink {
+    fn prepare(&self, batch: &mut [Record]) {
+        prepare(batch, BoolStyle::Digit)
+    }
+
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
         let sets = convert(batch, BoolStyle::Digit)?;
         // A return is stored about twice (`return` and `full_ret`).
