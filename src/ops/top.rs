@@ -139,6 +139,7 @@ pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String
         ("kept", "saltpipe_events_kept_total"),
         ("dropped by rules", "saltpipe_events_dropped_total"),
         ("queued", "saltpipe_queue_pushed_total"),
+        ("  via the spool", "saltpipe_queue_spooled_total"),
         ("written (acked)", "saltpipe_events_acked_total"),
         ("batches", "saltpipe_batches_total"),
     ] {
