@@ -18,7 +18,7 @@ mod brokers;
 
 use brokers::*;
 use saltpipe::queue::embedded::Embedded;
-use saltpipe::queue::{Producer, forward};
+use saltpipe::queue::{Producer, QueueConfig, forward};
 use saltpipe::stats::Stats;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -71,6 +71,20 @@ async fn sigkill_one_of_two_workers(broker: Broker) {
     );
 }
 
+/// The listener's queue side for queue `default`, as `listen` starts it.
+async fn start_listener(q: &QueueConfig) -> (Arc<dyn Producer>, forward::Forwarder, Arc<Stats>) {
+    let stats = Arc::new(Stats::default());
+    let (producer, forwarder) = forward::start(
+        q,
+        vec!["default".into()],
+        Some(Duration::from_secs(60)),
+        stats.clone(),
+    )
+    .await
+    .expect("start the listener's queue side");
+    (producer, forwarder, stats)
+}
+
 async fn broker_outage_loses_nothing(broker: Broker) {
     let dir = tempfile::tempdir().expect("tempdir");
     let prefix = unique_prefix();
@@ -82,15 +96,7 @@ async fn broker_outage_loses_nothing(broker: Broker) {
     let mut worker = spawn_saltpipe("work", &cfg, &dir.path().join("work.log"));
     // The listening side in this process: direct publishing, spool and
     // forwarder, as `listen` runs them.
-    let stats = Arc::new(Stats::default());
-    let (spool, forwarder) = forward::start(
-        &q,
-        vec!["default".into()],
-        Some(Duration::from_secs(60)),
-        stats.clone(),
-    )
-    .await
-    .expect("spool");
+    let (spool, forwarder, stats) = start_listener(&q).await;
     let total = 4000;
     let mut during_outage = 0;
     for step in 0..40 {
@@ -153,15 +159,7 @@ async fn spool_backlog_goes_before_direct_publishing(broker: Broker) {
         spool.push(&batch).await.expect("spool push");
     }
     let mut consumer = q.consumer_with("default", 2000).await.expect("consumer");
-    let stats = Arc::new(Stats::default());
-    let (producer, forwarder) = forward::start(
-        &q,
-        vec!["default".into()],
-        Some(Duration::from_secs(60)),
-        stats.clone(),
-    )
-    .await
-    .expect("start");
+    let (producer, forwarder, stats) = start_listener(&q).await;
     for step in 0..10 {
         let from = left + step * 100;
         let batch: Vec<_> = (from..from + 100).map(return_message).collect();

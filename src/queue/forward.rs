@@ -29,7 +29,7 @@
 //! once, and the sinks' unique keys keep each return once.
 
 use super::embedded::Embedded;
-use super::{Consumer, Message, Producer, QueueConfig, QueueError};
+use super::{Consumer, Message, Producer, QueueConfig, QueueError, backoff};
 use crate::stats::Stats;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -169,9 +169,7 @@ impl Direct {
     fn failed(&mut self, url: &impl std::fmt::Display, e: &QueueError, events: usize) {
         self.broker = None;
         self.failures += 1;
-        let pause = DIRECT_RETRY_MIN
-            .saturating_mul(1 << self.failures.min(5))
-            .min(DIRECT_RETRY_MAX);
+        let pause = backoff(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX, self.failures);
         self.not_before = Instant::now() + pause;
         tracing::warn!(url = %url, error = %e, events, spool_for = ?pause, "cannot publish to the broker directly; spooling to local disk (the forwarder delivers it later)");
     }
@@ -332,9 +330,7 @@ async fn forward(
                 Err(e) => {
                     failures += 1;
                     broker = None;
-                    let delay = RETRY_MIN
-                        .saturating_mul(1 << failures.min(10))
-                        .min(RETRY_MAX);
+                    let delay = backoff(RETRY_MIN, RETRY_MAX, failures);
                     tracing::warn!(queue = %queue, url = %cfg.url, error = %e, events = batch.len(), retry_in = ?delay, "cannot forward to the broker; the listener keeps spooling to local disk");
                     if deadline.is_some_and(|d| Instant::now() + delay > d) {
                         tracing::warn!(queue = %queue, "stopping with the spool not empty; it is forwarded at the next start");
