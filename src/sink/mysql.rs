@@ -448,7 +448,7 @@ impl MysqlSink {
             }
         }
         for (i, r) in &t.returns {
-            for (what, v) in [("the return", &r.ret), ("full_ret", &r.full_ret)] {
+            for (what, v) in [("the return", r.ret()), ("full_ret", r.full_ret.as_str())] {
                 if v.len() > MEDIUMTEXT_MAX {
                     return Err(refuse(*i, what, v.len(), MEDIUMTEXT_MAX));
                 }
@@ -604,7 +604,7 @@ impl Sink for MysqlSink {
                 );
                 q.push_values(piece, |mut b, (_, r)| {
                     b.push_bind(r.fun.as_str()).push_bind(r.jid.as_str());
-                    self.bind_json(&mut b, &r.ret);
+                    self.bind_json(&mut b, r.ret());
                     b.push_bind(r.id.as_str()).push_bind(r.success.as_str());
                     self.bind_json(&mut b, &r.full_ret);
                 });

@@ -305,8 +305,9 @@ fn check_sizes(t: &ByTable<'_>) -> Result<(), SinkError> {
         }
     }
     for (i, r) in &t.returns {
-        if r.ret.len().max(r.full_ret.len()) > JSONB_MAX {
-            return Err(refuse(*i, "the return", r.ret.len().max(r.full_ret.len())));
+        // `return` is part of `full_ret`, so this bounds both.
+        if r.full_ret.len() > JSONB_MAX {
+            return Err(refuse(*i, "the return", r.full_ret.len()));
         }
     }
     for (i, e) in &t.events {

@@ -250,13 +250,13 @@ fn write_blocking(
                     let ReturnRow {
                         fun,
                         jid,
-                        ret,
                         id,
                         success,
                         full_ret,
+                        ..
                     } = r;
                     match ret_st
-                        .execute(params![fun, jid, ret, id, success, full_ret])
+                        .execute(params![fun, jid, r.ret(), id, success, full_ret])
                         .map_err(at(i))?
                     {
                         0 => report.ignored += 1,
