@@ -122,8 +122,8 @@ pub struct QueueConfig {
     /// Brokers: events a worker should be able to hold unacked; 0 means
     /// `worker.batch_max_events`, so a batch can fill. RabbitMQ and NATS
     /// carry up to 256 events per message and count their prefetch in
-    /// messages, so this becomes `2 * ceil(prefetch / 256) + 2` (at least 4)
-    /// messages: a worker holds about two batches, at most that many x 256
+    /// messages, so this becomes `3 * ceil(prefetch / 256) + 2` (at least 4)
+    /// messages: room for about three batches, at most that many x 256
     /// events (see [`pack::prefetch_containers`]).
     pub prefetch: u32,
     /// Redis only: cap each stream near this many entries (XADD MAXLEN ~).

@@ -58,13 +58,16 @@ pub const LIMITS: Limits = Limits {
 };
 
 /// The broker's prefetch (in messages) for a worker that asked to hold
-/// `events` events: enough whole containers for two batches plus the one a
-/// batch boundary split, so the next batch can fill while the last is being
-/// written, and no more. A count of containers times [`LIMITS`]`.events`
-/// bounds what a worker holds, instead of `events` x 256 had the event count
-/// been used as the message count.
+/// `events` events (its batch size by default): whole containers for three
+/// batches, plus two split at batch boundaries. A worker's writer holds one
+/// batch unacked while the next waits in its hand-over slot and a third is
+/// gathered; with room for fewer, gathering stalls until the batch timeout
+/// (measured: RabbitMQ, 1 worker, 2 batches' worth 21-33k returns/s, 3
+/// batches' worth 80k/s). Counting containers times [`LIMITS`]`.events`
+/// bounds what a worker holds, instead of `events` x 256 had the event
+/// count been used as the message count.
 pub fn prefetch_containers(events: u32) -> u32 {
-    (events.div_ceil(LIMITS.events as u32) * 2 + 2).max(4)
+    (events.div_ceil(LIMITS.events as u32) * 3 + 2).max(4)
 }
 
 /// Framing bytes one event adds besides its key and body (array, int, str
@@ -607,8 +610,9 @@ mod tests {
 
     #[test]
     fn prefetch_in_containers() {
-        assert_eq!(prefetch_containers(1), 4);
-        assert_eq!(prefetch_containers(1000), 10);
-        assert_eq!(prefetch_containers(2000), 18);
+        assert_eq!(prefetch_containers(1), 5);
+        assert_eq!(prefetch_containers(0), 4);
+        assert_eq!(prefetch_containers(1000), 14);
+        assert_eq!(prefetch_containers(2000), 26);
     }
 }
