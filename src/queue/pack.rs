@@ -25,10 +25,12 @@
 //!
 //! Input from a broker is never trusted: [`unpack`] checks every length
 //! against what is left before reading or allocating, and never panics. A
-//! container that does not decode becomes one delivery carrying its raw
-//! bytes, which the worker cannot decode as an event and dead-letters
-//! (logged and counted there, like any undecodable message): it is kept
-//! aside and acked, and other messages' events are not held up.
+//! container that does not decode is logged here and becomes one delivery
+//! carrying its raw bytes, which the worker cannot read as an event and
+//! dead-letters (counted there, like any undecodable message): it is kept
+//! aside and acked, and other messages' events are not held up. (Our
+//! containers start with an array marker, never a valid tag; only bytes
+//! someone else published with our marker could read as an event.)
 
 use super::{Delivery, Message};
 use bytes::Bytes;
