@@ -31,6 +31,8 @@ impl Backend {
     /// Whether several events travel in one broker message (src/queue/pack.rs).
     fn packs(self) -> bool {
         match self {
+            #[cfg(feature = "redis")]
+            Backend::Redis => true,
             #[cfg(feature = "amqp")]
             Backend::Amqp => true,
             #[cfg(feature = "nats")]
@@ -571,7 +573,29 @@ async fn raw_publish(f: &Fixture, m: &Message, packed: bool) {
             .await
             .expect("stored");
         }
-        _ => panic!("raw_publish is for RabbitMQ and NATS"),
+        #[cfg(feature = "redis")]
+        QueueUrl::Redis { url } => {
+            let client = redis::Client::open(url.as_str()).expect("redis client");
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis conn");
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(saltpipe::queue::redis::stream_key(&f.cfg.prefix, &m.queue))
+                .arg("*");
+            if packed {
+                cmd.arg("p").arg(1).arg("b").arg(&m.body[..]);
+            } else {
+                cmd.arg("k")
+                    .arg(&m.key)
+                    .arg("t")
+                    .arg(m.received_ms)
+                    .arg("b")
+                    .arg(&m.body[..]);
+            }
+            let _: String = cmd.query_async(&mut c).await.expect("xadd");
+        }
+        _ => panic!("raw_publish is for the brokers"),
     }
 }
 
@@ -596,6 +620,7 @@ macro_rules! packed {
     };
 }
 
+packed!(redis_packed, Backend::Redis, "redis");
 packed!(rabbitmq_packed, Backend::Amqp, "amqp");
 packed!(nats_packed, Backend::Nats, "nats");
 

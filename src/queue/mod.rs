@@ -25,7 +25,7 @@ pub mod embedded;
 pub mod forward;
 #[cfg(feature = "nats")]
 pub mod nats;
-#[cfg(any(feature = "amqp", feature = "nats"))]
+#[cfg(any(feature = "redis", feature = "amqp", feature = "nats"))]
 pub mod pack;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -126,7 +126,8 @@ pub struct QueueConfig {
     /// messages: room for about three batches, at most that many x 256
     /// events (see [`pack::prefetch_containers`]).
     pub prefetch: u32,
-    /// Redis only: cap each stream near this many entries (XADD MAXLEN ~).
+    /// Redis only: cap each stream near this many entries (XADD MAXLEN ~);
+    /// an entry holds up to 256 events.
     /// 0, the default, means no cap: trimming drops the oldest entries
     /// whether acked or not, i.e. it loses events when workers fall behind.
     /// Acked entries are deleted anyway, so the stream holds only the backlog.

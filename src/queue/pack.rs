@@ -2,9 +2,9 @@
 //! bookkeeping a consumer needs to hand the events out one by one.
 //!
 //! Why: RabbitMQ and NATS cost per *message* (a persistent publish, a
-//! confirm, a delivery, an ack), and our events are small (~350 B-2 KB).
-//! One AMQP or NATS message per event made the broker paths 3-7x slower
-//! than the embedded queue. The producers therefore put up to
+//! confirm, a delivery, an ack), Redis per stream entry, and our events
+//! are small (~350 B-2 KB). One AMQP or NATS message per event made those
+//! paths 1.5-7x slower than the embedded queue. The producers therefore put up to
 //! [`Limits::events`] consecutive events of one queue (and about
 //! [`Limits::bytes`]) into one message, and the consumers unpack it into
 //! several [`Delivery`]s.
@@ -14,7 +14,8 @@
 //! arrays, in queue order. A hand-made framing would save nothing and need
 //! its own review; `rmp`'s low-level calls (rather than `rmp-serde`) let
 //! the decoder hand out each body as a zero-copy slice of the message.
-//! Packed messages are marked (AMQP `content_type`, NATS header), so
+//! Packed messages are marked (AMQP `content_type`, NATS header, Redis
+//! field name), so
 //! single-event messages already in a broker from an older listener still
 //! decode as before.
 //!
