@@ -92,13 +92,15 @@ pub struct Container {
 /// Order within a queue is kept: containers come out in batch order and
 /// each holds a run of consecutive messages.
 pub fn pack(batch: &[Message], limits: Limits) -> Vec<Container> {
+    // At least one event per container, or the loop would make no progress.
+    let max_events = limits.events.max(1);
     let mut out: Vec<Container> = Vec::new();
     let mut start = 0;
     while start < batch.len() {
         let queue = &batch[start].queue;
         let mut end = start;
         let mut bytes = 0usize;
-        while end < batch.len() && batch[end].queue == *queue && end - start < limits.events {
+        while end < batch.len() && batch[end].queue == *queue && end - start < max_events {
             let size = entry_size(&batch[end]);
             if end > start && bytes + size > limits.bytes {
                 break;
@@ -495,6 +497,15 @@ mod tests {
         assert!(
             pack(&[], LIMITS).is_empty(),
             "nothing to pack, no container"
+        );
+        let zero = Limits {
+            events: 0,
+            bytes: 0,
+        };
+        assert_eq!(
+            pack(&batch[..3], zero).len(),
+            3,
+            "degenerate limits: one each"
         );
     }
 
