@@ -25,6 +25,8 @@ pub mod embedded;
 pub mod forward;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "nats"))]
+pub mod pack;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod resilient;
@@ -123,10 +125,15 @@ pub struct QueueConfig {
     /// (harmlessly, but for nothing).
     #[serde(deserialize_with = "crate::config::human::duration")]
     pub redeliver_after: Duration,
-    /// Brokers: messages a worker may hold unacked (RabbitMQ prefetch); 0
-    /// means `worker.batch_max_events`, so a batch can fill.
+    /// Brokers: events a worker should be able to hold unacked; 0 means
+    /// `worker.batch_max_events`, so a batch can fill. RabbitMQ and NATS
+    /// carry up to 256 events per message and count their prefetch in
+    /// messages, so this becomes `3 * ceil(prefetch / 256) + 2` (at least 4)
+    /// messages: room for about three batches, at most that many x 256
+    /// events (see [`pack::prefetch_containers`]).
     pub prefetch: u32,
-    /// Redis only: cap each stream near this many entries (XADD MAXLEN ~).
+    /// Redis only: cap each stream near this many entries (XADD MAXLEN ~);
+    /// an entry holds up to 256 events.
     /// 0, the default, means no cap: trimming drops the oldest entries
     /// whether acked or not, i.e. it loses events when workers fall behind.
     /// Acked entries are deleted anyway, so the stream holds only the backlog.

@@ -13,14 +13,24 @@
 //! atomic: a partly stored batch is pushed again whole, and the sinks'
 //! unique keys absorb the repeats.
 //!
-//! The key (minion id) and receive time ride in message headers.
+//! Events travel packed: one NATS message holds up to 256 consecutive
+//! events of a queue ([`super::pack`]), each with its key (minion id) and
+//! receive time, so JetStream stores, delivers and takes an ack per
+//! container instead of per event (that per-message cost made this path
+//! 1.5-3.3x slower than the embedded queue). Packed messages carry the
+//! header `Saltpipe-Pack: 1`; a message without it is an older listener's
+//! single event, whose key and receive time ride in the headers
+//! `Saltpipe-Key` and `Saltpipe-Received`, and still decodes. A container is
+//! acked once the worker acked every event in it, so pull sizes and
+//! `max_ack_pending` count containers ([`pack::prefetch_containers`]).
 
+use super::pack::{self, Entry, Ledger};
 use super::{Consumer, Delivery, Message, Producer, QueueConfig, QueueError};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -29,6 +39,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DURABLE: &str = "workers";
 const KEY: &str = "Saltpipe-Key";
 const RECEIVED: &str = "Saltpipe-Received";
+/// Marks a packed message (its value is the format's version).
+const PACKED: &str = "Saltpipe-Pack";
 
 fn conn_err(e: impl std::fmt::Display) -> QueueError {
     QueueError::Connection(format!("nats: {e}"))
@@ -72,6 +84,7 @@ pub struct NatsProducer {
     js: jetstream::Context,
     prefix: String,
     ready: Mutex<HashSet<String>>,
+    limits: pack::Limits,
 }
 
 impl NatsProducer {
@@ -79,10 +92,20 @@ impl NatsProducer {
         let client = tokio::time::timeout(CONNECT_TIMEOUT * 2, connect(url))
             .await
             .map_err(|_| conn_err("connect timed out"))??;
+        // A message over the server's max_payload (1 MiB by default) is
+        // refused: keep containers well under it (headers and framing ride
+        // along). A single larger event still goes alone, and is refused as
+        // it was before packing.
+        let max_payload = client.server_info().max_payload;
+        let limits = pack::Limits {
+            bytes: pack::LIMITS.bytes.min(max_payload / 2).max(1),
+            ..pack::LIMITS
+        };
         Ok(NatsProducer {
             js: jetstream::new(client),
             prefix: cfg.prefix.clone(),
             ready: Mutex::new(HashSet::new()),
+            limits,
         })
     }
 }
@@ -101,14 +124,16 @@ impl Producer for NatsProducer {
                 }
             }
         }
-        let mut acks = Vec::with_capacity(batch.len());
-        for m in batch {
+        // Containers go out one after another without waiting (JetStream
+        // stores them in publish order), then all acks are awaited.
+        let containers = pack::pack(batch, self.limits);
+        let mut acks = Vec::with_capacity(containers.len());
+        for c in containers {
             let mut h = HeaderMap::new();
-            h.insert(KEY, m.key.as_str());
-            h.insert(RECEIVED, m.received_ms.to_string().as_str());
+            h.insert(PACKED, "1");
             let ack = self
                 .js
-                .publish_with_headers(subject(&self.prefix, &m.queue), h, m.body.clone())
+                .publish_with_headers(subject(&self.prefix, &c.queue), h, c.data.into())
                 .await
                 .map_err(conn_err)?;
             acks.push(ack);
@@ -123,18 +148,21 @@ impl Producer for NatsProducer {
 
 /// One worker's pulls from a queue's durable consumer.
 ///
-/// It keeps one continuous pull open (`prefetch` messages buffered ahead),
+/// It keeps one continuous pull open (a few containers buffered ahead),
 /// rather than a request per pull: a request that ended early would leave
 /// messages on their way to nobody until `ack_wait` sent them elsewhere.
 pub struct NatsConsumer {
     client: async_nats::Client,
     consumer: consumer::Consumer<consumer::pull::Config>,
     messages: consumer::pull::Stream,
-    handed: HashMap<u64, jetstream::Message>,
-    next_id: u64,
+    /// The containers held and their events not yet handed out.
+    ledger: Ledger<jetstream::Message>,
+    stream: String,
 }
 
 impl NatsConsumer {
+    /// `prefetch` is in events; pulls and `max_ack_pending` count messages
+    /// (containers).
     pub async fn connect(
         url: &str,
         cfg: &QueueConfig,
@@ -146,6 +174,7 @@ impl NatsConsumer {
             .map_err(|_| conn_err("connect timed out"))??;
         let js = jetstream::new(client.clone());
         let stream = ensure_stream(&js, &cfg.prefix, queue).await?;
+        let containers = pack::prefetch_containers(prefetch);
         let consumer = stream
             .get_or_create_consumer(
                 DURABLE,
@@ -154,7 +183,7 @@ impl NatsConsumer {
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: cfg.redeliver_after,
                     // Room for many workers each holding a full batch.
-                    max_ack_pending: (i64::from(prefetch) * 64).max(10_000),
+                    max_ack_pending: (i64::from(containers) * 64).max(1_000),
                     ..Default::default()
                 },
             )
@@ -162,7 +191,7 @@ impl NatsConsumer {
             .map_err(conn_err)?;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(prefetch.max(1) as usize)
+            .max_messages_per_batch(containers as usize)
             .messages()
             .await
             .map_err(conn_err)?;
@@ -170,30 +199,31 @@ impl NatsConsumer {
             client,
             consumer,
             messages,
-            handed: HashMap::new(),
-            next_id: 1,
+            ledger: Ledger::default(),
+            stream: stream_name(&cfg.prefix, queue),
         })
     }
-}
 
-impl NatsConsumer {
-    fn convert(&mut self, m: jetstream::Message) -> Delivery {
+    /// Unpacks one broker message into the ledger.
+    fn take(&mut self, m: jetstream::Message) {
         let header = |k: &str| {
             m.headers
                 .as_ref()
                 .and_then(|h| h.get(k))
                 .map(|v| v.as_str().to_owned())
         };
-        let id = self.next_id;
-        self.next_id += 1;
-        let d = Delivery {
-            id,
-            key: header(KEY).unwrap_or_default(),
-            received_ms: header(RECEIVED).and_then(|s| s.parse().ok()).unwrap_or(0),
-            body: m.payload.clone(),
-        };
-        self.handed.insert(id, m);
-        d
+        let packed = header(PACKED).is_some();
+        let entries = pack::entries(
+            packed,
+            m.payload.clone(),
+            |body| Entry {
+                key: header(KEY).unwrap_or_default(),
+                received_ms: header(RECEIVED).and_then(|s| s.parse().ok()).unwrap_or(0),
+                body,
+            },
+            &self.stream,
+        );
+        self.ledger.take(m, entries);
     }
 }
 
@@ -205,20 +235,24 @@ impl Consumer for NatsConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let first = match tokio::time::timeout(wait, self.messages.next()).await {
-            Err(_) => return Ok(vec![]),
-            Ok(None) => return Err(conn_err("the pull stream ended")),
-            Ok(Some(r)) => r.map_err(conn_err)?,
-        };
-        let mut out = vec![self.convert(first)];
-        let mut bytes = out[0].body.len();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        // First what an earlier pull unpacked and had no room for.
+        self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+        if out.is_empty() {
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Err(_) => return Ok(vec![]),
+                Ok(None) => return Err(conn_err("the pull stream ended")),
+                Ok(Some(r)) => self.take(r.map_err(conn_err)?),
+            }
+            self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+        }
         // Then whatever already arrived, without waiting.
-        while out.len() < max && bytes < max_bytes {
+        while Ledger::<jetstream::Message>::room(out.len(), bytes, max, max_bytes) {
             match self.messages.next().now_or_never() {
                 Some(Some(Ok(m))) => {
-                    let d = self.convert(m);
-                    bytes += d.body.len();
-                    out.push(d);
+                    self.take(m);
+                    self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
                 }
                 Some(Some(Err(e))) => return Err(conn_err(e)),
                 Some(None) => return Err(conn_err("the pull stream ended")),
@@ -229,23 +263,25 @@ impl Consumer for NatsConsumer {
     }
 
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {
+        // A container is acked at the broker only once all its events are.
+        self.ledger.mark(ids);
         let mut sent = Vec::new();
-        for id in ids {
-            if let Some(m) = self.handed.get(id) {
-                m.ack().await.map_err(conn_err)?;
-                sent.push(*id);
-            }
+        for (first, m) in self.ledger.complete() {
+            m.ack().await.map_err(conn_err)?;
+            sent.push(first);
+        }
+        if sent.is_empty() {
+            return Ok(());
         }
         // Acks are plain publishes: make sure they left before saying so.
         self.client.flush().await.map_err(conn_err)?;
-        for id in sent {
-            self.handed.remove(&id);
-        }
+        self.ledger.forget(&sent);
         Ok(())
     }
 
     async fn depth(&mut self) -> Result<Option<u64>, QueueError> {
         let info = self.consumer.info().await.map_err(conn_err)?;
-        Ok(Some(info.num_pending))
+        // JetStream counts containers; the gauge is in events.
+        Ok(Some(self.ledger.estimate(info.num_pending)))
     }
 }

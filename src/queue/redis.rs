@@ -11,7 +11,8 @@
 //! MULTI), so a stream holds only what is not yet stored, and its length is
 //! the backlog. There is no MAXLEN trimming by default, because trimming
 //! drops the oldest entries whether acked or not, which loses events exactly
-//! when workers fall behind. `queue.max_len` opts in to `MAXLEN ~ n` for
+//! when workers fall behind. `queue.max_len` opts in to `MAXLEN ~ n` (n
+//! entries, i.e. containers of up to 256 events) for
 //! those who prefer a bounded Redis to a complete history; Redis's own
 //! `maxmemory` policy should then be `noeviction`, or Redis may evict the
 //! stream itself.
@@ -20,19 +21,29 @@
 //! surviving a Redis crash needs `appendonly yes` (with `appendfsync
 //! everysec` up to a second can be lost).
 //!
+//! Events travel packed, as with RabbitMQ and NATS: one stream entry (the
+//! container in field `b`, marked by a field `p`) holds up to 256
+//! consecutive events of the queue ([`super::pack`]),
+//! so Redis stores, hands out and deletes one entry per container instead
+//! of per event. An entry is XACKed and deleted once the worker acked
+//! every event in it. Entries without `p` (fields `k`, `t` and `b`) are an
+//! older listener's single events and still decode. Reads and claims ask
+//! for `ceil(max / 256)` entries, so a worker holds about a batch per pull
+//! rather than up to 256 batches.
+//!
 //! Connections: pushes, acks and claims share a `ConnectionManager` (which
 //! reconnects by itself); each consumer's blocking XREADGROUP gets its own
 //! connection with no response timeout, because the client's default 500 ms
 //! response timeout would fail any longer `BLOCK`, and a blocking read on a
 //! shared multiplexed connection would hold up everyone's replies.
 
+use super::pack::{self, Entry, Ledger};
 use super::{Consumer, Delivery, Message, Producer, QueueConfig, QueueError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
-use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -127,8 +138,7 @@ impl RedisQueue {
                 std::process::id(),
                 rand::random::<u32>()
             ),
-            handed: HashMap::new(),
-            next_id: 1,
+            ledger: Ledger::default(),
             claim_every: (self.redeliver_after / 4).max(Duration::from_millis(250)),
             redeliver_after: self.redeliver_after,
             next_claim: Instant::now(),
@@ -153,18 +163,19 @@ impl Producer for RedisQueue {
         // MULTI/EXEC: all of the batch or none of it.
         let mut p = redis::pipe();
         p.atomic();
-        for m in batch {
-            let c = p.cmd("XADD").arg(stream_key(&self.prefix, &m.queue));
+        for c in pack::pack(batch, pack::LIMITS) {
+            let cmd = p.cmd("XADD").arg(stream_key(&self.prefix, &c.queue));
             if self.max_len > 0 {
-                c.arg("MAXLEN").arg("~").arg(self.max_len);
+                cmd.arg("MAXLEN").arg("~").arg(self.max_len);
             }
-            c.arg("*")
-                .arg("k")
-                .arg(&m.key)
-                .arg("t")
-                .arg(m.received_ms)
+            // The container rides in `b`, where single events rode, so an
+            // older worker that cannot read it dead-letters its bytes rather
+            // than an empty body; `p` (the format's version) marks it.
+            cmd.arg("*")
+                .arg("p")
+                .arg(1)
                 .arg("b")
-                .arg(&m.body[..])
+                .arg(&c.data[..])
                 .ignore();
         }
         let mut conn = self.conn.clone();
@@ -179,9 +190,8 @@ pub struct RedisConsumer {
     stream: String,
     group: String,
     name: String,
-    /// Our ids → stream entry ids, for what is handed out and not acked.
-    handed: HashMap<u64, String>,
-    next_id: u64,
+    /// The entries held (by stream entry id) and their events not yet handed out.
+    ledger: Ledger<String>,
     claim_every: Duration,
     redeliver_after: Duration,
     next_claim: Instant,
@@ -195,35 +205,43 @@ pub struct RedisConsumer {
 }
 
 impl RedisConsumer {
-    fn deliver(&mut self, e: StreamId) -> Delivery {
-        let id = self.next_id;
-        self.next_id += 1;
+    /// Unpacks one stream entry into the ledger.
+    fn take(&mut self, e: StreamId) {
         let field = |k: &str| e.map.get(k);
         let bytes = |v: Option<&Value>| match v {
             Some(Value::BulkString(b)) => b.clone(),
             Some(Value::SimpleString(s)) => s.clone().into_bytes(),
             _ => Vec::new(),
         };
+        let packed = field("p").is_some();
+        let body = Bytes::from(bytes(field("b")));
         // An entry someone else wrote with other fields gets an empty body:
         // the worker then dead-letters it as undecodable instead of choking.
-        let key = String::from_utf8_lossy(&bytes(field("k"))).into_owned();
-        let received_ms = std::str::from_utf8(&bytes(field("t")))
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = Bytes::from(bytes(field("b")));
-        self.handed.insert(id, e.id);
-        Delivery {
-            id,
-            key,
+        let entries = pack::entries(
+            packed,
             body,
-            received_ms,
-        }
+            |body| Entry {
+                key: String::from_utf8_lossy(&bytes(field("k"))).into_owned(),
+                received_ms: std::str::from_utf8(&bytes(field("t")))
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                body,
+            },
+            &self.stream,
+        );
+        self.ledger.take(e.id, entries);
     }
 
-    /// Entries in our own pending list that we never handed out (see `in_flight`).
-    async fn recover(&mut self) -> Result<Vec<Delivery>, QueueError> {
-        let held: std::collections::HashSet<&String> = self.handed.values().collect();
+    /// Entries per read or claim for a pull of up to `max` events.
+    fn count(max: usize) -> usize {
+        max.div_ceil(pack::LIMITS.events).max(1)
+    }
+
+    /// Entries in our own pending list that we never took in (see
+    /// `in_flight`); returns how many.
+    async fn recover(&mut self) -> Result<usize, QueueError> {
+        let held: std::collections::HashSet<&String> = self.ledger.held().collect();
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.group)
@@ -240,11 +258,16 @@ impl RedisConsumer {
             .into_iter()
             .filter(|e| !held.contains(&e.id))
             .collect();
-        Ok(lost.into_iter().map(|e| self.deliver(e)).collect())
+        let n = lost.len();
+        for e in lost {
+            self.take(e);
+        }
+        Ok(n)
     }
 
-    /// Takes over entries another (dead) worker left pending too long.
-    async fn claim(&mut self, max: usize) -> Result<Vec<Delivery>, QueueError> {
+    /// Takes over entries another (dead) worker left pending too long;
+    /// returns how many.
+    async fn claim(&mut self, count: usize) -> Result<usize, QueueError> {
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&self.stream)
             .arg(&self.group)
@@ -252,7 +275,7 @@ impl RedisConsumer {
             .arg(self.redeliver_after.as_millis() as u64)
             .arg(&self.claim_cursor)
             .arg("COUNT")
-            .arg(max)
+            .arg(count)
             .query_async(&mut self.conn)
             .await
             .map_err(conn_err)?;
@@ -264,7 +287,11 @@ impl RedisConsumer {
         if !reply.claimed.is_empty() {
             tracing::info!(stream = %self.stream, entries = reply.claimed.len(), "took over entries left pending by another worker");
         }
-        Ok(reply.claimed.into_iter().map(|e| self.deliver(e)).collect())
+        let n = reply.claimed.len();
+        for e in reply.claimed {
+            self.take(e);
+        }
+        Ok(n)
     }
 }
 
@@ -273,23 +300,33 @@ impl Consumer for RedisConsumer {
     async fn pull(
         &mut self,
         max: usize,
-        _max_bytes: usize,
+        max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let max = max.max(1);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        // First what an earlier pull unpacked and had no room for.
+        self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        let count = Self::count(max);
         if self.in_flight {
             let lost = self.recover().await?;
             self.in_flight = false;
-            if !lost.is_empty() {
-                return Ok(lost);
+            if lost > 0 {
+                self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+                return Ok(out);
             }
         }
         if Instant::now() >= self.next_claim {
             self.in_flight = true;
-            let claimed = self.claim(max).await?;
+            let claimed = self.claim(count).await?;
             self.in_flight = false;
-            if !claimed.is_empty() {
-                return Ok(claimed);
+            if claimed > 0 {
+                self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+                return Ok(out);
             }
         }
         let mut c = redis::cmd("XREADGROUP");
@@ -297,7 +334,7 @@ impl Consumer for RedisConsumer {
             .arg(&self.group)
             .arg(&self.name)
             .arg("COUNT")
-            .arg(max);
+            .arg(count);
         // BLOCK 0 would mean forever: leave it out for a zero wait.
         let ms = wait.as_millis() as u64;
         if ms > 0 {
@@ -308,17 +345,18 @@ impl Consumer for RedisConsumer {
         let reply: Option<StreamReadReply> =
             c.query_async(&mut self.blocking).await.map_err(conn_err)?;
         self.in_flight = false;
-        let entries: Vec<StreamId> = reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default();
-        Ok(entries.into_iter().map(|e| self.deliver(e)).collect())
+        for e in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            self.take(e);
+        }
+        self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+        Ok(out)
     }
 
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {
-        let entries: Vec<String> = ids
-            .iter()
-            .filter_map(|id| self.handed.get(id).cloned())
-            .collect();
+        // An entry is acked and deleted only once all its events are.
+        self.ledger.mark(ids);
+        let (firsts, entries): (Vec<u64>, Vec<String>) =
+            self.ledger.complete().map(|(f, e)| (f, e.clone())).unzip();
         if entries.is_empty() {
             return Ok(());
         }
@@ -336,9 +374,7 @@ impl Consumer for RedisConsumer {
         p.query_async::<()>(&mut self.conn)
             .await
             .map_err(conn_err)?;
-        for id in ids {
-            self.handed.remove(id);
-        }
+        self.ledger.forget(&firsts);
         Ok(())
     }
 
@@ -359,6 +395,7 @@ impl Consumer for RedisConsumer {
             },
             _ => 0,
         };
-        Ok(Some(len.saturating_sub(pending)))
+        // The stream counts containers; the gauge is in events.
+        Ok(Some(self.ledger.estimate(len.saturating_sub(pending))))
     }
 }

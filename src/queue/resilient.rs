@@ -67,9 +67,7 @@ impl Resilient {
     fn failed(&mut self, e: QueueError) {
         self.inner = None;
         self.failures += 1;
-        let delay = RETRY_MIN
-            .saturating_mul(1 << self.failures.min(10))
-            .min(RETRY_MAX);
+        let delay = super::backoff(RETRY_MIN, RETRY_MAX, self.failures);
         self.next_try = Instant::now() + delay;
         tracing::warn!(queue = %self.queue, url = %self.cfg.url, error = %e, retry_in = ?delay, "queue unreachable; workers wait, nothing acked is lost");
     }
