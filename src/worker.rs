@@ -411,7 +411,7 @@ impl Worker {
             let mut closes_at: Option<Instant> = None;
             loop {
                 let room = cfg.batch_max_events - batch.len();
-                if room == 0 || bytes >= max_bytes {
+                if room == 0 || bytes >= max_bytes || (!batch.is_empty() && consumer.starved()) {
                     break;
                 }
                 let wait = match closes_at {
@@ -732,6 +732,8 @@ mod tests {
     struct MemQueue {
         ready: Mutex<VecDeque<Delivery>>,
         acked: Mutex<Vec<u64>>,
+        /// Says it holds a full prefetch whenever nothing is ready.
+        starves: bool,
     }
 
     struct MemConsumer(Arc<MemQueue>);
@@ -760,6 +762,9 @@ mod tests {
         }
         async fn depth(&mut self) -> Result<Option<u64>, QueueError> {
             Ok(Some(self.0.ready.lock().expect("lock").len() as u64))
+        }
+        fn starved(&self) -> bool {
+            self.0.starves && self.0.ready.lock().expect("lock").is_empty()
         }
     }
 
@@ -892,6 +897,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(sink.written.lock().expect("lock").len(), 1);
         assert_eq!(*q.acked.lock().expect("lock"), vec![1]);
+        token.cancel();
+        h.await.expect("join").expect("worker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starved_consumer_closes_the_batch_without_waiting_for_the_timer() {
+        let q = Arc::new(MemQueue {
+            starves: true,
+            ..Default::default()
+        });
+        q.ready.lock().expect("lock").extend((1..=3).map(delivery));
+        let sink = Arc::new(ScriptSink::default());
+        let token = CancellationToken::new();
+        let w = Worker::new(
+            Box::new(MemConsumer(q.clone())),
+            sink.clone(),
+            cfg(1000),
+            Arc::new(Stats::default()),
+        );
+        let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+        // Far less than the 200 ms batch timeout (the ack follows within
+        // ACK_WAIT): nothing more can come before an ack, so waiting for
+        // the timer would only stall.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(sink.written.lock().expect("lock").len(), 1);
+        assert_eq!(*q.acked.lock().expect("lock"), vec![1, 2, 3]);
         token.cancel();
         h.await.expect("join").expect("worker");
     }

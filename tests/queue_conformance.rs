@@ -599,6 +599,44 @@ async fn raw_publish(f: &Fixture, m: &Message, packed: bool) {
     }
 }
 
+/// RabbitMQ's prefetch counts containers, and a listener publishing
+/// directly makes small ones: once the consumer holds a full prefetch it
+/// says so (`starved`), so the worker closes its batch instead of waiting
+/// out the batch timeout; an ack lets the rest come.
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn amqp_full_prefetch_of_small_containers_is_starved() {
+    let mut f = Fixture::new(Backend::Amqp);
+    let mut c = f.consumer("default").await;
+    // One event per push: one container each. The fixture's consumer asks
+    // for 1,000 events, i.e. 3 * ceil(1000 / 256) + 2 = 14 containers.
+    for i in 0..20 {
+        f.push(&[msg("default", "m", i)]).await;
+    }
+    let held = pull_n(&mut *c, 14, Duration::from_secs(10)).await;
+    assert_eq!(seqs(&held), (0..14).collect::<Vec<i64>>());
+    let more = c
+        .pull(1000, usize::MAX, Duration::from_millis(500))
+        .await
+        .expect("pull");
+    assert!(
+        more.is_empty(),
+        "the broker kept to the prefetch: {:?}",
+        seqs(&more)
+    );
+    assert!(
+        c.starved(),
+        "a full prefetch with nothing buffered is starved"
+    );
+    c.ack(&ids(&held)).await.expect("ack");
+    assert!(!c.starved(), "acking frees the prefetch");
+    let rest = pull_n(&mut *c, 6, Duration::from_secs(10)).await;
+    assert_eq!(seqs(&rest), (14..20).collect::<Vec<i64>>());
+    c.ack(&ids(&rest)).await.expect("ack");
+    drop(c);
+    f.cleanup().await;
+}
+
 macro_rules! packed {
     ($modname:ident, $backend:expr, $feature:literal) => {
         #[cfg(feature = $feature)]

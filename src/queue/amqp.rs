@@ -210,6 +210,8 @@ pub struct AmqpConsumer {
     queue: String,
     /// The containers held (by delivery tag) and their events not yet handed out.
     ledger: Ledger<u64>,
+    /// The channel's prefetch, in containers.
+    prefetch: usize,
 }
 
 impl AmqpConsumer {
@@ -224,11 +226,9 @@ impl AmqpConsumer {
         let channel = conn.create_channel().await.map_err(conn_err)?;
         let name = queue_name(&cfg.prefix, queue);
         declare(&channel, &name).await?;
+        let containers = pack::prefetch_containers(prefetch).clamp(1, u16::MAX as u32) as u16;
         channel
-            .basic_qos(
-                pack::prefetch_containers(prefetch).clamp(1, u16::MAX as u32) as u16,
-                BasicQosOptions::default(),
-            )
+            .basic_qos(containers, BasicQosOptions::default())
             .await
             .map_err(conn_err)?;
         let consumer = channel
@@ -246,6 +246,7 @@ impl AmqpConsumer {
             consumer,
             queue: name,
             ledger: Ledger::default(),
+            prefetch: usize::from(containers),
         })
     }
 
@@ -330,6 +331,15 @@ impl Consumer for AmqpConsumer {
             }
         }
         Ok(out)
+    }
+
+    // Containers are as small as the listener's batches (a few events when
+    // it publishes directly at a low rate), so a prefetch of a few dozen
+    // containers can hold fewer events than a batch: without this the
+    // worker waited out the batch timeout on every batch (37k/s instead of
+    // 104k/s in the broker benchmark).
+    fn starved(&self) -> bool {
+        self.ledger.buffered().0 == 0 && self.ledger.holding() >= self.prefetch
     }
 
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {

@@ -104,6 +104,13 @@ pub trait Consumer: Send + Sync {
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError>;
     /// Messages waiting (not counting those handed out), if the backend can tell.
     async fn depth(&mut self) -> Result<Option<u64>, QueueError>;
+    /// True when the consumer has handed out everything it holds and the
+    /// broker sends no more until some of it is acked (RabbitMQ's prefetch
+    /// is full). A worker then closes its batch at once instead of waiting
+    /// out `batch_timeout` for events that cannot come.
+    fn starved(&self) -> bool {
+        false
+    }
 }
 
 /// `[queue]`.

@@ -337,6 +337,11 @@ impl<H> Ledger<H> {
         }
     }
 
+    /// Broker messages taken and not yet acked at the broker.
+    pub fn holding(&self) -> usize {
+        self.held.len()
+    }
+
     /// Events unpacked and not yet handed out.
     pub fn buffered(&self) -> (usize, usize) {
         (self.ready.len(), self.bytes_ready)

@@ -144,4 +144,8 @@ impl Consumer for Resilient {
             None => Ok(None),
         }
     }
+
+    fn starved(&self) -> bool {
+        self.inner.as_ref().is_some_and(|c| c.starved())
+    }
 }
