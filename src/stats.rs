@@ -109,6 +109,8 @@ pub struct Snapshot {
     pub overflow_dropped: u64,
     pub disconnects: u64,
     pub queued: u64,
+    /// Of those, written to the listener's spool (broker queues only).
+    pub spooled: u64,
     pub acked: u64,
     pub batches: u64,
     pub returns_written: u64,
@@ -170,6 +172,7 @@ impl Stats {
             overflow_dropped: self.overflow_dropped.load(Relaxed),
             disconnects: self.disconnects.load(Relaxed),
             queued: self.queued.load(Relaxed),
+            spooled: self.spooled.load(Relaxed),
             acked: self.acked.load(Relaxed),
             batches: self.batches.load(Relaxed),
             returns_written: self.returns_written.load(Relaxed),
