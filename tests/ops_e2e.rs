@@ -342,9 +342,12 @@ fn metrics_health_top_and_sighup_with_a_real_master() {
             let dropped_rule = s.get("saltpipe_events_dropped_total", &[("reason", "rule")])?;
             let kept_e2e = stored_e2e(work.path()).len() as f64;
             let posted = hooks.posts.lock().expect("lock").len() as f64;
+            // The depth gauge is refreshed at most once a second by the
+            // worker: wait for it too rather than catch a stale value.
             (kept_e2e + dropped_rule >= total as f64
                 && metric(&s, "saltpipe_events_acked_total")
                     == metric(&s, "saltpipe_events_kept_total")
+                && metric(&s, "saltpipe_queue_depth") == 0.0
                 && posted >= kept_e2e)
                 .then_some(s)
         },
