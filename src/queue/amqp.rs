@@ -34,7 +34,7 @@ use super::pack::{self, Entry, Ledger};
 use super::{Consumer, Delivery, Message, Producer, QueueConfig, QueueError};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::Confirmation;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -249,23 +249,23 @@ impl AmqpConsumer {
             prefetch: usize::from(containers),
         })
     }
+}
 
-    /// Unpacks one broker message into the ledger.
-    fn take(&mut self, d: lapin::message::Delivery) {
-        let tag = d.delivery_tag;
-        let props = d.properties;
-        let packed = props
-            .content_type()
-            .as_ref()
-            .is_some_and(|c| c.as_str() == pack::CONTENT_TYPE);
-        let entries = pack::entries(
-            packed,
-            Bytes::from(d.data),
-            |body| single(&props, body),
-            &self.queue,
-        );
-        self.ledger.take(tag, entries);
-    }
+/// One broker message's delivery tag and events.
+fn unpack(d: lapin::message::Delivery, queue: &str) -> (u64, Vec<Entry>) {
+    let tag = d.delivery_tag;
+    let props = d.properties;
+    let packed = props
+        .content_type()
+        .as_ref()
+        .is_some_and(|c| c.as_str() == pack::CONTENT_TYPE);
+    let entries = pack::entries(
+        packed,
+        Bytes::from(d.data),
+        |body| single(&props, body),
+        queue,
+    );
+    (tag, entries)
 }
 
 /// An older listener's message: one event, key and time in headers.
@@ -306,31 +306,17 @@ impl Consumer for AmqpConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        // First what an earlier pull unpacked and had no room for.
-        self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-        if out.is_empty() {
-            match tokio::time::timeout(wait, self.consumer.next()).await {
-                Err(_) => return Ok(vec![]),
-                Ok(None) => return Err(closed()),
-                Ok(Some(r)) => self.take(r.map_err(conn_err)?),
-            }
-            self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-        }
-        // Then whatever already arrived, without waiting.
-        while Ledger::<u64>::room(out.len(), bytes, max, max_bytes) {
-            match self.consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => {
-                    self.take(d);
-                    self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-                }
-                Some(Some(Err(e))) => return Err(conn_err(e)),
-                Some(None) => return Err(closed()),
-                None => break,
-            }
-        }
-        Ok(out)
+        let queue = self.queue.clone();
+        pack::pull_from(
+            &mut self.ledger,
+            &mut (&mut self.consumer).map(|r| r.map_err(conn_err)),
+            |d| unpack(d, &queue),
+            closed,
+            max,
+            max_bytes,
+            wait,
+        )
+        .await
     }
 
     // Containers are as small as the listener's batches (a few events when

@@ -29,7 +29,7 @@ use super::{Consumer, Delivery, Message, Producer, QueueConfig, QueueError};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -203,28 +203,28 @@ impl NatsConsumer {
             stream: stream_name(&cfg.prefix, queue),
         })
     }
+}
 
-    /// Unpacks one broker message into the ledger.
-    fn take(&mut self, m: jetstream::Message) {
-        let header = |k: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(k))
-                .map(|v| v.as_str().to_owned())
-        };
-        let packed = header(PACKED).is_some();
-        let entries = pack::entries(
-            packed,
-            m.payload.clone(),
-            |body| Entry {
-                key: header(KEY).unwrap_or_default(),
-                received_ms: header(RECEIVED).and_then(|s| s.parse().ok()).unwrap_or(0),
-                body,
-            },
-            &self.stream,
-        );
-        self.ledger.take(m, entries);
-    }
+/// One broker message (kept, to ack it later) and its events.
+fn unpack(m: jetstream::Message, stream: &str) -> (jetstream::Message, Vec<Entry>) {
+    let header = |k: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(k))
+            .map(|v| v.as_str().to_owned())
+    };
+    let packed = header(PACKED).is_some();
+    let entries = pack::entries(
+        packed,
+        m.payload.clone(),
+        |body| Entry {
+            key: header(KEY).unwrap_or_default(),
+            received_ms: header(RECEIVED).and_then(|s| s.parse().ok()).unwrap_or(0),
+            body,
+        },
+        stream,
+    );
+    (m, entries)
 }
 
 #[async_trait]
@@ -235,31 +235,17 @@ impl Consumer for NatsConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        // First what an earlier pull unpacked and had no room for.
-        self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-        if out.is_empty() {
-            match tokio::time::timeout(wait, self.messages.next()).await {
-                Err(_) => return Ok(vec![]),
-                Ok(None) => return Err(conn_err("the pull stream ended")),
-                Ok(Some(r)) => self.take(r.map_err(conn_err)?),
-            }
-            self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-        }
-        // Then whatever already arrived, without waiting.
-        while Ledger::<jetstream::Message>::room(out.len(), bytes, max, max_bytes) {
-            match self.messages.next().now_or_never() {
-                Some(Some(Ok(m))) => {
-                    self.take(m);
-                    self.ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
-                }
-                Some(Some(Err(e))) => return Err(conn_err(e)),
-                Some(None) => return Err(conn_err("the pull stream ended")),
-                None => break,
-            }
-        }
-        Ok(out)
+        let stream = self.stream.clone();
+        pack::pull_from(
+            &mut self.ledger,
+            &mut (&mut self.messages).map(|r| r.map_err(conn_err)),
+            |m| unpack(m, &stream),
+            || conn_err("the pull stream ended"),
+            max,
+            max_bytes,
+            wait,
+        )
+        .await
     }
 
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {

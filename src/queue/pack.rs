@@ -33,8 +33,9 @@
 //! containers start with an array marker, never a valid tag; only bytes
 //! someone else published with our marker could read as an event.)
 
-use super::{Delivery, Message};
+use super::{Delivery, Message, QueueError};
 use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -399,6 +400,51 @@ impl<H> Ledger<H> {
             self.done.remove(f);
         }
     }
+}
+
+/// One pull from a broker that pushes whole containers at its consumer
+/// (RabbitMQ's `basic_consume`, NATS's continuous pull): first what the
+/// ledger still buffers; if that is nothing, up to `wait` for one message;
+/// then whatever already arrived, without waiting. `unpack` turns a message
+/// into its handle and events; the stream ending is `ended()`.
+pub async fn pull_from<H, M, S>(
+    ledger: &mut Ledger<H>,
+    stream: &mut S,
+    mut unpack: impl FnMut(M) -> (H, Vec<Entry>),
+    ended: fn() -> QueueError,
+    max: usize,
+    max_bytes: usize,
+    wait: std::time::Duration,
+) -> Result<Vec<Delivery>, QueueError>
+where
+    S: Stream<Item = Result<M, QueueError>> + Unpin,
+{
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+    if out.is_empty() {
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Ok(out),
+            Ok(None) => return Err(ended()),
+            Ok(Some(m)) => {
+                let (handle, entries) = unpack(m?);
+                ledger.take(handle, entries);
+            }
+        }
+        ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+    }
+    while Ledger::<H>::room(out.len(), bytes, max, max_bytes) {
+        match stream.next().now_or_never() {
+            Some(Some(m)) => {
+                let (handle, entries) = unpack(m?);
+                ledger.take(handle, entries);
+                ledger.hand_out(&mut out, &mut bytes, max, max_bytes);
+            }
+            Some(None) => return Err(ended()),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
