@@ -12,7 +12,7 @@
 //!   unacked messages to another worker as soon as the holder's channel
 //!   closes (its process died or lost the connection);
 //! * a prefetch (from `queue.prefetch`, by default the worker's batch size)
-//!   so a worker holds about two batches' worth and no more.
+//!   so a worker holds about three batches' worth and no more.
 //!
 //! A confirm is per message, so a batch is not atomic: if the broker
 //! confirmed half of it and then failed, the listener pushes the whole batch
@@ -306,11 +306,16 @@ impl Consumer for AmqpConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let queue = self.queue.clone();
+        let AmqpConsumer {
+            consumer,
+            ledger,
+            queue,
+            ..
+        } = self;
         pack::pull_from(
-            &mut self.ledger,
-            &mut (&mut self.consumer).map(|r| r.map_err(conn_err)),
-            |d| unpack(d, &queue),
+            ledger,
+            &mut consumer.map(|r| r.map_err(conn_err)),
+            |d| unpack(d, queue),
             closed,
             max,
             max_bytes,

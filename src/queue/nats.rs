@@ -235,11 +235,16 @@ impl Consumer for NatsConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let stream = self.stream.clone();
+        let NatsConsumer {
+            messages,
+            ledger,
+            stream,
+            ..
+        } = self;
         pack::pull_from(
-            &mut self.ledger,
-            &mut (&mut self.messages).map(|r| r.map_err(conn_err)),
-            |m| unpack(m, &stream),
+            ledger,
+            &mut messages.map(|r| r.map_err(conn_err)),
+            |m| unpack(m, stream),
             || conn_err("the pull stream ended"),
             max,
             max_bytes,

@@ -334,10 +334,11 @@ impl Sink for PgSink {
             let mut jid = Vec::with_capacity(run.len());
             let mut load = Vec::with_capacity(run.len());
             for (_, j) in run {
-                let [a, b] = [pg_text(&j.jid), pg_json(&j.load)];
-                if changed(&[a.clone(), b.clone()]) {
+                let row = [pg_text(&j.jid), pg_json(&j.load)];
+                if changed(&row) {
                     rows::note_nul_escaped(&format!("salt/job/{}/new", j.jid));
                 }
+                let [a, b] = row;
                 jid.push(a);
                 load.push(b);
             }
@@ -401,10 +402,11 @@ impl Sink for PgSink {
             for (_, e) in run {
                 // The key is of the event as it came, before any NUL escaping.
                 key.push(rows::event_key(&self.master_id, &e.tag, &e.data));
-                let [a, b] = [pg_text(&e.tag), pg_json(&e.data)];
-                if changed(&[a.clone(), b.clone()]) {
+                let row = [pg_text(&e.tag), pg_json(&e.data)];
+                if changed(&row) {
                     rows::note_nul_escaped(&e.tag);
                 }
+                let [a, b] = row;
                 tag.push(a);
                 data.push(b);
             }
