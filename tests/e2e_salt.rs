@@ -244,7 +244,7 @@ fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
 
     let queue = rusqlite::Connection::open(work.path().join("queue/queue.db")).expect("open queue");
     wait_for("the backlog in the queue", LONG, || {
-        (count(&queue, "SELECT count(*) FROM messages") == N as i64).then_some(())
+        (count(&queue, "SELECT coalesce(sum(events), 0) FROM containers") == N as i64).then_some(())
     });
     sp.kill();
     locker.execute_batch("ROLLBACK").expect("unlock");
@@ -256,7 +256,7 @@ fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
         (count(&db, "SELECT count(*) FROM salt_returns") >= N as i64).then_some(())
     });
     wait_for("the queue to empty", LONG, || {
-        (count(&queue, "SELECT count(*) FROM messages") == 0).then_some(())
+        (count(&queue, "SELECT count(*) FROM containers") == 0).then_some(())
     });
     assert!(sp.terminate().success());
     assert_eq!(count(&db, "SELECT count(*) FROM salt_returns"), N as i64);

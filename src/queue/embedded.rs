@@ -8,11 +8,24 @@
 //! can look inside with the `sqlite3` shell. redb and fjall are fine stores
 //! too, but neither brings all of that, and the sink already links SQLite.
 //!
-//! Layout: one table, `messages(id, queue, key, received_ms, body)`, with an
-//! index on (queue, id). Ids come from AUTOINCREMENT so they never go back
-//! even when the table empties, which lets a consumer keep a cursor. A
-//! consumer hands rows out in id order and deletes them when acked; rows
-//! handed out but not acked are simply read again after a restart.
+//! Layout: one table, `containers(id, queue, events, data)`, with an index
+//! on (queue, id). A row is a *container*: up to 256 consecutive events of
+//! one named queue (about 512 KiB at most), in the format the brokers use
+//! ([`super::pack`]). One row per event made the queue's own b-tree work
+//! (an insert into the table and its index, a read, a delete into both) the
+//! largest part of the listener's cost and a fifth of a full-speed replay's;
+//! a container turns that into one insert and one delete per few hundred
+//! events, and the queue's SQLite cost into little more than copying the
+//! bytes. Ids come from AUTOINCREMENT so they never go back even when the
+//! table empties, which lets a consumer keep a cursor. A consumer unpacks
+//! containers in id order, hands their events out one by one, and deletes a
+//! container once every event in it is acked ([`Ledger`]); containers not
+//! wholly acked are read again after a restart, whole (the sinks' unique keys
+//! make the repeats harmless).
+//!
+//! A queue file from an older saltpipe, with one row per event in a
+//! `messages` table, is converted to containers when it is opened (in
+//! chunks, each one transaction), so nothing it holds is lost or doubled.
 //!
 //! Durability: WAL with `synchronous=NORMAL` (the default) survives a crash
 //! or SIGKILL of saltpipe, since committed pages are in the OS's hands;
@@ -21,11 +34,12 @@
 //! One consumer per named queue per file, enforced with a lock file, since
 //! two consumers with separate cursors would both deliver every row.
 
+use super::pack::{self, Entry, LIMITS, Ledger};
 use super::{Consumer, Delivery, Message, Producer, QueueError, SyncMode};
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -36,15 +50,17 @@ use tokio::sync::Notify;
 const POLL: Duration = Duration::from_millis(50);
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages (
+CREATE TABLE IF NOT EXISTS containers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
-    key TEXT NOT NULL,
-    received_ms INTEGER NOT NULL,
-    body BLOB NOT NULL
+    events INTEGER NOT NULL,
+    data BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_queue_id ON messages(queue, id);
+CREATE INDEX IF NOT EXISTS containers_queue_id ON containers(queue, id);
 ";
+
+/// Rows of an older `messages` table converted per transaction.
+const CONVERT_CHUNK: i64 = 4096;
 
 fn storage(e: impl std::fmt::Display) -> QueueError {
     QueueError::Storage(e.to_string())
@@ -86,6 +102,75 @@ fn open_connection(db: &Path, sync: SyncMode) -> Result<Connection, QueueError> 
     Ok(c)
 }
 
+/// Stores `batch` as containers, each queue's events in their order.
+fn insert_containers(tx: &rusqlite::Transaction<'_>, batch: &[Message]) -> rusqlite::Result<()> {
+    let mut st =
+        tx.prepare_cached("INSERT INTO containers (queue, events, data) VALUES (?1, ?2, ?3)")?;
+    let mut put = |run: &[Message]| -> rusqlite::Result<()> {
+        for c in pack::pack(run, LIMITS) {
+            st.execute(params![&*c.queue, c.events as i64, c.data])?;
+        }
+        Ok(())
+    };
+    let first = batch.first().map(|m| &m.queue);
+    if batch.iter().all(|m| Some(&m.queue) == first) {
+        return put(batch);
+    }
+    // Several queues: group them (stably, so each keeps its order), or
+    // alternating routes would cut the containers down to single events.
+    let mut sorted = batch.to_vec();
+    sorted.sort_by(|a, b| a.queue.cmp(&b.queue));
+    put(&sorted)
+}
+
+/// Converts what an older saltpipe left in `messages` (one row per event)
+/// into containers, a chunk per transaction: a crash in between leaves
+/// every event in exactly one of the two tables.
+fn convert_old_rows(c: &mut Connection) -> rusqlite::Result<u64> {
+    let exists: Option<String> = c
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if exists.is_none() {
+        return Ok(0);
+    }
+    let mut moved = 0u64;
+    loop {
+        let tx = c.transaction()?;
+        let (batch, last) = {
+            let mut st = tx.prepare(
+                "SELECT id, queue, key, received_ms, body FROM messages ORDER BY id LIMIT ?1",
+            )?;
+            let mut rows = st.query(params![CONVERT_CHUNK])?;
+            let mut batch = Vec::new();
+            let mut last = 0i64;
+            while let Some(r) = rows.next()? {
+                last = r.get(0)?;
+                let queue: String = r.get(1)?;
+                batch.push(Message {
+                    queue: Arc::from(queue),
+                    key: r.get(2)?,
+                    received_ms: r.get(3)?,
+                    body: Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                });
+            }
+            (batch, last)
+        };
+        if batch.is_empty() {
+            tx.execute_batch("DROP TABLE messages")?;
+            tx.commit()?;
+            return Ok(moved);
+        }
+        insert_containers(&tx, &batch)?;
+        tx.execute("DELETE FROM messages WHERE id <= ?1", params![last])?;
+        tx.commit()?;
+        moved += batch.len() as u64;
+    }
+}
+
 impl Embedded {
     /// Opens (creating if needed) the queue in `dir`.
     pub async fn open(dir: &Path, sync: SyncMode) -> Result<Embedded, QueueError> {
@@ -106,11 +191,18 @@ impl Embedded {
         let db = key.join("queue.db");
         // Another process opening the same queue at the same moment (a
         // `listen` and a `work` started together) may hold the lock while it
-        // switches to WAL or creates the table: wait for it, briefly.
+        // switches to WAL, creates the table or converts old rows: wait for
+        // it, briefly.
         let started = std::time::Instant::now();
         let writer = loop {
-            let attempt = open_connection(&db, sync)
-                .and_then(|c| c.execute_batch(SCHEMA).map(|_| c).map_err(storage));
+            let attempt = open_connection(&db, sync).and_then(|mut c| {
+                c.execute_batch(SCHEMA).map_err(storage)?;
+                let moved = convert_old_rows(&mut c).map_err(storage)?;
+                if moved > 0 {
+                    tracing::info!(queue = %db.display(), events = moved, "converted an older queue file's events into containers");
+                }
+                Ok(c)
+            });
             match attempt {
                 Err(QueueError::Storage(m))
                     if m.contains("locked") && started.elapsed() < Duration::from_secs(30) =>
@@ -153,19 +245,22 @@ impl Embedded {
             queue: Arc::from(queue),
             conn: Arc::new(Mutex::new(conn)),
             cursor: 0,
+            ledger: Ledger::default(),
             shared: self.clone(),
             _lock: lock,
         })
     }
 
-    /// Messages in every queue (handed out or not): for status and tests.
+    /// Events in every queue (handed out or not): for status and tests.
     pub async fn stored(&self) -> Result<u64, QueueError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let c = inner.writer.lock().map_err(storage)?;
-            c.query_row("SELECT count(*) FROM messages", [], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(storage)
+            c.query_row("SELECT coalesce(sum(events), 0) FROM containers", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(storage)
         })
         .await
         .map_err(storage)?
@@ -183,14 +278,7 @@ impl Producer for Embedded {
         tokio::task::spawn_blocking(move || {
             let mut c = inner.writer.lock().map_err(storage)?;
             let tx = c.transaction().map_err(storage)?;
-            {
-                let mut st = tx
-                    .prepare_cached("INSERT INTO messages (queue, key, received_ms, body) VALUES (?1, ?2, ?3, ?4)")
-                    .map_err(storage)?;
-                for m in &batch {
-                    st.execute(params![&*m.queue, m.key, m.received_ms, &m.body[..]]).map_err(storage)?;
-                }
-            }
+            insert_containers(&tx, &batch).map_err(storage)?;
             tx.commit().map_err(storage)?;
             inner
                 .checkpointer
@@ -207,18 +295,22 @@ impl Producer for Embedded {
 pub struct EmbeddedConsumer {
     queue: Arc<str>,
     conn: Arc<Mutex<Connection>>,
-    /// Highest id handed out; rows above it are new to us.
+    /// Highest container id read; rows above it are new to us.
     cursor: i64,
+    /// Containers read and not yet deleted, and their events not yet
+    /// handed out. Delivery ids are the ledger's, local to this consumer.
+    ledger: Ledger<i64>,
     shared: Embedded,
     _lock: std::fs::File,
 }
 
+/// Containers read in one go: the row id and its events.
+type Fetched = Vec<(i64, Vec<Entry>)>;
+
 impl EmbeddedConsumer {
-    async fn fetch(
-        &self,
-        max: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(i64, Delivery)>, QueueError> {
+    /// Reads containers after the cursor until they hold `events` events
+    /// or `max_bytes` bytes (at least one container, if there is one).
+    async fn fetch(&self, events: usize, max_bytes: usize) -> Result<Fetched, QueueError> {
         let conn = self.conn.clone();
         let queue = self.queue.clone();
         let cursor = self.cursor;
@@ -226,26 +318,25 @@ impl EmbeddedConsumer {
             let c = conn.lock().map_err(storage)?;
             let mut st = c
                 .prepare_cached(
-                    "SELECT id, key, received_ms, body FROM messages WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                    "SELECT id, data FROM containers WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                 )
                 .map_err(storage)?;
-            let mut rows = st.query(params![&*queue, cursor, max as i64]).map_err(storage)?;
+            let mut rows = st
+                .query(params![&*queue, cursor, events.max(1) as i64])
+                .map_err(storage)?;
             let mut out = Vec::new();
-            let mut bytes = 0usize;
+            let (mut got, mut bytes) = (0usize, 0usize);
             while let Some(r) = rows.next().map_err(storage)? {
                 let id: i64 = r.get(0).map_err(storage)?;
-                let body: Vec<u8> = r.get(3).map_err(storage)?;
-                bytes += body.len();
-                out.push((
-                    id,
-                    Delivery {
-                        id: id as u64,
-                        key: r.get(1).map_err(storage)?,
-                        received_ms: r.get(2).map_err(storage)?,
-                        body: Bytes::from(body),
-                    },
-                ));
-                if bytes >= max_bytes {
+                let data = Bytes::from(r.get::<_, Vec<u8>>(1).map_err(storage)?);
+                bytes += data.len();
+                // Only our own producer writes here, but the file is on
+                // disk: a row that does not unpack is handed on whole, for
+                // the worker to dead-letter, instead of stopping the queue.
+                let entries = pack::entries(true, data, raw_entry, &queue);
+                got += entries.len();
+                out.push((id, entries));
+                if got >= events || bytes >= max_bytes {
                     break;
                 }
             }
@@ -253,6 +344,15 @@ impl EmbeddedConsumer {
         })
         .await
         .map_err(storage)?
+    }
+}
+
+/// Never called: every row is a container (see [`pack::entries`]).
+fn raw_entry(body: Bytes) -> Entry {
+    Entry {
+        key: String::new(),
+        received_ms: 0,
+        body,
     }
 }
 
@@ -264,18 +364,34 @@ impl Consumer for EmbeddedConsumer {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
+        let (max, max_bytes) = (max.max(1), max_bytes.max(1));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            // Register interest before looking, so a push in between still wakes us.
+            // Read more only while nothing is handed out yet: a pull dropped
+            // at an await (the worker's shutdown select does that) must not
+            // take events out of the ledger with it.
+            let (ready, ready_bytes) = self.ledger.buffered();
             let notified = self.shared.inner.notify.notified();
-            let rows = self.fetch(max.max(1), max_bytes.max(1)).await?;
-            if let Some((last, _)) = rows.last() {
-                self.cursor = *last;
-                return Ok(rows.into_iter().map(|(_, d)| d).collect());
+            if Ledger::<i64>::room(ready, ready_bytes, max, max_bytes) {
+                // Interest registered before looking, so a push in between still wakes us.
+                let fetched = self
+                    .fetch(max - ready, max_bytes.saturating_sub(ready_bytes).max(1))
+                    .await?;
+                if let Some((last, _)) = fetched.last() {
+                    self.cursor = *last;
+                }
+                for (id, entries) in fetched {
+                    self.ledger.take(id, entries);
+                }
+            }
+            let mut out = Vec::new();
+            self.ledger.hand_out(&mut out, &mut 0, max, max_bytes);
+            if !out.is_empty() {
+                return Ok(out);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Ok(vec![]);
+                return Ok(out);
             }
             let nap = (deadline - now).min(POLL);
             let _ = tokio::time::timeout(nap, notified).await;
@@ -283,7 +399,9 @@ impl Consumer for EmbeddedConsumer {
     }
 
     async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {
-        if ids.is_empty() {
+        self.ledger.mark(ids);
+        let done: Vec<(u64, i64)> = self.ledger.complete().map(|(f, &row)| (f, row)).collect();
+        if done.is_empty() {
             return Ok(());
         }
         // Deletes go through the producer's connection: SQLite allows one
@@ -291,17 +409,15 @@ impl Consumer for EmbeddedConsumer {
         // for it would sleep in the busy handler instead of queueing here.
         let inner = self.shared.inner.clone();
         let queue = self.queue.clone();
-        let runs = contiguous_runs(ids);
-        let acked = ids.len();
+        let runs = contiguous_runs(&done.iter().map(|&(_, row)| row as u64).collect::<Vec<_>>());
         tokio::task::spawn_blocking(move || {
             let mut c = inner.writer.lock().map_err(storage)?;
             let tx = c.transaction().map_err(storage)?;
             {
-                // Acks of one consumer come in id order, so a batch is
-                // usually one range: one statement instead of one per row.
+                // Containers are acked in order, so this is usually one range.
                 let mut st = tx
                     .prepare_cached(
-                        "DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 AND queue = ?3",
+                        "DELETE FROM containers WHERE id BETWEEN ?1 AND ?2 AND queue = ?3",
                     )
                     .map_err(storage)?;
                 for (lo, hi) in runs {
@@ -310,27 +426,32 @@ impl Consumer for EmbeddedConsumer {
                 }
             }
             tx.commit().map_err(storage)?;
-            // A delete rewrites the pages its rows were on; their size is not
-            // known here, so count a typical small event per row.
-            inner.checkpointer.nudge(acked * 512);
-            Ok(())
+            // A delete frees the container's pages (no rewrite) and edits a
+            // leaf or two: count a page per container.
+            inner.checkpointer.nudge(16 << 10);
+            Ok::<(), QueueError>(())
         })
         .await
-        .map_err(storage)?
+        .map_err(storage)??;
+        // Only now: a failed delete leaves them complete, for the next ack.
+        self.ledger
+            .forget(&done.iter().map(|&(f, _)| f).collect::<Vec<_>>());
+        Ok(())
     }
 
     async fn depth(&mut self) -> Result<Option<u64>, QueueError> {
         let conn = self.conn.clone();
         let queue = self.queue.clone();
         let cursor = self.cursor;
+        let buffered = self.ledger.buffered().0 as u64;
         tokio::task::spawn_blocking(move || {
             let c = conn.lock().map_err(storage)?;
             c.query_row(
-                "SELECT count(*) FROM messages WHERE queue = ?1 AND id > ?2",
+                "SELECT coalesce(sum(events), 0) FROM containers WHERE queue = ?1 AND id > ?2",
                 params![&*queue, cursor],
                 |r| r.get::<_, i64>(0),
             )
-            .map(|n| Some(n as u64))
+            .map(|n| Some(n as u64 + buffered))
             .map_err(storage)
         })
         .await
@@ -366,6 +487,20 @@ mod tests {
         }
     }
 
+    fn seqs(got: &[Delivery]) -> Vec<i64> {
+        got.iter().map(|d| d.received_ms).collect()
+    }
+
+    fn ids(got: &[Delivery]) -> Vec<u64> {
+        got.iter().map(|d| d.id).collect()
+    }
+
+    fn rows(dir: &Path) -> i64 {
+        let c = Connection::open(dir.join("queue.db")).expect("open");
+        c.query_row("SELECT count(*) FROM containers", [], |r| r.get(0))
+            .expect("count")
+    }
+
     #[tokio::test]
     async fn push_pull_ack_and_redelivery_after_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -377,43 +512,45 @@ mod tests {
                 .await
                 .expect("push");
             q.push(&[msg("state", 99)]).await.expect("push");
+            q.push(&(10..13).map(|i| msg("default", i)).collect::<Vec<_>>())
+                .await
+                .expect("push");
             let mut c = q.consumer("default").expect("consumer");
             assert!(
                 q.consumer("default").is_err(),
                 "second consumer of one queue is refused"
             );
             let a = c.pull(4, usize::MAX, Duration::ZERO).await.expect("pull");
-            assert_eq!(a.len(), 4);
+            assert_eq!(seqs(&a), vec![0, 1, 2, 3]);
             let b = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
             assert_eq!(
-                b.len(),
-                6,
-                "the other queue's message is not delivered here"
+                seqs(&b),
+                vec![4, 5, 6, 7, 8, 9, 10, 11, 12],
+                "in order; the other queue's message is not delivered here"
             );
-            assert_eq!(b[0].received_ms, 4, "order kept");
-            c.ack(&a.iter().map(|d| d.id).collect::<Vec<_>>())
-                .await
-                .expect("ack");
-            assert_eq!(
+            assert_eq!(c.depth().await.expect("depth"), Some(0));
+            // The first container partly acked, the second wholly: only the
+            // second is gone.
+            c.ack(&ids(&a)).await.expect("ack");
+            c.ack(&ids(&b[6..])).await.expect("ack");
+            assert_eq!(rows(dir.path()), 2);
+            assert_eq!(q.stored().await.expect("stored"), 11);
+            assert!(
                 c.pull(100, usize::MAX, Duration::ZERO)
                     .await
                     .expect("pull")
-                    .len(),
-                0
+                    .is_empty()
             );
-            assert_eq!(q.stored().await.expect("stored"), 7);
         }
-        // Unacked messages come back after a restart.
+        // A container not wholly acked comes back whole after a restart.
         let q = Embedded::open(dir.path(), SyncMode::Normal)
             .await
             .expect("reopen");
         let mut c = q.consumer("default").expect("consumer");
         let again = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
-        assert_eq!(
-            again.iter().map(|d| d.received_ms).collect::<Vec<_>>(),
-            vec![4, 5, 6, 7, 8, 9]
-        );
-        assert_eq!(c.depth().await.expect("depth"), Some(0));
+        assert_eq!(seqs(&again), (0..10).collect::<Vec<i64>>());
+        c.ack(&ids(&again)).await.expect("ack");
+        assert_eq!(q.stored().await.expect("stored"), 1, "the other queue's");
     }
 
     #[tokio::test]
@@ -432,6 +569,30 @@ mod tests {
         let got = c.pull(100, 1, Duration::from_secs(5)).await.expect("pull");
         assert_eq!(got.len(), 1, "stops at the byte limit");
         pusher.await.expect("join").expect("push");
+        let rest = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
+        assert_eq!(seqs(&rest), vec![1, 2, 3, 4], "the rest of the container");
+    }
+
+    #[tokio::test]
+    async fn a_push_to_several_queues_makes_one_container_per_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("open");
+        let batch: Vec<Message> = (0..40)
+            .map(|i| msg(if i % 2 == 0 { "a" } else { "b" }, i))
+            .collect();
+        q.push(&batch).await.expect("push");
+        assert_eq!(rows(dir.path()), 2, "alternating routes are grouped");
+        for (queue, first) in [("a", 0), ("b", 1)] {
+            let mut c = q.consumer(queue).expect("consumer");
+            let got = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
+            assert_eq!(
+                seqs(&got),
+                (0..20).map(|i| first + 2 * i).collect::<Vec<i64>>(),
+                "queue {queue} in its order"
+            );
+        }
     }
 
     #[test]
@@ -444,7 +605,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ids_never_go_back_after_the_table_empties() {
+    async fn rows_pushed_after_the_table_empties_are_read() {
+        // Row ids must not start over when the table empties, or the
+        // consumer's cursor would skip the new rows.
         let dir = tempfile::tempdir().expect("tempdir");
         let q = Embedded::open(dir.path(), SyncMode::Normal)
             .await
@@ -452,10 +615,91 @@ mod tests {
         let mut c = q.consumer("default").expect("consumer");
         q.push(&[msg("default", 1)]).await.expect("push");
         let a = c.pull(10, usize::MAX, Duration::ZERO).await.expect("pull");
-        c.ack(&[a[0].id]).await.expect("ack");
+        c.ack(&ids(&a)).await.expect("ack");
+        assert_eq!(rows(dir.path()), 0);
         q.push(&[msg("default", 2)]).await.expect("push");
         let b = c.pull(10, usize::MAX, Duration::ZERO).await.expect("pull");
-        assert_eq!(b.len(), 1);
-        assert!(b[0].id > a[0].id);
+        assert_eq!(seqs(&b), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn an_older_queue_file_is_converted_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // What saltpipe before containers left: a row per event.
+            let c = Connection::open(dir.path().join("queue.db")).expect("open");
+            c.execute_batch(
+                "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, \
+                 key TEXT NOT NULL, received_ms INTEGER NOT NULL, body BLOB NOT NULL); \
+                 CREATE INDEX messages_queue_id ON messages(queue, id);",
+            )
+            .expect("old schema");
+            for i in 0..5000usize {
+                let m = msg(if i % 10 == 0 { "state" } else { "default" }, i);
+                c.execute(
+                    "INSERT INTO messages (queue, key, received_ms, body) VALUES (?1, ?2, ?3, ?4)",
+                    params![&*m.queue, m.key, m.received_ms, &m.body[..]],
+                )
+                .expect("old row");
+            }
+        }
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("open");
+        assert_eq!(q.stored().await.expect("stored"), 5000);
+        let mut c = q.consumer("default").expect("consumer");
+        let mut got = Vec::new();
+        loop {
+            let part = c
+                .pull(1000, usize::MAX, Duration::ZERO)
+                .await
+                .expect("pull");
+            if part.is_empty() {
+                break;
+            }
+            got.extend(part);
+        }
+        let want: Vec<i64> = (0..5000).filter(|i| i % 10 != 0).collect();
+        assert_eq!(seqs(&got), want, "every old event once, in order");
+        assert_eq!(got[1].key, "m2");
+        assert_eq!(got[1].body, msg("default", 2).body);
+        let table: Option<String> = Connection::open(dir.path().join("queue.db"))
+            .expect("open")
+            .query_row(
+                "SELECT name FROM sqlite_master WHERE name = 'messages'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .expect("query");
+        assert_eq!(table, None, "the old table is gone once empty");
+    }
+
+    #[tokio::test]
+    async fn a_row_that_does_not_unpack_is_handed_on_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("open");
+        q.push(&[msg("default", 0)]).await.expect("push");
+        let garbage = b"\x92\x93\xa1m\x04".to_vec();
+        Connection::open(dir.path().join("queue.db"))
+            .expect("open")
+            .execute(
+                "INSERT INTO containers (queue, events, data) VALUES ('default', 1, ?1)",
+                params![garbage],
+            )
+            .expect("insert");
+        q.push(&[msg("default", 2)]).await.expect("push");
+        let mut c = q.consumer("default").expect("consumer");
+        let got = c.pull(10, usize::MAX, Duration::ZERO).await.expect("pull");
+        assert_eq!(seqs(&got), vec![0, 0, 2]);
+        assert_eq!(
+            &got[1].body[..],
+            &garbage[..],
+            "the raw bytes, for the dead letters"
+        );
+        c.ack(&ids(&got)).await.expect("ack");
+        assert_eq!(q.stored().await.expect("stored"), 0, "all of it acked");
     }
 }

@@ -25,7 +25,6 @@ pub mod embedded;
 pub mod forward;
 #[cfg(feature = "nats")]
 pub mod nats;
-#[cfg(any(feature = "redis", feature = "amqp", feature = "nats"))]
 pub mod pack;
 #[cfg(feature = "redis")]
 pub mod redis;

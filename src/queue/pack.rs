@@ -1,10 +1,12 @@
-//! Several events in one broker message: the container codec, and the
-//! bookkeeping a consumer needs to hand the events out one by one.
+//! Several events in one broker message (or one embedded queue row): the
+//! container codec, and the bookkeeping a consumer needs to hand the events
+//! out one by one.
 //!
 //! Why: RabbitMQ and NATS cost per *message* (a persistent publish, a
 //! confirm, a delivery, an ack), Redis per stream entry, and our events
 //! are small (~350 B-2 KB). One AMQP or NATS message per event made those
-//! paths 1.5-7x slower than the embedded queue. The producers therefore put up to
+//! paths 1.5-7x slower than the embedded queue (and the embedded queue
+//! itself pays SQLite per row: see [`super::embedded`]). The producers therefore put up to
 //! [`Limits::events`] consecutive events of one queue (and about
 //! [`Limits::bytes`]) into one message, and the consumers unpack it into
 //! several [`Delivery`]s.
