@@ -138,8 +138,12 @@ impl Reloader {
     }
 }
 
-/// Chunks in flight between the reader and the queue writer.
-const CHANNEL_CHUNKS: usize = 16;
+/// Chunks in flight between the reader and the queue writer. Few: the
+/// queue writer takes up to [`WRITE_BATCH`] at a time anyway, a bus reader
+/// keeps what does not fit in its own bounded backlog, and a file source
+/// waits; every chunk in flight pins its read buffers (16 chunks held ~8 MB
+/// more at the peak of a 1M-return replay than 4).
+const CHANNEL_CHUNKS: usize = 4;
 /// Messages the writer puts in one queue transaction at most.
 const WRITE_BATCH: usize = 4096;
 /// How long the writer waits for more messages before storing a small batch.

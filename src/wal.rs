@@ -31,9 +31,19 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// WAL size (pages) at which a commit checkpoints inline after all: the
-/// bound on the WAL file (64 MiB with [`PAGE_SIZE`] pages) when the
+/// bound on the WAL file (256 MiB with [`PAGE_SIZE`] pages) when the
 /// background thread cannot keep up.
-pub const BACKSTOP_PAGES: u32 = 4_096;
+///
+/// A passive checkpoint can only let the WAL start over if it finishes
+/// before the writer's next transaction begins, and a writer with a backlog
+/// begins the next one at once: under load the WAL grows until this
+/// backstop fires, on the writer's thread. At 64 MiB it fired every few
+/// batches (4.6% of a 1M-return replay's profile, all of it on the thread
+/// the pipeline waits for); at 256 MiB the background thread catches up
+/// first. With [`WAL_FILE_LIMIT`] this took the sink's own write of 1M
+/// prepared rows from 67-68k to 71-92k rows/s with the same 4 MiB cache,
+/// 97-101k with 16 MiB (docs/BENCHMARKS.md).
+pub const BACKSTOP_PAGES: u32 = 16_384;
 
 /// Page size for the databases saltpipe creates (the sink's and the
 /// queue's): 16 KiB instead of SQLite's 4 KiB. Returns are 1-2 KiB rows, so
@@ -51,11 +61,15 @@ pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// queue commits every 20 ms: 50 checkpoints and fsyncs a second.
 pub const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 
-/// Largest `-wal` file kept on disk after the WAL starts over. Under a
-/// long burst the checkpointer may trail the writer and the file grows past
-/// the backstop (a 1M-return replay left 220 MB); without this limit SQLite
-/// keeps the file at its high-water mark for good.
-pub const WAL_FILE_LIMIT: i64 = 64 * 1024 * 1024;
+/// Largest `-wal` file kept on disk after the WAL starts over: the
+/// backstop's size. Under a long burst the checkpointer may trail the
+/// writer and the file grows past the backstop; without a limit SQLite
+/// keeps the file at its high-water mark for good. Cutting it back below
+/// what a burst needs is worse than keeping it: the next burst grows the
+/// file again, new blocks and new page-cache pages instead of pages
+/// overwritten in place (on the development VM a new page-cache page costs
+/// ~16x a rewrite: 2 GB written to a new file 8.3 s, rewritten 0.44 s).
+pub const WAL_FILE_LIMIT: i64 = BACKSTOP_PAGES as i64 * PAGE_SIZE as i64;
 
 /// The set-up both of saltpipe's SQLite files share (the sink's and the
 /// embedded queue's), on every connection: [`PAGE_SIZE`] (which only takes

@@ -66,12 +66,15 @@ pub struct SqliteSink {
     path: PathBuf,
 }
 
-/// Page cache of the writing connection, in KiB: most of a default batch
-/// (2,000 returns of ~2 KiB with their index entries) fits, so a commit
-/// does not spill pages to the WAL halfway and read them back. A/B on a
-/// 200k-return replay: 2 MiB (SQLite's default) was ~15% slower, 8 MiB no
-/// faster than 4 MiB and 5 MB more RSS.
-const CACHE_KIB: i64 = 4 * 1024;
+/// Page cache of the writing connection, in KiB: a default batch (2,000
+/// returns of ~2 KiB with their index entries) fits, so a commit does not
+/// spill pages to the WAL halfway, and the upper levels of the four
+/// indexes stay cached instead of being read back from the OS per row.
+/// Measured on the sink's own write of 1M prepared rows (BENCH_PREPARED=1
+/// benches/sql_sinks.rs, alternated): 4 MiB 59-91k rows/s, 8 MiB 62-87k,
+/// 16 MiB 72-92k; a full replay's peak RSS is ~90 MB at 8 MiB and ~110 MB
+/// at 16 MiB, over the 100 MB budget, hence 8.
+const CACHE_KIB: i64 = 8 * 1024;
 
 /// Busy, locked, I/O, full disk: conditions that pass. Anything else is the data.
 fn classify(e: rusqlite::Error) -> SinkError {
