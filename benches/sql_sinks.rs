@@ -8,6 +8,8 @@
 //!
 //!   BENCH_ONLY=postgres cargo bench --bench sql_sinks  # one backend (mariadb, postgres, sqlite)
 //!   BENCH_VARY=1 cargo bench --bench sql_sinks   # batch sizes vary (batch/2..=batch), like the worker's
+//!   BENCH_PREPARED=1 cargo bench --bench sql_sinks  # rows converted before the clock starts:
+//!                                                   # the database's write alone (the worker's write stage)
 //!
 //! Needs MariaDB on 127.0.0.1:3306 (root) and PostgreSQL on 127.0.0.1:5432 (trust).
 
@@ -59,6 +61,17 @@ fn cmd(program: &str, args: &[&str]) {
 }
 
 async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usize, size: usize) {
+    // BENCH_PREPARED=1: convert to rows first (the worker does that while
+    // the previous batch is written), so only the write is timed.
+    let prepared;
+    let records = if std::env::var("BENCH_PREPARED").is_ok_and(|v| v == "1") {
+        let mut r = records.to_vec();
+        sink.prepare(&mut r);
+        prepared = r;
+        &prepared[..]
+    } else {
+        records
+    };
     let started = Instant::now();
     let mut returns = 0;
     let mut transactions = 0;
