@@ -8,12 +8,14 @@
 //!
 //!   BENCH_ONLY=postgres cargo bench --bench sql_sinks  # one backend (mariadb, postgres, sqlite)
 //!   BENCH_VARY=1 cargo bench --bench sql_sinks   # batch sizes vary (batch/2..=batch), like the worker's
+//!   BENCH_WRITERS=2 cargo bench --bench sql_sinks   # two batches written at once
 //!   BENCH_PREPARED=1 cargo bench --bench sql_sinks  # rows converted before the clock starts:
 //!                                                   # the database's write alone (the worker's write stage)
 //!
 //! Needs MariaDB on 127.0.0.1:3306 (root) and PostgreSQL on 127.0.0.1:5432 (trust).
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use saltpipe::bus::encode::frame;
 use saltpipe::event::Event;
 use saltpipe::sink::{Record, Sink, SinkConfig, SinkUrl};
@@ -73,11 +75,10 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
         records
     };
     let started = Instant::now();
-    let mut returns = 0;
-    let mut transactions = 0;
     // BENCH_VARY=1: batches of varying size (batch/2..=batch), as the
     // worker's are when returns, jobs and other events mix.
     let vary = std::env::var("BENCH_VARY").is_ok_and(|v| v == "1");
+    let mut chunks = Vec::new();
     let mut rest = records;
     while !rest.is_empty() {
         let n = if vary {
@@ -87,9 +88,23 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
         };
         let (chunk, tail) = rest.split_at(n.min(rest.len()));
         rest = tail;
-        returns += sink.write(chunk).await.expect("write").returns;
-        transactions += 1;
+        chunks.push(chunk);
     }
+    // BENCH_WRITERS=n: n batches written at once, as a worker does with
+    // `sink.writers` (default 1 here: the sink's own serial rate).
+    let writers = std::env::var("BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
+    let transactions = chunks.len();
+    let returns: u64 = futures_util::stream::iter(chunks)
+        .map(|chunk| {
+            let sink = sink.clone();
+            async move { sink.write(chunk).await.expect("write").returns }
+        })
+        .buffer_unordered(writers.max(1))
+        .fold(0u64, |a, n| async move { a + n })
+        .await;
     let s = started.elapsed().as_secs_f64();
     assert_eq!(
         returns as usize,

@@ -17,8 +17,9 @@
 //! whatever is left stays in the durable queue for the next start.
 //!
 //! A worker runs three stages at once: gathering batch N+2 from the queue,
-//! decoding and converting batch N+1 into rows, writing batch N. Acks still
-//! follow each batch's commit, in order.
+//! decoding and converting batch N+1 into rows, writing batch N (and, for a
+//! database server, batch N-1 too: `sink.writers` batches at once, each in
+//! its own transaction). Acks still follow each batch's commit, in order.
 //!
 //! Actions (`[[actions]]`) are offered each batch as it is prepared for its
 //! insert: a non-blocking hand-off to their own tasks, so they never hold
@@ -30,8 +31,11 @@ use crate::event::Event;
 use crate::queue::{Consumer, Delivery};
 use crate::sink::{Record, Sink, SinkError, WriteReport};
 use crate::stats::{Stats, events};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use rand::Rng;
 use serde::Deserialize;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -194,8 +198,8 @@ impl Stop {
 ///
 /// Two stages run side by side so the queue and the database work at the
 /// same time: this task pulls batches and acks the ones the writer
-/// committed; the writer task converts and stores them. At most two
-/// batches are in flight (one being written, one waiting).
+/// committed; the writer task converts and stores them. At most
+/// `Sink::writers` batches are being written and one more waits, converted.
 pub struct Worker {
     consumer: Box<dyn Consumer>,
     writer: Writer,
@@ -319,34 +323,53 @@ impl Worker {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u64>>();
         let writer_stop = stop.clone();
         let mut write_task = tokio::spawn(async move {
-            // Two stages in this task: batch N is written (the database
-            // works on its own thread or server) while batch N+1 is decoded
-            // and converted here. Without the overlap the conversion added
-            // to the writer's time, which bounds the whole pipeline.
-            let Some(first) = batch_rx.recv().await else {
-                return Ok(());
-            };
-            let mut next = writer.prepare(first, &writer_stop).await?;
-            while let Some(ready) = next.take() {
-                let write = async {
-                    if let Some(ids) = writer.commit(ready, &writer_stop).await? {
-                        // The gatherer may be gone after an error; then the
-                        // ids simply stay unacked and come back next start.
-                        let _ = done_tx.send(ids);
+            // Batch N+1 is decoded and converted here while batch N is
+            // written (the database works on its own thread or server):
+            // without the overlap the conversion added to the writer's
+            // time, which bounds the whole pipeline. A database server
+            // also takes several batches at once (`Sink::writers`), each
+            // in its own transaction: one statement runs on one of its
+            // cores. Acks still go out in batch order.
+            let writers = writer.sink.writers().max(1);
+            let mut writing = FuturesOrdered::new();
+            // Receive times of the oldest event of each batch being written.
+            let mut oldest: VecDeque<i64> = VecDeque::new();
+            let mut next: Option<Ready> = None;
+            let mut open = true;
+            loop {
+                if writing.len() < writers
+                    && let Some(ready) = next.take()
+                {
+                    oldest.push_back(ready.oldest);
+                    writer.note_oldest(&oldest);
+                    writing.push_back(writer.commit(ready, &writer_stop));
+                    continue;
+                }
+                if !open && next.is_none() && writing.is_empty() {
+                    return Ok::<(), WorkerError>(());
+                }
+                tokio::select! {
+                    Some(done) = writing.next(), if !writing.is_empty() => {
+                        oldest.pop_front();
+                        writer.note_oldest(&oldest);
+                        // An error ends the worker at once: the batches
+                        // still being written stay unacked and come back
+                        // at the next start. The gatherer may be gone
+                        // after an error; then the ids simply stay unacked.
+                        if let Some(ids) = done? {
+                            let _ = done_tx.send(ids);
+                        }
                     }
-                    Ok::<(), WorkerError>(())
-                };
-                let prepare = async {
-                    match batch_rx.recv().await {
-                        Some(batch) => writer.prepare(batch, &writer_stop).await,
-                        None => Ok(None),
-                    }
-                };
-                // An error in either ends the worker at once: the other
-                // batch stays unacked and comes back at the next start.
-                (_, next) = tokio::try_join!(write, prepare)?;
+                    batch = batch_rx.recv(), if open && next.is_none() => match batch {
+                        Some(batch) => match writer.prepare(batch, &writer_stop).await? {
+                            Some(ready) => next = Some(ready),
+                            // Shutdown's deadline came while dead-lettering.
+                            None => open = false,
+                        },
+                        None => open = false,
+                    },
+                }
             }
-            Ok::<(), WorkerError>(())
         });
         let gathered = Worker::gather(
             consumer.as_mut(),
@@ -580,15 +603,17 @@ impl Writer {
         }))
     }
 
+    /// Publishes the receive time of the oldest event still being written
+    /// (0: none), from the batches in flight, oldest batch first.
+    fn note_oldest(&self, writing: &VecDeque<i64>) {
+        let t = writing.iter().copied().min().unwrap_or(0);
+        self.stats.oldest_unacked_ms.store(t, Relaxed);
+    }
+
     /// Writes one prepared batch (retrying, splitting, dead-lettering).
     /// Returns the ids to ack, or None if shutdown's deadline came first.
     async fn commit(&self, ready: Ready, stop: &Stop) -> Result<Option<Vec<u64>>, WorkerError> {
-        let Ready {
-            ids,
-            oldest,
-            records,
-        } = ready;
-        self.stats.oldest_unacked_ms.store(oldest, Relaxed);
+        let Ready { ids, records, .. } = ready;
         let started = std::time::Instant::now();
         let Some(report) = self.write_all(&records, stop).await? else {
             tracing::warn!(
@@ -610,7 +635,6 @@ impl Writer {
         self.stats.jids_written.fetch_add(report.jids, Relaxed);
         self.stats.events_written.fetch_add(report.events, Relaxed);
         self.stats.rows_ignored.fetch_add(report.ignored, Relaxed);
-        self.stats.oldest_unacked_ms.store(0, Relaxed);
         Ok(Some(ids))
     }
 
@@ -844,7 +868,7 @@ mod tests {
 
     async fn run(
         queue: Arc<MemQueue>,
-        sink: Arc<ScriptSink>,
+        sink: Arc<dyn Sink>,
         cfg: WorkerConfig,
         drain: Option<Duration>,
     ) -> Arc<Stats> {
@@ -877,6 +901,67 @@ mod tests {
         acked.sort();
         assert_eq!(acked, (1..=25).collect::<Vec<_>>());
         assert_eq!(stats.snapshot().batches, 3);
+    }
+
+    /// Takes two batches at once; the first one is slow to write.
+    #[derive(Default)]
+    struct TwoWriters {
+        now: Mutex<(usize, usize)>,
+        finished: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl Sink for TwoWriters {
+        fn writers(&self) -> usize {
+            2
+        }
+        async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
+            {
+                let mut n = self.now.lock().expect("lock");
+                n.0 += 1;
+                n.1 = n.1.max(n.0);
+            }
+            // Tags are `salt/job/<i>/ret/m`: the batch's first delivery.
+            let first: u64 = batch[0]
+                .event
+                .tag()
+                .split('/')
+                .nth(2)
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(0);
+            if first == 1 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            self.now.lock().expect("lock").0 -= 1;
+            self.finished.lock().expect("lock").push(first);
+            Ok(WriteReport {
+                returns: batch.len() as u64,
+                ..Default::default()
+            })
+        }
+        async fn dead_letter(&self, _: &str, _: &bytes::Bytes, _: &str) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_with_two_writers_takes_two_batches_at_once_and_acks_stay_in_order() {
+        let q = Arc::new(MemQueue::default());
+        q.ready.lock().expect("lock").extend((1..=30).map(delivery));
+        let sink = Arc::new(TwoWriters::default());
+        run(q.clone(), sink.clone(), cfg(10), None).await;
+        assert_eq!(sink.now.lock().expect("lock").1, 2, "two writes at once");
+        assert_eq!(
+            *sink.finished.lock().expect("lock"),
+            vec![11, 1, 21],
+            "the second batch committed while the slow first one was written; the \
+             third waited: at most two batches are held unacked"
+        );
+        assert_eq!(
+            *q.acked.lock().expect("lock"),
+            (1..=30).collect::<Vec<_>>(),
+            "acks in batch order all the same"
+        );
     }
 
     #[tokio::test(start_paused = true)]

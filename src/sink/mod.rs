@@ -95,6 +95,12 @@ pub trait Sink: Send + Sync {
     }
     /// Stores the batch in one transaction: all of it, or nothing.
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError>;
+    /// How many batches a worker may have in `write` at once, each in its
+    /// own transaction ([`SinkConfig::writers`]). 1 keeps them one after
+    /// the other.
+    fn writers(&self) -> usize {
+        1
+    }
     /// Sets aside one event the database refused (or that could not be
     /// decoded), with the reason: its tag and raw body, so nothing is lost.
     async fn dead_letter(
@@ -133,6 +139,12 @@ pub struct SinkConfig {
     pub password_file: Option<PathBuf>,
     /// Connections in the pool of a database server sink.
     pub pool_size: u32,
+    /// Batches a worker writes at once, each in its own transaction on its
+    /// own connection (acks still follow each batch's commit, in order).
+    /// A database server runs one statement on one core: a second batch in
+    /// flight keeps a second core busy. Default: 2 for MySQL/MariaDB and
+    /// PostgreSQL (at most `pool_size`); SQLite has a single writer, so 1.
+    pub writers: Option<u32>,
     /// Retention: delete rows older than this (`"30d"`), in small chunks by
     /// `alter_time`, like the returner's `keep_jobs`. Unset: keep everything.
     #[serde(deserialize_with = "crate::config::human::opt_duration")]
@@ -152,6 +164,7 @@ impl Default for SinkConfig {
             password: None,
             password_file: None,
             pool_size: 4,
+            writers: None,
             keep: None,
             archive: false,
         }
@@ -262,6 +275,24 @@ impl SinkConfig {
                 "must be between 1 and 256",
             ));
         }
+        match (self.writers, &self.url) {
+            (Some(0), _) => {
+                return Err(ConfigError::invalid("sink.writers", "must be at least 1"));
+            }
+            (Some(n), SinkUrl::Sqlite { .. }) if n > 1 => {
+                return Err(ConfigError::invalid(
+                    "sink.writers",
+                    "SQLite allows one writer at a time: leave it unset or 1",
+                ));
+            }
+            (Some(n), _) if n > self.pool_size => {
+                return Err(ConfigError::invalid(
+                    "sink.writers",
+                    "must not exceed sink.pool_size: each writer needs a connection",
+                ));
+            }
+            _ => {}
+        }
         if let Some(keep) = self.keep
             && keep < std::time::Duration::from_secs(60)
         {
@@ -295,6 +326,16 @@ impl SinkConfig {
                     ))
                 }),
         }
+    }
+
+    /// [`SinkConfig::writers`], with its default for the backend.
+    pub fn writers(&self) -> usize {
+        let default = match self.url {
+            SinkUrl::Sqlite { .. } => 1,
+            #[allow(unreachable_patterns)]
+            _ => 2u32.min(self.pool_size),
+        };
+        self.writers.unwrap_or(default).max(1) as usize
     }
 
     pub fn master_id(&self) -> String {
@@ -364,8 +405,19 @@ impl Deferred {
 
 #[async_trait]
 impl Sink for Deferred {
+    fn prepare(&self, batch: &mut [Record]) {
+        // Before the first connection `write` converts the rows itself.
+        if let Some(s) = self.inner.get() {
+            s.prepare(batch)
+        }
+    }
+
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
         self.get().await?.write(batch).await
+    }
+
+    fn writers(&self) -> usize {
+        self.cfg.writers()
     }
 
     async fn dead_letter(
@@ -499,5 +551,29 @@ mod tests {
         assert!(from_str_with_env("[sink]\narchive = true\n", Path::new("t"), &[]).is_err());
         assert!(from_str_with_env("[sink]\nkeep = \"5s\"\n", Path::new("t"), &[]).is_err());
         assert!(from_str_with_env("[sink]\npool_size = 0\n", Path::new("t"), &[]).is_err());
+    }
+
+    #[test]
+    fn writers_default_per_backend_and_are_checked() {
+        use crate::config::from_str_with_env;
+        use std::path::Path;
+        let load = |toml: &str| from_str_with_env(toml, Path::new("t"), &[]);
+        assert_eq!(load("").expect("default").sink.writers(), 1, "SQLite");
+        #[cfg(feature = "postgres")]
+        {
+            let pg = "[sink]\nurl = \"postgres://p@127.0.0.1/t\"\n";
+            assert_eq!(load(pg).expect("pg").sink.writers(), 2);
+            let one = format!("{pg}pool_size = 1\n");
+            assert_eq!(load(&one).expect("pool of 1").sink.writers(), 1);
+            let err = load(&format!("{pg}pool_size = 2\nwriters = 3\n"))
+                .expect_err("more writers than connections")
+                .to_string();
+            assert!(err.contains("sink.writers"), "{err}");
+        }
+        let err = load("[sink]\nwriters = 2\n")
+            .expect_err("SQLite has one writer")
+            .to_string();
+        assert!(err.contains("one writer"), "{err}");
+        assert!(load("[sink]\nwriters = 0\n").is_err());
     }
 }

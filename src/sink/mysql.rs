@@ -215,6 +215,8 @@ const MAX_PARAMS: usize = 65_535;
 pub struct MysqlSink {
     pool: MySqlPool,
     master_id: String,
+    /// Batches written at once (`sink.writers`).
+    writers: usize,
     /// Bytes of values per statement: half of `max_allowed_packet`.
     statement_bytes: usize,
     /// Largest row a statement can carry at all.
@@ -402,6 +404,7 @@ impl MysqlSink {
         Ok(MysqlSink {
             pool,
             master_id: cfg.master_id(),
+            writers: cfg.writers(),
             statement_bytes: (max_packet / 2).max(64 << 10),
             row_max: max_packet.saturating_sub(64 << 10).min(MEDIUMTEXT_MAX * 2),
             escape_astral,
@@ -558,6 +561,10 @@ fn on_duplicate(column: &str, var: &str) -> String {
 
 #[async_trait]
 impl Sink for MysqlSink {
+    fn writers(&self) -> usize {
+        self.writers
+    }
+
     fn prepare(&self, batch: &mut [Record]) {
         super::sqlite::prepare(batch, BoolStyle::Digit)
     }

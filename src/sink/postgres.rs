@@ -163,6 +163,8 @@ const STATEMENT_BYTES: usize = 64 << 20;
 pub struct PgSink {
     pool: PgPool,
     master_id: String,
+    /// Batches written at once (`sink.writers`).
+    writers: usize,
 }
 
 /// Sorts an sqlx error into the worker's three cases.
@@ -285,6 +287,7 @@ impl PgSink {
         Ok(PgSink {
             pool,
             master_id: cfg.master_id(),
+            writers: cfg.writers(),
         })
     }
 
@@ -320,6 +323,10 @@ fn check_sizes(t: &ByTable<'_>) -> Result<(), SinkError> {
 
 #[async_trait]
 impl Sink for PgSink {
+    fn writers(&self) -> usize {
+        self.writers
+    }
+
     fn prepare(&self, batch: &mut [Record]) {
         super::sqlite::prepare(batch, BoolStyle::Word)
     }
