@@ -268,10 +268,10 @@ pub async fn start_workers_with(
     let mut set = JoinSet::new();
     for q in queues {
         for _ in 0..cfg.worker.concurrency.max(1) {
-            let consumer = cfg
-                .queue
-                .consumer_with(&q, cfg.worker.batch_max_events)
-                .await?;
+            // What its stages hold at once: the batch being gathered, one
+            // converted and waiting, and those being written.
+            let hold = cfg.worker.batch_max_events * (sink.writers() + 2);
+            let consumer = cfg.queue.consumer_with(&q, hold).await?;
             let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
                 .with_queue_name(&q);
             if let Some(a) = &actions {

@@ -467,7 +467,24 @@ impl Worker {
             }
             if batch.is_empty() {
                 if draining {
-                    return Ok(());
+                    if in_flight == 0 {
+                        return Ok(());
+                    }
+                    // Nothing came, but batches are still being written: a
+                    // broker holds back what our unacked messages keep out
+                    // of the prefetch, so the queue is not known empty
+                    // until they are acked. Wait for the writer, then look
+                    // again (within the drain deadline).
+                    let until = stop.deadline().unwrap_or_else(Instant::now);
+                    match tokio::time::timeout_at(until, done_rx.recv()).await {
+                        Ok(Some(ids)) => {
+                            ack(&mut *consumer, cfg, stats, stop, &ids).await?;
+                            in_flight = in_flight.saturating_sub(1);
+                        }
+                        // The writer ended (its result is the worker's), or
+                        // the deadline passed: what is left stays queued.
+                        Ok(None) | Err(_) => return Ok(()),
+                    }
                 }
                 continue;
             }
@@ -758,6 +775,10 @@ mod tests {
         acked: Mutex<Vec<u64>>,
         /// Says it holds a full prefetch whenever nothing is ready.
         starves: bool,
+        /// Like a broker's prefetch: hands out nothing more while this many
+        /// are unacked.
+        prefetch: Option<usize>,
+        unacked: Mutex<usize>,
     }
 
     struct MemConsumer(Arc<MemQueue>);
@@ -772,7 +793,13 @@ mod tests {
         ) -> Result<Vec<Delivery>, QueueError> {
             let got: Vec<Delivery> = {
                 let mut q = self.0.ready.lock().expect("lock");
-                let n = max.min(q.len());
+                let mut unacked = self.0.unacked.lock().expect("lock");
+                let room = self
+                    .0
+                    .prefetch
+                    .map_or(usize::MAX, |p| p.saturating_sub(*unacked));
+                let n = max.min(q.len()).min(room);
+                *unacked += n;
                 q.drain(..n).collect()
             };
             if got.is_empty() {
@@ -782,6 +809,8 @@ mod tests {
         }
         async fn ack(&mut self, ids: &[u64]) -> Result<(), QueueError> {
             self.0.acked.lock().expect("lock").extend_from_slice(ids);
+            let mut unacked = self.0.unacked.lock().expect("lock");
+            *unacked = unacked.saturating_sub(ids.len());
             Ok(())
         }
         async fn depth(&mut self) -> Result<Option<u64>, QueueError> {
@@ -962,6 +991,33 @@ mod tests {
             (1..=30).collect::<Vec<_>>(),
             "acks in batch order all the same"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_waits_for_acks_when_the_prefetch_holds_the_rest_back() {
+        // A broker hands out one batch's worth until it is acked: when the
+        // drain starts, a pull comes back empty while batches are still
+        // being written, and that is not an empty queue.
+        let q = Arc::new(MemQueue {
+            prefetch: Some(10),
+            ..Default::default()
+        });
+        q.ready.lock().expect("lock").extend((1..=45).map(delivery));
+        let stats = Arc::new(Stats::default());
+        let token = CancellationToken::new();
+        token.cancel();
+        let sink: Arc<dyn Sink> = Arc::new(ScriptSink::default());
+        let w = Worker::new(
+            Box::new(MemConsumer(q.clone())),
+            sink,
+            cfg(10),
+            stats.clone(),
+        );
+        w.run(Stop::new(token, None)).await.expect("worker");
+        let mut acked = q.acked.lock().expect("lock").clone();
+        acked.sort();
+        assert_eq!(acked, (1..=45).collect::<Vec<_>>(), "drained to the end");
+        assert!(q.ready.lock().expect("lock").is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -618,12 +618,12 @@ async fn amqp_full_prefetch_of_small_containers_is_starved() {
     let mut f = Fixture::new(Backend::Amqp);
     let mut c = f.consumer("default").await;
     // One event per push: one container each. The fixture's consumer asks
-    // for 1,000 events, i.e. 3 * ceil(1000 / 256) + 2 = 14 containers.
+    // to hold 1,000 events, i.e. ceil(1000 / 256) + 4 = 8 containers.
     for i in 0..20 {
         f.push(&[msg("default", "m", i)]).await;
     }
-    let held = pull_n(&mut *c, 14, Duration::from_secs(10)).await;
-    assert_eq!(seqs(&held), (0..14).collect::<Vec<i64>>());
+    let held = pull_n(&mut *c, 8, Duration::from_secs(10)).await;
+    assert_eq!(seqs(&held), (0..8).collect::<Vec<i64>>());
     let more = c
         .pull(1000, usize::MAX, Duration::from_millis(500))
         .await
@@ -639,9 +639,17 @@ async fn amqp_full_prefetch_of_small_containers_is_starved() {
     );
     c.ack(&ids(&held)).await.expect("ack");
     assert!(!c.starved(), "acking frees the prefetch");
-    let rest = pull_n(&mut *c, 6, Duration::from_secs(10)).await;
-    assert_eq!(seqs(&rest), (14..20).collect::<Vec<i64>>());
-    c.ack(&ids(&rest)).await.expect("ack");
+    // The next eight, then (after their ack) the last four.
+    for want in [8..16, 16..20] {
+        let rest = pull_n(
+            &mut *c,
+            (want.end - want.start) as usize,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(seqs(&rest), want.collect::<Vec<i64>>());
+        c.ack(&ids(&rest)).await.expect("ack");
+    }
     drop(c);
     f.cleanup().await;
 }

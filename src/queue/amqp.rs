@@ -11,8 +11,9 @@
 //! * manual acks, sent only after the sink committed; the broker gives
 //!   unacked messages to another worker as soon as the holder's channel
 //!   closes (its process died or lost the connection);
-//! * a prefetch (from `queue.prefetch`, by default the worker's batch size)
-//!   so a worker holds about three batches' worth and no more.
+//! * a prefetch (from `queue.prefetch`, by default what the worker's stages
+//!   hold: the batch gathered, one waiting, those being written) so a worker
+//!   holds that and no more.
 //!
 //! A confirm is per message, so a batch is not atomic: if the broker
 //! confirmed half of it and then failed, the listener pushes the whole batch

@@ -106,21 +106,10 @@ fn open_connection(db: &Path, sync: SyncMode) -> Result<Connection, QueueError> 
 fn insert_containers(tx: &rusqlite::Transaction<'_>, batch: &[Message]) -> rusqlite::Result<()> {
     let mut st =
         tx.prepare_cached("INSERT INTO containers (queue, events, data) VALUES (?1, ?2, ?3)")?;
-    let mut put = |run: &[Message]| -> rusqlite::Result<()> {
-        for c in pack::pack(run, LIMITS) {
-            st.execute(params![&*c.queue, c.events as i64, c.data])?;
-        }
-        Ok(())
-    };
-    let first = batch.first().map(|m| &m.queue);
-    if batch.iter().all(|m| Some(&m.queue) == first) {
-        return put(batch);
+    for c in pack::pack(batch, LIMITS) {
+        st.execute(params![&*c.queue, c.events as i64, c.data])?;
     }
-    // Several queues: group them (stably, so each keeps its order), or
-    // alternating routes would cut the containers down to single events.
-    let mut sorted = batch.to_vec();
-    sorted.sort_by(|a, b| a.queue.cmp(&b.queue));
-    put(&sorted)
+    Ok(())
 }
 
 /// Converts what an older saltpipe left in `messages` (one row per event)

@@ -132,11 +132,12 @@ pub struct QueueConfig {
     #[serde(deserialize_with = "crate::config::human::duration")]
     pub redeliver_after: Duration,
     /// Brokers: events a worker should be able to hold unacked; 0 means
-    /// `worker.batch_max_events`, so a batch can fill. RabbitMQ and NATS
-    /// carry up to 256 events per message and count their prefetch in
-    /// messages, so this becomes `3 * ceil(prefetch / 256) + 2` (at least 4)
-    /// messages: room for about three batches, at most that many x 256
-    /// events (see [`pack::prefetch_containers`]).
+    /// what its stages hold, `worker.batch_max_events` x (`sink.writers` +
+    /// 2): a batch being gathered, one converted and waiting, and those
+    /// being written. RabbitMQ and NATS carry up to 256 events per message
+    /// and count their prefetch in messages, so this becomes
+    /// `ceil(prefetch / 256) + 4` messages, at most that many x 256 events
+    /// (see [`pack::prefetch_containers`]).
     pub prefetch: u32,
     /// Redis only: cap each stream near this many entries (XADD MAXLEN ~);
     /// an entry holds up to 256 events.
@@ -334,14 +335,14 @@ impl QueueConfig {
         self.consumer_with(queue, 0).await
     }
 
-    /// Opens a consumer of one named queue; `batch` (the worker's
-    /// `batch_max_events`) sizes a broker's prefetch when `prefetch` is 0.
+    /// Opens a consumer of one named queue; `hold` (the events the worker's
+    /// stages hold at once) sizes a broker's prefetch when `prefetch` is 0.
     /// A broker consumer reconnects by itself (see [`resilient`]), so a
     /// broker outage pauses workers instead of stopping them.
     pub async fn consumer_with(
         &self,
         queue: &str,
-        batch: usize,
+        hold: usize,
     ) -> Result<Box<dyn Consumer>, QueueError> {
         match &self.url {
             QueueUrl::Embedded { dir } => {
@@ -353,7 +354,7 @@ impl QueueConfig {
                 let prefetch = if self.prefetch > 0 {
                     self.prefetch
                 } else {
-                    batch.clamp(1, u16::MAX as usize) as u32
+                    hold.clamp(1, u32::MAX as usize) as u32
                 };
                 Ok(Box::new(
                     resilient::Resilient::start(self.clone(), queue.to_owned(), prefetch).await,

@@ -64,16 +64,17 @@ pub const LIMITS: Limits = Limits {
 };
 
 /// The broker's prefetch (in messages) for a worker that asked to hold
-/// `events` events (its batch size by default): whole containers for three
-/// batches, plus two split at batch boundaries. A worker's writer holds one
-/// batch unacked while the next waits in its hand-over slot and a third is
-/// gathered; with room for fewer, gathering stalls until the batch timeout
-/// (measured: RabbitMQ, 1 worker, 2 batches' worth 21-33k returns/s, 3
-/// batches' worth 80k/s). Counting containers times [`LIMITS`]`.events`
-/// bounds what a worker holds, instead of `events` x 256 had the event
-/// count been used as the message count.
+/// `events` events unacked (by default what its stages hold: the batch
+/// being gathered, one converted and waiting, and `sink.writers` being
+/// written): whole containers for that many events, plus four split at
+/// batch boundaries. With room for fewer batches than the worker holds,
+/// gathering stalls until an ack (measured: RabbitMQ, 1 worker holding 3
+/// batches, prefetch for 2 batches 21-33k returns/s, for 3 batches 80k/s).
+/// Counting containers times [`LIMITS`]`.events` bounds what a worker
+/// holds, instead of `events` x 256 had the event count been used as the
+/// message count.
 pub fn prefetch_containers(events: u32) -> u32 {
-    (events.div_ceil(LIMITS.events as u32) * 3 + 2).max(4)
+    events.div_ceil(LIMITS.events as u32) + 4
 }
 
 /// Framing bytes one event adds besides its key and body (array, int, str
@@ -91,10 +92,24 @@ pub struct Container {
     pub data: Vec<u8>,
 }
 
-/// Groups consecutive messages of the same queue into containers, in order.
-/// Order within a queue is kept: containers come out in batch order and
-/// each holds a run of consecutive messages.
+/// Puts a batch into containers, each holding consecutive messages of one
+/// queue. Each queue's order is kept (its containers come out in its order,
+/// each a run of its messages); queues are grouped first, because
+/// alternating routes (a `state` queue beside `default`) would otherwise cut
+/// the containers down to a few events each, and a broker's prefetch, which
+/// counts containers, with them.
 pub fn pack(batch: &[Message], limits: Limits) -> Vec<Container> {
+    let first = batch.first().map(|m| &m.queue);
+    if batch.iter().all(|m| Some(&m.queue) == first) {
+        return pack_runs(batch, limits);
+    }
+    let mut grouped = batch.to_vec();
+    // Stable: each queue's messages stay in their order.
+    grouped.sort_by(|a, b| a.queue.cmp(&b.queue));
+    pack_runs(&grouped, limits)
+}
+
+fn pack_runs(batch: &[Message], limits: Limits) -> Vec<Container> {
     // At least one event per container, or the loop would make no progress.
     let max_events = limits.events.max(1);
     let mut out: Vec<Container> = Vec::new();
@@ -517,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn groups_only_consecutive_messages_of_one_queue() {
+    fn groups_each_queue_in_its_order() {
         let batch = vec![
             msg("a", "m", 0, 10),
             msg("a", "m", 1, 10),
@@ -529,10 +544,7 @@ mod tests {
             .iter()
             .map(|(q, e)| (&**q, e.iter().map(|e| e.received_ms).collect()))
             .collect();
-        assert_eq!(
-            shape,
-            vec![("a", vec![0, 1]), ("b", vec![2]), ("a", vec![3])]
-        );
+        assert_eq!(shape, vec![("a", vec![0, 1, 3]), ("b", vec![2])]);
     }
 
     #[test]
@@ -679,7 +691,8 @@ mod tests {
     fn prefetch_in_containers() {
         assert_eq!(prefetch_containers(1), 5);
         assert_eq!(prefetch_containers(0), 4);
-        assert_eq!(prefetch_containers(1000), 14);
-        assert_eq!(prefetch_containers(2000), 26);
+        // Three default batches (SQLite: one written), four (two written).
+        assert_eq!(prefetch_containers(6000), 28);
+        assert_eq!(prefetch_containers(8000), 36);
     }
 }
