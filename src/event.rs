@@ -616,10 +616,10 @@ mod tests {
             if let Ok(e) = Event::from_body(Bytes::from(body)) {
                 let _ = e.partition_key();
                 let r = crate::sink::Record::new(e, 0);
-                let _ = crate::sink::rows::rows_of(&r, crate::sink::rows::BoolStyle::Digit);
+                let _ = crate::sink::rows::rows_of(&r, crate::sink::rows::RowFormat::unlimited(crate::sink::rows::BoolStyle::Digit));
             }
-            let _ = crate::msgpack::to_json(&data);
-            let _ = crate::msgpack::to_json_with_field(&data, "return");
+            let _ = crate::msgpack::to_json(&data, usize::MAX);
+            let _ = crate::msgpack::to_json_with_field(&data, "return", usize::MAX);
         }
     }
 }

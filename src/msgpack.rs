@@ -190,6 +190,8 @@ pub enum WalkError {
     Invalid,
     #[error("nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("its JSON would be larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 /// A cursor over a complete msgpack buffer.
@@ -320,17 +322,26 @@ pub fn as_str(value: &[u8]) -> Option<&str> {
 /// * ext type 78 (Salt's datetime, `%Y%m%dT%H:%M:%S.%f`): the ISO-8601 string;
 /// * other ext types: `{"__ext__": <type>, "data": "<base64>"}`;
 /// * NaN and infinities: `null` (Python writes `NaN`, which is not JSON);
-/// * non-string map keys: their JSON text as the key, as Python's `json` does.
+/// * map keys, which JSON allows only as strings (see [`write_key`]): text
+///   keys as they are; nil, bool and number keys as their JSON text, as
+///   Python's `json.dumps` does (`"1"`, `"true"`, `"null"`); keys that are
+///   not valid UTF-8 as `"__bytes__:<base64>"` and container keys (an array
+///   or map used as a key) as `"__msgpack__:<base64 of their msgpack>"`, so
+///   two distinct keys never collide and no key's size depends on its depth.
 ///
 /// Separators are Python's `json.dumps` defaults (`", "` and `": "`), not the
 /// compact form: Salt's readers match on the stored text (`get_jids_filter`
 /// drops find_job jobs with `load NOT LIKE '%"fun": "saltutil.find_job"%'`),
 /// and so does people's SQL. Non-ASCII text is kept as UTF-8, not escaped.
-pub fn to_json(value: &[u8]) -> Result<String, WalkError> {
-    let mut out = String::with_capacity(value.len() + value.len() / 4 + 16);
+///
+/// The output is linear in the input (at most [`MAX_EXPANSION`] times its
+/// size plus a constant) and never longer than `limit`: past it the
+/// transcode stops with [`WalkError::TooLarge`] before allocating more.
+pub fn to_json(value: &[u8], limit: usize) -> Result<String, WalkError> {
+    let mut w = JsonWriter::new(value.len(), limit);
     let mut r = Reader::new(value);
-    write_json(&mut r, &mut out, 0)?;
-    Ok(out)
+    w.value(&mut r, 0)?;
+    Ok(w.out)
 }
 
 /// Like [`to_json`] for a map, also returning where the JSON of one
@@ -339,104 +350,176 @@ pub fn to_json(value: &[u8]) -> Result<String, WalkError> {
 pub fn to_json_with_field(
     value: &[u8],
     field: &str,
+    limit: usize,
 ) -> Result<(String, Option<std::ops::Range<usize>>), WalkError> {
-    let mut out = String::with_capacity(value.len() + value.len() / 4 + 16);
+    let mut w = JsonWriter::new(value.len(), limit);
     let mut r = Reader::new(value);
     let save = r.clone();
     let Item::Map(n) = r.item()? else {
         r = save;
-        write_json(&mut r, &mut out, 0)?;
-        return Ok((out, None));
+        w.value(&mut r, 0)?;
+        return Ok((w.out, None));
     };
-    let range = write_map(&mut r, &mut out, n, 1, Some(field))?;
-    Ok((out, range))
+    let range = w.map(&mut r, n, 1, Some(field))?;
+    Ok((w.out, range))
 }
 
-/// Writes the `n` entries of a map whose header `r` has just read; returns
-/// where the value of the first entry keyed `capture` lies in `out`.
-fn write_map(
-    r: &mut Reader<'_>,
-    out: &mut String,
-    n: u32,
-    depth: usize,
-    capture: Option<&str>,
-) -> Result<Option<std::ops::Range<usize>>, WalkError> {
-    let mut range = None;
-    out.push('{');
-    for i in 0..n {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        let wanted = capture.is_some_and(|f| {
-            range.is_none() && matches!(r.clone().item(), Ok(Item::Str(k)) if k == f.as_bytes())
-        });
-        write_key(r, out, depth)?;
-        out.push_str(": ");
-        let start = out.len();
-        write_json(r, out, depth)?;
-        if wanted {
-            range = Some(start..out.len());
-        }
-    }
-    out.push('}');
-    Ok(range)
+/// The most JSON one byte of msgpack can become (a fixext1 of 3 bytes is
+/// about 35 characters of `{"__ext__": ...}`); the fuzz targets check it.
+pub const MAX_EXPANSION: usize = 16;
+
+/// The JSON text being written, and the most it may grow to.
+struct JsonWriter {
+    out: String,
+    limit: usize,
 }
 
-/// Appends the JSON of the next value in `r` to `out`.
-pub fn write_json(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<(), WalkError> {
-    if depth > MAX_DEPTH {
-        return Err(WalkError::TooDeep);
+impl JsonWriter {
+    fn new(input: usize, limit: usize) -> JsonWriter {
+        let guess = input.saturating_add(input / 4).saturating_add(16);
+        JsonWriter {
+            out: String::with_capacity(guess.min(limit)),
+            limit,
+        }
     }
-    match r.item()? {
-        Item::Nil => out.push_str("null"),
-        Item::Bool(b) => out.push_str(if b { "true" } else { "false" }),
-        Item::Int(i) => {
-            let _ = write!(out, "{i}");
+
+    /// Refuses to write `more` bytes past the limit, before they are written.
+    fn room(&self, more: usize) -> Result<(), WalkError> {
+        if self.out.len().saturating_add(more) > self.limit {
+            return Err(WalkError::TooLarge { limit: self.limit });
         }
-        Item::UInt(u) => {
-            let _ = write!(out, "{u}");
-        }
-        Item::Float(f) => write_float(out, f),
-        Item::Str(s) => match std::str::from_utf8(s) {
-            Ok(s) => write_json_str(out, s),
-            Err(_) => write_bytes(out, s),
-        },
-        Item::Bin(b) => write_bytes(out, b),
-        Item::Ext(t, data) => write_ext(out, t, data),
-        Item::Array(n) => {
-            out.push('[');
-            for i in 0..n {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_json(r, out, depth + 1)?;
+        Ok(())
+    }
+
+    /// Writes the `n` entries of a map whose header `r` has just read; returns
+    /// where the value of the first entry keyed `capture` lies in the output.
+    fn map(
+        &mut self,
+        r: &mut Reader<'_>,
+        n: u32,
+        depth: usize,
+        capture: Option<&str>,
+    ) -> Result<Option<std::ops::Range<usize>>, WalkError> {
+        let mut range = None;
+        self.out.push('{');
+        for i in 0..n {
+            if i > 0 {
+                self.out.push_str(", ");
             }
-            out.push(']');
+            let wanted = capture.is_some_and(|f| {
+                range.is_none() && matches!(r.clone().item(), Ok(Item::Str(k)) if k == f.as_bytes())
+            });
+            self.key(r)?;
+            self.out.push_str(": ");
+            let start = self.out.len();
+            self.value(r, depth)?;
+            if wanted {
+                range = Some(start..self.out.len());
+            }
         }
-        Item::Map(n) => {
-            write_map(r, out, n, depth + 1, None)?;
-        }
+        self.out.push('}');
+        Ok(range)
     }
-    Ok(())
-}
 
-fn write_key(r: &mut Reader<'_>, out: &mut String, depth: usize) -> Result<(), WalkError> {
-    let save = r.clone();
-    match r.item()? {
-        Item::Str(s) => match std::str::from_utf8(s) {
-            Ok(s) => write_json_str(out, s),
-            Err(_) => write_json_str(out, &String::from_utf8_lossy(s)),
-        },
-        Item::Bin(b) => write_json_str(out, &String::from_utf8_lossy(b)),
-        _ => {
-            // Render the key as JSON, then quote that text.
-            *r = save;
-            let mut inner = String::new();
-            write_json(r, &mut inner, depth)?;
-            write_json_str(out, &inner);
+    /// Appends the JSON of the next value in `r`.
+    fn value(&mut self, r: &mut Reader<'_>, depth: usize) -> Result<(), WalkError> {
+        if depth > MAX_DEPTH {
+            return Err(WalkError::TooDeep);
         }
+        // A value's JSON is never shorter than its msgpack (less its
+        // header), and at most a few times longer: refuse one that cannot
+        // fit before writing it, and stop after one that did not.
+        let before = r.position();
+        let item = r.item()?;
+        self.room((r.position() - before).saturating_sub(9))?;
+        let out = &mut self.out;
+        match item {
+            Item::Nil => out.push_str("null"),
+            Item::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+            Item::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Item::UInt(u) => {
+                let _ = write!(out, "{u}");
+            }
+            Item::Float(f) => write_float(out, f),
+            Item::Str(s) => match std::str::from_utf8(s) {
+                Ok(s) => write_json_str(out, s),
+                Err(_) => write_bytes(out, s),
+            },
+            Item::Bin(b) => write_bytes(out, b),
+            Item::Ext(t, data) => write_ext(out, t, data),
+            Item::Array(n) => {
+                out.push('[');
+                for i in 0..n {
+                    if i > 0 {
+                        self.out.push_str(", ");
+                    }
+                    self.value(r, depth + 1)?;
+                }
+                self.out.push(']');
+            }
+            Item::Map(n) => {
+                self.map(r, n, depth + 1, None)?;
+            }
+        }
+        self.room(0)
     }
-    Ok(())
+
+    /// Writes the next value in `r` as a JSON object key: always one JSON
+    /// string, of a size linear in the key's own bytes whatever it holds
+    /// (a key that is itself a map of maps is not rendered as JSON and
+    /// quoted again at every level: that doubled the output per level).
+    fn key(&mut self, r: &mut Reader<'_>) -> Result<(), WalkError> {
+        let start = r.position();
+        let save = r.clone();
+        let item = r.item()?;
+        self.room((r.position() - start).saturating_sub(9))?;
+        match item {
+            Item::Str(s) | Item::Bin(s) => match std::str::from_utf8(s) {
+                Ok(text) => write_json_str(&mut self.out, text),
+                Err(_) => self.marked_key("__bytes__:", s),
+            },
+            Item::Array(_) | Item::Map(_) => {
+                *r = save;
+                let raw = r.skip()?;
+                self.room(raw.len())?;
+                self.marked_key("__msgpack__:", raw);
+            }
+            Item::Ext(t, data) => {
+                // Its JSON form holds quotes: quote that text once.
+                let mut inner = String::new();
+                write_ext(&mut inner, t, data);
+                write_json_str(&mut self.out, &inner);
+            }
+            scalar => {
+                // nil, bool, numbers: their JSON text, as Python's json does.
+                let mut inner = String::new();
+                match scalar {
+                    Item::Nil => inner.push_str("null"),
+                    Item::Bool(b) => inner.push_str(if b { "true" } else { "false" }),
+                    Item::Int(i) => {
+                        let _ = write!(inner, "{i}");
+                    }
+                    Item::UInt(u) => {
+                        let _ = write!(inner, "{u}");
+                    }
+                    Item::Float(f) => write_float(&mut inner, f),
+                    _ => {}
+                }
+                write_json_str(&mut self.out, &inner);
+            }
+        }
+        self.room(0)
+    }
+
+    /// `"<mark><base64 of bytes>"`: a key JSON cannot hold as text.
+    fn marked_key(&mut self, mark: &str, bytes: &[u8]) {
+        self.out.push('"');
+        self.out.push_str(mark);
+        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut self.out);
+        self.out.push('"');
+    }
 }
 
 fn write_float(out: &mut String, f: f64) {
@@ -656,7 +739,7 @@ mod tests {
                 V::Array(vec![V::Nil, V::F64(0.1), V::from(-7)]),
             ),
         ]);
-        let json = to_json(&enc(&v)).expect("json");
+        let json = to_json(&enc(&v), usize::MAX).expect("json");
         let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid json");
         assert_eq!(parsed["s"], "a\"b\n\u{1F600}");
         assert_eq!(parsed["b"]["__bytes__"], "/wA=");
@@ -671,10 +754,10 @@ mod tests {
     #[test]
     fn invalid_utf8_str_becomes_bytes_marker() {
         let mut b = vec![0xa2, 0xc3, 0x28];
-        let json = to_json(&b).expect("json");
+        let json = to_json(&b, usize::MAX).expect("json");
         assert_eq!(json, r#"{"__bytes__": "wyg="}"#);
         b[0] = 0xc1;
-        assert!(to_json(&b).is_err());
+        assert!(to_json(&b, usize::MAX).is_err());
     }
 
     #[test]
@@ -688,12 +771,13 @@ mod tests {
             ),
             (V::from("x"), V::from(2)),
         ]);
-        let (json, range) = to_json_with_field(&enc(&v), "return").expect("json");
-        assert_eq!(json, to_json(&enc(&v)).expect("json"));
+        let (json, range) = to_json_with_field(&enc(&v), "return", usize::MAX).expect("json");
+        assert_eq!(json, to_json(&enc(&v), usize::MAX).expect("json"));
         assert_eq!(&json[range.expect("found")], r#"{"a": [1, null]}"#);
-        let (_, none) = to_json_with_field(&enc(&v), "nope").expect("json");
+        let (_, none) = to_json_with_field(&enc(&v), "nope", usize::MAX).expect("json");
         assert!(none.is_none());
-        let (json, none) = to_json_with_field(&enc(&V::from(5)), "return").expect("json");
+        let (json, none) =
+            to_json_with_field(&enc(&V::from(5)), "return", usize::MAX).expect("json");
         assert_eq!((json.as_str(), none), ("5", None));
     }
 
@@ -702,7 +786,7 @@ mod tests {
         let mut b = vec![0x91; 100_000];
         b.push(0xc0);
         assert_eq!(value_len(&b), Scan::Complete(b.len()));
-        assert_eq!(to_json(&b), Err(WalkError::TooDeep));
+        assert_eq!(to_json(&b, usize::MAX), Err(WalkError::TooDeep));
     }
 
     #[test]
@@ -717,6 +801,112 @@ mod tests {
         assert!(for_each_entry(&b, |k, val| seen.push((k.to_vec(), val.to_vec()))).expect("walk"));
         assert_eq!(seen.len(), 2);
         assert_eq!(as_str(&seen[0].1), Some("cmd.run"));
-        assert_eq!(to_json(&seen[1].1).expect("json"), r#"{"a": 1}"#);
+        assert_eq!(
+            to_json(&seen[1].1, usize::MAX).expect("json"),
+            r#"{"a": 1}"#
+        );
+    }
+
+    /// A map used as a key, nested `depth` levels: `{{{...: 1}: 1}: 1}`.
+    fn nested_key(depth: usize) -> Vec<u8> {
+        let mut b = vec![0xc0];
+        for _ in 0..depth {
+            let mut m = vec![0x81];
+            m.extend(&b);
+            m.push(0x01);
+            b = m;
+        }
+        b
+    }
+
+    #[test]
+    fn container_keys_are_written_in_linear_size() {
+        // 30 levels was a 2 GiB allocation (the key's JSON quoted again at
+        // every level); now each level adds a few bytes.
+        for depth in [1, 22, 30, 200] {
+            let b = nested_key(depth);
+            let json = to_json(&b, usize::MAX).expect("json");
+            assert!(
+                json.len() <= MAX_EXPANSION * b.len() + 64,
+                "{depth}: {}",
+                json.len()
+            );
+            let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid json");
+            let key = parsed
+                .as_object()
+                .expect("map")
+                .keys()
+                .next()
+                .expect("key")
+                .clone();
+            if depth > 1 {
+                let raw = key.strip_prefix("__msgpack__:").expect("marked");
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(raw)
+                    .expect("base64");
+                assert_eq!(bytes, b[1..b.len() - 1], "the key's own msgpack, lossless");
+            }
+        }
+    }
+
+    #[test]
+    fn distinct_keys_stay_distinct() {
+        use rmpv::Value as V;
+        // Two invalid-UTF-8 keys that a lossy conversion turned into the
+        // same "\u{fffd}" text, a bin key, a str key, and scalar keys.
+        let mut b = vec![0x87, 0xa1, 0xff, 0x01, 0xa1, 0xfe, 0x02];
+        for (k, v) in [
+            (V::Binary(vec![0xfd]), V::from(3)),
+            (V::from("t"), V::from(4)),
+            (V::from(7), V::from(5)),
+            (V::Nil, V::from(6)),
+            (V::Array(vec![V::from(1)]), V::from(7)),
+        ] {
+            b.extend(enc(&k));
+            b.extend(enc(&v));
+        }
+        let json = to_json(&b, usize::MAX).expect("json");
+        let parsed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&json).expect("valid json");
+        assert_eq!(parsed.len(), 7, "{json}");
+        assert_eq!(parsed["__bytes__:/w=="], 1);
+        assert_eq!(parsed["__bytes__:/g=="], 2);
+        assert_eq!(parsed["__bytes__:/Q=="], 3);
+        assert_eq!(parsed["7"], 5);
+        assert_eq!(parsed["null"], 6);
+        assert_eq!(parsed["__msgpack__:kQE="], 7);
+    }
+
+    #[test]
+    fn output_over_the_limit_is_an_error_not_an_allocation() {
+        use rmpv::Value as V;
+        let v = V::Map(vec![(V::from("return"), V::from("x".repeat(10_000)))]);
+        let b = enc(&v);
+        assert_eq!(to_json(&b, 1000), Err(WalkError::TooLarge { limit: 1000 }));
+        assert_eq!(
+            to_json_with_field(&b, "return", 1000).map(|_| ()),
+            Err(WalkError::TooLarge { limit: 1000 })
+        );
+        let json = to_json(&b, 10_100).expect("fits");
+        assert!(json.len() <= 10_100);
+        // Many small values: checked as they are written, too.
+        let many = V::Array((0..10_000).map(|_| V::Nil).collect());
+        assert_eq!(
+            to_json(&enc(&many), 5000),
+            Err(WalkError::TooLarge { limit: 5000 })
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn json_is_valid_and_linear_in_the_input(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Scan::Complete(n) = value_len(&data) {
+                let v = &data[..n];
+                if let Ok(json) = to_json(v, usize::MAX) {
+                    proptest::prop_assert!(json.len() <= MAX_EXPANSION * v.len() + 64, "{} bytes -> {}", v.len(), json.len());
+                    proptest::prop_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{}", json);
+                }
+            }
+        }
     }
 }

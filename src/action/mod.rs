@@ -341,9 +341,13 @@ pub fn validate_all(actions: &[ActionConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The most JSON of an event's data put into a template context: a larger
+/// event gets `data: null` (its fields are still there).
+const CONTEXT_MAX_JSON: usize = 16 << 20;
+
 /// The template context of one event.
 pub fn context(e: &Event) -> serde_json::Value {
-    let data = crate::msgpack::to_json(e.data())
+    let data = crate::msgpack::to_json(e.data(), CONTEXT_MAX_JSON)
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         .unwrap_or(serde_json::Value::Null);

@@ -152,7 +152,16 @@ pub struct SinkConfig {
     /// With `keep`: move old rows to `jids_archive`, `salt_returns_archive`
     /// and `salt_events_archive` instead of deleting them (`archive_jobs`).
     pub archive: bool,
+    /// The most JSON one column of a row may hold (`full_ret`, `load`,
+    /// `data`): an event whose JSON would be larger is dead-lettered with
+    /// the reason, its conversion stopped at this size. 16 MiB is what the
+    /// mysql returner's `mediumtext` columns hold.
+    #[serde(deserialize_with = "crate::config::human::size")]
+    pub max_return_size: u64,
 }
+
+/// `sink.max_return_size` by default: MySQL's `mediumtext`.
+pub const DEFAULT_MAX_RETURN_SIZE: usize = (16 << 20) - 1;
 
 impl Default for SinkConfig {
     fn default() -> Self {
@@ -167,6 +176,7 @@ impl Default for SinkConfig {
             writers: None,
             keep: None,
             archive: false,
+            max_return_size: DEFAULT_MAX_RETURN_SIZE as u64,
         }
     }
 }
@@ -269,6 +279,12 @@ impl SinkConfig {
                 "set either password or password_file, not both",
             ));
         }
+        if self.max_return_size < 1024 {
+            return Err(ConfigError::invalid(
+                "sink.max_return_size",
+                "must be at least 1KiB",
+            ));
+        }
         if self.pool_size == 0 || self.pool_size > 256 {
             return Err(ConfigError::invalid(
                 "sink.pool_size",
@@ -338,6 +354,11 @@ impl SinkConfig {
         self.writers.unwrap_or(default).max(1) as usize
     }
 
+    /// `max_return_size` as a length in bytes.
+    pub fn max_json(&self) -> usize {
+        usize::try_from(self.max_return_size).unwrap_or(usize::MAX)
+    }
+
     pub fn master_id(&self) -> String {
         self.master_id.clone().unwrap_or_else(hostname)
     }
@@ -346,7 +367,9 @@ impl SinkConfig {
     pub async fn build(&self) -> Result<Arc<dyn Sink>, SinkError> {
         match &self.url {
             SinkUrl::Sqlite { path } => Ok(Arc::new(
-                sqlite::SqliteSink::open(path, self.master_id()).await?,
+                sqlite::SqliteSink::open(path, self.master_id())
+                    .await?
+                    .with_max_json(self.max_json()),
             )),
             #[cfg(feature = "mysql")]
             SinkUrl::Mysql(u) => Ok(Arc::new(

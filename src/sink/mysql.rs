@@ -26,7 +26,7 @@
 //!   documented 3-byte `utf8`, 4-byte characters would be refused, so the
 //!   JSON columns get them as `\uXXXX` escapes (same JSON, any charset).
 
-use super::rows::{self, BoolStyle, ByTable};
+use super::rows::{self, BoolStyle, ByTable, RowFormat};
 use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
@@ -215,6 +215,7 @@ const MAX_PARAMS: usize = 65_535;
 pub struct MysqlSink {
     pool: MySqlPool,
     master_id: String,
+    format: RowFormat,
     /// Batches written at once (`sink.writers`).
     writers: usize,
     /// Bytes of values per statement: half of `max_allowed_packet`.
@@ -403,6 +404,10 @@ impl MysqlSink {
         }
         Ok(MysqlSink {
             pool,
+            format: RowFormat {
+                style: BoolStyle::Digit,
+                max_json: cfg.max_json(),
+            },
             master_id: cfg.master_id(),
             writers: cfg.writers(),
             statement_bytes: (max_packet / 2).max(64 << 10),
@@ -566,11 +571,11 @@ impl Sink for MysqlSink {
     }
 
     fn prepare(&self, batch: &mut [Record]) {
-        super::sqlite::prepare(batch, BoolStyle::Digit)
+        super::sqlite::prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = super::sqlite::convert(batch, BoolStyle::Digit)?;
+        let sets = super::sqlite::convert(batch, self.format)?;
         let t = ByTable::of(&sets);
         self.check_sizes(&t)?;
         let keys: Vec<String> = t

@@ -28,7 +28,7 @@
 //!   integrity (23): refused rows for the worker to isolate; access and
 //!   missing tables (42, 28): fatal.
 
-use super::rows::{self, BoolStyle, ByTable};
+use super::rows::{self, BoolStyle, ByTable, RowFormat};
 use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -163,6 +163,7 @@ const STATEMENT_BYTES: usize = 64 << 20;
 pub struct PgSink {
     pool: PgPool,
     master_id: String,
+    format: RowFormat,
     /// Batches written at once (`sink.writers`).
     writers: usize,
 }
@@ -286,6 +287,10 @@ impl PgSink {
         }
         Ok(PgSink {
             pool,
+            format: RowFormat {
+                style: BoolStyle::Word,
+                max_json: cfg.max_json(),
+            },
             master_id: cfg.master_id(),
             writers: cfg.writers(),
         })
@@ -328,11 +333,11 @@ impl Sink for PgSink {
     }
 
     fn prepare(&self, batch: &mut [Record]) {
-        super::sqlite::prepare(batch, BoolStyle::Word)
+        super::sqlite::prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = super::sqlite::convert(batch, BoolStyle::Word)?;
+        let sets = super::sqlite::convert(batch, self.format)?;
         let t = ByTable::of(&sets);
         check_sizes(&t)?;
         let mut tx = self.pool.begin().await.map_err(classify)?;

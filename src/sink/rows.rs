@@ -116,6 +116,26 @@ pub enum BoolStyle {
     Word,
 }
 
+/// How one sink turns records into rows: its boolean style, and the most
+/// JSON it takes in one column (`sink.max_return_size`). A record whose JSON
+/// would be larger stops converting at that size and is dead-lettered with
+/// the reason, instead of being built whole in memory first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowFormat {
+    pub style: BoolStyle,
+    pub max_json: usize,
+}
+
+impl RowFormat {
+    /// No size limit: for tests and tools that convert trusted data.
+    pub const fn unlimited(style: BoolStyle) -> RowFormat {
+        RowFormat {
+            style,
+            max_json: usize::MAX,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JidRow {
     pub jid: String,
@@ -158,20 +178,22 @@ pub struct RowError {
 }
 
 /// Converts one record.
-pub fn rows_of(record: &Record, style: BoolStyle) -> Result<RowSet, RowError> {
+pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
+    let style = fmt.style;
     let e = &record.event;
     let err = |error| RowError {
         tag: e.tag().to_owned(),
         error,
     };
-    let data_json = || msgpack::to_json(e.data()).map_err(err);
+    let data_json = || msgpack::to_json(e.data(), fmt.max_json).map_err(err);
     match (e.kind, &e.fields.jid, &e.fields.minion) {
         (Kind::JobNew, Some(jid), _) => Ok(RowSet::Job(JidRow {
             jid: jid.clone(),
             load: data_json()?,
         })),
         (Kind::JobReturn, Some(jid), Some(id)) => {
-            let (full_ret, range) = msgpack::to_json_with_field(e.data(), "return").map_err(err)?;
+            let (full_ret, range) =
+                msgpack::to_json_with_field(e.data(), "return", fmt.max_json).map_err(err)?;
             let ok = e.fields.success.unwrap_or(false);
             let success = match (style, ok) {
                 (BoolStyle::Digit, true) => "1",
@@ -350,7 +372,8 @@ mod tests {
             "salt/job/1/new",
             vec![("jid", V::from("1")), ("fun", V::from("test.ping"))],
         );
-        let RowSet::Job(j) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+        let RowSet::Job(j) = rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows")
+        else {
             panic!()
         };
         assert_eq!(j.jid, "1");
@@ -371,7 +394,9 @@ mod tests {
                 ("success", V::from(true)),
             ],
         );
-        let RowSet::Return(row, job) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+        let RowSet::Return(row, job) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows")
+        else {
             panic!()
         };
         assert!(job.is_none());
@@ -380,7 +405,9 @@ mod tests {
         assert_eq!(row.success, "1");
         let full: serde_json::Value = serde_json::from_str(&row.full_ret).expect("json");
         assert_eq!(full["retcode"], 0);
-        let RowSet::Return(row, _) = rows_of(&r, BoolStyle::Word).expect("rows") else {
+        let RowSet::Return(row, _) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Word)).expect("rows")
+        else {
             panic!()
         };
         assert_eq!(row.success, "true");
@@ -399,7 +426,9 @@ mod tests {
                 ("arg", V::Array(vec![])),
             ],
         );
-        let RowSet::Return(row, Some(job)) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+        let RowSet::Return(row, Some(job)) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows")
+        else {
             panic!()
         };
         assert_eq!(
@@ -429,7 +458,9 @@ mod tests {
                 ),
             ],
         );
-        let RowSet::Return(row, _) = rows_of(&r, BoolStyle::Digit).expect("rows") else {
+        let RowSet::Return(row, _) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows")
+        else {
             panic!()
         };
         assert_eq!(row.fun, "test.ping,test.echo");
@@ -437,12 +468,45 @@ mod tests {
         assert_eq!(row.ret(), "null");
         let r = record("my/event", vec![("x", V::from(1))]);
         assert_eq!(
-            rows_of(&r, BoolStyle::Digit).expect("rows"),
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows"),
             RowSet::Event(EventRow {
                 tag: "my/event".into(),
                 data: "{\"x\": 1}".into()
             })
         );
+    }
+
+    #[test]
+    fn json_over_max_return_size_is_refused_with_the_reason() {
+        let r = record(
+            "salt/job/20261125120000000001/ret/m1",
+            vec![
+                ("jid", V::from("20261125120000000001")),
+                ("id", V::from("m1")),
+                ("fun", V::from("cmd.run")),
+                ("return", V::from("x".repeat(50_000))),
+            ],
+        );
+        let fmt = RowFormat {
+            style: BoolStyle::Digit,
+            max_json: 10_000,
+        };
+        let err = rows_of(&r, fmt).expect_err("too large");
+        assert!(matches!(
+            err.error,
+            msgpack::WalkError::TooLarge { limit: 10_000 }
+        ));
+        assert!(err.to_string().contains("larger than 10000 bytes"), "{err}");
+        // The write names it, so the worker dead-letters it alone.
+        match crate::sink::sqlite::convert(std::slice::from_ref(&r), fmt) {
+            Err(crate::sink::SinkError::Permanent { index, .. }) => assert_eq!(index, Some(0)),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let bigger = RowFormat {
+            max_json: 100_000,
+            ..fmt
+        };
+        assert!(rows_of(&r, bigger).is_ok());
     }
 
     #[test]
@@ -465,14 +529,18 @@ mod tests {
         let bad = record("my/deep", vec![("x", deep)]);
         let plain = vec![good.clone(), bad.clone()];
         let mut ready = plain.clone();
-        crate::sink::sqlite::prepare(&mut ready, BoolStyle::Word);
+        crate::sink::sqlite::prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word));
         assert!(ready[0].rows.is_some(), "a good record is converted ahead");
         assert!(ready[1].rows.is_none(), "a bad one is left for the write");
-        let ahead = crate::sink::sqlite::convert(&ready[..1], BoolStyle::Word).expect("rows");
-        let inline = crate::sink::sqlite::convert(&plain[..1], BoolStyle::Word).expect("rows");
+        let ahead =
+            crate::sink::sqlite::convert(&ready[..1], RowFormat::unlimited(BoolStyle::Word))
+                .expect("rows");
+        let inline =
+            crate::sink::sqlite::convert(&plain[..1], RowFormat::unlimited(BoolStyle::Word))
+                .expect("rows");
         assert_eq!(ahead, inline);
         // The write still names the record it cannot store.
-        match crate::sink::sqlite::convert(&ready, BoolStyle::Word) {
+        match crate::sink::sqlite::convert(&ready, RowFormat::unlimited(BoolStyle::Word)) {
             Err(crate::sink::SinkError::Permanent { index, .. }) => assert_eq!(index, Some(1)),
             other => panic!("expected a refusal of record 1, got {other:?}"),
         }

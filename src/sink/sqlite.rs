@@ -6,7 +6,7 @@
 //! `synchronous=NORMAL` makes a commit survive a crash of saltpipe (and we
 //! ack the queue only after it).
 
-use super::rows::{self, BoolStyle, EventRow, JidRow, ReturnRow, RowSet};
+use super::rows::{self, BoolStyle, EventRow, JidRow, ReturnRow, RowFormat, RowSet};
 use super::{Record, Sink, SinkError, WriteReport};
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
@@ -64,6 +64,7 @@ pub struct SqliteSink {
     checkpointer: Arc<Checkpointer>,
     master_id: Arc<str>,
     path: PathBuf,
+    format: RowFormat,
 }
 
 /// Page cache of the writing connection, in KiB: a default batch (2,000
@@ -200,7 +201,17 @@ impl SqliteSink {
             checkpointer: Arc::new(checkpointer),
             master_id: Arc::from(master_id),
             path,
+            format: RowFormat {
+                style: BoolStyle::Digit,
+                max_json: super::DEFAULT_MAX_RETURN_SIZE,
+            },
         })
+    }
+
+    /// The most JSON one column may hold (`sink.max_return_size`).
+    pub fn with_max_json(mut self, max_json: usize) -> SqliteSink {
+        self.format.max_json = max_json;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -288,13 +299,13 @@ fn write_blocking(
 
 /// Converts a batch (what [`prepare`] did not already), naming the first
 /// record that cannot be converted.
-pub fn convert(batch: &[Record], style: BoolStyle) -> Result<Vec<Arc<RowSet>>, SinkError> {
+pub fn convert(batch: &[Record], fmt: RowFormat) -> Result<Vec<Arc<RowSet>>, SinkError> {
     batch
         .iter()
         .enumerate()
         .map(|(i, r)| match &r.rows {
             Some(rows) => Ok(rows.clone()),
-            None => rows::rows_of(r, style)
+            None => rows::rows_of(r, fmt)
                 .map(Arc::new)
                 .map_err(|e| SinkError::Permanent {
                     message: e.to_string(),
@@ -305,20 +316,20 @@ pub fn convert(batch: &[Record], style: BoolStyle) -> Result<Vec<Arc<RowSet>>, S
 }
 
 /// [`Sink::prepare`] for the SQL sinks, in their boolean style.
-pub fn prepare(batch: &mut [Record], style: BoolStyle) {
+pub fn prepare(batch: &mut [Record], fmt: RowFormat) {
     for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
-        r.rows = rows::rows_of(r, style).ok().map(Arc::new);
+        r.rows = rows::rows_of(r, fmt).ok().map(Arc::new);
     }
 }
 
 #[async_trait]
 impl Sink for SqliteSink {
     fn prepare(&self, batch: &mut [Record]) {
-        prepare(batch, BoolStyle::Digit)
+        prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = convert(batch, BoolStyle::Digit)?;
+        let sets = convert(batch, self.format)?;
         // A return is stored about twice (`return` and `full_ret`).
         let wal_bytes = 2 * batch.iter().map(|r| r.event.body.len()).sum::<usize>();
         let conn = self.conn.clone();
