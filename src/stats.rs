@@ -64,6 +64,41 @@ pub struct Stats {
     /// Config reloads that took effect, and those refused as invalid.
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Log lines about bad bus input (malformed or oversized frames): a
+    /// hostile writer must not be able to turn 1 MB of junk into 100,000
+    /// log lines. The counters above still count every one.
+    pub bad_input_log: LogLimit,
+}
+
+/// At most [`LogLimit::PER_WINDOW`] log lines per [`LogLimit::WINDOW`] for
+/// one kind of report; the first line of the next window says how many were
+/// left out. By hand: `tracing` has no rate limit, and this is ten lines.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    /// (window start, lines logged in it, reports suppressed since the last line).
+    state: Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LogLimit {
+    pub const PER_WINDOW: u32 = 10;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(n)`: log this report, saying that `n` before it were not;
+    /// `None`: leave it out (it is counted for the next line).
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, lines, suppressed) = g.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= Self::WINDOW {
+            *start = now;
+            *lines = 0;
+        }
+        if *lines >= Self::PER_WINDOW {
+            *suppressed += 1;
+            return None;
+        }
+        *lines += 1;
+        Some(std::mem::take(suppressed))
+    }
 }
 
 /// What happened to the events one action was offered.
@@ -211,12 +246,15 @@ pub mod events {
         pub fn emit(&self, stats: &Stats) {
             stats.malformed.fetch_add(1, Relaxed);
             stats.garbage_bytes.fetch_add(self.skipped as u64, Relaxed);
-            tracing::warn!(
-                reason = self.reason,
-                skipped = self.skipped,
-                excerpt = self.excerpt,
-                "skipped malformed bus data"
-            );
+            if let Some(suppressed) = stats.bad_input_log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    reason = self.reason,
+                    skipped = self.skipped,
+                    excerpt = self.excerpt,
+                    suppressed,
+                    "skipped malformed bus data (suppressed: reports left out of the log since the last line; every one is counted in saltpipe_frames_malformed_total)"
+                );
+            }
         }
     }
 
@@ -229,11 +267,14 @@ pub mod events {
     impl FrameOversized {
         pub fn emit(&self, stats: &Stats) {
             stats.oversized.fetch_add(1, Relaxed);
-            tracing::error!(
-                len = self.len,
-                limit = self.limit,
-                "skipped an event larger than source.max_frame; raise it to keep such events"
-            );
+            if let Some(suppressed) = stats.bad_input_log.admit(std::time::Instant::now()) {
+                tracing::error!(
+                    len = self.len,
+                    limit = self.limit,
+                    suppressed,
+                    "skipped an event larger than source.max_frame; raise it to keep such events"
+                );
+            }
         }
     }
 
@@ -320,5 +361,45 @@ pub mod events {
                 "event refused by the sink, stored in the dead-letter table"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bad_input_logs_at_most_ten_lines_per_window_and_says_what_it_left_out() {
+        let l = LogLimit::default();
+        let t0 = Instant::now();
+        let logged: Vec<u64> = (0..10_000)
+            .filter_map(|i| l.admit(t0 + Duration::from_micros(i)))
+            .collect();
+        assert_eq!(logged, vec![0; 10], "ten lines in the first window");
+        // The next window's first line says how many were left out.
+        assert_eq!(
+            l.admit(t0 + LogLimit::WINDOW + Duration::from_secs(1)),
+            Some(9_990)
+        );
+        assert_eq!(
+            l.admit(t0 + LogLimit::WINDOW + Duration::from_secs(2)),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn counters_count_every_report_the_log_leaves_out() {
+        let stats = Stats::default();
+        for _ in 0..1000 {
+            events::FrameRejected {
+                reason: "not_a_frame",
+                skipped: 1,
+                excerpt: "c1",
+            }
+            .emit(&stats);
+        }
+        assert_eq!(stats.malformed.load(Relaxed), 1000);
+        assert_eq!(stats.garbage_bytes.load(Relaxed), 1000);
     }
 }

@@ -196,7 +196,7 @@ impl BusSource {
                     if stopped {
                         break;
                     }
-                    let partial = ingest.reset_stream();
+                    let partial = ingest.end_stream(now_ms());
                     events::BusDisconnected {
                         address: &address,
                         error: error.as_deref(),

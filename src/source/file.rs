@@ -46,7 +46,7 @@ impl Source for FileSource {
             ingest.process(now_ms());
             ingest.flush_wait().await?;
         }
-        let leftover = ingest.reset_stream();
+        let leftover = ingest.end_stream(now_ms());
         if leftover > 0 {
             tracing::warn!(
                 bytes = leftover,

@@ -350,8 +350,11 @@ impl Ingest {
         Ok(())
     }
 
-    /// Forgets a partial frame after the stream broke; returns its size.
-    pub fn reset_stream(&mut self) -> usize {
+    /// The stream ended (EOF or a dropped connection): takes the complete
+    /// frames still held, then forgets a partial one; returns its size.
+    pub fn end_stream(&mut self, received_ms: i64) -> usize {
+        self.framer.end_of_stream();
+        self.process(received_ms);
         let n = self.framer.buffered();
         self.framer.reset();
         n
