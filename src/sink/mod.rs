@@ -152,6 +152,11 @@ pub struct SinkConfig {
     /// With `keep`: move old rows to `jids_archive`, `salt_returns_archive`
     /// and `salt_events_archive` instead of deleting them (`archive_jobs`).
     pub archive: bool,
+    /// Map keys whose values are stored (and given to actions) as `"***"`,
+    /// at any depth of an event's data; a name also matches keys ending in
+    /// `_name` or `-name`, ignoring case. Unset: [`crate::redact::DEFAULT_KEYS`];
+    /// `[]` turns it off.
+    pub redact: Option<Vec<String>>,
 }
 
 impl Default for SinkConfig {
@@ -167,14 +172,21 @@ impl Default for SinkConfig {
             writers: None,
             keep: None,
             archive: false,
+            redact: None,
         }
     }
 }
 
-/// A password: kept out of `Debug` output and logs.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// A password: kept out of `Debug` output, logs and error messages (even
+/// a value of the wrong type is not echoed).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::redact::secret_string(d).map(Secret)
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -198,7 +210,10 @@ pub enum SinkUrl {
 impl SinkUrl {
     pub fn parse(s: &str) -> Result<SinkUrl, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            format!("`{s}` is not a URL; write e.g. sqlite:///var/lib/saltpipe/salt.db")
+            format!(
+                "`{}` is not a URL; write e.g. sqlite:///var/lib/saltpipe/salt.db",
+                crate::redact::url(s)
+            )
         })?;
         match scheme {
             "sqlite" => {
@@ -216,8 +231,9 @@ impl SinkUrl {
             "mysql" | "mariadb" => mysql::MysqlUrl::parse(s).map(SinkUrl::Mysql),
             #[cfg(feature = "postgres")]
             "postgres" | "postgresql" => postgres::PgUrl::parse(s).map(SinkUrl::Postgres),
-            other => Err(format!(
-                "unknown sink scheme `{other}`; this build supports: {}",
+            _ => Err(format!(
+                "unknown sink scheme in `{}`; this build supports: {}",
+                crate::redact::url(s),
                 SUPPORTED.join(", ")
             )),
         }
@@ -248,7 +264,7 @@ impl std::fmt::Display for SinkUrl {
 
 impl<'de> Deserialize<'de> for SinkUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = crate::redact::secret_string(d)?;
         SinkUrl::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -307,6 +323,14 @@ impl SinkConfig {
                 "archive moves rows older than `keep`: set keep too",
             ));
         }
+        if let Some(names) = &self.redact
+            && names.iter().any(|n| n.is_empty() || n.len() > 128)
+        {
+            return Err(ConfigError::invalid(
+                "sink.redact",
+                "each key name must be 1-128 characters",
+            ));
+        }
         Ok(())
     }
 
@@ -336,6 +360,14 @@ impl SinkConfig {
             _ => 2u32.min(self.pool_size),
         };
         self.writers.unwrap_or(default).max(1) as usize
+    }
+
+    /// What [`SinkConfig::redact`] hides.
+    pub fn redactor(&self) -> crate::redact::KeyRedactor {
+        match &self.redact {
+            Some(names) => crate::redact::KeyRedactor::new(names),
+            None => crate::redact::KeyRedactor::new(crate::redact::DEFAULT_KEYS),
+        }
     }
 
     pub fn master_id(&self) -> String {
@@ -439,18 +471,6 @@ impl Sink for Deferred {
             .await?
             .purge_chunk(older_than, archive, chunk)
             .await
-    }
-}
-
-/// A URL with its password replaced, for messages and logs.
-#[cfg(any(feature = "mysql", feature = "postgres"))]
-pub(crate) fn redact_password(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => s.to_owned(),
     }
 }
 
