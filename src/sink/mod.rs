@@ -514,6 +514,29 @@ mod tests {
         assert!(SinkUrl::parse("oracle://x").unwrap_err().contains("oracle"));
     }
 
+    /// The TLS modes that check the server's name are taken from the URL,
+    /// and shown (they are settings, not secrets).
+    #[cfg(all(feature = "mysql", feature = "postgres"))]
+    #[test]
+    fn tls_verification_modes_in_the_url() {
+        let pg =
+            "postgres://salt:pw@db.example:5432/salt?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        let u = SinkUrl::parse(pg).expect("verify-full");
+        assert_eq!(
+            u.to_string(),
+            "postgres://salt:***@db.example:5432/salt?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        );
+        let my = "mysql://salt@db.example:3306/salt?ssl-mode=VERIFY_IDENTITY&ssl-ca=/etc/ca.pem";
+        let u = SinkUrl::parse(my).expect("VERIFY_IDENTITY");
+        assert_eq!(u.to_string(), my);
+        let err = SinkUrl::parse("postgres://u@db/salt?sslmode=verify-everything")
+            .expect_err("unknown mode");
+        assert!(
+            err.contains("sslmode") || err.contains("verify-everything"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn passwords_from_config_env_or_file_and_never_shown() {
         use crate::config::from_str_with_env;
