@@ -25,6 +25,7 @@ pub mod msgpack;
 pub mod ops;
 pub mod pipeline;
 pub mod queue;
+pub mod redact;
 pub mod rules;
 pub mod sink;
 pub mod source;

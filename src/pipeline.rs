@@ -265,6 +265,7 @@ pub async fn start_workers_with(
     } else {
         cfg.worker.queues.clone()
     };
+    let redact = Arc::new(cfg.sink.redactor());
     let mut set = JoinSet::new();
     for q in queues {
         for _ in 0..cfg.worker.concurrency.max(1) {
@@ -273,7 +274,8 @@ pub async fn start_workers_with(
             let hold = cfg.worker.batch_max_events * (sink.writers() + 2);
             let consumer = cfg.queue.consumer_with(&q, hold).await?;
             let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
-                .with_queue_name(&q);
+                .with_queue_name(&q)
+                .with_redact(redact.clone());
             if let Some(a) = &actions {
                 w = w.with_actions(a.clone());
             }

@@ -46,6 +46,8 @@ pub struct Stats {
     pub sink_retries: AtomicU64,
     pub sink_failures: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Values hidden by `[sink] redact` (each key's value counts once).
+    pub redacted: AtomicU64,
     pub sink_latency_us_total: AtomicU64,
     /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
     pub oldest_unacked_ms: AtomicI64,
@@ -154,6 +156,7 @@ pub struct Snapshot {
     pub rows_ignored: u64,
     pub sink_retries: u64,
     pub dead_letters: u64,
+    pub redacted: u64,
     /// Total time spent in sink writes, ms.
     pub sink_busy_ms: u64,
     /// Action outcomes by action name (only outcomes that happened).
@@ -216,6 +219,7 @@ impl Stats {
             rows_ignored: self.rows_ignored.load(Relaxed),
             sink_retries: self.sink_retries.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
+            redacted: self.redacted.load(Relaxed),
             sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
             actions: self
                 .actions

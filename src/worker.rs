@@ -214,6 +214,8 @@ struct Writer {
     stats: Arc<Stats>,
     /// Offered each batch before its insert, never waited for.
     actions: Option<Actions>,
+    /// `[sink] redact`: applied as each event is decoded.
+    redact: Option<Arc<crate::redact::KeyRedactor>>,
 }
 
 /// How often a worker asks its queue how deep it is (for `/metrics`).
@@ -288,9 +290,16 @@ impl Worker {
                 cfg,
                 stats,
                 actions: None,
+                redact: None,
             },
             queue: None,
         }
+    }
+
+    /// Hides these keys' values in every event before actions and the sink see it.
+    pub fn with_redact(mut self, redact: Arc<crate::redact::KeyRedactor>) -> Worker {
+        self.writer.redact = (!redact.is_empty()).then_some(redact);
+        self
     }
 
     /// Offers each batch's events to these actions before writing it.
@@ -593,7 +602,7 @@ impl Writer {
         let mut records = Vec::with_capacity(batch.len());
         for d in batch {
             match Event::from_body(d.body.clone()) {
-                Ok(event) => records.push(Record::new(event, d.received_ms)),
+                Ok(event) => records.push(Record::new(self.redacted(event), d.received_ms)),
                 Err(e) => {
                     // The queue gave back bytes we did not put there: keep them aside.
                     tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
@@ -618,6 +627,18 @@ impl Writer {
             oldest,
             records,
         }))
+    }
+
+    /// The event with `[sink] redact`'s keys hidden, counted.
+    fn redacted(&self, event: Event) -> Event {
+        let Some(r) = &self.redact else {
+            return event;
+        };
+        let (event, n) = r.event(event);
+        if n > 0 {
+            self.stats.redacted.fetch_add(n, Relaxed);
+        }
+        event
     }
 
     /// Publishes the receive time of the oldest event still being written

@@ -101,7 +101,7 @@ impl Fixture {
         match (self.backend, &self.cfg.url) {
             #[cfg(feature = "redis")]
             (Backend::Redis, QueueUrl::Redis { url }) => {
-                let client = redis::Client::open(url.as_str()).expect("redis client");
+                let client = redis::Client::open(url.expose()).expect("redis client");
                 let mut c = client
                     .get_multiplexed_async_connection()
                     .await
@@ -115,9 +115,12 @@ impl Fixture {
             }
             #[cfg(feature = "amqp")]
             (Backend::Amqp, QueueUrl::Amqp { url }) => {
-                let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-                    .await
-                    .expect("amqp conn");
+                let conn = lapin::Connection::connect(
+                    url.expose(),
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .expect("amqp conn");
                 let ch = conn.create_channel().await.expect("channel");
                 for q in &self.queues {
                     let _ = ch
@@ -133,7 +136,7 @@ impl Fixture {
             }
             #[cfg(feature = "nats")]
             (Backend::Nats, QueueUrl::Nats { url }) => {
-                let client = async_nats::connect(url.as_str()).await.expect("nats conn");
+                let client = async_nats::connect(url.expose()).await.expect("nats conn");
                 let js = async_nats::jetstream::new(client);
                 for q in &self.queues {
                     let _ = js
@@ -525,9 +528,10 @@ async fn raw_publish(f: &Fixture, m: &Message, packed: bool) {
         QueueUrl::Amqp { url } => {
             use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
             use lapin::types::{AMQPValue, FieldTable};
-            let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-                .await
-                .expect("amqp conn");
+            let conn =
+                lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default())
+                    .await
+                    .expect("amqp conn");
             let ch = conn.create_channel().await.expect("channel");
             ch.confirm_select(ConfirmSelectOptions::default())
                 .await
@@ -563,7 +567,7 @@ async fn raw_publish(f: &Fixture, m: &Message, packed: bool) {
         }
         #[cfg(feature = "nats")]
         QueueUrl::Nats { url } => {
-            let client = async_nats::connect(url.as_str()).await.expect("nats conn");
+            let client = async_nats::connect(url.expose()).await.expect("nats conn");
             let js = async_nats::jetstream::new(client);
             let mut h = async_nats::HeaderMap::new();
             if packed {
@@ -584,7 +588,7 @@ async fn raw_publish(f: &Fixture, m: &Message, packed: bool) {
         }
         #[cfg(feature = "redis")]
         QueueUrl::Redis { url } => {
-            let client = redis::Client::open(url.as_str()).expect("redis client");
+            let client = redis::Client::open(url.expose()).expect("redis client");
             let mut c = client
                 .get_multiplexed_async_connection()
                 .await

@@ -4,6 +4,9 @@
 //! lettre on tokio with rustls on ring. The subject and the text are
 //! templates. Transient SMTP replies (4xx) and connection errors are
 //! retried; permanent ones (5xx: unknown recipient, auth refused) are not.
+//!
+//! Credentials never go over plain text to another machine: `validate`
+//! refuses `tls = "none"` with a username unless the relay is on loopback.
 
 use super::{Action, ActionError, Job, Templates};
 use async_trait::async_trait;
@@ -31,7 +34,7 @@ pub struct EmailConfig {
     pub username: Option<String>,
     /// The password; better `password_file`, so it stays out of the config.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<crate::sink::Secret>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     pub from: String,
@@ -82,8 +85,23 @@ impl EmailConfig {
         if (self.password.is_some() || self.password_file.is_some()) && self.username.is_none() {
             return Err("email: a password needs a username".into());
         }
+        if self.tls == TlsMode::None && self.username.is_some() && !is_loopback(&self.host) {
+            return Err(format!(
+                "email.tls = \"none\" with email.username would send the credentials in clear text to {}; use tls = \"starttls\" or \"tls\" (\"none\" is only for a relay on loopback)",
+                self.host
+            ));
+        }
         Ok(())
     }
+}
+
+/// `localhost` or a loopback address: the only places plain SMTP with a
+/// password may go (nothing on the wire to read).
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub struct Email {
@@ -135,7 +153,7 @@ impl Email {
         }
         if let Some(user) = &cfg.username {
             let password = match (&cfg.password, &cfg.password_file) {
-                (Some(p), _) => p.clone(),
+                (Some(p), _) => p.0.clone(),
                 (None, Some(f)) => std::fs::read_to_string(f)
                     .map_err(|e| perm(format!("email.password_file {}: {e}", f.display())))?
                     .trim_end_matches(['\n', '\r'])

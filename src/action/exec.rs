@@ -7,6 +7,12 @@
 //! children do not linger either. Exit 0
 //! is success; any other exit is retried, as a pager script failing to
 //! reach its service may pass later; a command that cannot start is not.
+//!
+//! The command starts with a clean environment: saltpipe's own holds
+//! database and broker passwords (`SALTPIPE_SINK_PASSWORD`, URLs with
+//! credentials), and a pager script has no business seeing them. It gets
+//! only [`PASSED`] (those set in saltpipe's environment) plus exactly what
+//! the action's `env` names.
 
 use super::{Action, ActionError, Job, Templates};
 use async_trait::async_trait;
@@ -37,6 +43,25 @@ impl ExecConfig {
     }
 }
 
+/// The variables of saltpipe's environment a command inherits (when set).
+pub const PASSED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL"];
+
+/// The command's whole environment: [`PASSED`] from `from`, then `extra`
+/// (which wins).
+pub fn child_env(
+    from: impl Fn(&str) -> Option<std::ffi::OsString>,
+    extra: &BTreeMap<String, String>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> = PASSED
+        .iter()
+        .filter_map(|k| from(k).map(|v| ((*k).into(), v)))
+        .collect();
+    for (k, v) in extra {
+        env.insert(k.into(), v.into());
+    }
+    env.into_iter().collect()
+}
+
 pub struct Exec {
     command: Vec<String>,
     env: BTreeMap<String, String>,
@@ -62,7 +87,8 @@ impl Action for Exec {
         };
         let mut child = tokio::process::Command::new(program)
             .args(args)
-            .envs(&self.env)
+            .env_clear()
+            .envs(child_env(|k| std::env::var_os(k), &self.env))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

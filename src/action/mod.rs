@@ -190,6 +190,13 @@ pub struct Job {
 }
 
 /// An action's templates, compiled once (when the config is checked).
+///
+/// A JSON body (a webhook whose content type is JSON) is auto-escaped as
+/// JSON: `{{ minion }}` renders as a JSON string, so a minion id or return
+/// holding `", "admin": true, "x": "` stays one value and cannot add keys.
+/// `| tojson` output is already JSON and is left as it is; a value wrongly
+/// put inside quotes (`"{{ minion }}"`) renders invalid JSON, which the
+/// webhook refuses to send.
 #[derive(Debug)]
 pub struct Templates {
     env: minijinja::Environment<'static>,
@@ -198,7 +205,23 @@ pub struct Templates {
 impl Templates {
     /// Compiles `(name, source)` pairs; the error names the template.
     pub fn new(sources: &[(&'static str, String)]) -> Result<Templates, String> {
+        Templates::with_json_body(sources, false)
+    }
+
+    /// Like [`Templates::new`]; with `json_body`, the `body` template
+    /// auto-escapes every value as JSON.
+    pub fn with_json_body(
+        sources: &[(&'static str, String)],
+        json_body: bool,
+    ) -> Result<Templates, String> {
         let mut env = minijinja::Environment::new();
+        env.set_auto_escape_callback(move |name| {
+            if json_body && name == "body" {
+                minijinja::AutoEscape::Json
+            } else {
+                minijinja::AutoEscape::None
+            }
+        });
         for (name, src) in sources {
             env.add_template_owned(*name, src.clone())
                 .map_err(|e| format!("{name} template: {e}"))?;
@@ -297,7 +320,11 @@ impl ActionConfig {
         if let Some(e) = &self.email {
             t.push(("subject", e.subject.clone()));
         }
-        Templates::new(&t)
+        #[cfg(feature = "action-webhook")]
+        let json_body = self.webhook.as_ref().is_some_and(|w| w.is_json());
+        #[cfg(not(feature = "action-webhook"))]
+        let json_body = false;
+        Templates::with_json_body(&t, json_body)
     }
 
     /// Builds the sender (no I/O: clients connect on first use).

@@ -35,6 +35,14 @@ fn split(var: &str) -> Option<(&'static str, String)> {
     None
 }
 
+/// Keys whose value is always taken as written, never as a TOML value: a
+/// password of digits (`SALTPIPE_SINK_PASSWORD=12345`) is still a password.
+fn is_text_key(key: &str) -> bool {
+    ["password", "url", "token", "secret"]
+        .iter()
+        .any(|k| key == *k || key.ends_with(&format!("_{k}")))
+}
+
 fn value_of(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
@@ -66,7 +74,12 @@ pub fn apply(
                 message: format!("[{section}] is not a table in the file"),
             });
         };
-        t.insert(key, value_of(raw));
+        let value = if is_text_key(&key) {
+            toml::Value::String(raw.clone())
+        } else {
+            value_of(raw)
+        };
+        t.insert(key, value);
         applied.push(var.clone());
     }
     Ok(applied)
@@ -91,6 +104,22 @@ mod tests {
             value_of("mysql://u:p@h/db"),
             toml::Value::String("mysql://u:p@h/db".into())
         );
+    }
+
+    #[test]
+    fn a_password_of_digits_stays_a_string() {
+        let mut t = toml::Table::new();
+        apply(
+            &mut t,
+            &[
+                ("SALTPIPE_SINK_PASSWORD".into(), "12345".into()),
+                ("SALTPIPE_SINK_POOL_SIZE".into(), "7".into()),
+            ],
+        )
+        .expect("applied");
+        let sink = t["sink"].as_table().expect("table");
+        assert_eq!(sink["password"], toml::Value::String("12345".into()));
+        assert_eq!(sink["pool_size"], toml::Value::Integer(7));
     }
 
     #[test]

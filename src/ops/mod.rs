@@ -293,6 +293,11 @@ fn publish(s: &Stats) {
         s.dead_letters.load(Relaxed),
     );
     c(
+        "saltpipe_redacted_values_total",
+        "Values hidden as \"***\" by [sink] redact before storing and actions.",
+        s.redacted.load(Relaxed),
+    );
+    c(
         "saltpipe_sink_latency_microseconds_total",
         "Time spent writing batches; divide by saltpipe_batches_total for the mean.",
         s.sink_latency_us_total.load(Relaxed),

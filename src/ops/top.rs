@@ -93,9 +93,10 @@ pub fn parse(text: &str) -> Scrape {
 }
 
 async fn fetch(client: &reqwest::Client, url: &str) -> Result<Scrape, OpsError> {
+    // reqwest's messages name the URL: shown only redacted.
     let err = |e: reqwest::Error| OpsError::Scrape {
-        url: url.to_owned(),
-        message: e.to_string(),
+        url: crate::redact::url(url),
+        message: e.without_url().to_string(),
     };
     let text = client
         .get(url)
@@ -235,9 +236,11 @@ pub async fn run(url: &str, interval: Duration, count: Option<u64>) -> Result<()
         .timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| OpsError::Scrape {
-            url: url.to_owned(),
-            message: e.to_string(),
+            url: crate::redact::url(url),
+            message: e.without_url().to_string(),
         })?;
+    // A metrics URL may carry basic-auth credentials: drawn only redacted.
+    let shown_url = crate::redact::url(url);
     let mut previous: Option<(Scrape, Instant)> = None;
     let mut shown = 0u64;
     let mut out = std::io::stdout();
@@ -246,7 +249,7 @@ pub async fn run(url: &str, interval: Duration, count: Option<u64>) -> Result<()
             Ok(now) => {
                 let t = Instant::now();
                 let s = render(
-                    url,
+                    &shown_url,
                     &now,
                     previous
                         .as_ref()
@@ -256,7 +259,7 @@ pub async fn run(url: &str, interval: Duration, count: Option<u64>) -> Result<()
                 s
             }
             Err(e) => format!(
-                "saltpipe top  {url}\n\n{e}\n\nretrying every {}s\n",
+                "saltpipe top  {shown_url}\n\n{e}\n\nretrying every {}s\n",
                 interval.as_secs_f64()
             ),
         };

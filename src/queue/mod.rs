@@ -182,19 +182,22 @@ pub enum QueueUrl {
     Embedded { dir: PathBuf },
     /// `redis://[user:pass@]host:port[/db]` (or `rediss://`): Redis Streams.
     #[cfg(feature = "redis")]
-    Redis { url: String },
+    Redis { url: crate::redact::SecretUrl },
     /// `amqp://user:pass@host:port/vhost` (or `amqps://`): RabbitMQ.
     #[cfg(feature = "amqp")]
-    Amqp { url: String },
+    Amqp { url: crate::redact::SecretUrl },
     /// `nats://[user:pass@]host:port` (or `tls://`): NATS JetStream.
     #[cfg(feature = "nats")]
-    Nats { url: String },
+    Nats { url: crate::redact::SecretUrl },
 }
 
 impl QueueUrl {
     pub fn parse(s: &str) -> Result<QueueUrl, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            format!("`{s}` is not a URL; write e.g. embedded:///var/lib/saltpipe/queue")
+            format!(
+                "`{}` is not a URL; write e.g. embedded:///var/lib/saltpipe/queue",
+                crate::redact::url(s)
+            )
         })?;
         match scheme {
             "embedded" => {
@@ -211,26 +214,33 @@ impl QueueUrl {
             "redis" | "rediss" => {
                 check_broker_url(s)?;
                 #[cfg(feature = "redis")]
-                return Ok(QueueUrl::Redis { url: s.to_owned() });
+                return Ok(QueueUrl::Redis {
+                    url: crate::redact::SecretUrl::new(s),
+                });
                 #[cfg(not(feature = "redis"))]
                 return Err(missing_feature(scheme, "redis"));
             }
             "amqp" | "amqps" => {
                 check_broker_url(s)?;
                 #[cfg(feature = "amqp")]
-                return Ok(QueueUrl::Amqp { url: s.to_owned() });
+                return Ok(QueueUrl::Amqp {
+                    url: crate::redact::SecretUrl::new(s),
+                });
                 #[cfg(not(feature = "amqp"))]
                 return Err(missing_feature(scheme, "amqp"));
             }
             "nats" | "tls" => {
                 check_broker_url(s)?;
                 #[cfg(feature = "nats")]
-                return Ok(QueueUrl::Nats { url: s.to_owned() });
+                return Ok(QueueUrl::Nats {
+                    url: crate::redact::SecretUrl::new(s),
+                });
                 #[cfg(not(feature = "nats"))]
                 return Err(missing_feature(scheme, "nats"));
             }
-            other => Err(format!(
-                "unknown queue scheme `{other}`; known: embedded, redis, amqp, nats"
+            _ => Err(format!(
+                "unknown queue scheme in `{}`; known: embedded, redis, amqp, nats",
+                crate::redact::url(s)
             )),
         }
     }
@@ -254,16 +264,10 @@ fn check_broker_url(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The URL with any password replaced, for logs and messages.
+/// The URL as it may be shown: see [`crate::redact::url`], the one place
+/// that decides.
 pub fn redact(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => s.to_owned(),
-        Err(_) => "<unparsable url>".to_owned(),
-    }
+    crate::redact::url(s)
 }
 
 impl std::fmt::Display for QueueUrl {
@@ -271,18 +275,18 @@ impl std::fmt::Display for QueueUrl {
         match self {
             QueueUrl::Embedded { dir } => write!(f, "embedded://{}", dir.display()),
             #[cfg(feature = "redis")]
-            QueueUrl::Redis { url } => f.write_str(&redact(url)),
+            QueueUrl::Redis { url } => url.fmt(f),
             #[cfg(feature = "amqp")]
-            QueueUrl::Amqp { url } => f.write_str(&redact(url)),
+            QueueUrl::Amqp { url } => url.fmt(f),
             #[cfg(feature = "nats")]
-            QueueUrl::Nats { url } => f.write_str(&redact(url)),
+            QueueUrl::Nats { url } => url.fmt(f),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for QueueUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = crate::redact::secret_string(d)?;
         QueueUrl::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -322,11 +326,17 @@ impl QueueConfig {
                 Ok(Arc::new(embedded::Embedded::open(dir, self.sync).await?))
             }
             #[cfg(feature = "redis")]
-            QueueUrl::Redis { url } => Ok(Arc::new(redis::RedisQueue::connect(url, self).await?)),
+            QueueUrl::Redis { url } => Ok(Arc::new(
+                redis::RedisQueue::connect(url.expose(), self).await?,
+            )),
             #[cfg(feature = "amqp")]
-            QueueUrl::Amqp { url } => Ok(Arc::new(amqp::AmqpProducer::connect(url, self).await?)),
+            QueueUrl::Amqp { url } => Ok(Arc::new(
+                amqp::AmqpProducer::connect(url.expose(), self).await?,
+            )),
             #[cfg(feature = "nats")]
-            QueueUrl::Nats { url } => Ok(Arc::new(nats::NatsProducer::connect(url, self).await?)),
+            QueueUrl::Nats { url } => Ok(Arc::new(
+                nats::NatsProducer::connect(url.expose(), self).await?,
+            )),
         }
     }
 
@@ -377,18 +387,18 @@ impl QueueConfig {
             )),
             #[cfg(feature = "redis")]
             QueueUrl::Redis { url } => Ok(Box::new(
-                redis::RedisQueue::connect(url, self)
+                redis::RedisQueue::connect(url.expose(), self)
                     .await?
                     .consumer(queue)
                     .await?,
             )),
             #[cfg(feature = "amqp")]
             QueueUrl::Amqp { url } => Ok(Box::new(
-                amqp::AmqpConsumer::connect(url, self, queue, prefetch).await?,
+                amqp::AmqpConsumer::connect(url.expose(), self, queue, prefetch).await?,
             )),
             #[cfg(feature = "nats")]
             QueueUrl::Nats { url } => Ok(Box::new(
-                nats::NatsConsumer::connect(url, self, queue, prefetch).await?,
+                nats::NatsConsumer::connect(url.expose(), self, queue, prefetch).await?,
             )),
         }
     }
@@ -422,7 +432,7 @@ mod tests {
         assert!(u.is_broker());
         assert!(!u.to_string().contains("s3cret"), "{u}");
         let u = QueueUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").expect("amqp");
-        assert_eq!(u.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(u.to_string(), "amqp://***@127.0.0.1:5672/%2f");
         let u = QueueUrl::parse("nats://127.0.0.1:4222").expect("nats");
         assert_eq!(u.to_string(), "nats://127.0.0.1:4222");
         assert!(QueueUrl::parse("redis://").is_err(), "no host");

@@ -55,12 +55,46 @@ pub fn subject(prefix: &str, queue: &str) -> String {
 }
 
 async fn connect(url: &str) -> Result<async_nats::Client, QueueError> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(CONNECT_TIMEOUT)
+    let (server, credentials) = split_credentials(url)?;
+    let mut opts = async_nats::ConnectOptions::new();
+    match credentials {
+        Credentials::None => {}
+        Credentials::Token(t) => opts = opts.token(t),
+        Credentials::UserPassword(u, p) => opts = opts.user_and_password(u, p),
+    }
+    opts.connection_timeout(CONNECT_TIMEOUT)
         .max_reconnects(None)
-        .connect(url)
+        .connect(server.as_str())
         .await
         .map_err(conn_err)
+}
+
+/// What the URL's user info held.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    None,
+    Token(String),
+    UserPassword(String, String),
+}
+
+/// The server URL without its user info, and the credentials it held
+/// (taken as async-nats takes them: as written, not percent-decoded).
+/// async-nats logs the server URL it dials at debug level, user info and
+/// all; handed over through the connect options instead, a token or
+/// password never reaches a log line.
+fn split_credentials(url: &str) -> Result<(url::Url, Credentials), QueueError> {
+    let mut u = url::Url::parse(url)
+        .map_err(|e| QueueError::Config(format!("{}: {e}", crate::redact::url(url))))?;
+    let user = u.username().to_owned();
+    let credentials = match (user.is_empty(), u.password()) {
+        (true, None) => Credentials::None,
+        (false, None) => Credentials::Token(user),
+        (_, Some(p)) => Credentials::UserPassword(user, p.to_owned()),
+    };
+    // Only fails for URLs that cannot have user info, which then had none.
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    Ok((u, credentials))
 }
 
 async fn ensure_stream(
@@ -274,5 +308,23 @@ impl Consumer for NatsConsumer {
         let info = self.consumer.info().await.map_err(conn_err)?;
         // JetStream counts containers; the gauge is in events.
         Ok(Some(self.ledger.estimate(info.num_pending)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (u, c) = split_credentials("nats://tok@127.0.0.1:4222").expect("token");
+        assert_eq!(u.as_str(), "nats://127.0.0.1:4222");
+        assert_eq!(c, Credentials::Token("tok".into()));
+        let (u, c) = split_credentials("tls://u:p@h:4222").expect("user");
+        assert_eq!(u.as_str(), "tls://h:4222");
+        assert_eq!(c, Credentials::UserPassword("u".into(), "p".into()));
+        let (u, c) = split_credentials("nats://h:4222").expect("none");
+        assert_eq!(u.as_str(), "nats://h:4222");
+        assert_eq!(c, Credentials::None);
     }
 }

@@ -158,6 +158,11 @@ pub struct SinkConfig {
     /// mysql returner's `mediumtext` columns hold.
     #[serde(deserialize_with = "crate::config::human::size")]
     pub max_return_size: u64,
+    /// Map keys whose values are stored (and given to actions) as `"***"`,
+    /// at any depth of an event's data; a name also matches keys ending in
+    /// `_name` or `-name`, ignoring case. Unset: [`crate::redact::DEFAULT_KEYS`];
+    /// `[]` turns it off.
+    pub redact: Option<Vec<String>>,
 }
 
 /// `sink.max_return_size` by default: MySQL's `mediumtext`.
@@ -177,14 +182,21 @@ impl Default for SinkConfig {
             keep: None,
             archive: false,
             max_return_size: DEFAULT_MAX_RETURN_SIZE as u64,
+            redact: None,
         }
     }
 }
 
-/// A password: kept out of `Debug` output and logs.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// A password: kept out of `Debug` output, logs and error messages (even
+/// a value of the wrong type is not echoed).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::redact::secret_string(d).map(Secret)
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,7 +220,10 @@ pub enum SinkUrl {
 impl SinkUrl {
     pub fn parse(s: &str) -> Result<SinkUrl, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            format!("`{s}` is not a URL; write e.g. sqlite:///var/lib/saltpipe/salt.db")
+            format!(
+                "`{}` is not a URL; write e.g. sqlite:///var/lib/saltpipe/salt.db",
+                crate::redact::url(s)
+            )
         })?;
         match scheme {
             "sqlite" => {
@@ -226,8 +241,9 @@ impl SinkUrl {
             "mysql" | "mariadb" => mysql::MysqlUrl::parse(s).map(SinkUrl::Mysql),
             #[cfg(feature = "postgres")]
             "postgres" | "postgresql" => postgres::PgUrl::parse(s).map(SinkUrl::Postgres),
-            other => Err(format!(
-                "unknown sink scheme `{other}`; this build supports: {}",
+            _ => Err(format!(
+                "unknown sink scheme in `{}`; this build supports: {}",
+                crate::redact::url(s),
                 SUPPORTED.join(", ")
             )),
         }
@@ -258,7 +274,7 @@ impl std::fmt::Display for SinkUrl {
 
 impl<'de> Deserialize<'de> for SinkUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = crate::redact::secret_string(d)?;
         SinkUrl::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -323,6 +339,14 @@ impl SinkConfig {
                 "archive moves rows older than `keep`: set keep too",
             ));
         }
+        if let Some(names) = &self.redact
+            && names.iter().any(|n| n.is_empty() || n.len() > 128)
+        {
+            return Err(ConfigError::invalid(
+                "sink.redact",
+                "each key name must be 1-128 characters",
+            ));
+        }
         Ok(())
     }
 
@@ -357,6 +381,14 @@ impl SinkConfig {
     /// `max_return_size` as a length in bytes.
     pub fn max_json(&self) -> usize {
         usize::try_from(self.max_return_size).unwrap_or(usize::MAX)
+    }
+
+    /// What [`SinkConfig::redact`] hides.
+    pub fn redactor(&self) -> crate::redact::KeyRedactor {
+        match &self.redact {
+            Some(names) => crate::redact::KeyRedactor::new(names),
+            None => crate::redact::KeyRedactor::new(crate::redact::DEFAULT_KEYS),
+        }
     }
 
     pub fn master_id(&self) -> String {
@@ -465,18 +497,6 @@ impl Sink for Deferred {
     }
 }
 
-/// A URL with its password replaced, for messages and logs.
-#[cfg(any(feature = "mysql", feature = "postgres"))]
-pub(crate) fn redact_password(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => s.to_owned(),
-    }
-}
-
 /// The machine's host name, for `master_id`.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -515,6 +535,29 @@ mod tests {
             Ok(SinkUrl::Postgres(_))
         ));
         assert!(SinkUrl::parse("oracle://x").unwrap_err().contains("oracle"));
+    }
+
+    /// The TLS modes that check the server's name are taken from the URL,
+    /// and shown (they are settings, not secrets).
+    #[cfg(all(feature = "mysql", feature = "postgres"))]
+    #[test]
+    fn tls_verification_modes_in_the_url() {
+        let pg =
+            "postgres://salt:pw@db.example:5432/salt?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        let u = SinkUrl::parse(pg).expect("verify-full");
+        assert_eq!(
+            u.to_string(),
+            "postgres://salt:***@db.example:5432/salt?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        );
+        let my = "mysql://salt@db.example:3306/salt?ssl-mode=VERIFY_IDENTITY&ssl-ca=/etc/ca.pem";
+        let u = SinkUrl::parse(my).expect("VERIFY_IDENTITY");
+        assert_eq!(u.to_string(), my);
+        let err = SinkUrl::parse("postgres://u@db/salt?sslmode=verify-everything")
+            .expect_err("unknown mode");
+        assert!(
+            err.contains("sslmode") || err.contains("verify-everything"),
+            "{err}"
+        );
     }
 
     #[test]

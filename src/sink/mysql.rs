@@ -50,11 +50,11 @@ impl MysqlUrl {
             None => s.to_owned(),
         };
         let opts = MySqlConnectOptions::from_str(&url)
-            .map_err(|e| format!("bad MySQL URL {}: {e}", super::redact_password(&url)))?;
+            .map_err(|e| format!("bad MySQL URL {}: {e}", crate::redact::url(&url)))?;
         if opts.get_database().is_none_or(str::is_empty) {
             return Err(format!(
                 "{}: name the database, e.g. mysql://salt@db.example:3306/salt",
-                super::redact_password(&url)
+                crate::redact::url(&url)
             ));
         }
         Ok(MysqlUrl { url })
@@ -79,7 +79,7 @@ impl std::fmt::Debug for MysqlUrl {
 
 impl std::fmt::Display for MysqlUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&super::redact_password(&self.url))
+        f.write_str(&crate::redact::url(&self.url))
     }
 }
 

@@ -47,11 +47,11 @@ impl PgUrl {
     /// Checks the URL without connecting.
     pub fn parse(s: &str) -> Result<PgUrl, String> {
         let opts = PgConnectOptions::from_str(s)
-            .map_err(|e| format!("bad PostgreSQL URL {}: {e}", super::redact_password(s)))?;
+            .map_err(|e| format!("bad PostgreSQL URL {}: {e}", crate::redact::url(s)))?;
         if opts.get_database().is_none_or(str::is_empty) {
             return Err(format!(
                 "{}: name the database, e.g. postgres://salt@db.example:5432/salt",
-                super::redact_password(s)
+                crate::redact::url(s)
             ));
         }
         Ok(PgUrl { url: s.to_owned() })
@@ -77,7 +77,7 @@ impl std::fmt::Debug for PgUrl {
 
 impl std::fmt::Display for PgUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&super::redact_password(&self.url))
+        f.write_str(&crate::redact::url(&self.url))
     }
 }
 

@@ -159,11 +159,11 @@ pub fn write_config_sink(
 fn raw_url(q: &QueueConfig) -> String {
     match &q.url {
         #[cfg(feature = "redis")]
-        QueueUrl::Redis { url } => url.clone(),
+        QueueUrl::Redis { url } => url.expose().to_owned(),
         #[cfg(feature = "amqp")]
-        QueueUrl::Amqp { url } => url.clone(),
+        QueueUrl::Amqp { url } => url.expose().to_owned(),
         #[cfg(feature = "nats")]
-        QueueUrl::Nats { url } => url.clone(),
+        QueueUrl::Nats { url } => url.expose().to_owned(),
         other => other.to_string(),
     }
 }

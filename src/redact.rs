@@ -1,0 +1,591 @@
+//! Secrets kept out of every output: URLs shown without what they carry.
+//!
+//! Why one place: saltpipe is handed database and broker URLs that often
+//! hold a password (in the user info, as `?password=`, or as a NATS token
+//! `nats://TOKEN@host`), and webhook URLs whose path *is* the secret (Slack
+//! `hooks.slack.com/services/T../B../XXXX`, Discord `/api/webhooks/<id>/<token>`,
+//! Teams). Each of those reaches logs, `saltpipe validate`, error messages
+//! and `top`. Every URL-carrying config type ([`SecretUrl`], the sink and
+//! queue URL types) prints itself only through [`url`], so no code path can
+//! show the raw text, whatever shape it has.
+//!
+//! Why by hand and lexical: the `url` crate (and sqlx's own parsers) refuse
+//! exactly the URLs that leaked (`postgres://u:pw@db:99999/x`, a password
+//! with an unescaped `/` or `#`), and a parser's idea of where the user info
+//! ends is not the one a mistyped URL meant. So [`url`] reads the text
+//! itself and, where it is ambiguous, shows less: when in doubt, only the
+//! scheme. No crate does this (redaction crates wrap values in a type; they
+//! do not take a string apart).
+//!
+//! The second half is about stored data: Salt's job loads and returns can
+//! carry secrets of their own (an eauth `password` or `token` in a job's
+//! `kwargs`, pillar passed on the command line as `pillar='{"db_password":
+//! ...}'`). [`KeyRedactor`] replaces the value of every map key it names,
+//! at any depth, by `"***"` in the event's msgpack before anything reads
+//! it, so the stored `load`, `full_ret`, `salt_events.data`, the dead
+//! letters and every action's payload get the same redacted text. It works
+//! on the msgpack (through the walker's public [`Reader`]) rather than
+//! inside the JSON transcoder, so it stays out of that hot code: an event
+//! without such a key is left untouched and shared, not copied.
+
+use crate::msgpack::{self, Item, Reader, WalkError};
+use std::borrow::Cow;
+
+/// Query keys whose values are shown: settings, never credentials. Any
+/// other key's value is shown as `***` (an allow list, so a secret under a
+/// name we did not think of is hidden too).
+const SAFE_QUERY_KEYS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "ssl-ca",
+    "ssl-cert",
+    "ssl-key",
+    "tls",
+    "insecure",
+    "application_name",
+    "connect_timeout",
+    "connection_timeout",
+    "statement-cache-capacity",
+    "charset",
+    "collation",
+    "timezone",
+    "socket",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "target_session_attrs",
+    "heartbeat",
+    "frame_max",
+    "channel_max",
+    "protocol",
+    "db",
+];
+
+/// Schemes whose user info is `user[:password]`: the user name is shown.
+/// For any other scheme the whole user info is hidden, as it may be a
+/// token (`nats://TOKEN@host`).
+const USER_SCHEMES: &[&str] = &["postgres", "postgresql", "mysql", "mariadb"];
+
+/// Shown in place of a secret.
+pub const MASK: &str = "***";
+
+/// `s` as it may be shown: the password and token in the user info, the
+/// value of every query key not in a short list of settings, the fragment,
+/// and for `http(s)` the whole path and query (webhook URLs carry their
+/// secret there) replaced by `***`. Text that is not a URL at all becomes
+/// `***`; a URL whose parts cannot be told apart for sure (an `@` after
+/// the host) becomes `scheme://***`.
+pub fn url(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return MASK.to_owned();
+    };
+    let scheme_ok = !scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return MASK.to_owned();
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    if tail.contains('@') {
+        // An `@` past the host: a password holding `/`, `?` or `#`
+        // unescaped, or something stranger. Nothing after the scheme is
+        // known not to be part of it.
+        return format!("{scheme}://{MASK}");
+    }
+    let mut out = format!("{scheme}://");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            if USER_SCHEMES.contains(&scheme.as_str()) {
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push(':');
+                        out.push_str(MASK);
+                    }
+                    None => out.push_str(userinfo),
+                }
+            } else {
+                // A broker's or webhook's user info may be a token alone,
+                // itself holding a `:`: none of it is shown.
+                out.push_str(MASK);
+            }
+            out.push('@');
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
+    if tail.is_empty() {
+        return out;
+    }
+    if scheme == "http" || scheme == "https" {
+        // Webhook URLs: the path and the query are the credential.
+        if tail != "/" {
+            out.push('/');
+            out.push_str(MASK);
+        } else {
+            out.push('/');
+        }
+        return out;
+    }
+    let (before_fragment, fragment) = match tail.split_once('#') {
+        Some((b, _)) => (b, true),
+        None => (tail, false),
+    };
+    let (path, query) = match before_fragment.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (before_fragment, None),
+    };
+    out.push_str(path);
+    if let Some(q) = query {
+        out.push('?');
+        let parts: Vec<Cow<'_, str>> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if SAFE_QUERY_KEYS.contains(&k.to_ascii_lowercase().as_str()) => {
+                    Cow::Borrowed(kv)
+                }
+                Some((k, _)) if is_plain_key(k) => Cow::Owned(format!("{k}={MASK}")),
+                _ if kv.is_empty() => Cow::Borrowed(""),
+                _ => Cow::Borrowed(MASK),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    if fragment {
+        out.push('#');
+        out.push_str(MASK);
+    }
+    out
+}
+
+/// A query key worth showing: a name, not a stray piece of a value.
+fn is_plain_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 64
+        && k.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
+}
+
+/// The key names `[sink] redact` holds when it is not set: the credentials
+/// Salt itself can carry in a job's load (`salt/client` pops `eauth`,
+/// `username`, `password` and `token` into the publish; the master keeps
+/// `kwargs` in the saved load) plus the usual names of secrets in pillar.
+pub const DEFAULT_KEYS: &[&str] = &[
+    "password",
+    "passwd",
+    "token",
+    "secret",
+    "private_key",
+    "api_key",
+    "apikey",
+    "client_secret",
+    "secret_key",
+    "access_key",
+];
+
+/// msgpack of the string `***`, written in place of a redacted value.
+const MASK_MSGPACK: &[u8] = &[0xa3, b'*', b'*', b'*'];
+
+/// Replaces the values of chosen map keys, at any depth, by `"***"`.
+///
+/// A key matches a name when it equals it or ends with `_name` or `-name`,
+/// ignoring case: `password` also hides `db_password` and `DB-Password`.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRedactor {
+    names: Vec<String>,
+}
+
+impl KeyRedactor {
+    pub fn new<S: AsRef<str>>(names: &[S]) -> KeyRedactor {
+        KeyRedactor {
+            names: names
+                .iter()
+                .map(|n| n.as_ref().to_ascii_lowercase())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Whether the value under this map key is hidden.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        if key.len() > 256 {
+            return false;
+        }
+        let Ok(key) = std::str::from_utf8(key) else {
+            return false;
+        };
+        let key = key.to_ascii_lowercase();
+        self.names.iter().any(|n| {
+            key == *n
+                || key
+                    .strip_suffix(n.as_str())
+                    .is_some_and(|head| head.ends_with(['_', '-']))
+        })
+    }
+
+    /// The msgpack `data` with every matching key's value replaced, and how
+    /// many were; `None` when nothing matched (the caller keeps `data`).
+    pub fn redact_msgpack(&self, data: &[u8]) -> Result<Option<(Vec<u8>, u64)>, WalkError> {
+        if self.names.is_empty() {
+            return Ok(None);
+        }
+        let mut hidden = Vec::new();
+        let mut r = Reader::new(data);
+        self.collect(&mut r, 0, &mut hidden)?;
+        if hidden.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(data.len());
+        let mut at = 0;
+        for range in &hidden {
+            out.extend_from_slice(data.get(at..range.start).ok_or(WalkError::Truncated)?);
+            out.extend_from_slice(MASK_MSGPACK);
+            at = range.end;
+        }
+        out.extend_from_slice(data.get(at..).ok_or(WalkError::Truncated)?);
+        Ok(Some((out, hidden.len() as u64)))
+    }
+
+    /// Finds the byte ranges of the values to hide, in order, never nested.
+    fn collect(
+        &self,
+        r: &mut Reader<'_>,
+        depth: usize,
+        hidden: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<(), WalkError> {
+        if depth > msgpack::MAX_DEPTH {
+            return Err(WalkError::TooDeep);
+        }
+        match r.item()? {
+            Item::Array(n) => {
+                for _ in 0..n {
+                    self.collect(r, depth + 1, hidden)?;
+                }
+            }
+            Item::Map(n) => {
+                for _ in 0..n {
+                    let key_at = r.clone();
+                    let key = r.skip()?;
+                    let name = match Reader::new(key).item() {
+                        Ok(Item::Str(s)) | Ok(Item::Bin(s)) => Some(s),
+                        _ => None,
+                    };
+                    if name.is_none() {
+                        // A map or array used as a key: look inside it too.
+                        let mut k = key_at;
+                        self.collect(&mut k, depth + 1, hidden)?;
+                    }
+                    let start = r.position();
+                    if name.is_some_and(|k| self.matches(k)) {
+                        r.skip()?;
+                        hidden.push(start..r.position());
+                    } else {
+                        self.collect(r, depth + 1, hidden)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The event with its secrets hidden (the same event, not a copy, when
+    /// it has none), and how many values were hidden. An event whose data
+    /// cannot be walked is returned as it is: the sink reports it.
+    pub fn event(&self, e: crate::event::Event) -> (crate::event::Event, u64) {
+        let data = e.data();
+        let Ok(Some((new_data, n))) = self.redact_msgpack(data) else {
+            return (e, 0);
+        };
+        let tag = e.tag();
+        let mut body = Vec::with_capacity(tag.len() + 2 + new_data.len());
+        body.extend_from_slice(tag.as_bytes());
+        body.extend_from_slice(b"\n\n");
+        body.extend_from_slice(&new_data);
+        match crate::event::Event::from_body(bytes::Bytes::from(body)) {
+            Ok(redacted) => (redacted, n),
+            Err(_) => (e, 0),
+        }
+    }
+}
+
+/// A URL that may carry a secret: the raw text is only reachable through
+/// [`SecretUrl::expose`]; `Debug` and `Display` show [`url`]'s form.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(s: impl Into<String>) -> SecretUrl {
+        SecretUrl(s.into())
+    }
+
+    /// The URL as written, for the client that connects with it. Never
+    /// format this into a message.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&url(&self.0))
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{}\"", url(&self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        secret_string(d).map(SecretUrl)
+    }
+}
+
+/// Deserializes a string without ever echoing the value in an error: a
+/// password written as a bare number (`password = 12345`) would otherwise
+/// come back in serde's "invalid type: integer `12345`" message.
+pub fn secret_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+            Err(not_a_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+            Err(not_a_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+            Err(not_a_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+            Err(not_a_string())
+        }
+    }
+    fn not_a_string<E: serde::de::Error>() -> E {
+        E::custom("expected a string (put the value in quotes); the value is not shown")
+    }
+    d.deserialize_string(V)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn each_shape() {
+        let cases = [
+            // Does not parse (port out of range): still redacted.
+            (
+                "postgres://salt:pw@db:99999/salt",
+                "postgres://salt:***@db:99999/salt",
+            ),
+            (
+                "mysql://salt:pw@db:99999/salt",
+                "mysql://salt:***@db:99999/salt",
+            ),
+            (
+                "postgres://salt@db/salt?password=pw&sslmode=verify-full",
+                "postgres://salt@db/salt?password=***&sslmode=verify-full",
+            ),
+            (
+                "mysql://salt@db/salt?pass=pw&token=pw&secret=pw&key=pw&sig=pw&ssl-mode=VERIFY_IDENTITY",
+                "mysql://salt@db/salt?pass=***&token=***&secret=***&key=***&sig=***&ssl-mode=VERIFY_IDENTITY",
+            ),
+            ("nats://tok@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+            ("nats://u:pw@h:4222", "nats://***@h:4222"),
+            (
+                "redis://:pw@127.0.0.1:6379/0",
+                "redis://***@127.0.0.1:6379/0",
+            ),
+            ("amqp://guest:pw@h:5672/%2f", "amqp://***@h:5672/%2f"),
+            (
+                "https://hooks.slack.com/services/T000/B000/XXXX",
+                "https://hooks.slack.com/***",
+            ),
+            (
+                "https://discord.com/api/webhooks/123/tok",
+                "https://discord.com/***",
+            ),
+            (
+                "https://x.webhook.office.com/webhookb2/a@b/IncomingWebhook/c/d",
+                "https://***",
+            ),
+            ("https://h.example/?code=pw", "https://h.example/***"),
+            ("https://h.example/", "https://h.example/"),
+            ("https://h.example", "https://h.example"),
+            // A password with an unescaped `/`: the `@` comes after the host.
+            ("redis://u:p/w@h:6379", "redis://***"),
+            ("postgres://salt:p#w@db/salt", "postgres://***"),
+            ("postgres://salt:p?w@db/salt", "postgres://***"),
+            ("postgres://db/salt#frag", "postgres://db/salt#***"),
+            ("postgres://db/salt?bare", "postgres://db/salt?***"),
+            ("salt:pw@db/salt", "***"),
+            ("sa:pw@x://y", "***"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(url(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn secret_url_never_formats_raw() {
+        let u = SecretUrl::new("nats://tok@h:4222");
+        assert_eq!(u.to_string(), "nats://***@h:4222");
+        assert_eq!(format!("{u:?}"), "\"nats://***@h:4222\"");
+        assert_eq!(u.expose(), "nats://tok@h:4222");
+    }
+
+    #[test]
+    fn a_number_given_as_a_secret_is_not_echoed() {
+        #[derive(serde::Deserialize, Debug)]
+        struct T {
+            #[allow(dead_code)]
+            #[serde(deserialize_with = "secret_string")]
+            p: String,
+        }
+        // What saltpipe shows of a TOML error is its message (the config
+        // module adds the line and column itself, never the line's text).
+        let err = toml::from_str::<T>("p = 7364519").expect_err("number");
+        assert!(!err.message().contains("7364519"), "{err}");
+        assert!(toml::from_str::<T>("p = \"7364519\"").is_ok());
+    }
+
+    fn mp(v: &rmpv::Value) -> Vec<u8> {
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, v).expect("encode");
+        b
+    }
+
+    #[test]
+    fn keys_are_hidden_at_any_depth_and_counted() {
+        use rmpv::Value as V;
+        let s = |x: &str| V::from(x);
+        let data = V::Map(vec![
+            (s("fun"), s("state.apply")),
+            (s("password"), s("hunter2")),
+            (
+                s("arg"),
+                V::Array(vec![V::Map(vec![
+                    (s("pillar"), V::Map(vec![(s("DB_Password"), s("hunter3"))])),
+                    (s("__kwarg__"), V::Boolean(true)),
+                ])]),
+            ),
+            (
+                s("kwargs"),
+                V::Map(vec![(s("token"), V::Map(vec![(s("a"), s("hunter4"))]))]),
+            ),
+            (s("passwords_file"), s("/etc/x")),
+            (s("keyword"), s("kept")),
+        ]);
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        let (out, n) = r
+            .redact_msgpack(&mp(&data))
+            .expect("walk")
+            .expect("something hidden");
+        assert_eq!(n, 3);
+        let json = crate::msgpack::to_json(&out, usize::MAX).expect("json");
+        for secret in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!json.contains(secret), "{json}");
+        }
+        assert!(json.contains(r#""password": "***""#), "{json}");
+        assert!(json.contains(r#""DB_Password": "***""#), "{json}");
+        assert!(json.contains(r#""passwords_file": "/etc/x""#), "{json}");
+        assert!(json.contains(r#""keyword": "kept""#), "{json}");
+        // Nothing to hide: nothing copied.
+        let plain = mp(&V::Map(vec![(s("fun"), s("test.ping"))]));
+        assert!(r.redact_msgpack(&plain).expect("walk").is_none());
+        assert!(
+            KeyRedactor::new::<&str>(&[])
+                .redact_msgpack(&mp(&data))
+                .expect("walk")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn truncated_data_is_an_error_not_a_panic() {
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        assert!(r.redact_msgpack(&[0x81, 0xa8]).is_err());
+        assert!(r.redact_msgpack(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// Everything but the secret is lower case, the secret holds upper
+    /// case letters (and URL punctuation): any upper case letter in the
+    /// output is a piece of the secret.
+    fn secret() -> impl Strategy<Value = String> {
+        "[A-Z]{1,4}([A-Z@:/?#&=%!$+;,]{0,12})[A-Z]{1,4}"
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9.-]{0,12}"
+    }
+
+    proptest! {
+        #[test]
+        fn a_password_never_survives(
+            scheme in prop::sample::select(vec![
+                "postgres", "postgresql", "mysql", "mariadb", "redis", "rediss",
+                "amqp", "amqps", "nats", "tls", "http", "https",
+            ]),
+            user in "[a-z]{0,8}",
+            pw in secret(),
+            host in host(),
+            port in prop::option::of(0u32..200_000),
+            path in "(/[a-z0-9_]{0,8}){0,2}",
+            shape in 0..5u8,
+            extra in "(&[a-z_-]{1,8}=[a-z0-9]{0,6}){0,2}",
+        ) {
+            // A lone user name of a database URL is a user name, shown.
+            prop_assume!(shape != 1 || !USER_SCHEMES.contains(&scheme));
+            // Only webhooks carry a secret in the path.
+            prop_assume!(shape != 4 || scheme.starts_with("http"));
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let raw = match shape {
+                0 => format!("{scheme}://{user}:{pw}@{host}{port}{path}"),
+                1 => format!("{scheme}://{pw}@{host}{port}{path}"),
+                2 => format!("{scheme}://{user}@{host}{port}{path}?password={pw}{extra}"),
+                3 => format!("{scheme}://{host}{port}{path}?sslmode=require{extra}&token={pw}"),
+                _ => format!("{scheme}://{host}{port}/services/{pw}"),
+            };
+            let shown = url(&raw);
+            prop_assert!(
+                !shown.chars().any(|c| c.is_ascii_uppercase()),
+                "{raw} shown as {shown}"
+            );
+        }
+
+        #[test]
+        fn any_text_with_a_secret_marker_never_shows_it(raw in "\\PC{0,40}", pw in secret()) {
+            // Whatever surrounds it, a secret placed where a password goes.
+            let s = format!("{raw}:{pw}@{raw}");
+            let shown = url(&s);
+            prop_assert!(!shown.contains(&pw), "{s} shown as {shown}");
+        }
+    }
+}
