@@ -25,7 +25,55 @@
 //! any success false), changed if any state function changed and none
 //! failed, and the state counts are the sums over its state functions.
 
+use crate::event::{Event, Kind};
 use crate::msgpack::{self, Item, Reader};
+
+/// Tag prefix of the synthetic events the worker's return-window sweep
+/// offers to actions, one per minion recorded as `no_return`:
+/// `saltpipe/no_return/<jid>/<minion>`, data `{jid, id, fun, outcome,
+/// _stamp}` (`_stamp`: when the job was announced). They are never stored
+/// as events: the row is in `saltpipe_outcomes`.
+pub const NO_RETURN_TAG: &str = "saltpipe/no_return/";
+
+/// The outcome of an event, for rules and action matchers: judged for a
+/// job or runner return, `no_return` for the sweep's synthetic events,
+/// None for anything else.
+pub fn of_event(e: &Event) -> Option<Outcome> {
+    match e.kind {
+        Kind::JobReturn | Kind::RunnerReturn => Some(of_return(e.data()).outcome),
+        _ if e.tag().starts_with(NO_RETURN_TAG) => Some(Outcome::NoReturn),
+        _ => None,
+    }
+}
+
+/// The synthetic event for one minion recorded as `no_return` (see
+/// [`NO_RETURN_TAG`]). `fun` is as stored (`a,b` for a multi-function job,
+/// given back as a list); `stamp` in [`crate::sink::rows::stamp`] form.
+pub fn no_return_event(jid: &str, minion: &str, fun: &str, stamp: &str) -> Option<Event> {
+    let mut body = format!("{NO_RETURN_TAG}{jid}/{minion}\n\n").into_bytes();
+    let b = &mut body;
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(b, 5);
+    for (k, v) in [("jid", jid), ("id", minion)] {
+        let _ = rmp::encode::write_str(b, k);
+        let _ = rmp::encode::write_str(b, v);
+    }
+    let _ = rmp::encode::write_str(b, "fun");
+    if fun.contains(',') {
+        let funs: Vec<&str> = fun.split(',').collect();
+        let _ = rmp::encode::write_array_len(b, funs.len() as u32);
+        for f in funs {
+            let _ = rmp::encode::write_str(b, f);
+        }
+    } else {
+        let _ = rmp::encode::write_str(b, fun);
+    }
+    let _ = rmp::encode::write_str(b, "outcome");
+    let _ = rmp::encode::write_str(b, Outcome::NoReturn.as_str());
+    let _ = rmp::encode::write_str(b, "_stamp");
+    let _ = rmp::encode::write_str(b, &format!("{}+00:00", stamp.replacen(' ', "T", 1)));
+    Event::from_body(bytes::Bytes::from(body)).ok()
+}
 
 /// What a targeted minion's job came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -660,6 +708,100 @@ mod tests {
         assert_eq!(number(&packed(&V::from("12.5 ms"))), 12.5);
         assert_eq!(number(&packed(&V::from("NaN"))), 0.0);
         assert_eq!(number(&packed(&V::F64(-1.0))), 0.0);
+    }
+
+    /// The returns of a real Salt 3008.5 bus capture (tests/fixtures):
+    /// `cmd.run 'exit 3'` fails by its retcode, `state.apply failing` by its
+    /// failing state, the others are ok.
+    #[test]
+    fn real_returns_from_a_salt_3008_capture() {
+        use crate::bus::framing::{Framed, Framer};
+        use crate::event::{Event, Kind};
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/salt-3008.5-bus.bin"
+        );
+        let bytes = std::fs::read(path).expect("fixture");
+        let mut framer = Framer::new(1 << 20);
+        framer.buffer_mut().extend_from_slice(&bytes);
+        let mut seen = std::collections::BTreeMap::new();
+        while let Some(f) = framer.next_frame() {
+            let Framed::Frame(f) = f else { continue };
+            let Ok(e) = Event::from_frame(&f) else {
+                continue;
+            };
+            if e.kind != Kind::JobReturn
+                || e.fields
+                    .fun
+                    .first()
+                    .is_some_and(|f| f == "saltutil.find_job")
+            {
+                continue;
+            }
+            let s = of_return(e.data());
+            let key = format!(
+                "{}:{}:{}",
+                e.fields.jid.unwrap_or_default(),
+                e.fields.fun.join(","),
+                e.fields.minion.unwrap_or_default()
+            );
+            seen.insert(key, (s.outcome, s.states.map(|s| (s.total, s.failed))));
+        }
+        let get = |k: &str| seen.get(k).copied();
+        assert_eq!(
+            get("20261125124927280803:test.ping:minion-1"),
+            Some((Outcome::Ok, None))
+        );
+        let (o, st) = get("20261125124947906671:state.apply:minion-1").expect("state run");
+        assert_eq!(o, Outcome::Failed);
+        let (total, failed) = st.expect("counts");
+        assert!(total >= 1 && failed >= 1, "{total} {failed}");
+        assert_eq!(
+            get("20261125124929460610:cmd.run:minion-1").map(|v| v.0),
+            Some(Outcome::Failed)
+        );
+        assert_eq!(
+            get("20261125124931595377:cmd.run:minion-1").map(|v| v.0),
+            Some(Outcome::Ok)
+        );
+        assert_eq!(
+            get("20261125124950215311:test.ping,test.echo:minion-1").map(|v| v.0),
+            Some(Outcome::Ok)
+        );
+    }
+
+    #[test]
+    fn events_have_outcomes_and_no_return_events_say_so() {
+        let e = no_return_event(
+            "20261202120000000001",
+            "m2",
+            "state.apply,test.ping",
+            "2026-12-02 12:00:00.000001",
+        )
+        .expect("event");
+        assert_eq!(e.tag(), "saltpipe/no_return/20261202120000000001/m2");
+        assert_eq!(e.fields.minion.as_deref(), Some("m2"));
+        assert_eq!(e.fields.jid.as_deref(), Some("20261202120000000001"));
+        assert_eq!(e.fields.fun, vec!["state.apply", "test.ping"]);
+        assert_eq!(of_event(&e), Some(Outcome::NoReturn));
+        let json = crate::msgpack::to_json(e.data()).expect("json");
+        assert!(
+            json.contains("\"_stamp\": \"2026-12-02T12:00:00.000001+00:00\""),
+            "{json}"
+        );
+        let data = packed(&map(vec![
+            ("id", V::from("m1")),
+            ("fun", V::from("cmd.run")),
+            ("retcode", V::from(1)),
+        ]));
+        let mut body = b"salt/job/1/ret/m1\n\n".to_vec();
+        body.extend(&data);
+        let ret = Event::from_body(bytes::Bytes::from(body)).expect("event");
+        assert_eq!(of_event(&ret), Some(Outcome::Failed));
+        let mut body = b"salt/job/1/new\n\n".to_vec();
+        body.extend(&data);
+        let new = Event::from_body(bytes::Bytes::from(body)).expect("event");
+        assert_eq!(of_event(&new), None);
     }
 
     proptest::proptest! {
