@@ -116,7 +116,11 @@ impl Outcome {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct States {
     pub total: u64,
+    /// States with `result: false`.
     pub failed: u64,
+    /// States whose `changes` is not empty, failed or not (a failed
+    /// `cmd.run` still ran: its changes hold the pid and retcode), and
+    /// under `test=True` the pending ones.
     pub changed: u64,
     /// Sum of the states' `duration`, in milliseconds.
     pub duration_ms: f64,
