@@ -20,12 +20,11 @@ use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// (outcome, states_total, states_failed, states_changed) of (jid, minion).
-fn outcome(
-    db: &rusqlite::Connection,
-    jid: &str,
-    minion: &str,
-) -> Option<(String, Option<i64>, Option<i64>, Option<i64>)> {
+/// (outcome, states_total, states_failed, states_changed).
+type Row = (String, Option<i64>, Option<i64>, Option<i64>);
+
+/// The `saltpipe_outcomes` row of (jid, minion).
+fn outcome(db: &rusqlite::Connection, jid: &str, minion: &str) -> Option<Row> {
     db.query_row(
         "SELECT outcome, states_total, states_failed, states_changed FROM saltpipe_outcomes \
          WHERE jid = ?1 AND minion = ?2",

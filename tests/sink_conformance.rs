@@ -522,12 +522,12 @@ mod pg_backend {
                 .collect()
         }
         async fn outcomes(&self) -> Vec<Outcome> {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
+            sqlx::query(
                 "SELECT jid, minion, outcome, fun, states_total::int8, states_failed::int8, \
                  states_changed::int8, duration_ms, \
                  to_char(stamp AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
-                 FROM saltpipe_outcomes ORDER BY jid, minion"
-            )))
+                 FROM saltpipe_outcomes ORDER BY jid, minion",
+            )
             .fetch_all(&self.pool)
             .await
             .expect("select")
@@ -1205,7 +1205,7 @@ async fn silent_minions_get_no_return_and_a_late_return_replaces_it<B: Backend>(
     );
     // m2 answers late: its return lands and replaces no_return.
     let late = state_ret(&old, "m2", &[(V::from(false), false)], 2, false);
-    assert_eq!(sink.write(&[late.clone()]).await.expect("write").returns, 1);
+    assert_eq!(sink.write(&[late]).await.expect("write").returns, 1);
     let outcomes = b.outcomes().await;
     let m2 = outcomes
         .iter()

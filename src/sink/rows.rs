@@ -225,6 +225,9 @@ pub struct EventRow {
 
 /// The rows of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Each RowSet lives behind an Arc (`Record::rows`), one allocation per
+// record: boxing the return's rows would add a second.
+#[allow(clippy::large_enum_variant)]
 pub enum RowSet {
     Job(JidRow),
     Return(ReturnRow, Option<JidRow>),
