@@ -1263,6 +1263,62 @@ async fn sweepers_at_once_record_each_silent_minion_once<B: Backend>() {
     assert_eq!(b.count("saltpipe_outcomes").await, 60);
 }
 
+async fn retention_purges_and_archives_outcomes_and_closed_targets<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let (old, new) = (jid(), jid());
+    let now = saltpipe::sink::rows::stamp_of(std::time::SystemTime::now());
+    let now_iso = format!("{}+00:00", now.replacen(' ', "T", 1));
+    let mut recent = state_ret(&new, "m1", &[(V::from(true), false)], 0, true);
+    recent = {
+        // The same return, stamped now.
+        let e = &recent.event;
+        let json = saltpipe::msgpack::to_json(e.data()).expect("json");
+        let mut v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        v["_stamp"] = J::from(now_iso.clone());
+        record_raw(e.tag(), &rmp_serde::to_vec_named(&v).expect("pack"))
+    };
+    sink.write(&[
+        new_job_for(
+            &old,
+            "test.ping",
+            &["m1", "m2"],
+            "2020-01-01T00:00:00+00:00",
+        ),
+        state_ret(&old, "m1", &[(V::from(true), false)], 0, true),
+        new_job_for(&new, "test.ping", &["m1"], &now_iso),
+        recent,
+    ])
+    .await
+    .expect("write");
+    // Close the old job's window: m2 is silent.
+    let closed = sink
+        .close_returns("2020-01-02 00:00:00.000000", 100)
+        .await
+        .expect("close");
+    assert_eq!(closed.no_return.len(), 1);
+    assert_eq!(b.count("saltpipe_outcomes").await, 3);
+    let keep = Duration::from_secs(86_400);
+    let stop = CancellationToken::new();
+    let moved = saltpipe::sink::retention::round(sink.as_ref(), keep, true, 1, &stop)
+        .await
+        .expect("purge");
+    assert!(
+        moved >= 4,
+        "two outcomes and two closed targets, at least: {moved}"
+    );
+    let left = b.outcomes().await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].jid, new);
+    assert_eq!(
+        b.count("saltpipe_targets").await,
+        1,
+        "the open, recent target stays"
+    );
+    assert_eq!(b.count("saltpipe_outcomes_archive").await, 2);
+    assert_eq!(b.count("saltpipe_targets_archive").await, 2);
+}
+
 // ---------------------------------------------------------------- wiring
 
 macro_rules! conformance {
@@ -1325,6 +1381,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sweepers_at_once_record_each_silent_minion_once() {
                 super::sweepers_at_once_record_each_silent_minion_once::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retention_purges_and_archives_outcomes_and_closed_targets() {
+                super::retention_purges_and_archives_outcomes_and_closed_targets::<$backend>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn nul_in_a_return_is_kept() {

@@ -838,7 +838,13 @@ impl Sink for MysqlSink {
         let secs = older_than.as_secs() as i64;
         let mut tx = self.pool.begin().await.map_err(classify)?;
         if archive {
-            for t in ["jids", "salt_returns", "salt_events"] {
+            for t in [
+                "jids",
+                "salt_returns",
+                "salt_events",
+                "saltpipe_outcomes",
+                "saltpipe_targets",
+            ] {
                 tx.execute(AssertSqlSafe(format!(
                     "CREATE TABLE IF NOT EXISTS `{t}_archive` LIKE `{t}`"
                 )))
@@ -931,6 +937,49 @@ impl Sink for MysqlSink {
                 .await
                 .map_err(classify)?
                 .rows_affected();
+        }
+        // saltpipe's own tables age by their stamp (sessions are in UTC); a
+        // target goes only once its window was closed.
+        for (t, only) in [
+            ("saltpipe_outcomes", ""),
+            ("saltpipe_targets", "`closed` = 1 AND "),
+        ] {
+            let keys: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT `jid`, `minion` FROM `{t}` WHERE {only}`stamp` < NOW(6) - INTERVAL ? SECOND \
+                 ORDER BY `stamp` LIMIT ?"
+            )))
+            .bind(secs)
+            .bind(chunk as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if keys.is_empty() {
+                continue;
+            }
+            let by_key = |prefix: String| {
+                let mut q = QueryBuilder::<MySql>::new(prefix);
+                q.push(" WHERE (`jid`, `minion`) IN (");
+                let mut sep = q.separated(", ");
+                for (j, m) in &keys {
+                    sep.push("(");
+                    sep.push_bind_unseparated(j.as_str());
+                    sep.push_unseparated(", ");
+                    sep.push_bind_unseparated(m.as_str());
+                    sep.push_unseparated(")");
+                }
+                q.push(")");
+                q
+            };
+            if archive {
+                execute(
+                    &mut by_key(format!(
+                        "INSERT IGNORE INTO `{t}_archive` SELECT * FROM `{t}`"
+                    )),
+                    &mut tx,
+                )
+                .await?;
+            }
+            moved += execute(&mut by_key(format!("DELETE FROM `{t}`")), &mut tx).await?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(moved)

@@ -622,7 +622,13 @@ impl Sink for PgSink {
         let secs = older_than.as_secs().to_string();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         if archive {
-            for t in ["jids", "salt_returns", "salt_events"] {
+            for t in [
+                "jids",
+                "salt_returns",
+                "salt_events",
+                "saltpipe_outcomes",
+                "saltpipe_targets",
+            ] {
                 tx.execute(AssertSqlSafe(format!(
                     "CREATE TABLE IF NOT EXISTS {t}_archive (LIKE {t} INCLUDING DEFAULTS)"
                 )))
@@ -663,7 +669,31 @@ impl Sink for PgSink {
         .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
-        let moved = (returns + events).max(0) as u64;
+        // saltpipe's own tables age by their stamp; a target goes only once
+        // its window was closed.
+        let mut own = 0i64;
+        for (t, only) in [
+            ("saltpipe_outcomes", ""),
+            ("saltpipe_targets", "closed = 1 AND "),
+        ] {
+            let a = if archive {
+                format!(", a AS (INSERT INTO {t}_archive SELECT * FROM d)")
+            } else {
+                String::new()
+            };
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "WITH c AS (SELECT ctid AS t FROM {t} WHERE {only}stamp < now() - ($1::text || ' seconds')::interval \
+                 ORDER BY stamp LIMIT $2), d AS (DELETE FROM {t} WHERE ctid IN (SELECT t FROM c) RETURNING *){a} \
+                 SELECT count(*) FROM d"
+            )))
+            .bind(&secs)
+            .bind(chunk as i64)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+            own += n;
+        }
+        let moved = (returns + events + own).max(0) as u64;
         tx.commit().await.map_err(classify)?;
         Ok(moved)
     }

@@ -511,7 +511,10 @@ fn purge_blocking(
     let age = format!("-{} seconds", older_than.as_secs());
     let tx = c.transaction()?;
     if archive {
-        for t in ["jids", "salt_returns", "salt_events"] {
+        for t in ["jids", "salt_returns", "salt_events"]
+            .iter()
+            .chain(OWN_TABLES)
+        {
             tx.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {t}_archive AS SELECT * FROM {t} WHERE 0"
             ))?;
@@ -552,6 +555,31 @@ fn purge_blocking(
         }
         moved += tx.execute(&format!("DELETE FROM {table} WHERE {cond}"), [])? as u64;
     }
+    // saltpipe's own tables age by their stamp (Salt's time of the return
+    // or announcement); a target goes only once its window was closed.
+    let cutoff = rows::stamp_of(
+        std::time::SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(std::time::UNIX_EPOCH),
+    );
+    for (table, only) in OWN_TABLES.iter().zip(["", "closed = 1 AND "]) {
+        let cond = format!(
+            "rowid IN (SELECT rowid FROM {table} WHERE {only}stamp < ?1 ORDER BY stamp LIMIT ?2)"
+        );
+        if archive {
+            tx.execute(
+                &format!("INSERT INTO {table}_archive SELECT * FROM {table} WHERE {cond}"),
+                params![cutoff, chunk as i64],
+            )?;
+        }
+        moved += tx.execute(
+            &format!("DELETE FROM {table} WHERE {cond}"),
+            params![cutoff, chunk as i64],
+        )? as u64;
+    }
     tx.commit()?;
     Ok(moved)
 }
+
+/// saltpipe's own tables, which retention purges (and archives) too.
+const OWN_TABLES: &[&str] = &["saltpipe_outcomes", "saltpipe_targets"];
