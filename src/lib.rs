@@ -23,6 +23,7 @@ pub mod config;
 pub mod event;
 pub mod msgpack;
 pub mod ops;
+pub mod outcome;
 pub mod pipeline;
 pub mod queue;
 pub mod redact;

@@ -21,6 +21,7 @@
 
 use crate::config::ConfigError;
 use crate::event::{Event, Kind};
+use crate::outcome::Outcome;
 use serde::Deserialize;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -104,6 +105,8 @@ pub struct RuleConfig {
     pub success: Option<bool>,
     #[serde(deserialize_with = "one_or_many")]
     pub retcode: Vec<i64>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub outcome: Vec<Outcome>,
 }
 
 impl RuleConfig {
@@ -115,6 +118,7 @@ impl RuleConfig {
             kind: self.kind.clone(),
             success: self.success,
             retcode: self.retcode.clone(),
+            outcome: self.outcome.clone(),
         }
     }
 }
@@ -140,6 +144,13 @@ pub struct MatcherConfig {
     /// The return's `retcode`, any of these.
     #[serde(deserialize_with = "one_or_many")]
     pub retcode: Vec<i64>,
+    /// The return's real outcome ([`crate::outcome`]), any of these:
+    /// `ok`, `changed`, `failed` (also a failed state where Salt said
+    /// success), `no_return`. Judged only when asked for. `no_return` is
+    /// decided by the worker's return-window sweep, so only actions see it
+    /// (as a `saltpipe/no_return/<jid>/<minion>` event), never the rules.
+    #[serde(deserialize_with = "one_or_many")]
+    pub outcome: Vec<Outcome>,
 }
 
 fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
@@ -209,6 +220,8 @@ impl MatcherConfig {
             && self.success.is_none_or(|s| e.fields.success == Some(s))
             && (self.retcode.is_empty()
                 || e.fields.retcode.is_some_and(|r| self.retcode.contains(&r)))
+            && (self.outcome.is_empty()
+                || crate::outcome::of_event(e).is_some_and(|o| self.outcome.contains(&o)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -218,6 +231,7 @@ impl MatcherConfig {
             && self.kind.is_empty()
             && self.success.is_none()
             && self.retcode.is_empty()
+            && self.outcome.is_empty()
     }
 }
 
@@ -234,7 +248,7 @@ impl RulesConfig {
             if r.matcher().is_empty() {
                 return Err(ConfigError::invalid(
                     key,
-                    "has no condition: it would match every event; give tag, fun, minion, kind, success or retcode",
+                    "has no condition: it would match every event; give tag, fun, minion, kind, success, retcode or outcome",
                 ));
             }
             if r.action == Action::Drop && r.queue.is_some() {
@@ -531,7 +545,7 @@ impl Dedupe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::encode::frame_bytes;
+    use crate::bus::encode::{frame, frame_bytes};
     use bytes::Bytes;
 
     fn ev(tag: &str, fields: &[(&str, &str)]) -> Event {
@@ -681,6 +695,65 @@ mod tests {
             r.decide(&failed),
             keep("default"),
             "success unknown is not false"
+        );
+    }
+
+    #[test]
+    fn rules_route_by_the_real_outcome() {
+        let mut r = rules(
+            r#"
+            [[rules.rule]]
+            queue = "failures"
+            outcome = "failed"
+            [[rules.rule]]
+            queue = "changes"
+            outcome = ["changed"]
+            "#,
+        );
+        let state_ret = |jid: &str, result: bool, changes: bool| {
+            let mut states = Vec::new();
+            let _ = rmp::encode::write_map_len(&mut states, 1);
+            let _ = rmp::encode::write_str(&mut states, "file_|-f_|-/tmp/f_|-managed");
+            let _ = rmp::encode::write_map_len(&mut states, 2);
+            let _ = rmp::encode::write_str(&mut states, "result");
+            let _ = rmp::encode::write_bool(&mut states, result);
+            let _ = rmp::encode::write_str(&mut states, "changes");
+            let _ = rmp::encode::write_map_len(&mut states, u32::from(changes));
+            if changes {
+                let _ = rmp::encode::write_str(&mut states, "diff");
+                let _ = rmp::encode::write_str(&mut states, "new");
+            }
+            let mut data = Vec::new();
+            let _ = rmp::encode::write_map_len(&mut data, 6);
+            for (k, v) in [("id", "m"), ("jid", jid), ("fun", "state.apply")] {
+                let _ = rmp::encode::write_str(&mut data, k);
+                let _ = rmp::encode::write_str(&mut data, v);
+            }
+            let _ = rmp::encode::write_str(&mut data, "success");
+            let _ = rmp::encode::write_bool(&mut data, true);
+            let _ = rmp::encode::write_str(&mut data, "retcode");
+            let _ = rmp::encode::write_uint(&mut data, 0);
+            let _ = rmp::encode::write_str(&mut data, "return");
+            data.extend(states);
+            let f = Bytes::from(frame(&format!("salt/job/{jid}/ret/m"), &data));
+            Event::from_frame(&f).expect("decode")
+        };
+        // Salt says success; a state failed.
+        assert_eq!(r.decide(&state_ret("1", false, false)), keep("failures"));
+        assert_eq!(r.decide(&state_ret("2", true, true)), keep("changes"));
+        assert_eq!(r.decide(&state_ret("3", true, false)), keep("default"));
+        // Not a return: no outcome, no match.
+        assert_eq!(
+            r.decide(&ev("salt/job/4/new", &[("fun", "state.apply")])),
+            keep("default")
+        );
+        let cfg: crate::config::Config =
+            toml::from_str("[[rules.rule]]\noutcome = \"no_return\"\nqueue = \"x\"\n")
+                .expect("parses");
+        assert!(cfg.rules.validate().is_ok(), "outcome alone is a condition");
+        assert!(
+            toml::from_str::<crate::config::Config>("[[rules.rule]]\noutcome = \"broken\"\n")
+                .is_err()
         );
     }
 

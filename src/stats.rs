@@ -11,6 +11,7 @@
 //! that writes the log line and bumps the counter together, so the two can
 //! never disagree.
 
+use crate::outcome::Outcome;
 use crate::rules::DropReason;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -48,6 +49,11 @@ pub struct Stats {
     pub dead_letters: AtomicU64,
     /// Values hidden by `[sink] redact` (each key's value counts once).
     pub redacted: AtomicU64,
+    /// Returns written, by outcome ([`Outcome::index`]); `no_return`:
+    /// targeted minions the return-window sweep recorded as silent.
+    pub outcomes: [AtomicU64; Outcome::ALL.len()],
+    /// Targets whose return window the sweep closed (returned or not).
+    pub targets_closed: AtomicU64,
     pub sink_latency_us_total: AtomicU64,
     /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
     pub oldest_unacked_ms: AtomicI64,
@@ -157,6 +163,9 @@ pub struct Snapshot {
     pub sink_retries: u64,
     pub dead_letters: u64,
     pub redacted: u64,
+    /// Returns by outcome, and silent minions (only outcomes that happened).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub outcomes: BTreeMap<&'static str, u64>,
     /// Total time spent in sink writes, ms.
     pub sink_busy_ms: u64,
     /// Action outcomes by action name (only outcomes that happened).
@@ -191,6 +200,10 @@ impl Stats {
         o.insert(queue.to_owned(), oldest_ms);
     }
 
+    pub fn count_outcome(&self, outcome: Outcome, n: u64) {
+        self.outcomes[outcome.index()].fetch_add(n, Relaxed);
+    }
+
     pub fn dropped_total(&self) -> u64 {
         self.dropped.iter().map(|c| c.load(Relaxed)).sum()
     }
@@ -220,6 +233,11 @@ impl Stats {
             sink_retries: self.sink_retries.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
             redacted: self.redacted.load(Relaxed),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), self.outcomes[o.index()].load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
             actions: self
                 .actions

@@ -24,10 +24,21 @@
 //! Actions (`[[actions]]`) are offered each batch as it is prepared for its
 //! insert: a non-blocking hand-off to their own tasks, so they never hold
 //! back the write (see [`crate::action`]).
+//!
+//! Who did not return is decided here, not in the listener: only the
+//! database knows which targets a return reached, whichever listener or
+//! worker wrote it. Each worker runs a small sweep every
+//! `return_window / 10` (1-30 s) that asks the sink to close the windows of
+//! jobs announced more than `return_window` ago ([`Sink::close_returns`]:
+//! idempotent SQL, so several workers or a restart are harmless) and
+//! offers one synthetic `saltpipe/no_return/<jid>/<minion>` event per
+//! silent minion to the actions, so `when = { outcome = "no_return" }`
+//! fires once per silent minion.
 
 use crate::action::Actions;
 use crate::config::{ConfigError, human};
 use crate::event::Event;
+use crate::outcome::Outcome;
 use crate::queue::{Consumer, Delivery};
 use crate::sink::{Record, Sink, SinkError, WriteReport};
 use crate::stats::{Stats, events};
@@ -68,6 +79,11 @@ pub struct WorkerConfig {
     /// Workers per queue in this process, each with its own consumer and
     /// batches. Brokers only: the embedded queue has one consumer per queue.
     pub concurrency: usize,
+    /// How long after a job's announcement its targeted minions may
+    /// return; then each one without a return is recorded as `no_return`
+    /// (a later return still lands and replaces it).
+    #[serde(deserialize_with = "human::duration")]
+    pub return_window: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -81,6 +97,7 @@ impl Default for WorkerConfig {
             retry_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             concurrency: 1,
+            return_window: Duration::from_secs(300),
         }
     }
 }
@@ -115,6 +132,14 @@ impl WorkerConfig {
             return Err(ConfigError::invalid(
                 "worker.concurrency",
                 "must be between 1 and 256",
+            ));
+        }
+        if self.return_window < Duration::from_secs(1)
+            || self.return_window > Duration::from_secs(30 * 86_400)
+        {
+            return Err(ConfigError::invalid(
+                "worker.return_window",
+                "must be between 1s and 30d",
             ));
         }
         for q in &self.queues {
@@ -321,6 +346,13 @@ impl Worker {
             queue,
         } = self;
         let _alive = Alive::new(&writer.stats);
+        let _sweep = Sweep {
+            sink: writer.sink.clone(),
+            window: writer.cfg.return_window,
+            stats: writer.stats.clone(),
+            actions: writer.actions.clone(),
+        }
+        .spawn(stop.token.clone());
         let mut depth = DepthPoll {
             queue,
             last: None,
@@ -673,6 +705,7 @@ impl Writer {
         self.stats.jids_written.fetch_add(report.jids, Relaxed);
         self.stats.events_written.fetch_add(report.events, Relaxed);
         self.stats.rows_ignored.fetch_add(report.ignored, Relaxed);
+        count_outcomes(&self.stats, &records);
         Ok(Some(ids))
     }
 
@@ -773,6 +806,102 @@ impl Writer {
                     }
                 }
                 Err(e) => return Err(WorkerError::Sink(e)),
+            }
+        }
+    }
+}
+
+/// Counts the outcomes of a committed batch's returns.
+fn count_outcomes(stats: &Stats, records: &[Record]) {
+    let mut n = [0u64; Outcome::ALL.len()];
+    for r in records {
+        if let Some(crate::sink::rows::RowSet::Return(row, _)) = r.rows.as_deref()
+            && let Some(o) = Outcome::ALL
+                .iter()
+                .find(|o| o.as_str() == row.outcome.outcome)
+        {
+            n[o.index()] += 1;
+        }
+    }
+    for o in Outcome::ALL {
+        if n[o.index()] > 0 {
+            stats.count_outcome(o, n[o.index()]);
+        }
+    }
+}
+
+/// The return-window sweep of one worker (see the module docs).
+struct Sweep {
+    sink: Arc<dyn Sink>,
+    window: Duration,
+    stats: Arc<Stats>,
+    actions: Option<Actions>,
+}
+
+/// Targets closed per transaction.
+const SWEEP_CHUNK: usize = 1000;
+
+/// Aborts the task when the worker's `run` ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Sweep {
+    fn every(&self) -> Duration {
+        (self.window / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    fn spawn(self, stop: CancellationToken) -> AbortOnDrop {
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(self.every()) => {}
+                }
+                if let Err(e) = self.round().await {
+                    tracing::warn!(error = %e, "closing return windows failed; trying again later");
+                }
+            }
+        }))
+    }
+
+    /// Closes every window due now, in chunks; returns the minions recorded silent.
+    async fn round(&self) -> Result<usize, SinkError> {
+        let due = std::time::SystemTime::now()
+            .checked_sub(self.window)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let before = crate::sink::rows::stamp_of(due);
+        let mut silent = 0;
+        loop {
+            let closed = self.sink.close_returns(&before, SWEEP_CHUNK).await?;
+            self.stats
+                .targets_closed
+                .fetch_add(closed.targets as u64, Relaxed);
+            if !closed.no_return.is_empty() {
+                let n = closed.no_return.len();
+                silent += n;
+                self.stats.count_outcome(Outcome::NoReturn, n as u64);
+                tracing::info!(
+                    minions = n,
+                    "return window closed without a return: recorded no_return"
+                );
+                if let Some(actions) = &self.actions {
+                    let events: Vec<Event> = closed
+                        .no_return
+                        .iter()
+                        .filter_map(|m| {
+                            crate::outcome::no_return_event(&m.jid, &m.minion, &m.fun, &m.stamp)
+                        })
+                        .collect();
+                    actions.current().offer(events.iter());
+                }
+            }
+            if closed.targets < SWEEP_CHUNK {
+                return Ok(silent);
             }
         }
     }

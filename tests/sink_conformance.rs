@@ -101,6 +101,36 @@ struct ReturnRow {
     full_ret: J,
 }
 
+/// One row of `saltpipe_outcomes`.
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    jid: String,
+    minion: String,
+    outcome: String,
+    fun: String,
+    states: Option<(i64, i64, i64, i64)>,
+    stamp: String,
+}
+
+const OUTCOME_COLUMNS: &str =
+    "jid, minion, outcome, fun, states_total, states_failed, states_changed, duration_ms";
+
+fn outcome_of(
+    (jid, minion, outcome, fun): (String, String, String, String),
+    (t, f, c, d): (Option<i64>, Option<i64>, Option<i64>, Option<i64>),
+    stamp: String,
+) -> Outcome {
+    let states = t.map(|t| (t, f.unwrap_or(-1), c.unwrap_or(-1), d.unwrap_or(-1)));
+    Outcome {
+        jid,
+        minion,
+        outcome,
+        fun,
+        states,
+        stamp,
+    }
+}
+
 #[async_trait]
 trait Backend: Send + Sync + Sized {
     /// A fresh, empty database of its own.
@@ -112,6 +142,9 @@ trait Backend: Send + Sync + Sized {
     async fn jids(&self) -> Vec<(String, J)>;
     async fn dead_letters(&self) -> Vec<(String, String)>;
     async fn events(&self) -> Vec<(String, J)>;
+    /// `saltpipe_outcomes`, ordered by jid and minion, stamps as
+    /// `YYYY-MM-DD HH:MM:SS.ffffff` UTC.
+    async fn outcomes(&self) -> Vec<Outcome>;
     /// Runs a statement (for test set-up, e.g. ageing rows).
     async fn exec(&self, sql: &str);
     /// Rows in `table`.
@@ -205,6 +238,18 @@ impl Backend for Sqlite {
         self.query("SELECT tag, data FROM salt_events ORDER BY id", |r| {
             Ok((r.get(0)?, json(&r.get::<_, String>(1)?)))
         })
+    }
+    async fn outcomes(&self) -> Vec<Outcome> {
+        self.query(
+            &format!("SELECT {OUTCOME_COLUMNS}, stamp FROM saltpipe_outcomes ORDER BY jid, minion"),
+            |r| {
+                Ok(outcome_of(
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?),
+                    (r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?),
+                    r.get(8)?,
+                ))
+            },
+        )
     }
     async fn exec(&self, sql: &str) {
         let c = rusqlite::Connection::open(&self.path).expect("open");
@@ -335,6 +380,21 @@ mod mysql_backend {
                 .map(|r| (r.get(0), json(r.get(1))))
                 .collect()
         }
+        async fn outcomes(&self) -> Vec<Outcome> {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {OUTCOME_COLUMNS}, CAST(DATE_FORMAT(stamp, '%Y-%m-%d %H:%i:%s.%f') AS CHAR) \
+                 FROM saltpipe_outcomes ORDER BY jid, minion"
+            )))
+            .fetch_all(&self.pool)
+            .await
+            .expect("select")
+            .iter()
+            .map(|r| {
+                let n = |i: usize| r.get::<Option<i64>, _>(i);
+                outcome_of((r.get(0), r.get(1), r.get(2), r.get(3)), (n(4), n(5), n(6), n(7)), r.get(8))
+            })
+            .collect()
+        }
         async fn exec(&self, sql: &str) {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(&self.pool)
@@ -460,6 +520,27 @@ mod pg_backend {
                 .iter()
                 .map(|r| (r.get(0), json(r.get(1))))
                 .collect()
+        }
+        async fn outcomes(&self) -> Vec<Outcome> {
+            sqlx::query(
+                "SELECT jid, minion, outcome, fun, states_total::int8, states_failed::int8, \
+                 states_changed::int8, duration_ms, \
+                 to_char(stamp AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
+                 FROM saltpipe_outcomes ORDER BY jid, minion",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .expect("select")
+            .iter()
+            .map(|r| {
+                let n = |i: usize| r.get::<Option<i64>, _>(i);
+                outcome_of(
+                    (r.get(0), r.get(1), r.get(2), r.get(3)),
+                    (n(4), n(5), n(6), n(7)),
+                    r.get(8),
+                )
+            })
+            .collect()
         }
         async fn exec(&self, sql: &str) {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
@@ -918,6 +999,326 @@ async fn retention_purges_and_archives_in_chunks<B: Backend>() {
     assert_eq!(sink.purge_chunk(keep, true, 10).await.expect("chunk"), 0);
 }
 
+/// A return of `fun` from `minion` with these states (each `(result,
+/// changes?)`) and what Salt said: the states decide.
+fn state_ret(jid: &str, minion: &str, states: &[(V, bool)], retcode: i64, success: bool) -> Record {
+    let states = V::Map(
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, (result, changed))| {
+                let changes = if *changed {
+                    V::Map(vec![(V::from("diff"), V::from("new file"))])
+                } else {
+                    V::Map(vec![])
+                };
+                (
+                    V::from(format!("file_|-s{i}_|-/tmp/s{i}_|-managed")),
+                    V::Map(vec![
+                        (V::from("result"), result.clone()),
+                        (V::from("changes"), changes),
+                        (V::from("comment"), V::from("c")),
+                        (V::from("duration"), V::F64(1.5)),
+                        (V::from("__run_num__"), V::from(i as u64)),
+                    ]),
+                )
+            })
+            .collect(),
+    );
+    record(
+        &format!("salt/job/{jid}/ret/{minion}"),
+        vec![
+            ("cmd", V::from("_return")),
+            ("id", V::from(minion)),
+            ("jid", V::from(jid)),
+            ("fun", V::from("state.apply")),
+            ("fun_args", V::Array(vec![])),
+            ("return", states),
+            ("retcode", V::from(retcode)),
+            ("success", V::from(success)),
+            ("out", V::from("highstate")),
+            ("_stamp", V::from("2026-11-25T12:00:00.100000+00:00")),
+        ],
+    )
+}
+
+fn new_job_for(jid: &str, fun: &str, minions: &[&str], stamp: &str) -> Record {
+    record(
+        &format!("salt/job/{jid}/new"),
+        vec![
+            ("jid", V::from(jid)),
+            ("fun", V::from(fun)),
+            ("arg", V::Array(vec![])),
+            ("tgt", V::from("*")),
+            ("tgt_type", V::from("glob")),
+            ("user", V::from("root")),
+            (
+                "minions",
+                V::Array(minions.iter().map(|m| V::from(*m)).collect()),
+            ),
+            ("missing", V::Array(vec![])),
+            ("_stamp", V::from(stamp)),
+        ],
+    )
+}
+
+async fn outcomes_are_written_with_each_return<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let (j, k) = (jid(), jid());
+    let t = V::from(true);
+    let batch = vec![
+        new_job_for(
+            &j,
+            "state.apply",
+            &["m1", "m2", "m3"],
+            "2026-11-25T12:00:00.000000+00:00",
+        ),
+        // A failing state under success true and retcode 0.
+        state_ret(
+            &j,
+            "m1",
+            &[(t.clone(), true), (V::from(false), false)],
+            0,
+            true,
+        ),
+        // test=True: result None with pending changes.
+        state_ret(&j, "m2", &[(V::Nil, true), (t.clone(), false)], 0, true),
+        state_ret(&j, "m3", &[(t.clone(), false)], 0, true),
+        ret(&k, "m1", "test.ping", t.clone()),
+    ];
+    let first = sink.write(&batch).await.expect("write");
+    assert_eq!(first.returns, 4);
+    // Redelivered: nothing doubles, nothing changes.
+    sink.write(&batch).await.expect("rewrite");
+    let mut want = vec![
+        Outcome {
+            jid: j.clone(),
+            minion: "m1".into(),
+            outcome: "failed".into(),
+            fun: "state.apply".into(),
+            states: Some((2, 1, 1, 3)),
+            stamp: "2026-11-25 12:00:00.100000".into(),
+        },
+        Outcome {
+            jid: j.clone(),
+            minion: "m2".into(),
+            outcome: "changed".into(),
+            fun: "state.apply".into(),
+            states: Some((2, 0, 1, 3)),
+            stamp: "2026-11-25 12:00:00.100000".into(),
+        },
+        Outcome {
+            jid: j.clone(),
+            minion: "m3".into(),
+            outcome: "ok".into(),
+            fun: "state.apply".into(),
+            states: Some((1, 0, 0, 2)),
+            stamp: "2026-11-25 12:00:00.100000".into(),
+        },
+        Outcome {
+            jid: k.clone(),
+            minion: "m1".into(),
+            outcome: "ok".into(),
+            fun: "test.ping".into(),
+            states: None,
+            stamp: "2026-11-25 12:00:00.100000".into(),
+        },
+    ];
+    want.sort_by(|a, b| (&a.jid, &a.minion).cmp(&(&b.jid, &b.minion)));
+    assert_eq!(b.outcomes().await, want);
+    // The returner's columns still say what Salt said.
+    let rows = b.returns().await;
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r.success == b.true_word()), "{rows:?}");
+    assert_eq!(b.count("saltpipe_targets").await, 3);
+}
+
+async fn silent_minions_get_no_return_and_a_late_return_replaces_it<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let (old, recent) = (jid(), jid());
+    let now = saltpipe::sink::rows::stamp_of(std::time::SystemTime::now());
+    let now_iso = format!("{}+00:00", now.replacen(' ', "T", 1));
+    let batch = vec![
+        new_job_for(
+            &old,
+            "state.apply",
+            &["m1", "m2", "m3"],
+            "2026-11-25T12:00:00.000000+00:00",
+        ),
+        state_ret(&old, "m1", &[(V::from(true), false)], 0, true),
+        new_job_for(&recent, "test.ping", &["m1", "m9"], &now_iso),
+    ];
+    sink.write(&batch).await.expect("write");
+    // The window of `old` has closed; that of `recent` has not.
+    let before =
+        saltpipe::sink::rows::stamp_of(std::time::SystemTime::now() - Duration::from_secs(300));
+    let closed = sink.close_returns(&before, 2).await.expect("close");
+    assert_eq!(closed.targets, 2, "at most `limit` targets per call");
+    let closed2 = sink.close_returns(&before, 2).await.expect("close");
+    assert_eq!(closed2.targets, 1);
+    let mut silent: Vec<_> = closed
+        .no_return
+        .iter()
+        .chain(&closed2.no_return)
+        .map(|n| {
+            (
+                n.jid.clone(),
+                n.minion.clone(),
+                n.fun.clone(),
+                n.stamp.clone(),
+            )
+        })
+        .collect();
+    silent.sort();
+    let at = "2026-11-25 12:00:00.000000".to_owned();
+    assert_eq!(
+        silent,
+        vec![
+            (old.clone(), "m2".into(), "state.apply".into(), at.clone()),
+            (old.clone(), "m3".into(), "state.apply".into(), at.clone()),
+        ]
+    );
+    // Again, and with the targets reopened (a second worker, a restart):
+    // nothing new, nothing doubled.
+    assert_eq!(
+        sink.close_returns(&before, 100).await.expect("close"),
+        Default::default()
+    );
+    b.exec("UPDATE saltpipe_targets SET closed = 0").await;
+    let again = sink.close_returns(&before, 100).await.expect("close");
+    assert_eq!((again.targets, again.no_return.len()), (3, 0));
+    let outcomes = b.outcomes().await;
+    let of = |m: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.jid == old && o.minion == m)
+            .map(|o| (o.outcome.clone(), o.stamp.clone()))
+    };
+    assert_eq!(of("m1").map(|o| o.0), Some("ok".into()));
+    assert_eq!(of("m2"), Some(("no_return".into(), at.clone())));
+    assert_eq!(
+        outcomes.len(),
+        3,
+        "the recent job's window is still open: {outcomes:?}"
+    );
+    // m2 answers late: its return lands and replaces no_return.
+    let late = state_ret(&old, "m2", &[(V::from(false), false)], 2, false);
+    assert_eq!(sink.write(&[late]).await.expect("write").returns, 1);
+    let outcomes = b.outcomes().await;
+    let m2 = outcomes
+        .iter()
+        .find(|o| o.jid == old && o.minion == "m2")
+        .expect("m2");
+    assert_eq!(
+        (m2.outcome.as_str(), m2.states, m2.stamp.as_str()),
+        ("failed", Some((1, 1, 0, 2)), "2026-11-25 12:00:00.100000")
+    );
+    assert_eq!(b.returns().await.len(), 2);
+    // A real outcome is never replaced by another copy.
+    let other = state_ret(&old, "m2", &[(V::from(true), false)], 0, true);
+    sink.write(&[other]).await.expect("write");
+    let outcomes = b.outcomes().await;
+    let m2 = outcomes
+        .iter()
+        .find(|o| o.jid == old && o.minion == "m2")
+        .expect("m2");
+    assert_eq!(m2.outcome, "failed");
+}
+
+async fn sweepers_at_once_record_each_silent_minion_once<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let other = build(&b).await;
+    let j = jid();
+    let minions: Vec<String> = (0..60).map(|i| format!("m{i:02}")).collect();
+    let refs: Vec<&str> = minions.iter().map(String::as_str).collect();
+    sink.write(&[new_job_for(
+        &j,
+        "test.ping",
+        &refs,
+        "2026-11-25T12:00:00+00:00",
+    )])
+    .await
+    .expect("write");
+    let before = saltpipe::sink::rows::stamp_of(std::time::SystemTime::now());
+    let sweep = |s: Arc<dyn Sink>, before: String| async move {
+        let mut mine = Vec::new();
+        loop {
+            let c = s.close_returns(&before, 7).await.expect("close");
+            mine.extend(c.no_return.into_iter().map(|n| n.minion));
+            if c.targets == 0 {
+                return mine;
+            }
+        }
+    };
+    let (a, c) = tokio::join!(
+        tokio::spawn(sweep(sink.clone(), before.clone())),
+        tokio::spawn(sweep(other.clone(), before.clone()))
+    );
+    let mut all: Vec<String> = a.expect("a").into_iter().chain(c.expect("c")).collect();
+    all.sort();
+    assert_eq!(all, minions, "each silent minion reported exactly once");
+    assert_eq!(b.count("saltpipe_outcomes").await, 60);
+}
+
+async fn retention_purges_and_archives_outcomes_and_closed_targets<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let (old, new) = (jid(), jid());
+    let now = saltpipe::sink::rows::stamp_of(std::time::SystemTime::now());
+    let now_iso = format!("{}+00:00", now.replacen(' ', "T", 1));
+    let mut recent = state_ret(&new, "m1", &[(V::from(true), false)], 0, true);
+    recent = {
+        // The same return, stamped now.
+        let e = &recent.event;
+        let json = saltpipe::msgpack::to_json(e.data(), usize::MAX).expect("json");
+        let mut v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        v["_stamp"] = J::from(now_iso.clone());
+        record_raw(e.tag(), &rmp_serde::to_vec_named(&v).expect("pack"))
+    };
+    sink.write(&[
+        new_job_for(
+            &old,
+            "test.ping",
+            &["m1", "m2"],
+            "2020-01-01T00:00:00+00:00",
+        ),
+        state_ret(&old, "m1", &[(V::from(true), false)], 0, true),
+        new_job_for(&new, "test.ping", &["m1"], &now_iso),
+        recent,
+    ])
+    .await
+    .expect("write");
+    // Close the old job's window: m2 is silent.
+    let closed = sink
+        .close_returns("2020-01-02 00:00:00.000000", 100)
+        .await
+        .expect("close");
+    assert_eq!(closed.no_return.len(), 1);
+    assert_eq!(b.count("saltpipe_outcomes").await, 3);
+    let keep = Duration::from_secs(86_400);
+    let stop = CancellationToken::new();
+    let moved = saltpipe::sink::retention::round(sink.as_ref(), keep, true, 1, &stop)
+        .await
+        .expect("purge");
+    assert!(
+        moved >= 4,
+        "two outcomes and two closed targets, at least: {moved}"
+    );
+    let left = b.outcomes().await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].jid, new);
+    assert_eq!(
+        b.count("saltpipe_targets").await,
+        1,
+        "the open, recent target stays"
+    );
+    assert_eq!(b.count("saltpipe_outcomes_archive").await, 2);
+    assert_eq!(b.count("saltpipe_targets_archive").await, 2);
+}
+
 // ---------------------------------------------------------------- wiring
 
 macro_rules! conformance {
@@ -968,6 +1369,22 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn long_fun_is_cut_not_refused() {
                 super::long_fun_is_cut_not_refused::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn outcomes_are_written_with_each_return() {
+                super::outcomes_are_written_with_each_return::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn silent_minions_get_no_return_and_a_late_return_replaces_it() {
+                super::silent_minions_get_no_return_and_a_late_return_replaces_it::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sweepers_at_once_record_each_silent_minion_once() {
+                super::sweepers_at_once_record_each_silent_minion_once::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retention_purges_and_archives_outcomes_and_closed_targets() {
+                super::retention_purges_and_archives_outcomes_and_closed_targets::<$backend>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn nul_in_a_return_is_kept() {

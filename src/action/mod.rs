@@ -54,8 +54,10 @@ pub struct ActionConfig {
     /// A unique name, used in logs and as the metrics label.
     pub name: String,
     /// Which events trigger it: the same conditions as `[[rules.rule]]`
-    /// (tag, fun, minion, kind, success, retcode). Only kept events are
-    /// offered: a rule that drops an event also silences its actions.
+    /// (tag, fun, minion, kind, success, retcode, outcome). Only kept
+    /// events are offered: a rule that drops an event also silences its
+    /// actions. `outcome = "no_return"` matches the worker's sweep: one
+    /// `saltpipe/no_return/<jid>/<minion>` event per silent minion.
     #[serde(default)]
     pub when: MatcherConfig,
     /// Template of what is sent (the webhook's JSON body, the mail's text,
@@ -388,6 +390,7 @@ pub fn context(e: &Event) -> serde_json::Value {
         "funs": f.fun,
         "success": f.success,
         "retcode": f.retcode,
+        "outcome": crate::outcome::of_event(e).map(|o| o.as_str()),
         "data": data,
     });
     let mut top = fields.clone();

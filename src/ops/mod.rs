@@ -277,6 +277,19 @@ fn publish(s: &Stats) {
         .absolute(adjusted.fun_truncated);
     counter!("saltpipe_values_adjusted_total", "what" => "nul_escaped")
         .absolute(adjusted.nul_escaped);
+    describe_counter!(
+        "saltpipe_outcomes_total",
+        "Returns written by their real outcome (ok, changed, failed: a failed state counts even where Salt said success), and no_return: targeted minions recorded as silent when the job's return window closed."
+    );
+    for o in crate::outcome::Outcome::ALL {
+        counter!("saltpipe_outcomes_total", "outcome" => o.as_str())
+            .absolute(s.outcomes[o.index()].load(Relaxed));
+    }
+    c(
+        "saltpipe_targets_closed_total",
+        "Targeted minions whose job's return window closed (returned or not).",
+        s.targets_closed.load(Relaxed),
+    );
     c(
         "saltpipe_sink_retries_total",
         "Batch writes that failed and were retried.",

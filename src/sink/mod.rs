@@ -122,6 +122,37 @@ pub trait Sink: Send + Sync {
         let _ = (older_than, archive, chunk);
         Ok(0)
     }
+    /// Closes the return window of jobs announced before `before` (a
+    /// [`rows::stamp`]): every minion their `new` event targeted that has
+    /// no row in `saltpipe_outcomes` gets a `no_return` row, and the
+    /// targets are marked closed. At most `limit` targets per call, in one
+    /// transaction; the worker calls it until it closes none. Idempotent
+    /// and safe with several workers: the rows returned are those this call
+    /// inserted (an action fires for each), not those a return or another
+    /// worker got to first.
+    async fn close_returns(&self, before: &str, limit: usize) -> Result<Closed, SinkError> {
+        let _ = (before, limit);
+        Ok(Closed::default())
+    }
+}
+
+/// What one [`Sink::close_returns`] call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// Targets whose window it closed (returned or not).
+    pub targets: usize,
+    /// The `no_return` rows it inserted.
+    pub no_return: Vec<NoReturn>,
+}
+
+/// A targeted minion recorded as `no_return`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoReturn {
+    pub jid: String,
+    pub minion: String,
+    pub fun: String,
+    /// When the job was announced ([`rows::stamp`]).
+    pub stamp: String,
 }
 
 /// `[sink]`.
@@ -494,6 +525,10 @@ impl Sink for Deferred {
             .await?
             .purge_chunk(older_than, archive, chunk)
             .await
+    }
+
+    async fn close_returns(&self, before: &str, limit: usize) -> Result<Closed, SinkError> {
+        self.get().await?.close_returns(before, limit).await
     }
 }
 

@@ -27,7 +27,7 @@
 //!   JSON columns get them as `\uXXXX` escapes (same JSON, any charset).
 
 use super::rows::{self, BoolStyle, ByTable, RowFormat};
-use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
+use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::query_builder::Separated;
@@ -83,7 +83,9 @@ impl std::fmt::Display for MysqlUrl {
     }
 }
 
-/// The returner's tables (utf8mb4), our additions, the dead-letter table.
+/// The returner's tables (utf8mb4), our additions, saltpipe's own
+/// `saltpipe_outcomes` and `saltpipe_targets` (stamps in UTC: every
+/// connection sets `time_zone = '+00:00'`), the dead-letter table.
 const TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS `jids` (
   `jid` varchar(255) NOT NULL,
@@ -115,6 +117,30 @@ const TABLES: &[&str] = &[
   KEY `tag` (`tag`),
   KEY `salt_events_alter_time` (`alter_time`),
   UNIQUE KEY `salt_events_saltpipe_key` (`saltpipe_key`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS `saltpipe_outcomes` (
+  `jid` varchar(255) NOT NULL,
+  `minion` varchar(255) NOT NULL,
+  `outcome` varchar(16) CHARACTER SET ascii NOT NULL,
+  `fun` varchar(50) NOT NULL,
+  `states_total` INT NULL,
+  `states_failed` INT NULL,
+  `states_changed` INT NULL,
+  `duration_ms` BIGINT NULL,
+  `stamp` DATETIME(6) NOT NULL,
+  UNIQUE KEY `saltpipe_outcomes_jid_minion` (`jid`, `minion`),
+  KEY `saltpipe_outcomes_minion_stamp` (`minion`, `stamp`),
+  KEY `saltpipe_outcomes_outcome_stamp` (`outcome`, `stamp`),
+  KEY `saltpipe_outcomes_stamp` (`stamp`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS `saltpipe_targets` (
+  `jid` varchar(255) NOT NULL,
+  `minion` varchar(255) NOT NULL,
+  `fun` varchar(50) NOT NULL,
+  `stamp` DATETIME(6) NOT NULL,
+  `closed` TINYINT NOT NULL DEFAULT 0,
+  UNIQUE KEY `saltpipe_targets_jid_minion` (`jid`, `minion`),
+  KEY `saltpipe_targets_open` (`closed`, `stamp`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "CREATE TABLE IF NOT EXISTS `saltpipe_dead_letters` (
   `id` BIGINT NOT NULL AUTO_INCREMENT,
@@ -624,6 +650,70 @@ impl Sink for MysqlSink {
                 returns += execute(&mut q, &mut tx).await?;
             }
         }
+        // Outcomes: a real return replaces a `no_return` row (a late
+        // return), never another real one (first write wins, as in
+        // salt_returns). `outcome` is assigned last: MySQL evaluates the
+        // assignments in order, and the others test the old value.
+        let keep_unless_no_return =
+            |c: &str| format!("`{c}` = IF(`outcome` = 'no_return', VALUES(`{c}`), `{c}`)");
+        let out_dup = format!(
+            " ON DUPLICATE KEY UPDATE {}",
+            [
+                "fun",
+                "states_total",
+                "states_failed",
+                "states_changed",
+                "duration_ms",
+                "stamp",
+                "outcome",
+            ]
+            .map(keep_unless_no_return)
+            .join(", ")
+        );
+        for run in rows::runs(
+            &t.returns,
+            MAX_PARAMS / 9,
+            self.statement_bytes,
+            |(_, r)| r.jid.len() + r.id.len() + r.fun.len() + 64,
+        ) {
+            for piece in pieces(run, MAX_PARAMS / 9) {
+                let mut q = QueryBuilder::<MySql>::new(
+                    "INSERT INTO `saltpipe_outcomes` (`jid`, `minion`, `outcome`, `fun`, \
+                     `states_total`, `states_failed`, `states_changed`, `duration_ms`, `stamp`) ",
+                );
+                q.push_values(piece, |mut b, (_, r)| {
+                    let o = &r.outcome;
+                    b.push_bind(r.jid.as_str())
+                        .push_bind(r.id.as_str())
+                        .push_bind(o.outcome)
+                        .push_bind(r.fun.as_str())
+                        .push_bind(o.states_total)
+                        .push_bind(o.states_failed)
+                        .push_bind(o.states_changed)
+                        .push_bind(o.duration_ms)
+                        .push_bind(o.stamp.as_str());
+                });
+                q.push(&out_dup);
+                execute(&mut q, &mut tx).await?;
+            }
+        }
+        for run in rows::runs(&t.targets, MAX_PARAMS / 4, self.statement_bytes, |g| {
+            g.jid.len() + g.minion.len() + g.fun.len() + 32
+        }) {
+            for piece in pieces(run, MAX_PARAMS / 4) {
+                let mut q = QueryBuilder::<MySql>::new(
+                    "INSERT INTO `saltpipe_targets` (`jid`, `minion`, `fun`, `stamp`) ",
+                );
+                q.push_values(piece, |mut b, g| {
+                    b.push_bind(g.jid)
+                        .push_bind(g.minion)
+                        .push_bind(g.fun)
+                        .push_bind(g.stamp);
+                });
+                q.push(" ON DUPLICATE KEY UPDATE `jid` = `jid`");
+                execute(&mut q, &mut tx).await?;
+            }
+        }
         let keyed: Vec<(&rows::EventRow, &str)> = t
             .events
             .iter()
@@ -682,6 +772,68 @@ impl Sink for MysqlSink {
             .map_err(classify)
     }
 
+    async fn close_returns(&self, before: &str, limit: usize) -> Result<Closed, SinkError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // FOR UPDATE: a second worker sweeping at the same time waits for
+        // these targets, then finds them closed (a locking read sees the
+        // latest commit). Not SKIP LOCKED: MariaDB before 10.6 lacks it.
+        let due: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT t.`jid`, t.`minion`, t.`fun`, \
+             CAST(DATE_FORMAT(t.`stamp`, '%Y-%m-%d %H:%i:%s.%f') AS CHAR), \
+             EXISTS (SELECT 1 FROM `saltpipe_outcomes` o WHERE o.`jid` = t.`jid` AND o.`minion` = t.`minion`) \
+             FROM `saltpipe_targets` t WHERE t.`closed` = 0 AND t.`stamp` < ? \
+             ORDER BY t.`stamp` LIMIT ? FOR UPDATE",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let mut closed = Closed::default();
+        for (jid, minion, fun, stamp, returned) in due {
+            closed.targets += 1;
+            sqlx::query(
+                "UPDATE `saltpipe_targets` SET `closed` = 1 WHERE `jid` = ? AND `minion` = ?",
+            )
+            .bind(&jid)
+            .bind(&minion)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if returned != 0 {
+                continue;
+            }
+            // A return committed since the SELECT wins: the NOT EXISTS
+            // skips the row (and the key makes a race with one harmless).
+            let n = sqlx::query(
+                "INSERT INTO `saltpipe_outcomes` (`jid`, `minion`, `outcome`, `fun`, `stamp`) \
+                 SELECT ?, ?, 'no_return', ?, ? FROM DUAL WHERE NOT EXISTS \
+                 (SELECT 1 FROM `saltpipe_outcomes` WHERE `jid` = ? AND `minion` = ?) \
+                 ON DUPLICATE KEY UPDATE `jid` = `jid`",
+            )
+            .bind(&jid)
+            .bind(&minion)
+            .bind(&fun)
+            .bind(&stamp)
+            .bind(&jid)
+            .bind(&minion)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+            if n > 0 {
+                closed.no_return.push(NoReturn {
+                    jid,
+                    minion,
+                    fun,
+                    stamp,
+                });
+            }
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(closed)
+    }
+
     async fn purge_chunk(
         &self,
         older_than: Duration,
@@ -691,7 +843,13 @@ impl Sink for MysqlSink {
         let secs = older_than.as_secs() as i64;
         let mut tx = self.pool.begin().await.map_err(classify)?;
         if archive {
-            for t in ["jids", "salt_returns", "salt_events"] {
+            for t in [
+                "jids",
+                "salt_returns",
+                "salt_events",
+                "saltpipe_outcomes",
+                "saltpipe_targets",
+            ] {
                 tx.execute(AssertSqlSafe(format!(
                     "CREATE TABLE IF NOT EXISTS `{t}_archive` LIKE `{t}`"
                 )))
@@ -784,6 +942,49 @@ impl Sink for MysqlSink {
                 .await
                 .map_err(classify)?
                 .rows_affected();
+        }
+        // saltpipe's own tables age by their stamp (sessions are in UTC); a
+        // target goes only once its window was closed.
+        for (t, only) in [
+            ("saltpipe_outcomes", ""),
+            ("saltpipe_targets", "`closed` = 1 AND "),
+        ] {
+            let keys: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT `jid`, `minion` FROM `{t}` WHERE {only}`stamp` < NOW(6) - INTERVAL ? SECOND \
+                 ORDER BY `stamp` LIMIT ?"
+            )))
+            .bind(secs)
+            .bind(chunk as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if keys.is_empty() {
+                continue;
+            }
+            let by_key = |prefix: String| {
+                let mut q = QueryBuilder::<MySql>::new(prefix);
+                q.push(" WHERE (`jid`, `minion`) IN (");
+                let mut sep = q.separated(", ");
+                for (j, m) in &keys {
+                    sep.push("(");
+                    sep.push_bind_unseparated(j.as_str());
+                    sep.push_unseparated(", ");
+                    sep.push_bind_unseparated(m.as_str());
+                    sep.push_unseparated(")");
+                }
+                q.push(")");
+                q
+            };
+            if archive {
+                execute(
+                    &mut by_key(format!(
+                        "INSERT IGNORE INTO `{t}_archive` SELECT * FROM `{t}`"
+                    )),
+                    &mut tx,
+                )
+                .await?;
+            }
+            moved += execute(&mut by_key(format!("DELETE FROM `{t}`")), &mut tx).await?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(moved)

@@ -29,7 +29,7 @@
 //!   missing tables (42, 28): fatal.
 
 use super::rows::{self, BoolStyle, ByTable, RowFormat};
-use super::{Record, Sink, SinkConfig, SinkError, WriteReport};
+use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
@@ -124,6 +124,30 @@ const SCHEMA: &[&str] = &[
     "CREATE UNIQUE INDEX IF NOT EXISTS salt_events_saltpipe_key ON salt_events (saltpipe_key)",
     "DO $$ BEGIN IF to_regclass('salt_events_archive') IS NOT NULL THEN \
      ALTER TABLE salt_events_archive ADD COLUMN IF NOT EXISTS saltpipe_key varchar(32); END IF; END $$",
+    "CREATE TABLE IF NOT EXISTS saltpipe_outcomes (
+    jid varchar(255) NOT NULL,
+    minion varchar(255) NOT NULL,
+    outcome varchar(16) NOT NULL,
+    fun varchar(50) NOT NULL,
+    states_total integer,
+    states_failed integer,
+    states_changed integer,
+    duration_ms bigint,
+    stamp timestamptz NOT NULL,
+    UNIQUE (jid, minion)
+)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_minion_stamp ON saltpipe_outcomes (minion, stamp)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_outcome_stamp ON saltpipe_outcomes (outcome, stamp)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_stamp ON saltpipe_outcomes (stamp)",
+    "CREATE TABLE IF NOT EXISTS saltpipe_targets (
+    jid varchar(255) NOT NULL,
+    minion varchar(255) NOT NULL,
+    fun varchar(50) NOT NULL,
+    stamp timestamptz NOT NULL,
+    closed smallint NOT NULL DEFAULT 0,
+    UNIQUE (jid, minion)
+)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_targets_open ON saltpipe_targets (closed, stamp)",
     "CREATE TABLE IF NOT EXISTS saltpipe_dead_letters (
     id bigserial PRIMARY KEY,
     failed_at timestamptz DEFAULT now(),
@@ -407,6 +431,90 @@ impl Sink for PgSink {
             report.returns += n;
             report.ignored += run.len() as u64 - n.min(run.len() as u64);
         }
+        // Outcomes: a real return replaces a `no_return` row (a late
+        // return), never another real one (first write wins). Stamps are
+        // UTC text ([`rows::stamp`]), read here as UTC.
+        for run in rows::runs(&t.returns, usize::MAX, STATEMENT_BYTES, |(_, r)| {
+            r.jid.len() + r.id.len() + r.fun.len() + 64
+        }) {
+            let mut text: [Vec<Cow<'_, str>>; 5] = Default::default();
+            let mut nums: [Vec<Option<i64>>; 4] = Default::default();
+            for (_, r) in run {
+                let o = &r.outcome;
+                for (c, v) in text.iter_mut().zip([
+                    pg_text(&r.jid),
+                    pg_text(&r.id),
+                    Cow::Borrowed(o.outcome),
+                    pg_text(&r.fun),
+                    Cow::Borrowed(o.stamp.as_str()),
+                ]) {
+                    c.push(v);
+                }
+                for (c, v) in nums.iter_mut().zip([
+                    o.states_total,
+                    o.states_failed,
+                    o.states_changed,
+                    o.duration_ms,
+                ]) {
+                    c.push(v);
+                }
+            }
+            let [jid, minion, outcome, fun, stamp] = text;
+            let [total, failed, changed, duration] = nums;
+            sqlx::query(
+                "INSERT INTO saltpipe_outcomes AS o (jid, minion, outcome, fun, states_total, \
+                 states_failed, states_changed, duration_ms, stamp) \
+                 SELECT j, m, oc, f, st, sf, sc, d, (s || '+00')::timestamptz \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                 $6::int8[], $7::int8[], $8::int8[], $9::text[]) AS t(j, m, oc, f, st, sf, sc, d, s) \
+                 ON CONFLICT (jid, minion) DO UPDATE SET outcome = excluded.outcome, \
+                 fun = excluded.fun, states_total = excluded.states_total, \
+                 states_failed = excluded.states_failed, states_changed = excluded.states_changed, \
+                 duration_ms = excluded.duration_ms, stamp = excluded.stamp \
+                 WHERE o.outcome = 'no_return'",
+            )
+            .bind(jid)
+            .bind(minion)
+            .bind(outcome)
+            .bind(fun)
+            .bind(total)
+            .bind(failed)
+            .bind(changed)
+            .bind(duration)
+            .bind(stamp)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        for run in rows::runs(&t.targets, usize::MAX, STATEMENT_BYTES, |g| {
+            g.jid.len() + g.minion.len() + g.fun.len() + 32
+        }) {
+            let mut cols: [Vec<Cow<'_, str>>; 4] = Default::default();
+            for g in run {
+                for (c, v) in cols.iter_mut().zip([
+                    pg_text(g.jid),
+                    pg_text(g.minion),
+                    pg_text(g.fun),
+                    Cow::Borrowed(g.stamp),
+                ]) {
+                    c.push(v);
+                }
+            }
+            let [jid, minion, fun, stamp] = cols;
+            sqlx::query(
+                "INSERT INTO saltpipe_targets (jid, minion, fun, stamp) \
+                 SELECT j, m, f, (s || '+00')::timestamptz \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t(j, m, f, s) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(jid)
+            .bind(minion)
+            .bind(fun)
+            .bind(stamp)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
         for run in rows::runs(&t.events, usize::MAX, STATEMENT_BYTES, |(_, e)| e.bytes()) {
             let mut tag = Vec::with_capacity(run.len());
             let mut data = Vec::with_capacity(run.len());
@@ -458,6 +566,58 @@ impl Sink for PgSink {
             .map_err(classify)
     }
 
+    async fn close_returns(&self, before: &str, limit: usize) -> Result<Closed, SinkError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // SKIP LOCKED: workers sweeping at once take different targets.
+        let due: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+            "SELECT t.jid, t.minion, t.fun, \
+             to_char(t.stamp AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), \
+             EXISTS (SELECT 1 FROM saltpipe_outcomes o WHERE o.jid = t.jid AND o.minion = t.minion) \
+             FROM saltpipe_targets t WHERE t.closed = 0 AND t.stamp < ($1 || '+00')::timestamptz \
+             ORDER BY t.stamp LIMIT $2 FOR UPDATE OF t SKIP LOCKED",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let mut closed = Closed::default();
+        for (jid, minion, fun, stamp, returned) in due {
+            closed.targets += 1;
+            sqlx::query("UPDATE saltpipe_targets SET closed = 1 WHERE jid = $1 AND minion = $2")
+                .bind(&jid)
+                .bind(&minion)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if returned {
+                continue;
+            }
+            let n = sqlx::query(
+                "INSERT INTO saltpipe_outcomes (jid, minion, outcome, fun, stamp) \
+                 VALUES ($1, $2, 'no_return', $3, ($4 || '+00')::timestamptz) ON CONFLICT DO NOTHING",
+            )
+            .bind(&jid)
+            .bind(&minion)
+            .bind(&fun)
+            .bind(&stamp)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+            if n > 0 {
+                closed.no_return.push(NoReturn {
+                    jid,
+                    minion,
+                    fun,
+                    stamp,
+                });
+            }
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(closed)
+    }
+
     async fn purge_chunk(
         &self,
         older_than: Duration,
@@ -467,7 +627,13 @@ impl Sink for PgSink {
         let secs = older_than.as_secs().to_string();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         if archive {
-            for t in ["jids", "salt_returns", "salt_events"] {
+            for t in [
+                "jids",
+                "salt_returns",
+                "salt_events",
+                "saltpipe_outcomes",
+                "saltpipe_targets",
+            ] {
                 tx.execute(AssertSqlSafe(format!(
                     "CREATE TABLE IF NOT EXISTS {t}_archive (LIKE {t} INCLUDING DEFAULTS)"
                 )))
@@ -508,7 +674,31 @@ impl Sink for PgSink {
         .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
-        let moved = (returns + events).max(0) as u64;
+        // saltpipe's own tables age by their stamp; a target goes only once
+        // its window was closed.
+        let mut own = 0i64;
+        for (t, only) in [
+            ("saltpipe_outcomes", ""),
+            ("saltpipe_targets", "closed = 1 AND "),
+        ] {
+            let a = if archive {
+                format!(", a AS (INSERT INTO {t}_archive SELECT * FROM d)")
+            } else {
+                String::new()
+            };
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "WITH c AS (SELECT ctid AS t FROM {t} WHERE {only}stamp < now() - ($1::text || ' seconds')::interval \
+                 ORDER BY stamp LIMIT $2), d AS (DELETE FROM {t} WHERE ctid IN (SELECT t FROM c) RETURNING *){a} \
+                 SELECT count(*) FROM d"
+            )))
+            .bind(&secs)
+            .bind(chunk as i64)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+            own += n;
+        }
+        let moved = (returns + events + own).max(0) as u64;
         tx.commit().await.map_err(classify)?;
         Ok(moved)
     }

@@ -10,6 +10,15 @@
 //!   `success` the event's success or false.
 //! * `salt_events (tag, data, master_id)`: any other event the rules kept.
 //!
+//! And saltpipe's own, beside them (the returner tables stay exactly as
+//! Salt's readers expect):
+//! * `saltpipe_outcomes (jid, minion, outcome, fun, states_*, duration_ms,
+//!   stamp)`: each return's real outcome ([`crate::outcome`]), written in
+//!   the return's transaction; `no_return` rows come from the worker's
+//!   sweep of `saltpipe_targets`, and a late real return replaces them.
+//! * `saltpipe_targets (jid, minion, fun, stamp, closed)`: the minions a
+//!   job's `new` event lists, so the sweep knows who should have answered.
+//!
 //! Differences we chose, since the returner's columns cannot hold them:
 //! a multi-function job's `fun` (a list) is written comma-joined, the way
 //! the command line takes it (`test.ping,test.echo`); its `success` (a map)
@@ -140,6 +149,77 @@ impl RowFormat {
 pub struct JidRow {
     pub jid: String,
     pub load: String,
+    /// The minions a `new` event lists (None for a salt-call's load).
+    pub targets: Option<Targets>,
+}
+
+/// `saltpipe_targets` rows of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// The job's `fun`, as `salt_returns.fun` would hold it.
+    pub fun: String,
+    /// When the job was announced ([`stamp`] form).
+    pub stamp: String,
+    pub minions: Vec<String>,
+}
+
+/// The `saltpipe_outcomes` columns of a return besides jid, minion and fun.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeRow {
+    pub outcome: &'static str,
+    /// Only for state runs: states run, failed, changed, and their summed
+    /// `duration` (ms, rounded).
+    pub states_total: Option<i64>,
+    pub states_failed: Option<i64>,
+    pub states_changed: Option<i64>,
+    pub duration_ms: Option<i64>,
+    /// The return's `_stamp` ([`stamp`] form).
+    pub stamp: String,
+}
+
+impl OutcomeRow {
+    pub fn of(summary: crate::outcome::Summary, stamp: String) -> OutcomeRow {
+        let s = summary.states;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        OutcomeRow {
+            outcome: summary.outcome.as_str(),
+            states_total: s.map(|s| n(s.total)),
+            states_failed: s.map(|s| n(s.failed)),
+            states_changed: s.map(|s| n(s.changed)),
+            duration_ms: s.map(|s| s.duration_ms.round().min(i64::MAX as f64) as i64),
+            stamp,
+        }
+    }
+}
+
+/// A time as saltpipe's own tables store it: `YYYY-MM-DD HH:MM:SS.ffffff`,
+/// UTC, which SQLite compares as text and MySQL and PostgreSQL read as a
+/// timestamp. From Salt's `_stamp` (ISO-8601, `+00:00` from 3008 on, the
+/// fraction optional) when it is one, else from `fallback_ms` (when
+/// saltpipe received the event).
+pub fn stamp(salt_stamp: Option<&str>, fallback_ms: i64) -> String {
+    let parsed = salt_stamp.and_then(|s| {
+        let s = s.trim();
+        let s = s
+            .strip_suffix("+00:00")
+            .or_else(|| s.strip_suffix('Z'))
+            .unwrap_or(s);
+        humantime::parse_rfc3339_weak(s).ok()
+    });
+    let t = parsed.unwrap_or_else(|| {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(u64::try_from(fallback_ms).unwrap_or(0))
+    });
+    stamp_of(t)
+}
+
+/// [`stamp`] of a `SystemTime`.
+pub fn stamp_of(t: std::time::SystemTime) -> String {
+    // "2026-12-02T12:00:00.123456Z" -> "2026-12-02 12:00:00.123456"
+    let mut s = humantime::format_rfc3339_micros(t).to_string();
+    s.pop();
+    s.replace_range(10..11, " ");
+    s
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +233,8 @@ pub struct ReturnRow {
     pub id: String,
     pub success: String,
     pub full_ret: String,
+    /// Its `saltpipe_outcomes` row.
+    pub outcome: OutcomeRow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +245,9 @@ pub struct EventRow {
 
 /// The rows of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Each RowSet lives behind an Arc (`Record::rows`), one allocation per
+// record: boxing the return's rows would add a second.
+#[allow(clippy::large_enum_variant)]
 pub enum RowSet {
     Job(JidRow),
     Return(ReturnRow, Option<JidRow>),
@@ -190,6 +275,7 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
         (Kind::JobNew, Some(jid), _) => Ok(RowSet::Job(JidRow {
             jid: jid.clone(),
             load: data_json()?,
+            targets: Some(targets_of(record)),
         })),
         (Kind::JobReturn, Some(jid), Some(id)) => {
             let (full_ret, range) =
@@ -204,7 +290,13 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
             let job = e.is_salt_call_return().then(|| JidRow {
                 jid: jid.clone(),
                 load: full_ret.clone(),
+                targets: None,
             });
+            let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
+            let outcome = OutcomeRow::of(
+                crate::outcome::of_return(e.data()),
+                stamp(salt_stamp, record.received_ms),
+            );
             Ok(RowSet::Return(
                 ReturnRow {
                     fun: fit_fun(e.fields.fun.join(","), e.tag()),
@@ -213,6 +305,7 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                     id: id.clone(),
                     success: success.to_owned(),
                     full_ret,
+                    outcome,
                 },
                 job,
             ))
@@ -224,6 +317,37 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
     }
 }
 
+/// The targets a `new` event lists: `minions` (strings; anything else in
+/// the list is skipped), its `fun` and `_stamp`. The list's size is bounded
+/// by the event's, which the source already limits (`source.max_frame`).
+fn targets_of(record: &Record) -> Targets {
+    let e = &record.event;
+    let (mut minions, mut salt_stamp) = (Vec::new(), None);
+    let _ = msgpack::for_each_entry(e.data(), |k, v| match k {
+        b"minions" => {
+            let mut r = msgpack::Reader::new(v);
+            if let Ok(msgpack::Item::Array(n)) = r.item() {
+                for _ in 0..n {
+                    match r.skip().map(msgpack::as_str) {
+                        Ok(Some(m)) => minions.push(m.to_owned()),
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        b"_stamp" => salt_stamp = msgpack::as_str(v),
+        _ => {}
+    });
+    minions.sort_unstable();
+    minions.dedup();
+    Targets {
+        fun: fit_fun(e.fields.fun.join(","), e.tag()),
+        stamp: stamp(salt_stamp, record.received_ms),
+        minions,
+    }
+}
+
 /// A batch's rows split by table, each row with the index of its record, so
 /// a refusal found before sending can name the record (the worker then
 /// dead-letters exactly that one).
@@ -232,6 +356,17 @@ pub struct ByTable<'a> {
     pub jids: Vec<(usize, &'a JidRow)>,
     pub returns: Vec<(usize, &'a ReturnRow)>,
     pub events: Vec<(usize, &'a EventRow)>,
+    /// One `saltpipe_targets` row per (job, minion) a `new` event lists.
+    pub targets: Vec<TargetRef<'a>>,
+}
+
+/// One `saltpipe_targets` row, borrowed from its job's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetRef<'a> {
+    pub jid: &'a str,
+    pub minion: &'a str,
+    pub fun: &'a str,
+    pub stamp: &'a str,
 }
 
 impl<'a> ByTable<'a> {
@@ -239,7 +374,17 @@ impl<'a> ByTable<'a> {
         let mut t = ByTable::default();
         for (i, s) in sets.iter().enumerate() {
             match &**s {
-                RowSet::Job(j) => t.jids.push((i, j)),
+                RowSet::Job(j) => {
+                    t.jids.push((i, j));
+                    if let Some(g) = &j.targets {
+                        t.targets.extend(g.minions.iter().map(|m| TargetRef {
+                            jid: &j.jid,
+                            minion: m,
+                            fun: &g.fun,
+                            stamp: &g.stamp,
+                        }));
+                    }
+                }
                 RowSet::Return(r, j) => {
                     t.returns.push((i, r));
                     if let Some(j) = j {
@@ -319,6 +464,7 @@ mod tests {
     use crate::event::Event;
     use bytes::Bytes;
     use rmpv::Value as V;
+    use std::sync::Arc;
 
     fn record(tag: &str, data: Vec<(&str, V)>) -> Record {
         let v = V::Map(data.into_iter().map(|(k, v)| (V::from(k), v)).collect());
@@ -364,6 +510,96 @@ mod tests {
         let r = runs(&v, 100, 10, |x| *x);
         assert_eq!(r.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![2, 1, 1]);
         assert!(runs(&Vec::<usize>::new(), 2, 2, |x| *x).is_empty());
+    }
+
+    #[test]
+    fn stamps_are_utc_text_from_salt_or_the_receive_time() {
+        let want = "2026-12-02 12:00:01.250000";
+        assert_eq!(stamp(Some("2026-12-02T12:00:01.250000+00:00"), 0), want);
+        assert_eq!(stamp(Some("2026-12-02T12:00:01.25"), 0), want);
+        assert_eq!(
+            stamp(Some("2026-12-02T12:00:01"), 0),
+            "2026-12-02 12:00:01.000000"
+        );
+        // Not a time: when saltpipe received it.
+        let ms = 1_764_676_801_250; // 2025-12-02T12:00:01.25Z
+        assert_eq!(stamp(Some("yesterday"), ms), "2025-12-02 12:00:01.250000");
+        assert_eq!(stamp(None, ms), "2025-12-02 12:00:01.250000");
+        assert!(stamp(None, -5).starts_with("1970-01-01 00:00:00"));
+    }
+
+    #[test]
+    fn a_new_event_lists_its_targets_and_a_return_its_outcome() {
+        let r = record(
+            "salt/job/7/new",
+            vec![
+                ("jid", V::from("7")),
+                ("fun", V::from("state.apply")),
+                (
+                    "minions",
+                    V::Array(vec![
+                        V::from("m2"),
+                        V::from("m1"),
+                        V::from(5),
+                        V::from("m1"),
+                    ]),
+                ),
+                ("missing", V::Array(vec![V::from("gone")])),
+                ("_stamp", V::from("2026-12-02T12:00:00.000001+00:00")),
+            ],
+        );
+        let set = Arc::new(rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows"));
+        let RowSet::Job(j) = &*set else { panic!() };
+        let t = j.targets.as_ref().expect("targets");
+        assert_eq!(t.minions, vec!["m1", "m2"], "strings only, once each");
+        assert_eq!(t.fun, "state.apply");
+        assert_eq!(t.stamp, "2026-12-02 12:00:00.000001");
+        let sets = [set];
+        let by = ByTable::of(&sets);
+        assert_eq!(by.targets.len(), 2);
+        assert_eq!(by.targets[0].jid, "7");
+
+        let states = V::Map(vec![(
+            V::from("cmd_|-x_|-false_|-run"),
+            V::Map(vec![
+                (V::from("result"), V::from(false)),
+                (V::from("changes"), V::Map(vec![])),
+                (V::from("duration"), V::F64(2.6)),
+            ]),
+        )]);
+        let r = record(
+            "salt/job/7/ret/m1",
+            vec![
+                ("jid", V::from("7")),
+                ("id", V::from("m1")),
+                ("fun", V::from("state.apply")),
+                ("return", states),
+                ("retcode", V::from(0)),
+                ("success", V::from(true)),
+            ],
+        );
+        let RowSet::Return(row, _) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit)).expect("rows")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            row.success, "1",
+            "the returner's column says what Salt said"
+        );
+        assert_eq!(row.outcome.outcome, "failed");
+        assert_eq!(
+            (
+                row.outcome.states_total,
+                row.outcome.states_failed,
+                row.outcome.duration_ms
+            ),
+            (Some(1), Some(1), Some(3))
+        );
+        assert!(
+            row.outcome.stamp.starts_with("1970-01-01"),
+            "no _stamp: the receive time"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! ack the queue only after it).
 
 use super::rows::{self, BoolStyle, EventRow, JidRow, ReturnRow, RowFormat, RowSet};
-use super::{Record, Sink, SinkError, WriteReport};
+use super::{Closed, NoReturn, Record, Sink, SinkError, WriteReport};
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, params};
@@ -17,6 +17,8 @@ use std::time::Duration;
 
 /// The returner's three tables, in SQLite's types, plus what we need:
 /// a unique key on (jid, id), indexes on alter_time, the dead-letter table,
+/// saltpipe's own `saltpipe_outcomes` and `saltpipe_targets` (see
+/// [`rows`]; stamps are UTC text, `YYYY-MM-DD HH:MM:SS.ffffff`),
 /// and `salt_events.saltpipe_key` (see [`rows::event_key`]), last so that a
 /// column added to an older table lands in the same place.
 pub const SCHEMA: &str = r#"
@@ -49,6 +51,30 @@ CREATE TABLE IF NOT EXISTS salt_events (
 CREATE INDEX IF NOT EXISTS salt_events_tag ON salt_events (tag);
 CREATE INDEX IF NOT EXISTS salt_events_alter_time ON salt_events (alter_time);
 CREATE UNIQUE INDEX IF NOT EXISTS salt_events_saltpipe_key ON salt_events (saltpipe_key);
+CREATE TABLE IF NOT EXISTS saltpipe_outcomes (
+    jid varchar(255) NOT NULL,
+    minion varchar(255) NOT NULL,
+    outcome varchar(16) NOT NULL,
+    fun varchar(50) NOT NULL,
+    states_total integer,
+    states_failed integer,
+    states_changed integer,
+    duration_ms integer,
+    stamp TIMESTAMP NOT NULL,
+    UNIQUE (jid, minion)
+);
+CREATE INDEX IF NOT EXISTS saltpipe_outcomes_minion_stamp ON saltpipe_outcomes (minion, stamp);
+CREATE INDEX IF NOT EXISTS saltpipe_outcomes_outcome_stamp ON saltpipe_outcomes (outcome, stamp);
+CREATE INDEX IF NOT EXISTS saltpipe_outcomes_stamp ON saltpipe_outcomes (stamp);
+CREATE TABLE IF NOT EXISTS saltpipe_targets (
+    jid varchar(255) NOT NULL,
+    minion varchar(255) NOT NULL,
+    fun varchar(50) NOT NULL,
+    stamp TIMESTAMP NOT NULL,
+    closed smallint NOT NULL DEFAULT 0,
+    UNIQUE (jid, minion)
+);
+CREATE INDEX IF NOT EXISTS saltpipe_targets_open ON saltpipe_targets (closed, stamp);
 CREATE TABLE IF NOT EXISTS saltpipe_dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     failed_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
@@ -235,6 +261,24 @@ fn write_blocking(
                 r#"INSERT OR IGNORE INTO salt_returns (fun, jid, "return", id, success, full_ret) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
             )
             .map_err(classify)?;
+        let mut out_st = tx
+            .prepare_cached(
+                "INSERT INTO saltpipe_outcomes (jid, minion, outcome, fun, states_total, \
+                 states_failed, states_changed, duration_ms, stamp) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (jid, minion) DO UPDATE SET outcome = excluded.outcome, \
+                 fun = excluded.fun, states_total = excluded.states_total, \
+                 states_failed = excluded.states_failed, states_changed = excluded.states_changed, \
+                 duration_ms = excluded.duration_ms, stamp = excluded.stamp \
+                 WHERE saltpipe_outcomes.outcome = 'no_return'",
+            )
+            .map_err(classify)?;
+        let mut target_st = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO saltpipe_targets (jid, minion, fun, stamp) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(classify)?;
         let mut ev_st = tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO salt_events (tag, data, master_id, saltpipe_key) \
@@ -254,6 +298,13 @@ fn write_blocking(
             match jid_st.execute(params![j.jid, j.load]).map_err(at(i))? {
                 0 => report.ignored += 1,
                 _ => report.jids += 1,
+            }
+            if let Some(t) = &j.targets {
+                for m in &t.minions {
+                    target_st
+                        .execute(params![j.jid, m, t.fun, t.stamp])
+                        .map_err(at(i))?;
+                }
             }
             Ok(())
         };
@@ -276,6 +327,20 @@ fn write_blocking(
                         0 => report.ignored += 1,
                         _ => report.returns += 1,
                     }
+                    let o = &r.outcome;
+                    out_st
+                        .execute(params![
+                            jid,
+                            id,
+                            o.outcome,
+                            fun,
+                            o.states_total,
+                            o.states_failed,
+                            o.states_changed,
+                            o.duration_ms,
+                            o.stamp
+                        ])
+                        .map_err(at(i))?;
                     if let Some(j) = j {
                         job(j, &mut report, i)?;
                     }
@@ -295,6 +360,49 @@ fn write_blocking(
     }
     tx.commit().map_err(classify)?;
     Ok(report)
+}
+
+/// [`Sink::close_returns`] in one immediate transaction (SQLite has one
+/// writer: a second sweeper waits, then sees the targets closed).
+fn close_blocking(c: &mut Connection, before: &str, limit: usize) -> rusqlite::Result<Closed> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut closed = Closed::default();
+    {
+        let mut st = tx.prepare_cached(
+            "SELECT t.jid, t.minion, t.fun, t.stamp, EXISTS (SELECT 1 FROM saltpipe_outcomes o \
+             WHERE o.jid = t.jid AND o.minion = t.minion) FROM saltpipe_targets t \
+             WHERE t.closed = 0 AND t.stamp < ?1 ORDER BY t.stamp LIMIT ?2",
+        )?;
+        let due: Vec<(NoReturn, bool)> = st
+            .query_map(params![before, limit as i64], |r| {
+                Ok((
+                    NoReturn {
+                        jid: r.get(0)?,
+                        minion: r.get(1)?,
+                        fun: r.get(2)?,
+                        stamp: r.get(3)?,
+                    },
+                    r.get(4)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO saltpipe_outcomes (jid, minion, outcome, fun, stamp) \
+             VALUES (?1, ?2, 'no_return', ?3, ?4) ON CONFLICT (jid, minion) DO NOTHING",
+        )?;
+        let mut close = tx.prepare_cached(
+            "UPDATE saltpipe_targets SET closed = 1 WHERE jid = ?1 AND minion = ?2",
+        )?;
+        for (n, returned) in due {
+            closed.targets += 1;
+            close.execute(params![n.jid, n.minion])?;
+            if !returned && insert.execute(params![n.jid, n.minion, n.fun, n.stamp])? == 1 {
+                closed.no_return.push(n);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(closed)
 }
 
 /// Converts a batch (what [`prepare`] did not already), naming the first
@@ -372,6 +480,19 @@ impl Sink for SqliteSink {
         .map_err(|e| SinkError::Retriable(e.to_string()))?
     }
 
+    async fn close_returns(&self, before: &str, limit: usize) -> Result<Closed, SinkError> {
+        let conn = self.conn.clone();
+        let before = before.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn
+                .lock()
+                .map_err(|_| SinkError::Fatal("sqlite connection poisoned".into()))?;
+            close_blocking(&mut c, &before, limit).map_err(classify)
+        })
+        .await
+        .map_err(|e| SinkError::Retriable(e.to_string()))?
+    }
+
     async fn purge_chunk(
         &self,
         older_than: Duration,
@@ -401,7 +522,10 @@ fn purge_blocking(
     let age = format!("-{} seconds", older_than.as_secs());
     let tx = c.transaction()?;
     if archive {
-        for t in ["jids", "salt_returns", "salt_events"] {
+        for t in ["jids", "salt_returns", "salt_events"]
+            .iter()
+            .chain(OWN_TABLES)
+        {
             tx.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {t}_archive AS SELECT * FROM {t} WHERE 0"
             ))?;
@@ -442,6 +566,31 @@ fn purge_blocking(
         }
         moved += tx.execute(&format!("DELETE FROM {table} WHERE {cond}"), [])? as u64;
     }
+    // saltpipe's own tables age by their stamp (Salt's time of the return
+    // or announcement); a target goes only once its window was closed.
+    let cutoff = rows::stamp_of(
+        std::time::SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(std::time::UNIX_EPOCH),
+    );
+    for (table, only) in OWN_TABLES.iter().zip(["", "closed = 1 AND "]) {
+        let cond = format!(
+            "rowid IN (SELECT rowid FROM {table} WHERE {only}stamp < ?1 ORDER BY stamp LIMIT ?2)"
+        );
+        if archive {
+            tx.execute(
+                &format!("INSERT INTO {table}_archive SELECT * FROM {table} WHERE {cond}"),
+                params![cutoff, chunk as i64],
+            )?;
+        }
+        moved += tx.execute(
+            &format!("DELETE FROM {table} WHERE {cond}"),
+            params![cutoff, chunk as i64],
+        )? as u64;
+    }
     tx.commit()?;
     Ok(moved)
 }
+
+/// saltpipe's own tables, which retention purges (and archives) too.
+const OWN_TABLES: &[&str] = &["saltpipe_outcomes", "saltpipe_targets"];
