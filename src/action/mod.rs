@@ -745,6 +745,13 @@ impl Actions {
     }
 }
 
+/// Bytes (as read) of events being sent at once by one action, unless a
+/// single one is larger. A send builds the event's template context (a JSON
+/// tree, then minijinja's copy of it to render: ~20-30x the wire size for a
+/// state return), so `concurrency` sends of 1.5 MB returns held ~120 MB of
+/// trees; small events (a few KiB) never reach this limit.
+const SENDING_BYTES: usize = 4 << 20;
+
 /// What one queued send holds: the event (its raw bytes, not its template
 /// context, which is built for each attempt and dropped after it) and the
 /// dedupe key it reserved.
@@ -763,8 +770,11 @@ impl Dispatcher {
         // What each send holds, found again even if the send panicked.
         let mut held_by: HashMap<tokio::task::Id, (String, Option<String>, usize)> = HashMap::new();
         let mut open = true;
+        // Bytes (as read) of the events being sent: see SENDING_BYTES.
+        let mut sending = 0usize;
         loop {
-            // Start what may start: one per key, `concurrency` in all.
+            // Start what may start: one per key, `concurrency` in all, and
+            // past SENDING_BYTES only one.
             if inflight.len() < this.concurrency {
                 let ready: Vec<String> = waiting
                     .keys()
@@ -776,6 +786,10 @@ impl Dispatcher {
                     let Some(q) = waiting.get_mut(&key) else {
                         continue;
                     };
+                    let size = q.front().map_or(0, |p| p.offer.event.body.len());
+                    if !inflight.is_empty() && sending + size > SENDING_BYTES {
+                        break;
+                    }
                     let Some(p) = q.pop_front() else {
                         continue;
                     };
@@ -784,7 +798,7 @@ impl Dispatcher {
                     }
                     pending -= 1;
                     busy.insert(key.clone());
-                    let size = p.offer.event.body.len();
+                    sending += size;
                     let t = this.clone();
                     let offer = p.offer;
                     let handle = inflight.spawn(async move { t.send(&offer).await });
@@ -821,6 +835,7 @@ impl Dispatcher {
                     };
                     if let Some((key, dedupe, size)) = held_by.remove(&id) {
                         busy.remove(&key);
+                        sending -= size;
                         this.held.fetch_sub(size, AcqRel);
                         this.limiter
                             .lock()
@@ -1055,6 +1070,9 @@ mod tests {
         delay: Duration,
         /// Tags starting with this are refused for good.
         refuse: Option<&'static str>,
+        /// Sends running now, and the most at once.
+        running: AtomicUsize,
+        most: AtomicUsize,
     }
 
     #[async_trait]
@@ -1067,7 +1085,10 @@ mod tests {
                 *n += 1;
                 *n
             };
+            let now = self.running.fetch_add(1, AcqRel) + 1;
+            self.most.fetch_max(now, AcqRel);
             tokio::time::sleep(self.delay).await;
+            self.running.fetch_sub(1, AcqRel);
             if self.refuse.is_some_and(|p| id.starts_with(p)) {
                 return Err(ActionError::Permanent("refused".into()));
             }
@@ -1168,6 +1189,34 @@ mod tests {
         assert_eq!(counters.sent.load(Relaxed), 4);
         assert_eq!(counters.given_up.load(Relaxed), 6);
         assert_eq!(rec.sent.lock().expect("lock").len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn big_events_are_sent_one_at_a_time_small_ones_in_parallel() {
+        for (size, most) in [(3 << 20, 1), (1 << 10, 4)] {
+            let rec = Arc::new(Recorder {
+                delay: Duration::from_secs(1),
+                ..Recorder::default()
+            });
+            let (d, counters) = dispatcher(rec.clone(), 0, 4);
+            let (tx, rx) = mpsc::channel(100);
+            let task = tokio::spawn(d.dispatch(rx));
+            let payload = "x".repeat(size);
+            for i in 0..8 {
+                let frame = crate::bus::encode::frame_bytes(&format!("t{i}"), &[("p", &payload)]);
+                let event = Event::from_frame(&bytes::Bytes::from(frame)).expect("event");
+                tx.send(Offer {
+                    key: format!("m{i}"),
+                    event,
+                })
+                .await
+                .expect("send");
+            }
+            drop(tx);
+            task.await.expect("dispatcher");
+            assert_eq!(counters.sent.load(Relaxed), 8);
+            assert_eq!(rec.most.load(Relaxed), most, "events of {size} bytes");
+        }
     }
 
     #[test]
