@@ -152,6 +152,12 @@ pub struct SinkConfig {
     /// With `keep`: move old rows to `jids_archive`, `salt_returns_archive`
     /// and `salt_events_archive` instead of deleting them (`archive_jobs`).
     pub archive: bool,
+    /// SQLite sink: `normal` (a commit survives a crash of saltpipe) or
+    /// `full` (also a power cut: an fsync per commit). Unset: the queue's
+    /// `queue.sync`, so that `full` there is not undone by acking a batch
+    /// whose commit the next power cut takes back. Database servers decide
+    /// this themselves (docs/ARCHITECTURE.md, "The delivery guarantee").
+    pub sync: Option<crate::queue::SyncMode>,
 }
 
 impl Default for SinkConfig {
@@ -167,6 +173,7 @@ impl Default for SinkConfig {
             writers: None,
             keep: None,
             archive: false,
+            sync: None,
         }
     }
 }
@@ -346,7 +353,12 @@ impl SinkConfig {
     pub async fn build(&self) -> Result<Arc<dyn Sink>, SinkError> {
         match &self.url {
             SinkUrl::Sqlite { path } => Ok(Arc::new(
-                sqlite::SqliteSink::open(path, self.master_id()).await?,
+                sqlite::SqliteSink::open(
+                    path,
+                    self.master_id(),
+                    self.sync.unwrap_or(crate::queue::SyncMode::Normal),
+                )
+                .await?,
             )),
             #[cfg(feature = "mysql")]
             SinkUrl::Mysql(u) => Ok(Arc::new(
