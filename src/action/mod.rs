@@ -750,7 +750,7 @@ impl Actions {
 /// tree, then minijinja's copy of it to render: ~20-30x the wire size for a
 /// state return), so `concurrency` sends of 1.5 MB returns held ~120 MB of
 /// trees; small events (a few KiB) never reach this limit.
-const SENDING_BYTES: usize = 4 << 20;
+const SENDING_BYTES: usize = 2 << 20;
 
 /// What one queued send holds: the event (its raw bytes, not its template
 /// context, which is built for each attempt and dropped after it) and the
