@@ -23,7 +23,7 @@ use crate::config::ConfigError;
 use crate::event::{Event, Kind};
 use crate::outcome::Outcome;
 use serde::Deserialize;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -427,6 +427,17 @@ impl Rules {
         decision
     }
 
+    /// Forgets a kept return that never reached the queue (dropped on
+    /// overflow), so that a retransmit of it is kept instead of being
+    /// dropped as a duplicate of an event that was lost.
+    pub fn forget(&mut self, e: &Event) {
+        if let (Kind::JobReturn, Some(d)) = (e.kind, self.dedupe.as_mut())
+            && let (Some(jid), Some(minion)) = (&e.fields.jid, &e.fields.minion)
+        {
+            d.forget(jid, minion);
+        }
+    }
+
     fn decide_without_dedupe(&self, e: &Event) -> Decision {
         for r in &self.rules {
             if r.matcher.matches(e) {
@@ -507,38 +518,62 @@ impl Hasher for Prehashed {
 }
 
 /// A fixed-size memory of recent (jid, minion) pairs, oldest forgotten first.
-/// Stores 64-bit hashes, not strings: 100,000 pairs cost about 3 MB.
+/// Stores 64-bit hashes, not strings: 100,000 pairs cost about 4 MB.
+///
+/// A pair can be forgotten again ([`Rules::forget`]) when its event never
+/// reached the queue, so that the master's retransmit is kept. Each entry
+/// carries the sequence number of its insertion, so the stale slot a
+/// forgotten pair leaves in `order` cannot evict a later insertion of it.
 struct Dedupe {
-    seen: HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>,
-    order: VecDeque<u64>,
+    seen: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
+    order: VecDeque<(u64, u64)>,
+    next: u64,
     cap: usize,
 }
 
 impl Dedupe {
     fn new(cap: usize) -> Dedupe {
         Dedupe {
-            seen: HashSet::with_capacity_and_hasher(cap.min(1 << 20), Default::default()),
+            seen: HashMap::with_capacity_and_hasher(cap.min(1 << 20), Default::default()),
             order: VecDeque::with_capacity(cap.min(1 << 20)),
+            next: 0,
             cap: cap.max(1),
         }
     }
 
-    /// True if the pair was new.
-    fn insert(&mut self, jid: &str, minion: &str) -> bool {
+    fn key(jid: &str, minion: &str) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         jid.hash(&mut h);
         minion.hash(&mut h);
-        let k = h.finish();
-        if !self.seen.insert(k) {
+        h.finish()
+    }
+
+    /// True if the pair was new.
+    fn insert(&mut self, jid: &str, minion: &str) -> bool {
+        let k = Dedupe::key(jid, minion);
+        if self.seen.contains_key(&k) {
             return false;
         }
-        self.order.push_back(k);
-        if self.order.len() > self.cap
-            && let Some(old) = self.order.pop_front()
-        {
-            self.seen.remove(&old);
+        let seq = self.next;
+        self.next += 1;
+        self.seen.insert(k, seq);
+        self.order.push_back((k, seq));
+        // Stale slots of forgotten pairs count towards the cap too, so
+        // `order` stays bounded; they only make the window a little shorter.
+        while self.order.len() > self.cap {
+            let Some((old, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.seen.get(&old) == Some(&s) {
+                self.seen.remove(&old);
+            }
         }
         true
+    }
+
+    /// Forgets the pair, if remembered.
+    fn forget(&mut self, jid: &str, minion: &str) {
+        self.seen.remove(&Dedupe::key(jid, minion));
     }
 }
 
@@ -641,6 +676,34 @@ mod tests {
             Decision::Drop(DropReason::DuplicateReturn)
         );
         assert_eq!(r.decide(&ret("1", "m", "f")), keep("default"));
+    }
+
+    #[test]
+    fn a_forgotten_return_is_kept_again_and_its_stale_slot_evicts_nothing() {
+        let mut r = rules("[rules]\ndedupe_window = 3\n");
+        assert_eq!(r.decide(&ret("1", "m", "f")), keep("default"));
+        r.forget(&ret("1", "m", "f"));
+        // The retransmit of a forgotten return is kept, and remembered.
+        assert_eq!(r.decide(&ret("1", "m", "f")), keep("default"));
+        assert_eq!(
+            r.decide(&ret("1", "m", "f")),
+            Decision::Drop(DropReason::DuplicateReturn)
+        );
+        // Pushing the forgotten slot out of the window must not forget the
+        // pair's later insertion: slots (1, stale), (1), 2, 3 -> the stale one goes.
+        assert_eq!(r.decide(&ret("2", "m", "f")), keep("default"));
+        assert_eq!(r.decide(&ret("3", "m", "f")), keep("default"));
+        assert_eq!(
+            r.decide(&ret("1", "m", "f")),
+            Decision::Drop(DropReason::DuplicateReturn)
+        );
+        // Forgetting what is not a return, or not remembered, changes nothing.
+        r.forget(&ev("salt/job/9/new", &[("jid", "9")]));
+        r.forget(&ret("7", "m", "f"));
+        assert_eq!(
+            r.decide(&ret("2", "m", "f")),
+            Decision::Drop(DropReason::DuplicateReturn)
+        );
     }
 
     #[test]

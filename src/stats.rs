@@ -118,17 +118,20 @@ pub struct ActionCounters {
     pub failed: AtomicU64,
     /// Attempts that failed and were tried again.
     pub retried: AtomicU64,
-    /// Not queued: the action's queue was full (the write never waits).
+    /// Not queued: the action's queue was full, `queue_size` events or
+    /// `queue_bytes` bytes (the write never waits).
     pub dropped: AtomicU64,
     /// Skipped: over the action's rate limit.
     pub rate_limited: AtomicU64,
     /// Skipped: same de-duplication key within the window.
     pub deduplicated: AtomicU64,
+    /// Still queued or in flight when the drain time at shutdown ran out.
+    pub given_up: AtomicU64,
 }
 
 impl ActionCounters {
     /// (outcome label, value) pairs, for metrics and summaries.
-    pub fn outcomes(&self) -> [(&'static str, u64); 6] {
+    pub fn outcomes(&self) -> [(&'static str, u64); 7] {
         [
             ("sent", self.sent.load(Relaxed)),
             ("failed", self.failed.load(Relaxed)),
@@ -136,6 +139,7 @@ impl ActionCounters {
             ("dropped", self.dropped.load(Relaxed)),
             ("rate_limited", self.rate_limited.load(Relaxed)),
             ("deduplicated", self.deduplicated.load(Relaxed)),
+            ("given_up", self.given_up.load(Relaxed)),
         ]
     }
 }

@@ -54,6 +54,9 @@ async fn endpoint(
     if path.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+    if path.starts_with("lag") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if path.starts_with("bad") {
         return StatusCode::BAD_REQUEST;
     }
@@ -87,10 +90,14 @@ fn config(dir: &Path, actions: &str) -> Config {
 
 /// Replays the capture through the whole pipeline with these actions.
 async fn replay(cfg: &Config) -> Arc<Stats> {
+    replay_file(cfg, fixture()).await
+}
+
+async fn replay_file(cfg: &Config, file: PathBuf) -> Arc<Stats> {
     let stats = Arc::new(Stats::default());
     pipeline::run_all(
         cfg,
-        Box::new(FileSource::new(fixture())),
+        Box::new(FileSource::new(file)),
         stats.clone(),
         CancellationToken::new(),
         None,
@@ -566,4 +573,67 @@ email = {{ host = "127.0.0.1", port = {port}, tls = "{mode}", username = "saltpi
         assert_eq!(outcome(&stats, "untrusted", "sent"), 0, "{mode}");
         assert_eq!(outcome(&stats, "untrusted", "failed"), 4, "{mode}");
     }
+}
+
+/// `n` failed returns of one job, each from its own minion, as a bus stream.
+fn failed_returns_file(dir: &Path, n: usize) -> PathBuf {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let minion = format!("m{i}");
+        let data = [
+            ("jid", "20261202120000000001"),
+            ("id", minion.as_str()),
+            ("fun", "state.apply"),
+        ];
+        let mut map = Vec::new();
+        let _ = rmp::encode::write_map_len(&mut map, data.len() as u32 + 1);
+        for (k, v) in data {
+            let _ = rmp::encode::write_str(&mut map, k);
+            let _ = rmp::encode::write_str(&mut map, v);
+        }
+        let _ = rmp::encode::write_str(&mut map, "success");
+        let _ = rmp::encode::write_bool(&mut map, false);
+        out.extend(saltpipe::bus::encode::frame(
+            &format!("salt/job/20261202120000000001/ret/{minion}"),
+            &map,
+        ));
+    }
+    let path = dir.join("failed.bin");
+    std::fs::write(&path, out).expect("write stream");
+    path
+}
+
+#[tokio::test]
+async fn actions_queued_at_the_end_of_a_replay_are_sent_or_counted_as_given_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, rx) = http_server().await;
+    let stream = failed_returns_file(dir.path(), 100);
+    let action = format!(
+        "[[actions]]\nname = \"lag\"\nrate_limit = 0\nwhen = {{ kind = \"job_return\", success = false }}\nwebhook = {{ url = \"{base}/lag\" }}\n"
+    );
+    // 100 sends of 200 ms, 4 at a time: ~5 s, well inside the drain time.
+    let mut cfg = config(&dir.path().join("a"), &action);
+    cfg.worker.drain_timeout = Duration::from_secs(30);
+    let stats = replay_file(&cfg, stream.clone()).await;
+    assert_eq!(stats.snapshot().returns_written, 100);
+    assert_eq!(outcome(&stats, "lag", "sent"), 100);
+    assert_eq!(outcome(&stats, "lag", "given_up"), 0);
+    assert_eq!(rx.posts.lock().expect("lock").len(), 100);
+
+    // A drain time too short for them (~5 s of sends): what is not sent by
+    // then is given up and counted.
+    let mut cfg = config(&dir.path().join("b"), &action);
+    cfg.worker.drain_timeout = Duration::from_millis(1500);
+    let stats = replay_file(&cfg, stream).await;
+    assert_eq!(stats.snapshot().returns_written, 100);
+    let sent = outcome(&stats, "lag", "sent");
+    let given_up = outcome(&stats, "lag", "given_up");
+    assert!(given_up > 0 && sent > 0, "sent {sent}, given up {given_up}");
+    assert_eq!(sent + given_up, 100, "every offered event accounted for");
+    let summary = &stats.snapshot().actions["lag"];
+    assert_eq!(
+        summary.get("given_up"),
+        Some(&given_up),
+        "in the replay summary"
+    );
 }

@@ -34,6 +34,12 @@ struct Args {
     /// 4-byte big-endian length before each frame (Salt 3006.26+, the pull socket).
     #[arg(long)]
     prefixed: bool,
+    /// Failed `state.apply` returns instead of `cmd.run`: the return is a map
+    /// of state results (many small keys, as a real highstate), each
+    /// `result: false`, with `success: false` and `retcode: 2`. Their JSON
+    /// tree is many times their wire size, which is what actions build.
+    #[arg(long)]
+    failed_states: bool,
     /// Output file ("-" for stdout).
     #[arg(long, short)]
     out: PathBuf,
@@ -63,6 +69,55 @@ fn job_return(jid: &str, minion: &str, fun: &str, payload: &str) -> Vec<u8> {
     pack_str(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
     let _ = rmp::encode::write_str(&mut d, "ts");
     let _ = rmp::encode::write_uint(&mut d, 1_795_000_000);
+    frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+}
+
+/// A failed state.apply return whose `return` is a map of state results
+/// adding up to about `size` bytes.
+fn state_return(jid: &str, minion: &str, size: usize) -> Vec<u8> {
+    let mut d = Vec::with_capacity(size + 512);
+    let _ = rmp::encode::write_map_len(&mut d, 10);
+    pack_str(&mut d, "cmd", "_return");
+    pack_str(&mut d, "id", minion);
+    pack_str(&mut d, "jid", jid);
+    pack_str(&mut d, "fun", "state.apply");
+    let _ = rmp::encode::write_str(&mut d, "fun_args");
+    let _ = rmp::encode::write_array_len(&mut d, 0);
+    let _ = rmp::encode::write_str(&mut d, "return");
+    let one = |n: usize, out: &mut Vec<u8>| {
+        let _ = rmp::encode::write_str(
+            out,
+            &format!("file_|-/etc/app/conf.d/{n}.conf_|-/etc/app/conf.d/{n}.conf_|-managed"),
+        );
+        let _ = rmp::encode::write_map_len(out, 6);
+        pack_str(out, "name", &format!("/etc/app/conf.d/{n}.conf"));
+        let _ = rmp::encode::write_str(out, "result");
+        let _ = rmp::encode::write_bool(out, false);
+        pack_str(
+            out,
+            "comment",
+            "Source file salt://app/conf.jinja not found",
+        );
+        let _ = rmp::encode::write_str(out, "changes");
+        let _ = rmp::encode::write_map_len(out, 0);
+        let _ = rmp::encode::write_str(out, "duration");
+        let _ = rmp::encode::write_f64(out, 1.25);
+        let _ = rmp::encode::write_str(out, "__run_num__");
+        let _ = rmp::encode::write_uint(out, n as u64);
+    };
+    let mut probe = Vec::new();
+    one(0, &mut probe);
+    let states = (size / probe.len().max(1)).max(1);
+    let _ = rmp::encode::write_map_len(&mut d, states as u32);
+    for n in 0..states {
+        one(n, &mut d);
+    }
+    let _ = rmp::encode::write_str(&mut d, "retcode");
+    let _ = rmp::encode::write_uint(&mut d, 2);
+    let _ = rmp::encode::write_str(&mut d, "success");
+    let _ = rmp::encode::write_bool(&mut d, false);
+    pack_str(&mut d, "user", "root");
+    pack_str(&mut d, "_stamp", "2026-11-25T12:00:00.123456+00:00");
     frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
 }
 
@@ -132,12 +187,12 @@ fn main() -> std::io::Result<()> {
             if written >= args.count {
                 break;
             }
-            put(job_return(
-                &jid,
-                &format!("minion-{m:05}"),
-                "cmd.run",
-                &payload,
-            ))?;
+            let minion = format!("minion-{m:05}");
+            if args.failed_states {
+                put(state_return(&jid, &minion, args.size))?;
+            } else {
+                put(job_return(&jid, &minion, "cmd.run", &payload))?;
+            }
             written += 1;
         }
         job += 1;

@@ -162,6 +162,9 @@ pub fn from_str_with_env(
             ConfigError::Env { var, message }
         })?;
     }
+    // Defaults that follow another section: the SQLite sink is as durable
+    // as the queue unless told otherwise (an ack must not outlive its commit).
+    config.sink.sync.get_or_insert(config.queue.sync);
     config.validate()?;
     Ok(config)
 }
@@ -274,6 +277,26 @@ mod tests {
             "embedded:///var/lib/saltpipe/queue"
         );
         assert_eq!(c.sink.url.to_string(), "sqlite:///var/lib/saltpipe/salt.db");
+    }
+
+    #[test]
+    fn the_sqlite_sink_is_as_durable_as_the_queue_unless_told() {
+        use crate::queue::SyncMode;
+        assert_eq!(
+            parse("").expect("defaults").sink.sync,
+            Some(SyncMode::Normal)
+        );
+        let c = parse("[queue]\nsync = \"full\"\n").expect("full queue");
+        assert_eq!(c.sink.sync, Some(SyncMode::Full));
+        let c = parse("[queue]\nsync = \"full\"\n[sink]\nsync = \"normal\"\n").expect("both");
+        assert_eq!(c.sink.sync, Some(SyncMode::Normal));
+        let c = from_str_with_env(
+            "",
+            Path::new("t.toml"),
+            &[("SALTPIPE_QUEUE_SYNC".into(), "full".into())],
+        )
+        .expect("from the environment");
+        assert_eq!(c.sink.sync, Some(SyncMode::Full));
     }
 
     #[test]

@@ -347,7 +347,7 @@ fn publish(s: &Stats) {
     }
     describe_counter!(
         "saltpipe_action_results_total",
-        "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated."
+        "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated, given_up (not sent within the drain time at shutdown)."
     );
     for (name, a) in s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         for (outcome, v) in a.outcomes() {

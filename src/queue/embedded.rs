@@ -94,11 +94,7 @@ fn open_connection(db: &Path, sync: SyncMode) -> Result<Connection, QueueError> 
     let c =
         Connection::open(db).map_err(|e| QueueError::Storage(format!("{}: {e}", db.display())))?;
     c.busy_timeout(Duration::from_secs(10)).map_err(storage)?;
-    let sync = match sync {
-        SyncMode::Normal => "NORMAL",
-        SyncMode::Full => "FULL",
-    };
-    crate::wal::set_up(&c, sync).map_err(storage)?;
+    crate::wal::set_up(&c, sync.pragma()).map_err(storage)?;
     Ok(c)
 }
 

@@ -175,6 +175,16 @@ pub enum SyncMode {
     Full,
 }
 
+impl SyncMode {
+    /// SQLite's `PRAGMA synchronous` level for it (the queue's and the sink's).
+    pub fn pragma(self) -> &'static str {
+        match self {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        }
+    }
+}
+
 /// A parsed queue URL: the scheme picks the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueueUrl {

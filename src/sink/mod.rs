@@ -194,6 +194,12 @@ pub struct SinkConfig {
     /// `_name` or `-name`, ignoring case. Unset: [`crate::redact::DEFAULT_KEYS`];
     /// `[]` turns it off.
     pub redact: Option<Vec<String>>,
+    /// SQLite sink: `normal` (a commit survives a crash of saltpipe) or
+    /// `full` (also a power cut: an fsync per commit). Unset: the queue's
+    /// `queue.sync`, so that `full` there is not undone by acking a batch
+    /// whose commit the next power cut takes back. Database servers decide
+    /// this themselves (docs/ARCHITECTURE.md, "The delivery guarantee").
+    pub sync: Option<crate::queue::SyncMode>,
 }
 
 /// `sink.max_return_size` by default: MySQL's `mediumtext`.
@@ -214,6 +220,7 @@ impl Default for SinkConfig {
             archive: false,
             max_return_size: DEFAULT_MAX_RETURN_SIZE as u64,
             redact: None,
+            sync: None,
         }
     }
 }
@@ -430,9 +437,13 @@ impl SinkConfig {
     pub async fn build(&self) -> Result<Arc<dyn Sink>, SinkError> {
         match &self.url {
             SinkUrl::Sqlite { path } => Ok(Arc::new(
-                sqlite::SqliteSink::open(path, self.master_id())
-                    .await?
-                    .with_max_json(self.max_json()),
+                sqlite::SqliteSink::open(
+                    path,
+                    self.master_id(),
+                    self.sync.unwrap_or(crate::queue::SyncMode::Normal),
+                )
+                .await?
+                .with_max_json(self.max_json()),
             )),
             #[cfg(feature = "mysql")]
             SinkUrl::Mysql(u) => Ok(Arc::new(

@@ -2,12 +2,20 @@
 //!
 //! rusqlite with a cached prepared statement per table: CRATES.md measured
 //! it at twice sqlx's best multi-row path here (over 500k rows/s), and the
-//! embedded queue links it anyway. WAL lets readers query while we write;
-//! `synchronous=NORMAL` makes a commit survive a crash of saltpipe (and we
-//! ack the queue only after it).
+//! embedded queue links it anyway. WAL lets readers query while we write.
+//!
+//! Durability follows `sink.sync` (by default the queue's `queue.sync`):
+//! `synchronous=NORMAL` makes a commit survive a crash of saltpipe, FULL
+//! also a power cut (the WAL is fsynced before the commit returns). The
+//! worker acks the queue only after the commit returns, so with both at
+//! `full` every ack (the queue's fsynced delete) follows the fsync of the
+//! rows it acks; a FULL queue with a NORMAL sink would fsync the delete of
+//! rows that a power cut can still take back from the sink. Checked by
+//! tests/power_loss.rs, which traces the real binary's fsyncs.
 
 use super::rows::{self, BoolStyle, EventRow, JidRow, ReturnRow, RowFormat, RowSet};
 use super::{Closed, NoReturn, Record, Sink, SinkError, WriteReport};
+use crate::queue::SyncMode;
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, params};
@@ -139,7 +147,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 }
 
 /// Opens the file in WAL mode and creates what is missing of the schema.
-fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
+fn open_blocking(p: &Path, sync: SyncMode) -> Result<Connection, OpenError> {
     let fatal = |e: rusqlite::Error| {
         if is_busy(&e) {
             OpenError::Busy(e)
@@ -149,7 +157,7 @@ fn open_blocking(p: &Path) -> Result<Connection, OpenError> {
     };
     let c = Connection::open(p).map_err(fatal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(fatal)?;
-    crate::wal::set_up(&c, "NORMAL").map_err(fatal)?;
+    crate::wal::set_up(&c, sync.pragma()).map_err(fatal)?;
     c.pragma_update(None, "cache_size", -CACHE_KIB)
         .map_err(fatal)?;
     add_missing_columns(&c).map_err(fatal)?;
@@ -187,7 +195,11 @@ fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
 }
 
 impl SqliteSink {
-    pub async fn open(path: &Path, master_id: String) -> Result<SqliteSink, SinkError> {
+    pub async fn open(
+        path: &Path,
+        master_id: String,
+        sync: SyncMode,
+    ) -> Result<SqliteSink, SinkError> {
         let path = path.to_path_buf();
         let p = path.clone();
         let (conn, checkpointer) = tokio::task::spawn_blocking(
@@ -202,7 +214,7 @@ impl SqliteSink {
                 // switches to WAL or creates the schema: wait for it, briefly.
                 let started = std::time::Instant::now();
                 loop {
-                    match open_blocking(&p) {
+                    match open_blocking(&p, sync) {
                         Err(OpenError::Busy(e)) if started.elapsed() < Duration::from_secs(30) => {
                             tracing::debug!(error = %e, "sqlite sink busy at open; retrying");
                             std::thread::sleep(Duration::from_millis(100));
@@ -594,3 +606,26 @@ fn purge_blocking(
 
 /// saltpipe's own tables, which retention purges (and archives) too.
 const OWN_TABLES: &[&str] = &["saltpipe_outcomes", "saltpipe_targets"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_writer_syncs_as_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (sync, level) in [(SyncMode::Normal, 1), (SyncMode::Full, 2)] {
+            let path = dir.path().join(format!("{level}.db"));
+            let sink = SqliteSink::open(&path, "m".into(), sync)
+                .await
+                .expect("open");
+            let got: i64 = sink
+                .conn
+                .lock()
+                .expect("lock")
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("pragma");
+            assert_eq!(got, level, "{sync:?}");
+        }
+    }
+}

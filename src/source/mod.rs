@@ -323,6 +323,13 @@ impl Ingest {
             };
             let bytes: usize = chunk.iter().map(|m| m.body.len()).sum();
             self.backlog_bytes -= bytes;
+            // These never reach the queue: the duplicate window must not
+            // drop the master's retransmit of them as already kept.
+            for m in &chunk {
+                if let Ok(e) = Event::from_body(m.body.clone()) {
+                    self.rules.forget(&e);
+                }
+            }
             events::QueueOverflow {
                 dropped: chunk.len(),
                 pending_bytes: self.backlog_bytes,
@@ -367,4 +374,55 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::encode::frame_bytes;
+    use crate::rules::DropReason;
+
+    fn ret(jid: &str) -> Vec<u8> {
+        frame_bytes(
+            &format!("salt/job/{jid}/ret/m1"),
+            &[("jid", jid), ("id", "m1"), ("fun", "test.ping")],
+        )
+    }
+
+    fn feed(ingest: &mut Ingest, frame: &[u8]) {
+        ingest.buffer_mut().extend_from_slice(frame);
+        ingest.process(0);
+        ingest.flush_nowait().expect("queue writer alive");
+    }
+
+    #[test]
+    fn a_return_dropped_on_overflow_is_kept_when_the_master_sends_it_again() {
+        let cfg = SourceConfig {
+            pending_limit: 1,
+            ..SourceConfig::default()
+        };
+        let rules = Rules::new(&crate::rules::RulesConfig::default());
+        let stats = Arc::new(Stats::default());
+        // Room for one chunk, and nobody taking it yet: the queue is stuck.
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut ingest = Ingest::new(&cfg, rules, stats.clone(), tx);
+        feed(&mut ingest, &ret("1"));
+        feed(&mut ingest, &ret("2"));
+        assert_eq!(stats.overflow_dropped.load(Relaxed), 1, "jid 2 was lost");
+        // The queue recovers; the master retransmits both.
+        let first = rx.try_recv().expect("jid 1 was handed on");
+        assert_eq!(first.len(), 1);
+        feed(&mut ingest, &ret("1"));
+        feed(&mut ingest, &ret("2"));
+        let dup = DropReason::DuplicateReturn.index();
+        assert_eq!(
+            stats.dropped[dup].load(Relaxed),
+            1,
+            "jid 1 was queued: its copy is a duplicate"
+        );
+        let again = rx.try_recv().expect("the retransmit of jid 2 was kept");
+        let e = Event::from_body(again[0].body.clone()).expect("event");
+        assert_eq!(e.fields.jid.as_deref(), Some("2"));
+        assert_eq!(stats.kept.load(Relaxed), 3);
+    }
 }
