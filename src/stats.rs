@@ -64,6 +64,15 @@ pub struct Stats {
     /// Config reloads that took effect, and those refused as invalid.
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Backfill (src/backfill/): jobs (`new`) and returns read back from the
+    /// master's job cache and fed to the rules, whether or not the sink
+    /// already had them.
+    pub backfilled_jobs: AtomicU64,
+    pub backfilled_returns: AtomicU64,
+    /// Job cache entries that could not be read or decoded (skipped).
+    pub backfill_unreadable: AtomicU64,
+    /// Scans that could not run: no job cache, or no permission.
+    pub backfill_failures: AtomicU64,
 }
 
 /// What happened to the events one action was offered.
@@ -121,6 +130,9 @@ pub struct Snapshot {
     pub dead_letters: u64,
     /// Total time spent in sink writes, ms.
     pub sink_busy_ms: u64,
+    /// Read back from the master's job cache (backfill).
+    pub backfilled_jobs: u64,
+    pub backfilled_returns: u64,
     /// Action outcomes by action name (only outcomes that happened).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub actions: BTreeMap<String, BTreeMap<&'static str, u64>>,
@@ -182,6 +194,8 @@ impl Stats {
             sink_retries: self.sink_retries.load(Relaxed),
             dead_letters: self.dead_letters.load(Relaxed),
             sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
+            backfilled_jobs: self.backfilled_jobs.load(Relaxed),
+            backfilled_returns: self.backfilled_returns.load(Relaxed),
             actions: self
                 .actions
                 .lock()
