@@ -688,33 +688,45 @@ async fn backfill(
         "seconds": seconds,
         "exit_code": code,
     });
+    // Written in one piece, and a closed pipe (`| head`) is not an error.
+    let mut text = String::new();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        text = serde_json::to_string_pretty(&summary)? + "\n";
     } else {
-        println!(
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            text,
             "backfill from {} in {seconds:.2}s",
             cache.jobs_dir.display()
         );
-        println!("  found:          {} jobs, {} returns", c.jobs, c.returns);
+        let _ = writeln!(
+            text,
+            "  found:          {} jobs, {} returns",
+            c.jobs, c.returns
+        );
         if c.skipped + c.unreadable > 0 {
-            println!(
+            let _ = writeln!(
+                text,
                 "  skipped:        {} being written, {} unreadable",
                 c.skipped, c.unreadable
             );
         }
-        if dry_run {
-            println!("  dry run: nothing queued or written");
-        } else if queued_only {
-            println!(
+        if code == exit::OK && dry_run {
+            let _ = writeln!(text, "  dry run: nothing queued or written");
+        } else if code == exit::OK && queued_only {
+            let _ = writeln!(
+                text,
                 "  queued:         {} events, for the running saltpipe to write",
                 s.queued
             );
-        } else {
-            println!(
+        } else if code == exit::OK {
+            let _ = writeln!(
+                text,
                 "  written:        {} jobs, {} returns",
                 s.jids_written, s.returns_written
             );
-            println!(
+            let _ = writeln!(
+                text,
                 "  already stored: {} rows; dropped by rules: {}; dead-lettered: {}",
                 s.rows_ignored,
                 s.dropped.values().sum::<u64>(),
@@ -722,5 +734,6 @@ async fn backfill(
             );
         }
     }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(code)
 }
