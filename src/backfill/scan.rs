@@ -482,7 +482,7 @@ fn ret_data(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Event, Kind as EvKind};
     use rmpv::Value as V;
@@ -498,7 +498,13 @@ mod tests {
     }
 
     /// Writes one job the way `local_cache` does.
-    fn job(jobs: &Path, jid: &str, load: &V, minions: &[&str], rets: &[(&str, Option<V>)]) {
+    pub(crate) fn job(
+        jobs: &Path,
+        jid: &str,
+        load: &V,
+        minions: &[&str],
+        rets: &[(&str, Option<V>)],
+    ) {
         let jc = JobCache::at(jobs);
         let dir = jc.jid_dir(jid).expect("sha256");
         fs::create_dir_all(&dir).expect("mkdir");
@@ -541,7 +547,7 @@ mod tests {
         (c, evs)
     }
 
-    fn load(jid: &str, fun: &str) -> V {
+    pub(crate) fn load(jid: &str, fun: &str) -> V {
         map(vec![
             ("fun", V::from(fun)),
             ("arg", V::Array(vec![V::from("exit 3")])),
@@ -553,7 +559,7 @@ mod tests {
         ])
     }
 
-    fn ret(retcode: i64, success: bool) -> V {
+    pub(crate) fn ret(retcode: i64, success: bool) -> V {
         map(vec![
             ("return", V::from("out")),
             ("retcode", V::from(retcode)),

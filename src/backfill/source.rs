@@ -261,3 +261,140 @@ impl Auto {
         let _ = ingest.flush_wait().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backfill::scan::tests::{job, load, ret};
+    use crate::queue::Message;
+    use crate::rules::Rules;
+    use crate::source::SourceConfig;
+
+    async fn returns_in(rx: &mut mpsc::Receiver<Vec<Message>>, n: usize) -> usize {
+        let mut got = 0;
+        while got < n {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("events in time")
+                .expect("channel open");
+            got += chunk.iter().filter(|m| m.key.contains('m')).count();
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn scans_at_each_new_connection_and_records_the_state() {
+        let cache = tempfile::tempdir().expect("tmp");
+        let queue = tempfile::tempdir().expect("tmp");
+        let jid = "20261202120000000009";
+        job(
+            cache.path(),
+            jid,
+            &load(jid, "test.ping"),
+            &["m"],
+            &[("m", Some(ret(0, true)))],
+        );
+        let cfg = BackfillConfig {
+            job_cache_dir: Some(cache.path().to_path_buf()),
+            margin: Duration::from_secs(600),
+            ..Default::default()
+        };
+        let stats = Arc::new(Stats::default());
+        let (tx, mut rx) = mpsc::channel(8);
+        let ingest = Ingest::new(
+            &SourceConfig::default(),
+            Rules::new(&Default::default()),
+            stats.clone(),
+            tx,
+        );
+        let stop = CancellationToken::new();
+        let auto = Auto::new(&cfg, 1 << 20, queue.path().to_path_buf());
+        let task = tokio::spawn(auto.run(ingest, stats.clone(), stop.clone()));
+
+        // Not connected yet: no scan.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(stats.backfilled_returns.load(Relaxed), 0);
+        // Connected: one scan (the job's new + its return).
+        stats.connects.fetch_add(1, Relaxed);
+        assert_eq!(returns_in(&mut rx, 1).await, 1);
+        assert_eq!(stats.backfilled_jobs.load(Relaxed), 1);
+        let state = queue.path().join("backfill.state");
+        let recorded: u64 = std::fs::read_to_string(&state)
+            .expect("state file")
+            .trim()
+            .parse()
+            .expect("secs");
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("now")
+            .as_secs();
+        assert!(now.abs_diff(recorded) <= 2, "{recorded} vs {now}");
+        // Lost and found again: a second scan.
+        stats.disconnects.fetch_add(1, Relaxed);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            stats.backfilled_returns.load(Relaxed),
+            1,
+            "no scan while away"
+        );
+        stats.connects.fetch_add(1, Relaxed);
+        // Scanned again; the rules' duplicate window drops what this
+        // process already queued (the sink would ignore it anyway).
+        for _ in 0..100 {
+            if stats.backfilled_returns.load(Relaxed) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(stats.backfilled_returns.load(Relaxed), 2);
+        stop.cancel();
+        task.await.expect("auto ends on shutdown");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_cache_is_counted_and_saltpipe_runs_on() {
+        let queue = tempfile::tempdir().expect("tmp");
+        let cfg = BackfillConfig {
+            job_cache_dir: Some("/nonexistent/saltpipe/jobs".into()),
+            ..Default::default()
+        };
+        let stats = Arc::new(Stats::default());
+        let (tx, _rx) = mpsc::channel(8);
+        let ingest = Ingest::new(
+            &SourceConfig::default(),
+            Rules::new(&Default::default()),
+            stats.clone(),
+            tx,
+        );
+        let stop = CancellationToken::new();
+        let auto = Auto::new(&cfg, 1 << 20, queue.path().to_path_buf());
+        let task = tokio::spawn(auto.run(ingest, stats.clone(), stop.clone()));
+        stats.connects.fetch_add(1, Relaxed);
+        for _ in 0..100 {
+            if stats.backfill_failures.load(Relaxed) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(stats.backfill_failures.load(Relaxed), 1);
+        assert!(!task.is_finished(), "the watcher keeps running");
+        stop.cancel();
+        task.await.expect("ends");
+    }
+
+    #[test]
+    fn a_later_start_scans_from_the_recorded_time() {
+        let queue = tempfile::tempdir().expect("tmp");
+        let auto = Auto::new(
+            &BackfillConfig::default(),
+            1 << 20,
+            queue.path().to_path_buf(),
+        );
+        assert_eq!(auto.last_connected(), None, "first start: no state");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_610_967);
+        auto.record(t);
+        assert_eq!(auto.last_connected(), Some(t));
+        std::fs::write(queue.path().join("backfill.state"), "garbage").expect("w");
+        assert_eq!(auto.last_connected(), None, "a torn file is ignored");
+    }
+}
