@@ -34,7 +34,16 @@ fn make_job_cache(args: &[&str]) -> Value {
 
 /// Runs `saltpipe backfill ARGS --json` with `config`; returns (exit code, summary).
 fn backfill(config: &Path, args: &[&str]) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+    backfill_into(config, None, args)
+}
+
+/// The same, with the sink URL overridden (`SALTPIPE_SINK_URL`).
+fn backfill_into(config: &Path, sink: Option<&str>, args: &[&str]) -> (i32, Value) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_saltpipe"));
+    if let Some(url) = sink {
+        cmd.env("SALTPIPE_SINK_URL", url);
+    }
+    let out = cmd
         .arg("backfill")
         .args(args)
         .arg("--json")
@@ -199,6 +208,104 @@ fn backfill_all_of_a_salt_written_cache_stores_every_return_once_as_salt_reads_i
     assert_eq!(dry["found"]["returns"], 10, "{dry}");
     assert_eq!(dry["found"]["jobs"], 1, "{dry}");
     assert_eq!(dry["written"]["returns"], 0, "{dry}");
+}
+
+fn sql(cli: &str, args: &[&str], stmt: &str) -> String {
+    let out = Command::new(cli)
+        .args(args)
+        .arg(stmt)
+        .output()
+        .unwrap_or_else(|e| panic!("{cli}: {e}"));
+    assert!(
+        out.status.success(),
+        "{stmt}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn my(db: &str, stmt: &str) -> String {
+    sql(
+        "mysql",
+        &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
+        stmt,
+    )
+}
+
+fn pg(db: &str, stmt: &str) -> String {
+    sql(
+        "psql",
+        &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
+        stmt,
+    )
+}
+
+/// Drops the test databases whatever happens.
+struct Dbs(String);
+impl Drop for Dbs {
+    fn drop(&mut self) {
+        let _ = Command::new("mysql")
+            .args(["-h127.0.0.1", "-uroot", "-e"])
+            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
+            .status();
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .status();
+    }
+}
+
+#[test]
+fn backfill_into_mariadb_and_postgresql_writes_each_return_once() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let cachedir = work.path().join("cache");
+    make_job_cache(&[
+        "write",
+        "--cachedir",
+        cachedir.to_str().expect("utf8"),
+        "--returns",
+        "400",
+        "--minions",
+        "10",
+    ]);
+    let db = format!("saltpipe_bf_{:016x}", rand::random::<u64>());
+    my(
+        "test",
+        &format!("CREATE DATABASE {db} CHARACTER SET utf8mb4"),
+    );
+    pg("test", &format!("CREATE DATABASE {db}"));
+    let _dbs = Dbs(db.clone());
+    let cfg = write_config(
+        work.path(),
+        Path::new("/nonexistent.ipc"),
+        &format!(
+            "[backfill]\njob_cache_dir = \"{}\"\n",
+            cachedir.join("jobs").display()
+        ),
+    );
+    let urls = [
+        ("mysql", format!("mysql://root@127.0.0.1:3306/{db}")),
+        (
+            "postgres",
+            format!("postgres://postgres@127.0.0.1:5432/{db}"),
+        ),
+    ];
+    for (name, url) in &urls {
+        let (code, first) = backfill_into(&cfg, Some(url), &["--all"]);
+        assert_eq!(code, 0, "{name}: {first}");
+        assert_eq!(first["written"]["returns"], 400, "{name}: {first}");
+        assert_eq!(first["written"]["jobs"], 40, "{name}: {first}");
+        let (code, second) = backfill_into(&cfg, Some(url), &["--all"]);
+        assert_eq!(code, 0, "{name}: {second}");
+        assert_eq!(second["written"]["returns"], 0, "{name}: {second}");
+        assert_eq!(second["already_stored"], 440, "{name}: {second}");
+    }
+    let q = "SELECT count(*), count(DISTINCT jid, id) FROM salt_returns";
+    assert_eq!(my(&db, q), "400\t400");
+    let q = "SELECT count(*), count(DISTINCT (jid, id)) FROM salt_returns";
+    assert_eq!(pg(&db, q), "400|400");
+    assert_eq!(my(&db, "SELECT count(*) FROM jids"), "40");
+    assert_eq!(pg(&db, "SELECT count(*) FROM jids"), "40");
 }
 
 #[test]
