@@ -512,3 +512,86 @@ fn backfilled_rows_differ_from_bus_rows_only_in_the_documented_fields() {
         );
     }
 }
+
+#[test]
+fn sigkill_and_restart_in_a_loop_while_jobs_run_leaves_exactly_the_cached_returns() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let sb = Arc::new(Sandbox::up(2));
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = sandbox_config(work.path(), &sb, "30s");
+
+    // Jobs all along, published whether saltpipe is up or not.
+    let running = Arc::new(AtomicBool::new(true));
+    let jids = Arc::new(Mutex::new(Vec::new()));
+    let jobs = {
+        let (sb, running, jids) = (sb.clone(), running.clone(), jids.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while running.load(Ordering::Relaxed) {
+                let arg = format!("echo {i}");
+                let jid = if i % 2 == 0 {
+                    sb.salt_async(&["*", "test.ping"])
+                } else {
+                    sb.salt_async(&["*", "cmd.run", &arg])
+                };
+                jids.lock().expect("jids").push(jid);
+                i += 1;
+            }
+        })
+    };
+    // SIGKILL every few seconds for ~40 s.
+    let started = std::time::Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(40) {
+        let sp = Saltpipe::start(&["run"], &cfg);
+        std::thread::sleep(Duration::from_millis(2000 + 700 * (round % 4)));
+        sp.kill();
+        std::thread::sleep(Duration::from_millis(500 + 300 * (round % 3)));
+        round += 1;
+    }
+    running.store(false, Ordering::Relaxed);
+    jobs.join().expect("jobs thread");
+    let jids = jids.lock().expect("jids").clone();
+    assert!(jids.len() >= 4, "only {} jobs ran", jids.len());
+    // Let the last returns reach the master's cache, then one clean run.
+    std::thread::sleep(Duration::from_secs(3));
+    let cachedir = sb.dir.path().join("root/var/cache/salt/master");
+    let mut args = vec!["read", "--cachedir", cachedir.to_str().expect("utf8")];
+    for j in &jids {
+        args.extend(["--jid", j.as_str()]);
+    }
+    let cache = make_job_cache(&args);
+    let mut want = BTreeSet::new();
+    for (jid, job) in cache["jids"].as_object().expect("jids") {
+        for minion in job["returns"].as_object().expect("returns").keys() {
+            want.insert((jid.clone(), minion.clone()));
+        }
+    }
+    assert!(want.len() >= 8, "{} returns in the cache", want.len());
+    let sp = Saltpipe::start(&["run"], &cfg);
+    sp.wait_log("backfill: fed", 1, LONG);
+    let db = open_db(work.path());
+    let stored = || {
+        let mut st = db
+            .prepare("SELECT jid, id FROM salt_returns")
+            .expect("prepare");
+        st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .filter(|k| jids.contains(&k.0))
+            .collect::<Vec<_>>()
+    };
+    wait_for("every cached return stored", LONG, || {
+        (stored().len() >= want.len()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let rows = stored();
+    let got: BTreeSet<_> = rows.iter().cloned().collect();
+    assert_eq!(rows.len(), got.len(), "a return doubled");
+    assert_eq!(
+        got, want,
+        "the database holds exactly what the job cache holds"
+    );
+    assert!(sp.terminate().success());
+}
