@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Saltpipe, Sandbox, count, open_db, salt_venv, wait_for, write_config};
+use common::{Dbs, Saltpipe, Sandbox, count, my, open_db, pg, salt_venv, wait_for, write_config};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -208,51 +208,6 @@ fn backfill_all_of_a_salt_written_cache_stores_every_return_once_as_salt_reads_i
     assert_eq!(dry["found"]["returns"], 10, "{dry}");
     assert_eq!(dry["found"]["jobs"], 1, "{dry}");
     assert_eq!(dry["written"]["returns"], 0, "{dry}");
-}
-
-fn sql(cli: &str, args: &[&str], stmt: &str) -> String {
-    let out = Command::new(cli)
-        .args(args)
-        .arg(stmt)
-        .output()
-        .unwrap_or_else(|e| panic!("{cli}: {e}"));
-    assert!(
-        out.status.success(),
-        "{stmt}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn my(db: &str, stmt: &str) -> String {
-    sql(
-        "mysql",
-        &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
-        stmt,
-    )
-}
-
-fn pg(db: &str, stmt: &str) -> String {
-    sql(
-        "psql",
-        &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
-        stmt,
-    )
-}
-
-/// Drops the test databases whatever happens.
-struct Dbs(String);
-impl Drop for Dbs {
-    fn drop(&mut self) {
-        let _ = Command::new("mysql")
-            .args(["-h127.0.0.1", "-uroot", "-e"])
-            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
-            .status();
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-            .status();
-    }
 }
 
 #[test]
@@ -530,7 +485,7 @@ fn sigkill_and_restart_in_a_loop_while_jobs_run_leaves_exactly_the_cached_return
             let mut i = 0u32;
             while running.load(Ordering::Relaxed) {
                 let arg = format!("echo {i}");
-                let jid = if i % 2 == 0 {
+                let jid = if i.is_multiple_of(2) {
                     sb.salt_async(&["*", "test.ping"])
                 } else {
                     sb.salt_async(&["*", "cmd.run", &arg])
