@@ -436,8 +436,31 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
     }
     let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
     println!("  actions: {} ({})", names.len(), names.join(", "));
+    if cfg.backfill.enabled {
+        let at = cfg.backfill.job_cache_dir.as_ref().map_or_else(
+            || format!("from {}", cfg.backfill.master_config.display()),
+            |d| d.display().to_string(),
+        );
+        println!(
+            "  backfill: at start and reconnect, job cache {at}, margin {}",
+            humantime::format_duration(cfg.backfill.margin)
+        );
+    } else {
+        println!("  backfill: off");
+    }
     if no_connect {
         return Ok(exit::OK);
+    }
+    // Not a failure: without it saltpipe runs, only gaps stay unfilled.
+    if cfg.backfill.enabled {
+        let jobs = cfg.backfill.resolve().jobs_dir;
+        match std::fs::read_dir(&jobs) {
+            Ok(_) => println!("can read the job cache at {}", jobs.display()),
+            Err(e) => println!(
+                "cannot read the job cache at {}: {e} (backfill will not fill gaps)",
+                jobs.display()
+            ),
+        }
     }
     let mut ok = true;
     match saltpipe::source::check(&cfg.source).await {

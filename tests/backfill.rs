@@ -550,3 +550,42 @@ fn sigkill_and_restart_in_a_loop_while_jobs_run_leaves_exactly_the_cached_return
     );
     assert!(sp.terminate().success());
 }
+
+#[test]
+fn validate_shows_backfill_and_whether_the_job_cache_is_readable() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let jobs = work.path().join("jobs");
+    std::fs::create_dir_all(&jobs).expect("mkdir");
+    let cfg = write_config(
+        work.path(),
+        Path::new("/nonexistent.ipc"),
+        &format!(
+            "[backfill]\njob_cache_dir = \"{}\"\nmargin = \"10m\"\n",
+            jobs.display()
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+            .arg("validate")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("validate");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = run(&["--no-connect"]);
+    assert!(
+        text.contains(&format!(
+            "backfill: at start and reconnect, job cache {}, margin 10m",
+            jobs.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("can read the job cache"), "no I/O: {text}");
+    let text = run(&[]);
+    assert!(
+        text.contains(&format!("can read the job cache at {}", jobs.display())),
+        "{text}"
+    );
+}
