@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::{Dbs, Saltpipe, Sandbox, count, my, open_db, pg, salt_venv, wait_for, write_config};
+#[cfg(all(feature = "mysql", feature = "postgres"))]
+use common::{Dbs, my, pg};
+use common::{Saltpipe, Sandbox, count, open_db, salt_venv, wait_for, write_config};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -210,6 +212,7 @@ fn backfill_all_of_a_salt_written_cache_stores_every_return_once_as_salt_reads_i
     assert_eq!(dry["written"]["returns"], 0, "{dry}");
 }
 
+#[cfg(all(feature = "mysql", feature = "postgres"))]
 #[test]
 fn backfill_into_mariadb_and_postgresql_writes_each_return_once() {
     let work = tempfile::tempdir().expect("tempdir");
