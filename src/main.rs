@@ -605,6 +605,14 @@ async fn backfill(
     use std::io::IsTerminal as _;
     use std::sync::atomic::Ordering::Relaxed;
     let cache = cfg.backfill.resolve();
+    // No job cache: say so before opening a queue or a database for nothing.
+    if let Err(e) = std::fs::read_dir(&cache.jobs_dir) {
+        eprintln!(
+            "saltpipe: backfill: cannot read the job cache at {}: {e} (set [backfill] job_cache_dir or master_config, or run as the master's user)",
+            cache.jobs_dir.display()
+        );
+        return Ok(exit::NO_JOB_CACHE);
+    }
     let window = Window {
         since: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
         jid,

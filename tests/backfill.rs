@@ -285,6 +285,10 @@ fn a_missing_job_cache_is_one_clear_error_and_exit_5() {
         err.contains("cannot read the job cache at /nonexistent/saltpipe-test/jobs"),
         "{err}"
     );
+    assert!(
+        !work.path().join("salt.db").exists(),
+        "no database is created for nothing"
+    );
 }
 
 /// Jobs to run: (name, salt args).
