@@ -11,6 +11,9 @@
 //! * [`worker`]: batches, writes, retries, dead-letters, acknowledges;
 //! * [`sink`]: Salt's returner tables in SQLite (and more backends).
 //!
+//! [`backfill`] reads the master's job cache back into the same path, for
+//! what was published while saltpipe was not connected.
+//!
 //! [`action`] runs webhooks, mails and commands for chosen events beside the
 //! write; [`ops`] serves `/metrics` and `/health` and draws `saltpipe top`.
 //!
@@ -18,6 +21,7 @@
 //! [`stats`] counts everything. `docs/ARCHITECTURE.md` tells the whole story.
 
 pub mod action;
+pub mod backfill;
 pub mod bus;
 pub mod config;
 pub mod event;

@@ -25,6 +25,8 @@ mod exit {
     pub const CONFIG: u8 = 3;
     /// `validate`: a part named in the configuration cannot be reached.
     pub const UNREACHABLE: u8 = 4;
+    /// `backfill`: the master's job cache cannot be read (missing, no permission).
+    pub const NO_JOB_CACHE: u8 = 5;
 }
 
 const AFTER_HELP: &str = "\
@@ -34,6 +36,7 @@ Exit codes:
   2  bad command-line usage
   3  invalid configuration (the message names the key and, for the file, the line)
   4  validate: a source, queue or sink in the configuration cannot be reached
+  5  backfill: the master's job cache cannot be read (missing, or no permission)
 
 Configuration: --config FILE, else $SALTPIPE_CONFIG, else /etc/saltpipe/saltpipe.toml if it
 exists, else built-in defaults that work on a stock master. Any key can be overridden with
@@ -96,6 +99,31 @@ enum Command {
     Replay {
         /// A file written by `saltpipe capture` (or any bus byte stream).
         file: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import the master's job cache: every job and return it still keeps
+    /// (24h by default), through the rules, queue and sink, as if read from
+    /// the bus. What the sink already has is left as it is.
+    ///
+    /// Prints what it found, what was already stored and what it wrote.
+    /// While another saltpipe consumes the same embedded queue, the jobs are
+    /// queued for it to write. Exit 0 when done, 5 if the job cache cannot
+    /// be read.
+    Backfill {
+        /// Only jobs written in the last DURATION (e.g. 24h, 90m); default: --all.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "all")]
+        since: Option<Duration>,
+        /// The whole job cache (the default).
+        #[arg(long)]
+        all: bool,
+        /// Only this job.
+        #[arg(long)]
+        jid: Option<String>,
+        /// Read and count only: no queue, no database.
+        #[arg(long)]
+        dry_run: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -319,6 +347,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
                 shutdown,
                 Some(cfg.worker.drain_timeout),
                 hooks.rules,
+                hooks.backfill,
             )
             .await?;
             tracing::info!(summary = ?stats.snapshot(), "stopped");
@@ -366,6 +395,13 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             count,
         } => capture(&cfg, out, duration, count).await,
         Command::Replay { file, json } => replay(&cfg, file, json).await,
+        Command::Backfill {
+            since,
+            all: _,
+            jid,
+            dry_run,
+            json,
+        } => backfill(&cfg, since, jid, dry_run, json).await,
         Command::Schema { print, url } => schema(cfg, print, url).await,
     }
 }
@@ -400,8 +436,31 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
     }
     let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
     println!("  actions: {} ({})", names.len(), names.join(", "));
+    if cfg.backfill.enabled {
+        let at = cfg.backfill.job_cache_dir.as_ref().map_or_else(
+            || format!("from {}", cfg.backfill.master_config.display()),
+            |d| d.display().to_string(),
+        );
+        println!(
+            "  backfill: at start and reconnect, job cache {at}, margin {}",
+            humantime::format_duration(cfg.backfill.margin)
+        );
+    } else {
+        println!("  backfill: off");
+    }
     if no_connect {
         return Ok(exit::OK);
+    }
+    // Not a failure: without it saltpipe runs, only gaps stay unfilled.
+    if cfg.backfill.enabled {
+        let jobs = cfg.backfill.resolve().jobs_dir;
+        match std::fs::read_dir(&jobs) {
+            Ok(_) => println!("can read the job cache at {}", jobs.display()),
+            Err(e) => println!(
+                "cannot read the job cache at {}: {e} (backfill will not fill gaps)",
+                jobs.display()
+            ),
+        }
     }
     let mut ok = true;
     match saltpipe::source::check(&cfg.source).await {
@@ -532,4 +591,180 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::OK)
+}
+
+/// `saltpipe backfill`: the job cache → rules → queue → sink, once.
+async fn backfill(
+    cfg: &Config,
+    since: Option<Duration>,
+    jid: Option<String>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<u8> {
+    use saltpipe::backfill::{JobCacheSource, ScanCounts, Scanner, Window};
+    use std::io::IsTerminal as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let cache = cfg.backfill.resolve();
+    // No job cache: say so before opening a queue or a database for nothing.
+    if let Err(e) = std::fs::read_dir(&cache.jobs_dir) {
+        eprintln!(
+            "saltpipe: backfill: cannot read the job cache at {}: {e} (set [backfill] job_cache_dir or master_config, or run as the master's user)",
+            cache.jobs_dir.display()
+        );
+        return Ok(exit::NO_JOB_CACHE);
+    }
+    let window = Window {
+        since: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
+        jid,
+    };
+    let scanner = Scanner::new(cache.clone(), cfg.source.max_frame);
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let shutdown = shutdown_on_signals()?;
+    // A progress line on a terminal (no progress-bar crate in the
+    // project's dependency set: one line rewritten in place).
+    let progress = (!json && std::io::stderr().is_terminal()).then(|| {
+        let s = stats.clone();
+        let stop = CancellationToken::new();
+        let t = stop.clone();
+        let h = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                eprint!(
+                    "\rbackfill: read {} jobs, {} returns; wrote {} returns   ",
+                    s.backfilled_jobs.load(Relaxed),
+                    s.backfilled_returns.load(Relaxed),
+                    s.returns_written.load(Relaxed)
+                );
+            }
+            eprintln!();
+        });
+        (stop, h)
+    });
+    let mut queued_only = false;
+    let counts: Result<ScanCounts, String> = if dry_run {
+        let st = stats.clone();
+        tokio::task::spawn_blocking(move || {
+            scanner.scan(&window, &mut |_, kind| {
+                let c = match kind {
+                    saltpipe::backfill::scan::Kind::Job => &st.backfilled_jobs,
+                    saltpipe::backfill::scan::Kind::Return => &st.backfilled_returns,
+                };
+                c.fetch_add(1, Relaxed);
+                true
+            })
+        })
+        .await?
+        .map_err(|e| e.to_string())
+    } else {
+        let source = JobCacheSource::new(scanner.clone(), window.clone());
+        let found = source.counts.clone();
+        let r =
+            pipeline::run_all(cfg, Box::new(source), stats.clone(), shutdown.clone(), None).await;
+        let found = match r {
+            Ok(()) => found,
+            Err(pipeline::PipelineError::Queue(saltpipe::queue::QueueError::Busy { .. })) => {
+                // A running saltpipe consumes this queue: hand it the jobs.
+                queued_only = true;
+                let source = JobCacheSource::new(scanner, window);
+                let found = source.counts.clone();
+                pipeline::listen_to_queue(
+                    cfg,
+                    Box::new(source),
+                    stats.clone(),
+                    shutdown,
+                    None,
+                    None,
+                    false,
+                )
+                .await?;
+                found
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let taken = found.lock().map(|mut g| g.take()).ok().flatten();
+        taken.unwrap_or_else(|| Err("the scan did not finish".into()))
+    };
+    if let Some((stop, h)) = progress {
+        stop.cancel();
+        let _ = h.await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let s = stats.snapshot();
+    let code = match &counts {
+        Ok(_) => exit::OK,
+        Err(e) => {
+            eprintln!(
+                "saltpipe: backfill: {e} (set [backfill] job_cache_dir or master_config, or run as the master's user)"
+            );
+            exit::NO_JOB_CACHE
+        }
+    };
+    let c = counts.unwrap_or_default();
+    let summary = serde_json::json!({
+        "job_cache": cache.jobs_dir,
+        "dry_run": dry_run,
+        "queued_for_running_saltpipe": queued_only,
+        "found": { "jobs": c.jobs, "returns": c.returns },
+        "skipped_being_written": c.skipped,
+        "unreadable": c.unreadable,
+        "dropped_by_rules": s.dropped.values().sum::<u64>(),
+        "written": { "jobs": s.jids_written, "returns": s.returns_written },
+        "already_stored": s.rows_ignored,
+        "dead_lettered": s.dead_letters,
+        "seconds": seconds,
+        "exit_code": code,
+    });
+    // Written in one piece, and a closed pipe (`| head`) is not an error.
+    let mut text = String::new();
+    if json {
+        text = serde_json::to_string_pretty(&summary)? + "\n";
+    } else {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            text,
+            "backfill from {} in {seconds:.2}s",
+            cache.jobs_dir.display()
+        );
+        let _ = writeln!(
+            text,
+            "  found:          {} jobs, {} returns",
+            c.jobs, c.returns
+        );
+        if c.skipped + c.unreadable > 0 {
+            let _ = writeln!(
+                text,
+                "  skipped:        {} being written, {} unreadable",
+                c.skipped, c.unreadable
+            );
+        }
+        if code == exit::OK && dry_run {
+            let _ = writeln!(text, "  dry run: nothing queued or written");
+        } else if code == exit::OK && queued_only {
+            let _ = writeln!(
+                text,
+                "  queued:         {} events, for the running saltpipe to write",
+                s.queued
+            );
+        } else if code == exit::OK {
+            let _ = writeln!(
+                text,
+                "  written:        {} jobs, {} returns",
+                s.jids_written, s.returns_written
+            );
+            let _ = writeln!(
+                text,
+                "  already stored: {} rows; dropped by rules: {}; dead-lettered: {}",
+                s.rows_ignored,
+                s.dropped.values().sum::<u64>(),
+                s.dead_letters
+            );
+        }
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    Ok(code)
 }

@@ -51,6 +51,9 @@ pub struct Hooks {
     pub rules: Option<mpsc::UnboundedReceiver<Rules>>,
     /// The actions workers offer batches to; `None`: started from the config.
     pub actions: Option<Actions>,
+    /// Scan the master's job cache at start and after each bus reconnect
+    /// (`[backfill] enabled`, for processes that listen).
+    pub backfill: bool,
 }
 
 /// Why a reload was refused (the running config stays).
@@ -103,6 +106,7 @@ impl Reloader {
             Hooks {
                 rules: rx,
                 actions: actions.clone(),
+                backfill: listens && cfg.backfill.enabled,
             },
             Reloader {
                 rules: tx,
@@ -207,10 +211,21 @@ pub async fn listen(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
-    listen_with(cfg, source, producer, stats, shutdown, None).await
+    listen_with(cfg, source, producer, stats, shutdown, None, false).await
 }
 
-/// [`listen`], taking new rules from `reload` while it runs.
+/// Where `run` / `listen` keep the backfill state: the queue directory, or
+/// the local spool with a broker queue.
+pub fn backfill_state_dir(cfg: &Config) -> std::path::PathBuf {
+    match &cfg.queue.url {
+        crate::queue::QueueUrl::Embedded { dir } => dir.clone(),
+        #[allow(unreachable_patterns)]
+        _ => cfg.queue.spool.clone(),
+    }
+}
+
+/// [`listen`], taking new rules from `reload` while it runs, and, with
+/// `backfill`, scanning the job cache at start and after each reconnect.
 pub async fn listen_with(
     cfg: &Config,
     mut source: Box<dyn Source>,
@@ -218,9 +233,30 @@ pub async fn listen_with(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
     reload: Option<mpsc::UnboundedReceiver<Rules>>,
+    backfill: bool,
 ) -> Result<(), PipelineError> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let give_up = CancellationToken::new();
+    // Backfill has a channel and queue writer of its own: a large scan waits
+    // for its writer instead of filling the bus reader's channel (whose
+    // reader never waits, and would drop past `pending_limit`).
+    let auto = backfill.then(|| {
+        let (btx, brx) = mpsc::channel(CHANNEL_CHUNKS);
+        let writer = tokio::spawn(queue_writer(
+            brx,
+            producer.clone(),
+            stats.clone(),
+            give_up.clone(),
+        ));
+        let ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats.clone(), btx);
+        let auto = crate::backfill::Auto::new(
+            &cfg.backfill,
+            cfg.source.max_frame,
+            backfill_state_dir(cfg),
+        );
+        let scan = tokio::spawn(auto.run(ingest, stats.clone(), shutdown.clone()));
+        (scan, writer)
+    });
     let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
     let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx);
     if let Some(rx) = reload {
@@ -231,12 +267,20 @@ pub async fn listen_with(
     // Give a failing queue the drain time to recover before giving up.
     let deadline = tokio::time::sleep(cfg.worker.drain_timeout);
     tokio::pin!(deadline);
-    let mut writer = writer;
+    let writers = async {
+        writer.await?;
+        if let Some((scan, writer)) = auto {
+            scan.await?;
+            writer.await?;
+        }
+        Ok::<(), tokio::task::JoinError>(())
+    };
+    tokio::pin!(writers);
     tokio::select! {
-        r = &mut writer => r?,
+        r = &mut writers => r?,
         _ = &mut deadline => {
             give_up.cancel();
-            writer.await?;
+            writers.await?;
         }
     }
     result.map_err(Into::into)
@@ -298,14 +342,15 @@ pub async fn listen_to_queue(
     shutdown: CancellationToken,
     drain: Option<Duration>,
     rules: Option<mpsc::UnboundedReceiver<Rules>>,
+    backfill: bool,
 ) -> Result<(), PipelineError> {
     if !cfg.queue.url.is_broker() {
         let producer = cfg.queue.producer().await?;
-        return listen_with(cfg, source, producer, stats, shutdown, rules).await;
+        return listen_with(cfg, source, producer, stats, shutdown, rules, backfill).await;
     }
     let (spooled, forwarder) =
         crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain, stats.clone()).await?;
-    let listened = listen_with(cfg, source, spooled, stats, shutdown, rules).await;
+    let listened = listen_with(cfg, source, spooled, stats, shutdown, rules, backfill).await;
     let forwarded = forwarder.finish().await;
     listened.and(forwarded.map_err(PipelineError::from))
 }
@@ -369,6 +414,7 @@ pub async fn run_all_with(
         shutdown.clone(),
         drain,
         hooks.rules,
+        hooks.backfill,
     );
     tokio::pin!(listening);
     let mut worker_error = None;

@@ -72,6 +72,15 @@ pub struct Stats {
     /// Config reloads that took effect, and those refused as invalid.
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Backfill (src/backfill/): jobs (`new`) and returns read back from the
+    /// master's job cache and fed to the rules, whether or not the sink
+    /// already had them.
+    pub backfilled_jobs: AtomicU64,
+    pub backfilled_returns: AtomicU64,
+    /// Job cache entries that could not be read or decoded (skipped).
+    pub backfill_unreadable: AtomicU64,
+    /// Scans that could not run: no job cache, or no permission.
+    pub backfill_failures: AtomicU64,
     /// Log lines about bad bus input (malformed or oversized frames): a
     /// hostile writer must not be able to turn 1 MB of junk into 100,000
     /// log lines. The counters above still count every one.
@@ -172,6 +181,9 @@ pub struct Snapshot {
     pub outcomes: BTreeMap<&'static str, u64>,
     /// Total time spent in sink writes, ms.
     pub sink_busy_ms: u64,
+    /// Read back from the master's job cache (backfill).
+    pub backfilled_jobs: u64,
+    pub backfilled_returns: u64,
     /// Action outcomes by action name (only outcomes that happened).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub actions: BTreeMap<String, BTreeMap<&'static str, u64>>,
@@ -243,6 +255,8 @@ impl Stats {
                 .filter(|(_, n)| *n > 0)
                 .collect(),
             sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
+            backfilled_jobs: self.backfilled_jobs.load(Relaxed),
+            backfilled_returns: self.backfilled_returns.load(Relaxed),
             actions: self
                 .actions
                 .lock()

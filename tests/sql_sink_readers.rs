@@ -9,55 +9,11 @@
 
 mod common;
 
-use common::{Saltpipe, Sandbox, repo, salt_venv, wait_for};
+use common::{Dbs, Saltpipe, Sandbox, my, pg, repo, salt_venv, wait_for};
 use serde_json::Value;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn cli(program: &str, args: &[&str], sql: &str) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .arg(sql)
-        .output()
-        .expect("client");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn my(db: &str, sql: &str) -> String {
-    cli(
-        "mysql",
-        &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
-        sql,
-    )
-}
-
-fn pg(db: &str, sql: &str) -> String {
-    cli(
-        "psql",
-        &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
-        sql,
-    )
-}
-
-struct Dbs(String);
-impl Drop for Dbs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("mysql")
-            .args(["-h127.0.0.1", "-uroot", "-e"])
-            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
-            .status();
-        let _ = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-            .status();
-    }
-}
 
 fn config(
     dir: &std::path::Path,

@@ -9,7 +9,7 @@ use super::ConfigError;
 
 /// Sections that can be overridden.
 const SECTIONS: &[&str] = &[
-    "source", "rules", "queue", "worker", "sink", "log", "metrics",
+    "source", "rules", "queue", "worker", "sink", "log", "metrics", "backfill",
 ];
 
 /// Variables that are not overrides even though they start with the prefix.

@@ -11,6 +11,7 @@
 //! environment variables, so secrets stay out of files and argv.
 
 use crate::action::ActionConfig;
+use crate::backfill::BackfillConfig;
 use crate::ops::MetricsConfig;
 use crate::queue::QueueConfig;
 use crate::rules::RulesConfig;
@@ -45,6 +46,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Webhooks, mails and commands for chosen events (`[[actions]]`).
     pub actions: Vec<ActionConfig>,
+    /// Reading the master's job cache back (start-up, reconnects, `backfill`).
+    pub backfill: BackfillConfig,
 }
 
 /// Logging settings.
@@ -205,6 +208,7 @@ impl Config {
         self.sink.validate()?;
         self.metrics.validate()?;
         crate::action::validate_all(&self.actions)?;
+        self.backfill.validate()?;
         if !self.log.level.is_empty() {
             tracing_subscriber::EnvFilter::try_new(&self.log.level)
                 .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;

@@ -291,6 +291,26 @@ fn publish(s: &Stats) {
         s.targets_closed.load(Relaxed),
     );
     c(
+        "saltpipe_backfilled_jobs_total",
+        "Jobs read back from the master's job cache and fed to the rules (the sink ignores those it has).",
+        s.backfilled_jobs.load(Relaxed),
+    );
+    c(
+        "saltpipe_backfilled_returns_total",
+        "Returns read back from the master's job cache and fed to the rules (the sink ignores those it has).",
+        s.backfilled_returns.load(Relaxed),
+    );
+    c(
+        "saltpipe_backfill_unreadable_total",
+        "Job cache entries that could not be read or decoded, skipped.",
+        s.backfill_unreadable.load(Relaxed),
+    );
+    c(
+        "saltpipe_backfill_failures_total",
+        "Job cache scans that could not run (no cache, no permission).",
+        s.backfill_failures.load(Relaxed),
+    );
+    c(
         "saltpipe_sink_retries_total",
         "Batch writes that failed and were retried.",
         s.sink_retries.load(Relaxed),

@@ -314,3 +314,52 @@ pub fn return_frame(jid: &str, minion: &str, ret: &str) -> Vec<u8> {
     let _ = rmp::encode::write_bool(&mut d, true);
     saltpipe::bus::encode::frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
 }
+
+/// Runs one SQL statement with a database's own command-line client.
+pub fn sql_cli(program: &str, args: &[&str], sql: &str) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .arg(sql)
+        .output()
+        .expect("client");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One statement in MariaDB (root, no password), tab-separated output.
+pub fn my(db: &str, sql: &str) -> String {
+    sql_cli(
+        "mysql",
+        &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
+        sql,
+    )
+}
+
+/// One statement in PostgreSQL (postgres, trust), `|`-separated output.
+pub fn pg(db: &str, sql: &str) -> String {
+    sql_cli(
+        "psql",
+        &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
+        sql,
+    )
+}
+
+/// A database of this name in MariaDB and PostgreSQL, dropped when this goes.
+pub struct Dbs(pub String);
+
+impl Drop for Dbs {
+    fn drop(&mut self) {
+        let _ = Command::new("mysql")
+            .args(["-h127.0.0.1", "-uroot", "-e"])
+            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
+            .status();
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .status();
+    }
+}
