@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+# Tools the tests run besides the services: strace (tests/power_loss.rs
+# checks the order of fsyncs), openssl (tests/db_tls.rs makes a throwaway CA).
+missing=()
+for tool in strace openssl; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 bash scripts/salt-venv.sh >/dev/null
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
