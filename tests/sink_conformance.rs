@@ -1127,8 +1127,21 @@ async fn outcomes_are_written_with_each_return<B: Backend>() {
     ];
     want.sort_by(|a, b| (&a.jid, &a.minion).cmp(&(&b.jid, &b.minion)));
     assert_eq!(b.outcomes().await, want);
+    // One return twice in a fresh batch (two masters): stored once, no error.
+    let d = jid();
+    let dup = state_ret(&d, "m1", &[(V::from(false), false)], 2, false);
+    sink.write(&[dup.clone(), dup])
+        .await
+        .expect("write a batch with a duplicate");
+    let o = b.outcomes().await;
+    assert_eq!(o.iter().filter(|o| o.jid == d).count(), 1, "{o:?}");
     // The returner's columns still say what Salt said.
-    let rows = b.returns().await;
+    let rows: Vec<_> = b
+        .returns()
+        .await
+        .into_iter()
+        .filter(|r| r.jid != d)
+        .collect();
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|r| r.success == b.true_word()), "{rows:?}");
     assert_eq!(b.count("saltpipe_targets").await, 3);
