@@ -50,19 +50,7 @@ fn record(tag: &str, data: Vec<(&str, V)>) -> Record {
 }
 
 fn new_job(jid: &str, fun: &str) -> Record {
-    record(
-        &format!("salt/job/{jid}/new"),
-        vec![
-            ("jid", V::from(jid)),
-            ("fun", V::from(fun)),
-            ("arg", V::Array(vec![])),
-            ("tgt", V::from("*")),
-            ("tgt_type", V::from("glob")),
-            ("user", V::from("root")),
-            ("minions", V::Array(vec![V::from("m1"), V::from("m2")])),
-            ("_stamp", V::from("2026-11-25T12:00:00.000000+00:00")),
-        ],
-    )
+    new_job_for(jid, fun, &["m1", "m2"], "2026-11-25T12:00:00.000000+00:00")
 }
 
 fn ret(jid: &str, minion: &str, fun: &str, value: V) -> Record {
@@ -1056,7 +1044,6 @@ fn new_job_for(jid: &str, fun: &str, minions: &[&str], stamp: &str) -> Record {
                 "minions",
                 V::Array(minions.iter().map(|m| V::from(*m)).collect()),
             ),
-            ("missing", V::Array(vec![])),
             ("_stamp", V::from(stamp)),
         ],
     )
