@@ -815,11 +815,16 @@ impl Writer {
 fn count_outcomes(stats: &Stats, records: &[Record]) {
     let mut n = [0u64; Outcome::ALL.len()];
     for r in records {
-        if let Some(crate::sink::rows::RowSet::Return(row, _)) = r.rows.as_deref()
-            && let Some(o) = Outcome::ALL
-                .iter()
-                .find(|o| o.as_str() == row.outcome.outcome)
-        {
+        let o = match r.rows.as_deref() {
+            Some(crate::sink::rows::RowSet::Return(row, _)) => Outcome::ALL
+                .into_iter()
+                .find(|o| o.as_str() == row.outcome.outcome),
+            Some(_) => None,
+            // Not converted ahead (a sink that converts in `write`): judge it here.
+            None => (r.event.kind == crate::event::Kind::JobReturn)
+                .then(|| crate::outcome::of_return(r.event.data()).outcome),
+        };
+        if let Some(o) = o {
             n[o.index()] += 1;
         }
     }
@@ -1080,6 +1085,127 @@ mod tests {
         acked.sort();
         assert_eq!(acked, (1..=25).collect::<Vec<_>>());
         assert_eq!(stats.snapshot().batches, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn written_returns_are_counted_by_outcome() {
+        let q = Arc::new(MemQueue::default());
+        q.ready.lock().expect("lock").extend((1..=3).map(delivery));
+        // A return Salt calls failed, and a job announcement (no outcome).
+        let mut data = Vec::new();
+        let _ = rmp::encode::write_map_len(&mut data, 3);
+        for (k, v) in [("id", "m"), ("jid", "4")] {
+            let _ = rmp::encode::write_str(&mut data, k);
+            let _ = rmp::encode::write_str(&mut data, v);
+        }
+        let _ = rmp::encode::write_str(&mut data, "retcode");
+        let _ = rmp::encode::write_uint(&mut data, 1);
+        for (id, tag) in [(4, "salt/job/4/ret/m"), (5, "salt/job/5/new")] {
+            let f = crate::bus::encode::frame(tag, &data);
+            let e = Event::from_frame(&bytes::Bytes::from(f)).expect("event");
+            q.ready.lock().expect("lock").push_back(Delivery {
+                id,
+                key: "m".into(),
+                body: e.body,
+                received_ms: 0,
+            });
+        }
+        let sink = Arc::new(ScriptSink::default());
+        let stats = run(q, sink, cfg(10), None).await;
+        let o = stats.snapshot().outcomes;
+        assert_eq!(
+            (o.get("ok"), o.get("failed")),
+            (Some(&3), Some(&1)),
+            "{:?}",
+            stats.snapshot()
+        );
+        assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn the_return_window_is_checked_and_read_from_toml() {
+        let cfg: crate::config::Config =
+            toml::from_str("[worker]\nreturn_window = \"90s\"\n").expect("parses");
+        assert_eq!(cfg.worker.return_window, Duration::from_secs(90));
+        assert!(cfg.worker.validate().is_ok());
+        assert_eq!(
+            WorkerConfig::default().return_window,
+            Duration::from_secs(300)
+        );
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            Duration::from_secs(31 * 86_400),
+        ] {
+            let c = WorkerConfig {
+                return_window: bad,
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    /// Closes return windows as scripted.
+    #[derive(Default)]
+    struct SweepSink {
+        rounds: Mutex<VecDeque<crate::sink::Closed>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Sink for SweepSink {
+        async fn write(&self, _: &[Record]) -> Result<WriteReport, SinkError> {
+            Ok(WriteReport::default())
+        }
+        async fn dead_letter(&self, _: &str, _: &bytes::Bytes, _: &str) -> Result<(), SinkError> {
+            Ok(())
+        }
+        async fn close_returns(
+            &self,
+            before: &str,
+            _limit: usize,
+        ) -> Result<crate::sink::Closed, SinkError> {
+            self.calls.lock().expect("lock").push(before.to_owned());
+            Ok(self
+                .rounds
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .unwrap_or_default())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_windows_and_counts_silent_minions() {
+        let sink = Arc::new(SweepSink::default());
+        let silent = |m: &str| crate::sink::NoReturn {
+            jid: "20261202120000000000".into(),
+            minion: m.into(),
+            fun: "state.apply".into(),
+            stamp: "2026-12-02 12:00:00.000000".into(),
+        };
+        sink.rounds.lock().expect("lock").extend([
+            crate::sink::Closed {
+                targets: SWEEP_CHUNK,
+                no_return: vec![silent("m1")],
+            },
+            // The rest of the same round: fewer than a chunk ends it.
+            crate::sink::Closed {
+                targets: 3,
+                no_return: vec![silent("m2"), silent("m3")],
+            },
+        ]);
+        let mut c = cfg(10);
+        c.return_window = Duration::from_secs(10);
+        let stats = run(Arc::new(MemQueue::default()), sink.clone(), c, None).await;
+        assert_eq!(stats.snapshot().outcomes.get("no_return"), Some(&3));
+        assert_eq!(stats.targets_closed.load(Relaxed), SWEEP_CHUNK as u64 + 3);
+        // Every second (window / 10) over the run's 5 s of paused time; a
+        // full chunk asks again at once.
+        let calls = sink.calls.lock().expect("lock").clone();
+        assert!(calls.len() >= 4, "{calls:?}");
+        assert_eq!(calls[0], calls[1], "the same round");
+        assert_eq!(calls[0].len(), "2026-12-02 12:00:00.000000".len());
     }
 
     /// Takes two batches at once; the first one is slow to write.

@@ -404,6 +404,8 @@ mod tests {
         stats.frames.store(44, Relaxed);
         stats.count_drop(crate::rules::DropReason::FindJob);
         stats.action("page").sent.store(3, Relaxed);
+        stats.count_outcome(crate::outcome::Outcome::Failed, 2);
+        stats.count_outcome(crate::outcome::Outcome::NoReturn, 1);
         stats.set_queue_depth("default", 7, 0);
         stats.bus_expected.store(true, Relaxed);
         let stop = CancellationToken::new();
@@ -450,6 +452,18 @@ mod tests {
             m.get("saltpipe_queue_depth", &[("queue", "default")]),
             Some(7.0)
         );
+        for (o, want) in [
+            ("failed", 2.0),
+            ("no_return", 1.0),
+            ("ok", 0.0),
+            ("changed", 0.0),
+        ] {
+            assert_eq!(
+                m.get("saltpipe_outcomes_total", &[("outcome", o)]),
+                Some(want),
+                "{o} in {text}"
+            );
+        }
         let r = client
             .get(format!("{base}/health"))
             .send()

@@ -207,8 +207,9 @@ const COLUMNS: &[(&str, &str, &str)] = &[
 pub fn schema_ddl() -> String {
     let mut s = String::from(
         "-- saltpipe: Salt's mysql returner tables (utf8mb4), plus a unique key on\n\
-         -- salt_returns (jid, id), alter_time indexes, a dedupe key on salt_events\n\
-         -- and a dead-letter table.\n\
+         -- salt_returns (jid, id), alter_time indexes, a dedupe key on salt_events,\n\
+         -- a dead-letter table and saltpipe_outcomes / saltpipe_targets (outcome of\n\
+         -- each return, who did not return; see docs/ARCHITECTURE.md).\n\
          -- On an existing returner database saltpipe only adds what is missing:\n",
     );
     for ddl in COLUMNS

@@ -161,8 +161,9 @@ const SCHEMA: &[&str] = &[
 pub fn schema_ddl() -> String {
     let mut s = String::from(
         "-- saltpipe: Salt's pgjsonb returner tables, plus a unique index on\n\
-         -- salt_returns (jid, id), alter_time indexes, a dedupe key on salt_events\n\
-         -- and a dead-letter table.\n\
+         -- salt_returns (jid, id), alter_time indexes, a dedupe key on salt_events,\n\
+         -- a dead-letter table, and saltpipe_outcomes / saltpipe_targets (outcome of\n\
+         -- each return, who did not return; see docs/ARCHITECTURE.md).\n\
          -- Every statement is IF NOT EXISTS: on an existing pgjsonb database only\n\
          -- the additions are created.\n",
     );
@@ -434,7 +435,16 @@ impl Sink for PgSink {
         // Outcomes: a real return replaces a `no_return` row (a late
         // return), never another real one (first write wins). Stamps are
         // UTC text ([`rows::stamp`]), read here as UTC.
-        for run in rows::runs(&t.returns, usize::MAX, STATEMENT_BYTES, |(_, r)| {
+        // Once per (jid, minion): ON CONFLICT DO UPDATE refuses to touch a
+        // row twice in one statement (a return delivered twice in a batch,
+        // e.g. from two masters).
+        let mut seen = std::collections::HashSet::new();
+        let outcomes: Vec<_> = t
+            .returns
+            .iter()
+            .filter(|(_, r)| seen.insert((r.jid.as_str(), r.id.as_str())))
+            .collect();
+        for run in rows::runs(&outcomes, usize::MAX, STATEMENT_BYTES, |(_, r)| {
             r.jid.len() + r.id.len() + r.fun.len() + 64
         }) {
             let mut text: [Vec<Cow<'_, str>>; 5] = Default::default();
