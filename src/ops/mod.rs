@@ -372,6 +372,7 @@ mod tests {
         stats.count_drop(crate::rules::DropReason::FindJob);
         stats.action("page").sent.store(3, Relaxed);
         stats.set_queue_depth("default", 7, 0);
+        stats.redacted.store(5, Relaxed);
         stats.bus_expected.store(true, Relaxed);
         let stop = CancellationToken::new();
         let cfg = MetricsConfig {
@@ -417,6 +418,7 @@ mod tests {
             m.get("saltpipe_queue_depth", &[("queue", "default")]),
             Some(7.0)
         );
+        assert_eq!(m.get("saltpipe_redacted_values_total", &[]), Some(5.0));
         let r = client
             .get(format!("{base}/health"))
             .send()
