@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use saltpipe::bus::framing::{Framed, Framer};
 use saltpipe::event::{Event, Kind};
 use saltpipe::sink::Record;
-use saltpipe::sink::rows::{BoolStyle, rows_of};
+use saltpipe::sink::rows::{BoolStyle, RowFormat, rows_of};
 use std::hint::black_box;
 
 fn event(tag: &str, data: &[u8]) -> Event {
@@ -120,7 +120,12 @@ fn bench(c: &mut Criterion) {
         });
         let r = Record::new(e.clone(), 0);
         g.bench_function(format!("rows_of {name}"), |b| {
-            b.iter(|| black_box(rows_of(black_box(&r), BoolStyle::Digit)))
+            b.iter(|| {
+                black_box(rows_of(
+                    black_box(&r),
+                    RowFormat::unlimited(BoolStyle::Digit),
+                ))
+            })
         });
     }
     g.finish();

@@ -219,20 +219,15 @@ impl KeyRedactor {
         self.names.is_empty()
     }
 
-    /// Whether the value under this map key is hidden.
+    /// Whether the value under this map key is hidden. Compares bytes
+    /// without allocating: it runs for every key of every event.
     pub fn matches(&self, key: &[u8]) -> bool {
-        if key.len() > 256 {
-            return false;
-        }
-        let Ok(key) = std::str::from_utf8(key) else {
-            return false;
-        };
-        let key = key.to_ascii_lowercase();
         self.names.iter().any(|n| {
-            key == *n
-                || key
-                    .strip_suffix(n.as_str())
-                    .is_some_and(|head| head.ends_with(['_', '-']))
+            let n = n.as_bytes();
+            let Some(cut) = key.len().checked_sub(n.len()) else {
+                return false;
+            };
+            key[cut..].eq_ignore_ascii_case(n) && (cut == 0 || matches!(key[cut - 1], b'_' | b'-'))
         })
     }
 
@@ -278,16 +273,16 @@ impl KeyRedactor {
             Item::Map(n) => {
                 for _ in 0..n {
                     let key_at = r.clone();
-                    let key = r.skip()?;
-                    let name = match Reader::new(key).item() {
-                        Ok(Item::Str(s)) | Ok(Item::Bin(s)) => Some(s),
+                    let name = match r.item()? {
+                        Item::Str(s) | Item::Bin(s) => Some(s),
+                        Item::Map(_) | Item::Array(_) => {
+                            // A map or array used as a key: look inside it too.
+                            *r = key_at;
+                            self.collect(r, depth + 1, hidden)?;
+                            None
+                        }
                         _ => None,
                     };
-                    if name.is_none() {
-                        // A map or array used as a key: look inside it too.
-                        let mut k = key_at;
-                        self.collect(&mut k, depth + 1, hidden)?;
-                    }
                     let start = r.position();
                     if name.is_some_and(|k| self.matches(k)) {
                         r.skip()?;
@@ -526,6 +521,19 @@ mod tests {
                 .expect("walk")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_map_used_as_a_key_is_looked_into() {
+        use rmpv::Value as V;
+        let key = V::Map(vec![(V::from("token"), V::from("hunter5"))]);
+        let data = V::Map(vec![(key, V::from("v")), (V::from("k"), V::from("kept"))]);
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        let (out, n) = r.redact_msgpack(&mp(&data)).expect("walk").expect("hidden");
+        assert_eq!(n, 1);
+        let back = rmpv::decode::read_value(&mut out.as_slice()).expect("msgpack");
+        let text = format!("{back}");
+        assert!(!text.contains("hunter5") && text.contains("kept"), "{text}");
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub enum Redirects {
     SameHost,
 }
 
+impl Redirects {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Redirects::None => "none",
+            Redirects::SameHost => "same-host",
+        }
+    }
+}
+
 /// Header values are credentials: only their names are shown.
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,8 +209,9 @@ impl Action for Webhook {
                 .map(crate::redact::url)
                 .unwrap_or_default();
             return Err(ActionError::Permanent(format!(
-                "POST {}: HTTP {status} redirect to `{to}` not followed (webhook.redirects = {:?})",
-                self.url, self.redirects
+                "POST {}: HTTP {status} redirect to `{to}` not followed (webhook.redirects = \"{}\")",
+                self.url,
+                self.redirects.as_str()
             )));
         }
         let text: String = resp

@@ -74,10 +74,11 @@ pub fn apply(
                 message: format!("[{section}] is not a table in the file"),
             });
         };
-        let value = if is_text_key(&key) {
-            toml::Value::String(raw.clone())
-        } else {
-            value_of(raw)
+        let value = match value_of(raw) {
+            // A quoted value is still unquoted, as before.
+            v @ toml::Value::String(_) => v,
+            _ if is_text_key(&key) => toml::Value::String(raw.clone()),
+            v => v,
         };
         t.insert(key, value);
         applied.push(var.clone());
@@ -114,12 +115,18 @@ mod tests {
             &[
                 ("SALTPIPE_SINK_PASSWORD".into(), "12345".into()),
                 ("SALTPIPE_SINK_POOL_SIZE".into(), "7".into()),
+                ("SALTPIPE_QUEUE_URL".into(), "\"redis://h:6379\"".into()),
             ],
         )
         .expect("applied");
         let sink = t["sink"].as_table().expect("table");
         assert_eq!(sink["password"], toml::Value::String("12345".into()));
         assert_eq!(sink["pool_size"], toml::Value::Integer(7));
+        assert_eq!(
+            t["queue"]["url"],
+            toml::Value::String("redis://h:6379".into()),
+            "quotes are still taken off"
+        );
     }
 
     #[test]

@@ -407,6 +407,7 @@ mod tests {
         stats.count_outcome(crate::outcome::Outcome::Failed, 2);
         stats.count_outcome(crate::outcome::Outcome::NoReturn, 1);
         stats.set_queue_depth("default", 7, 0);
+        stats.redacted.store(5, Relaxed);
         stats.bus_expected.store(true, Relaxed);
         let stop = CancellationToken::new();
         let cfg = MetricsConfig {
@@ -464,6 +465,7 @@ mod tests {
                 "{o} in {text}"
             );
         }
+        assert_eq!(m.get("saltpipe_redacted_values_total", &[]), Some(5.0));
         let r = client
             .get(format!("{base}/health"))
             .send()
