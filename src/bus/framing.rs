@@ -203,10 +203,11 @@ impl Framer {
                 }
                 match check(&self.buf[p..], max) {
                     Check::Frame { .. } => return Look::Frame(p),
-                    Check::Need { total } if total.is_none_or(|t| t <= max) => {
-                        if self.candidates.len() < MAX_CANDIDATES {
-                            self.candidates.push((p, total));
-                        }
+                    Check::Need { total }
+                        if total.is_none_or(|t| t <= max)
+                            && self.candidates.len() < MAX_CANDIDATES =>
+                    {
+                        self.candidates.push((p, total));
                     }
                     _ => {}
                 }
