@@ -344,16 +344,20 @@ fn jobs_run_while_saltpipe_was_stopped_are_in_the_database_after_it_starts() {
     let sp = Saltpipe::start(&["run"], &cfg);
     sp.wait_log("backfill: fed", 1, LONG);
     let expected = 2 + 2 * JOBS.len() as i64 + 1;
+    // From `before` on: the sandbox's own readiness pings, just before it,
+    // are in the job cache too, and inside the window when saltpipe's
+    // first run was short; backfilling them is right, and not counted here.
+    let since = format!("FROM salt_returns WHERE jid >= '{before}'");
     wait_for("every return run while saltpipe was stopped", LONG, || {
-        (count(&db, "SELECT count(*) FROM salt_returns") >= expected).then_some(())
+        (count(&db, &format!("SELECT count(*) {since}")) >= expected).then_some(())
     });
     // Let anything doubled arrive before counting.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(count(&db, "SELECT count(*) FROM salt_returns"), expected);
+    assert_eq!(count(&db, &format!("SELECT count(*) {since}")), expected);
     assert_eq!(
         count(
             &db,
-            "SELECT count(DISTINCT jid || '/' || id) FROM salt_returns"
+            &format!("SELECT count(DISTINCT jid || '/' || id) {since}")
         ),
         expected
     );
