@@ -8,34 +8,17 @@ use saltpipe::event::Event;
 use saltpipe::rules::{Decision, Rules, RulesConfig};
 use std::hint::black_box;
 
+mod common;
+
 /// 10,000 return frames of about 1 KB, as `saltpipe-gen` writes them.
 fn stream() -> Vec<u8> {
-    let payload = "x".repeat(760);
     let mut out = Vec::new();
     for i in 0..10_000u32 {
         let jid = format!("2026112512{:010}", i / 100);
         let minion = format!("minion-{:05}", i % 100);
-        let mut d = Vec::new();
-        let _ = rmp::encode::write_map_len(&mut d, 9);
-        for (k, v) in [
-            ("cmd", "_return"),
-            ("id", &minion),
-            ("jid", &jid),
-            ("fun", "cmd.run"),
-            ("return", &payload),
-            ("user", "root"),
-            ("_stamp", "2026-11-25T12:00:00.123456+00:00"),
-        ] {
-            let _ = rmp::encode::write_str(&mut d, k);
-            let _ = rmp::encode::write_str(&mut d, v);
-        }
-        let _ = rmp::encode::write_str(&mut d, "retcode");
-        let _ = rmp::encode::write_uint(&mut d, 0);
-        let _ = rmp::encode::write_str(&mut d, "success");
-        let _ = rmp::encode::write_bool(&mut d, true);
         out.extend(saltpipe::bus::encode::frame(
             &format!("salt/job/{jid}/ret/{minion}"),
-            &d,
+            &common::small_return(&jid, &minion),
         ));
     }
     out

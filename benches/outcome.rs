@@ -10,32 +10,18 @@ use saltpipe::sink::Record;
 use saltpipe::sink::rows::{BoolStyle, RowFormat, rows_of};
 use std::hint::black_box;
 
+mod common;
+
 fn event(tag: &str, data: &[u8]) -> Event {
     Event::from_frame(&Bytes::from(saltpipe::bus::encode::frame(tag, data))).expect("event")
 }
 
 /// A 1 KB `cmd.run` return, as `saltpipe-gen` writes them.
 fn plain() -> Event {
-    let payload = "x".repeat(760);
-    let mut d = Vec::new();
-    let _ = rmp::encode::write_map_len(&mut d, 9);
-    for (k, v) in [
-        ("cmd", "_return"),
-        ("id", "minion-00001"),
-        ("jid", "20261125120000000001"),
-        ("fun", "cmd.run"),
-        ("return", payload.as_str()),
-        ("user", "root"),
-        ("_stamp", "2026-11-25T12:00:00.123456+00:00"),
-    ] {
-        let _ = rmp::encode::write_str(&mut d, k);
-        let _ = rmp::encode::write_str(&mut d, v);
-    }
-    let _ = rmp::encode::write_str(&mut d, "retcode");
-    let _ = rmp::encode::write_uint(&mut d, 0);
-    let _ = rmp::encode::write_str(&mut d, "success");
-    let _ = rmp::encode::write_bool(&mut d, true);
-    event("salt/job/20261125120000000001/ret/minion-00001", &d)
+    event(
+        "salt/job/20261125120000000001/ret/minion-00001",
+        &common::small_return("20261125120000000001", "minion-00001"),
+    )
 }
 
 /// A highstate of `n` states shaped like Salt's (file.managed results).

@@ -7,28 +7,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use saltpipe::redact::{DEFAULT_KEYS, KeyRedactor};
 use std::hint::black_box;
 
+mod common;
+
 /// The data map of a ~1 KB `cmd.run` return, as `saltpipe-gen` writes it.
 fn small_return() -> Vec<u8> {
-    let payload = "x".repeat(760);
-    let mut d = Vec::new();
-    let _ = rmp::encode::write_map_len(&mut d, 9);
-    for (k, v) in [
-        ("cmd", "_return"),
-        ("id", "minion-00001"),
-        ("jid", "20261125120000000001"),
-        ("fun", "cmd.run"),
-        ("return", payload.as_str()),
-        ("user", "root"),
-        ("_stamp", "2026-11-25T12:00:00.123456+00:00"),
-    ] {
-        let _ = rmp::encode::write_str(&mut d, k);
-        let _ = rmp::encode::write_str(&mut d, v);
-    }
-    let _ = rmp::encode::write_str(&mut d, "retcode");
-    let _ = rmp::encode::write_uint(&mut d, 0);
-    let _ = rmp::encode::write_str(&mut d, "success");
-    let _ = rmp::encode::write_bool(&mut d, true);
-    d
+    common::small_return("20261125120000000001", "minion-00001")
 }
 
 /// A `state.apply` return with 50 states, each a map of 9 keys with a

@@ -399,7 +399,8 @@ pub fn validate_all(actions: &[ActionConfig]) -> Result<(), ConfigError> {
 }
 
 /// The most JSON of an event's data put into a template context: a larger
-/// event gets `data: null` (its fields are still there).
+/// event, or one nested deeper than serde_json reads (128 levels; the
+/// transcode allows 256), gets `data: null` (its fields are still there).
 const CONTEXT_MAX_JSON: usize = 16 << 20;
 
 /// The template context of one event.
