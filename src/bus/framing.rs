@@ -302,29 +302,24 @@ impl Framer {
                 return self.wait_or_resync();
             }
             match check(&self.buf, self.max_frame) {
-                Check::Frame { prefix, len } if !self.ended => {
+                Check::Frame { prefix, len } => {
                     // A frame is only what it says if no other frame starts
                     // inside it: a frame cut short takes the bytes of the
-                    // ones behind it to complete.
+                    // ones behind it to complete. Until the stream ends, a
+                    // start inside it that needs more bytes is waited for.
                     let end = prefix + len;
                     match self.look_past(end) {
                         Look::Frame(p) => return Some(self.garbage_until(p)),
-                        _ if starts_near_end(&self.buf, end) => {
+                        _ if !self.ended && starts_near_end(&self.buf, end) => {
                             self.pending = Some(end);
                             return None;
                         }
-                        Look::Waiting => {
-                            self.pending = Some(prefix + len);
+                        Look::Waiting if !self.ended => {
+                            self.pending = Some(end);
                             return None;
                         }
-                        Look::Nothing => {}
+                        _ => {}
                     }
-                    self.buf.advance(prefix);
-                    let frame = self.buf.split_to(len).freeze();
-                    self.forget();
-                    return Some(Framed::Frame(frame));
-                }
-                Check::Frame { prefix, len } => {
                     self.buf.advance(prefix);
                     let frame = self.buf.split_to(len).freeze();
                     self.forget();
@@ -930,5 +925,37 @@ mod tests {
         assert_eq!(f.next_frame(), None);
         f.end_of_stream();
         assert_eq!(frames_of(&drain(&mut f)), vec![Bytes::from(held)]);
+    }
+
+    #[test]
+    fn at_the_end_of_the_stream_a_frame_with_one_inside_is_still_garbage() {
+        // Found by `fuzz/framer` in a 10-minute run: garbage holding frame
+        // starts, then good frames in one read. A complete "frame" made of
+        // garbage stood waiting for a start inside it that claimed 930
+        // bytes; at the end of the stream it was taken whole, good frame
+        // included, because the look for frames inside it was skipped then.
+        let data = include_bytes!("../../tests/fixtures/fuzz-framer-held-frame.bin");
+        let (&split, garbage) = data.split_first().expect("input");
+        let good: Vec<Vec<u8>> = (0..3)
+            .map(|i| frame_bytes(&format!("salt/job/{i}/ret/m"), &[("fun", "test.ping")]))
+            .collect();
+        let mut tail = good[0].clone();
+        tail.extend(length_prefixed(&good[1]));
+        tail.extend(&good[2]);
+        let mut f = Framer::new(4096);
+        let mut got = vec![];
+        for c in garbage
+            .chunks(usize::from(split))
+            .chain(std::iter::once(&tail[..]))
+        {
+            f.buffer_mut().extend_from_slice(c);
+            got.extend(drain(&mut f));
+        }
+        f.end_of_stream();
+        got.extend(drain(&mut f));
+        let frames = frames_of(&got);
+        for g in &good {
+            assert!(frames.iter().any(|f| f.as_ref() == g.as_slice()), "{got:?}");
+        }
     }
 }
