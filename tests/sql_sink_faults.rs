@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{Saltpipe, Sandbox, wait_for};
+use common::{Saltpipe, Sandbox, sql_cli as cli, wait_for};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -172,20 +172,6 @@ fn outage(upstream: u16, sink_url: impl Fn(u16) -> String, count: impl Fn(&str) 
         "exactly once"
     );
     assert_eq!(count("SELECT count(*) FROM saltpipe_dead_letters"), 0);
-}
-
-fn cli(program: &str, args: &[&str], sql: &str) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .arg(sql)
-        .output()
-        .expect("client");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[cfg(feature = "mysql")]
