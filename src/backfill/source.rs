@@ -270,6 +270,31 @@ mod tests {
     use crate::rules::Rules;
     use crate::source::SourceConfig;
 
+    /// `Auto` running on its own task with a fresh `Ingest` and counters:
+    /// the counters, what the ingest hands on, its stop token and task.
+    fn start_auto(
+        cfg: &BackfillConfig,
+        queue: &std::path::Path,
+    ) -> (
+        Arc<Stats>,
+        mpsc::Receiver<Vec<Message>>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(8);
+        let ingest = Ingest::new(
+            &SourceConfig::default(),
+            Rules::new(&Default::default()),
+            stats.clone(),
+            tx,
+        );
+        let stop = CancellationToken::new();
+        let auto = Auto::new(cfg, 1 << 20, queue.to_path_buf());
+        let task = tokio::spawn(auto.run(ingest, stats.clone(), stop.clone()));
+        (stats, rx, stop, task)
+    }
+
     async fn returns_in(rx: &mut mpsc::Receiver<Vec<Message>>, n: usize) -> usize {
         let mut got = 0;
         while got < n {
@@ -299,17 +324,7 @@ mod tests {
             margin: Duration::from_secs(600),
             ..Default::default()
         };
-        let stats = Arc::new(Stats::default());
-        let (tx, mut rx) = mpsc::channel(8);
-        let ingest = Ingest::new(
-            &SourceConfig::default(),
-            Rules::new(&Default::default()),
-            stats.clone(),
-            tx,
-        );
-        let stop = CancellationToken::new();
-        let auto = Auto::new(&cfg, 1 << 20, queue.path().to_path_buf());
-        let task = tokio::spawn(auto.run(ingest, stats.clone(), stop.clone()));
+        let (stats, mut rx, stop, task) = start_auto(&cfg, queue.path());
 
         // Not connected yet: no scan.
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -358,17 +373,7 @@ mod tests {
             job_cache_dir: Some("/nonexistent/saltpipe/jobs".into()),
             ..Default::default()
         };
-        let stats = Arc::new(Stats::default());
-        let (tx, _rx) = mpsc::channel(8);
-        let ingest = Ingest::new(
-            &SourceConfig::default(),
-            Rules::new(&Default::default()),
-            stats.clone(),
-            tx,
-        );
-        let stop = CancellationToken::new();
-        let auto = Auto::new(&cfg, 1 << 20, queue.path().to_path_buf());
-        let task = tokio::spawn(auto.run(ingest, stats.clone(), stop.clone()));
+        let (stats, _rx, stop, task) = start_auto(&cfg, queue.path());
         stats.connects.fetch_add(1, Relaxed);
         for _ in 0..100 {
             if stats.backfill_failures.load(Relaxed) > 0 {
