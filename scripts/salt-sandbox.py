@@ -17,7 +17,7 @@ Subcommands (JSON on stdout or nothing; non-zero exit and a message on stderr
 on failure):
 
     up --dir D [--minions 2] [--ipc-mode ipc|tcp] [--timeout 90] [--venv V]
-       [--master-opt KEY=VALUE ...] [--minion-opt KEY=VALUE ...]
+       [--master-opt KEY=VALUE ...] [--minion-opt KEY=VALUE ...] [--master-d]
     down --dir D
     stop-master --dir D            start-master --dir D [--timeout 90]
     stop-minion --dir D --id ID    start-minion --dir D --id ID [--timeout 90]
@@ -297,7 +297,7 @@ def parse_opts(pairs):
     return out
 
 
-def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
+def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, master_d=False):
     d = os.path.abspath(d)
     ports = free_ports(4 + n_minions)
     publish_port, ret_port, tcp_pub, tcp_pull = ports[:4]
@@ -338,10 +338,18 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
         "fileserver_backend": ["roots"],
         "presence_events": False,
     }
-    master_conf.update(master_opts or {})
+    if master_d:
+        # Salt reads <config_dir>/master.d/*.conf after the main file
+        # (default_include): the options given go there instead.
+        os.makedirs(os.path.join(d, "etc", "master.d"), exist_ok=True)
+        write_config(os.path.join(d, "etc", "master.d", "sandbox.conf"), master_opts or {})
+    else:
+        master_conf.update(master_opts or {})
     write_config(os.path.join(d, "etc", "master"), master_conf)
+    master_conf.update(master_opts or {})
     # runners run in-process (salt-run) and need this dir even with no master
-    os.makedirs(os.path.join(root, "var", "cache", "salt", "master", "proc"), exist_ok=True)
+    os.makedirs(os.path.join(rooted(root, master_conf.get("cachedir", "/var/cache/salt/master")),
+                             "proc"), exist_ok=True)
 
     minions = {}
     for i in range(n_minions):
@@ -382,7 +390,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
         minions[mid] = {"config_dir": mdir, "root_dir": mroot, "pid": None,
                         "log": os.path.join(d, "logs", f"{mid}.log")}
 
-    sock_dir = os.path.join(root, "var", "run", "salt", "master")
+    sock_dir = rooted(root, master_conf.get("sock_dir", "/var/run/salt/master"))
     st = {
         "dir": d,
         "venv": venv,
@@ -402,8 +410,8 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
         "states": {"failing": "failing.sls", "passing": "passing.sls"},
     }
     if ipc_mode == "tcp":
-        st["tcp_pub"] = tcp_pub
-        st["tcp_pull"] = tcp_pull
+        st["tcp_pub"] = master_conf["tcp_master_pub_port"]
+        st["tcp_pull"] = master_conf["tcp_master_pull_port"]
     try:
         out = subprocess.run([os.path.join(venv, "bin", "salt-master"), "--version"],
                              capture_output=True, text=True, timeout=60)
@@ -411,6 +419,13 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None):
     except Exception:  # noqa: BLE001
         st["salt_version"] = None
     return st
+
+
+def rooted(root, path):
+    """A master path with root_dir in front, as Salt's prepend_root_dir does."""
+    if path.startswith(root):
+        return path
+    return os.path.join(root, path.lstrip("/"))
 
 
 # --------------------------------------------------------------------------
@@ -548,7 +563,7 @@ def cmd_up(args):
     # ports, with its log shown first so the cause is never hidden.
     for attempt in (1, 2):
         st = build(d, venv, args.minions, args.ipc_mode,
-                   parse_opts(args.master_opt), parse_opts(args.minion_opt))
+                   parse_opts(args.master_opt), parse_opts(args.minion_opt), args.master_d)
         save_state(d, st)
         try:
             start_master_proc(st)
@@ -779,6 +794,9 @@ def main(argv=None):
                         "repeatable, e.g. --master-opt master_job_cache=pgjsonb")
     p.add_argument("--minion-opt", action="append", metavar="KEY=VALUE",
                    help="extra/overriding minion config, same form")
+    p.add_argument("--master-d", action="store_true",
+                   help="write the --master-opt options to etc/master.d/sandbox.conf "
+                        "(read through Salt's default_include) instead of etc/master")
     add("down", cmd_down)
     add("status", cmd_status)
     add("stop-master", cmd_stop_master)

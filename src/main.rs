@@ -48,6 +48,11 @@ struct Cli {
     /// The TOML configuration file.
     #[arg(long, short = 'c', global = true, env = "SALTPIPE_CONFIG")]
     config: Option<PathBuf>,
+    /// The salt-master's config (default /etc/salt/master, with master.d/*.conf
+    /// and its includes): where the bus, job cache and master id are, unless
+    /// saltpipe's own config says.
+    #[arg(long, global = true, env = "SALTPIPE_MASTER_CONFIG")]
+    master_config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -174,7 +179,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    let loaded = match config::load(cli.config.as_deref()) {
+    let loaded = match config::load_with(cli.config.as_deref(), cli.master_config.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("saltpipe: invalid configuration: {e}");
@@ -388,7 +393,9 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             saltpipe::ops::top::run(&url, interval, count).await?;
             Ok(exit::OK)
         }
-        Command::Validate { no_connect } => validate(&cfg, loaded.path, no_connect).await,
+        Command::Validate { no_connect } => {
+            validate(&cfg, loaded.path, loaded.master.as_ref(), no_connect).await
+        }
         Command::Capture {
             out,
             duration,
@@ -406,12 +413,25 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
     }
 }
 
-async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyhow::Result<u8> {
+async fn validate(
+    cfg: &Config,
+    path: Option<PathBuf>,
+    master: Option<&config::salt_master::MasterOpts>,
+    no_connect: bool,
+) -> anyhow::Result<u8> {
     let from = path.map_or_else(
         || "built-in defaults".to_owned(),
         |p| p.display().to_string(),
     );
     println!("configuration OK ({from})");
+    // What the master's own config said (saltpipe's config wins over it).
+    if let Some(m) = master {
+        let files: Vec<String> = m.files.iter().map(|f| f.display().to_string()).collect();
+        println!("  master config: {}", files.join(", "));
+        for line in m.taken() {
+            println!("    {line}");
+        }
+    }
     println!("  source: {}", cfg.source.address());
     println!(
         "  queue:  {} (queues: {})",

@@ -1,7 +1,15 @@
-//! End to end against a real salt-master 3008.5 with two minions on
-//! loopback: `saltpipe run` into SQLite, real jobs, then the rows checked
-//! exactly; a master restart under a running saltpipe; and a SIGKILL with a
-//! backlog in the embedded queue.
+//! End to end against real salt-masters with two minions on loopback, one
+//! per Salt release line (the newest 3006 LTS, 3007 and 3008 on PyPI, each
+//! in its own cached virtualenv) and per bus transport (`ipc_mode: ipc`,
+//! the unix socket, and `tcp`): `saltpipe run` into SQLite, the same real
+//! job mix on each, then the rows checked exactly; a master restart under a
+//! running saltpipe; and a SIGKILL with a backlog in the embedded queue.
+//!
+//! The job mix is written once ([`job_mix`]) and instantiated per line by
+//! `salt_line!`, ripgrep's `rgtest!` style: one master per line, and a line
+//! that fails names itself in the test name. What differs between the lines
+//! (framing, socket mode, `_stamp`, extra tags) is listed in
+//! docs/TOPOLOGIES.md.
 
 mod common;
 
@@ -52,11 +60,35 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn real_master_jobs_land_exactly_once_and_survive_a_master_restart() {
-    let sb = Sandbox::up(2);
+/// One test per Salt release line and bus transport, all running [`job_mix`].
+macro_rules! salt_line {
+    ($name:ident, $version:expr, $ipc_mode:expr) => {
+        #[test]
+        fn $name() {
+            job_mix($version, $ipc_mode);
+        }
+    };
+}
+
+salt_line!(salt_3008_ipc, "3008.5", "ipc");
+salt_line!(salt_3008_tcp, "3008.5", "tcp");
+salt_line!(salt_3007_ipc, "3007.17", "ipc");
+// 3006.26+ put a 4-byte length before each frame (on TCP too: the framing
+// is one code path for both transports, so 3006 over TCP is not run again).
+salt_line!(salt_3006_ipc, "3006.30", "ipc");
+
+/// The job mix on a real master of Salt `version` with two minions: every
+/// job's rows exactly once and exactly as Salt's returner would write them,
+/// a master restart under a running saltpipe, a job to a stopped minion.
+fn job_mix(version: &str, ipc_mode: &str) {
+    let sb = Sandbox::up_line(2, ipc_mode, version);
+    assert_eq!(
+        sb.salt_version(),
+        version,
+        "the sandbox runs the line asked for"
+    );
     let work = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(work.path(), &sb.event_pub(), "");
+    let cfg = write_config_source(work.path(), &sb.source_line(), "");
     let sp = Saltpipe::start(&["run"], &cfg);
     sp.wait_log("connected to the event bus", 1, LONG);
 
@@ -277,24 +309,91 @@ fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
     assert_eq!(ret, "\"payload 71 café 🧂\"");
 }
 
+/// A master whose own config moves the bus, the job cache and its id away
+/// from Salt's defaults (in `master.d/*.conf`, read through Salt's
+/// `default_include`), and a saltpipe with no config file (only where to
+/// queue and store, from the environment): `--master-config` is all it
+/// needs to find the bus, read back the job cache (named with sha512) and
+/// stamp `salt_events.master_id`.
 #[test]
-fn tcp_ipc_mode_master_is_read_over_tcp() {
-    let sb = Sandbox::up_with(1, "tcp");
-    let port = sb.info["tcp_pub"].as_u64().expect("tcp_pub port");
+fn zero_config_from_the_masters_own_config() {
+    let sb = Sandbox::up_args(
+        1,
+        "ipc",
+        common::SALT_DEFAULT,
+        &[
+            "--master-d",
+            "--master-opt",
+            "sock_dir=/srv/sp-sock",
+            "--master-opt",
+            "cachedir=/srv/sp-cache",
+            "--master-opt",
+            "hash_type=sha512",
+            "--master-opt",
+            "id=topo-master",
+        ],
+    );
+    let root = sb.dir.path().join("root");
+    let master_config = sb.dir.path().join("etc/master");
+    let master_config = master_config.to_str().expect("utf-8 path");
+    // Before saltpipe runs: only the master's job cache will have it.
+    let (before, _) = sb.salt(&["*", "cmd.run", "echo before"]);
+
     let work = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config_source(work.path(), &format!("tcp = \"127.0.0.1:{port}\""), "");
-    let sp = Saltpipe::start(&["run"], &cfg);
+    let queue = format!("embedded://{}", work.path().join("queue").display());
+    let sink = format!("sqlite://{}", work.path().join("salt.db").display());
+    let env = [
+        ("SALTPIPE_QUEUE_URL", queue.as_str()),
+        ("SALTPIPE_SINK_URL", sink.as_str()),
+        ("SALTPIPE_METRICS_ENABLED", "false"),
+        ("SALTPIPE_RULES_KEEP", "all"),
+    ];
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["validate", "--master-config", master_config])
+        .envs(env)
+        .output()
+        .expect("validate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "validate: {text}");
+    let sock = root.join("srv/sp-sock/master_event_pub.ipc");
+    for want in [
+        "sock_dir = /srv/sp-sock (".to_owned(),
+        "cachedir = /srv/sp-cache (".to_owned(),
+        "hash_type = sha512 (".to_owned(),
+        "id = topo-master (".to_owned(),
+        "master.d/sandbox.conf)".to_owned(),
+        format!("reached the bus at unix:{}", sock.display()),
+        format!(
+            "can read the job cache at {}",
+            root.join("srv/sp-cache/jobs").display()
+        ),
+    ] {
+        assert!(text.contains(&want), "validate lacks {want:?}:\n{text}");
+    }
+
+    let sp = Saltpipe::start_env(&["run", "--master-config", master_config], &env);
     sp.wait_log("connected to the event bus", 1, LONG);
-    let (jid, _) = sb.salt(&["*", "cmd.run", "echo over tcp"]);
+    let (live, _) = sb.salt(&["*", "cmd.run", "echo live"]);
     let db = open_db(work.path());
-    wait_for("the return read over TCP", LONG, || {
-        (count(
-            &db,
-            &format!("SELECT count(*) FROM salt_returns WHERE jid = '{jid}'"),
-        ) == 1)
-            .then_some(())
+    wait_for("the backfilled and the live return", LONG, || {
+        (!minions_of(&db, &before).is_empty() && !minions_of(&db, &live).is_empty()).then_some(())
     });
-    let (_, _, ret, _) = row(&db, &jid, "minion-1");
-    assert_eq!(ret, "\"over tcp\"");
+    assert_eq!(row(&db, &before, "minion-1").2, "\"before\"");
+    assert_eq!(row(&db, &live, "minion-1").2, "\"live\"");
+    assert!(has_jid(&db, &before) && has_jid(&db, &live));
+    // A custom event (rules.keep = "all" stores it in salt_events).
+    sb.salt_call("minion-1", &["event.send", "saltpipe/topo/zero-config"]);
+    wait_for("the custom event in salt_events", LONG, || {
+        (count(&db, "SELECT count(*) FROM salt_events") > 0).then_some(())
+    });
     assert!(sp.terminate().success());
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM salt_events WHERE master_id <> 'topo-master'"
+        ),
+        0,
+        "salt_events.master_id is the master's id"
+    );
 }

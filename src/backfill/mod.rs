@@ -30,12 +30,12 @@
 //!   frames handed on in chunks of about 1 MiB through a small channel that
 //!   waits for the queue writer), whatever the size of the cache.
 
+use crate::config::salt_master::{self, MasterOpts};
 use crate::config::{ConfigError, human};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub mod master;
 pub mod scan;
 pub mod source;
 
@@ -43,7 +43,7 @@ pub use scan::{ScanCounts, Scanner, Window};
 pub use source::{Auto, JobCacheSource};
 
 /// Salt's default master config file.
-pub const DEFAULT_MASTER_CONFIG: &str = "/etc/salt/master";
+pub const DEFAULT_MASTER_CONFIG: &str = salt_master::DEFAULT_PATH;
 
 /// `[backfill]`: reading the master's job cache back.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,8 +61,9 @@ pub struct BackfillConfig {
     /// yet queued at a crash, and clocks that disagree a little.
     #[serde(deserialize_with = "human::duration")]
     pub margin: Duration,
-    /// The master's config file, read (when readable) for `cachedir`,
-    /// `root_dir`, `hash_type` and `job_cache`.
+    /// The master's config file (with the files it includes), read when
+    /// readable for where its bus, job cache and name are
+    /// ([`crate::config::salt_master`]); `--master-config` sets it too.
     pub master_config: PathBuf,
 }
 
@@ -107,11 +108,11 @@ impl BackfillConfig {
     /// config (the only I/O here). A missing or unreadable master config is
     /// not an error: Salt's defaults apply.
     pub fn resolve(&self) -> JobCache {
-        let opts = match std::fs::read_to_string(&self.master_config) {
-            Ok(text) => master::MasterOpts::parse(&text),
+        let opts = match MasterOpts::load(&self.master_config) {
+            Ok(o) => o,
             Err(e) => {
-                tracing::debug!(path = %self.master_config.display(), error = %e, "master config not readable; using Salt's defaults");
-                master::MasterOpts::default()
+                tracing::debug!(error = %e, "master config not readable; using Salt's defaults");
+                MasterOpts::default()
             }
         };
         let jobs_dir = self
@@ -149,7 +150,7 @@ impl JobCache {
     /// The directory of one jid (`salt.utils.jid.jid_dir`), if saltpipe
     /// knows the master's `hash_type`; `None` means "search for it".
     pub fn jid_dir(&self, jid: &str) -> Option<PathBuf> {
-        let hex = master::hash_hex(&self.hash_type, jid.as_bytes())?;
+        let hex = salt_master::hash_hex(&self.hash_type, jid.as_bytes())?;
         Some(self.jobs_dir.join(&hex[..2]).join(&hex[2..]))
     }
 }
@@ -250,7 +251,7 @@ mod tests {
         // salt.utils.jid.jid_dir("20261202121314123456", "/j", "sha256")
         let jc = JobCache::at("/j");
         let d = jc.jid_dir("20261202121314123456").expect("sha256");
-        let hex = master::hash_hex("sha256", b"20261202121314123456").expect("hex");
+        let hex = salt_master::hash_hex("sha256", b"20261202121314123456").expect("hex");
         assert_eq!(d, PathBuf::from(format!("/j/{}/{}", &hex[..2], &hex[2..])));
         assert_eq!(hex.len(), 64);
     }

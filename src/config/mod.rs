@@ -8,7 +8,9 @@
 //!
 //! Three layers, later wins: built-in defaults (which work on a stock
 //! master with no file at all), the file, then `SALTPIPE_<SECTION>_<KEY>`
-//! environment variables, so secrets stay out of files and argv.
+//! environment variables, so secrets stay out of files and argv. Below
+//! the file, the salt-master's own config ([`salt_master`]) fills what the
+//! file leaves unset about the master: where its bus is, and its `id`.
 
 use crate::action::ActionConfig;
 use crate::backfill::BackfillConfig;
@@ -22,6 +24,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 pub mod env;
+pub mod salt_master;
 
 /// Where `saltpipe` looks for a config when none is named.
 pub const DEFAULT_PATH: &str = "/etc/saltpipe/saltpipe.toml";
@@ -114,6 +117,8 @@ pub struct Loaded {
     pub config: Config,
     /// The file read, if any.
     pub path: Option<PathBuf>,
+    /// The salt-master's config, when it was read: what was taken from it.
+    pub master: Option<salt_master::MasterOpts>,
 }
 
 /// Finds the file to read: the one named, else the default path if present.
@@ -127,8 +132,61 @@ pub fn resolve_path(named: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-/// Reads, merges and validates the configuration (no I/O beyond reading the file).
+/// Reads, merges and validates the configuration (no I/O beyond reading the
+/// file and the master's config).
 pub fn load(named: Option<&Path>) -> Result<Loaded, ConfigError> {
+    load_with(named, None)
+}
+
+/// [`load`], with the master's config file named (`--master-config`,
+/// over `[backfill] master_config`). A named master config must be
+/// readable; the default one (`/etc/salt/master`) may be absent.
+pub fn load_with(
+    named: Option<&Path>,
+    master_config: Option<&Path>,
+) -> Result<Loaded, ConfigError> {
+    let mut loaded = load_file(named)?;
+    if let Some(m) = master_config {
+        loaded.config.backfill.master_config = m.to_path_buf();
+    }
+    let path = loaded.config.backfill.master_config.clone();
+    match salt_master::MasterOpts::load(&path) {
+        Ok(m) => {
+            apply_master(&mut loaded.config, &m);
+            loaded.config.validate()?;
+            loaded.master = Some(m);
+        }
+        Err(e) if e.is_not_found() && master_config.is_none() => {}
+        Err(salt_master::MasterConfigError::Read { path, source }) => {
+            return Err(ConfigError::Read { path, source });
+        }
+        Err(e) => {
+            return Err(ConfigError::invalid(
+                "backfill.master_config",
+                e.to_string(),
+            ));
+        }
+    }
+    Ok(loaded)
+}
+
+/// Fills from the master's config what saltpipe's own config left unset:
+/// the bus address (`sock_dir` / `ipc_mode` / `tcp_master_pub_port`) and
+/// `sink.master_id` (the master's `id`). The job cache's keys are read by
+/// the backfill itself ([`crate::backfill::BackfillConfig::resolve`]).
+pub fn apply_master(config: &mut Config, master: &salt_master::MasterOpts) {
+    if config.source.socket.is_none() && config.source.tcp.is_none() {
+        match master.bus_address() {
+            crate::source::BusAddress::Unix(p) => config.source.socket = Some(p),
+            crate::source::BusAddress::Tcp(a) => config.source.tcp = Some(a),
+        }
+    }
+    if config.sink.master_id.is_none() {
+        config.sink.master_id = master.id.clone();
+    }
+}
+
+fn load_file(named: Option<&Path>) -> Result<Loaded, ConfigError> {
     let path = resolve_path(named);
     let text = match &path {
         Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -139,7 +197,11 @@ pub fn load(named: Option<&Path>) -> Result<Loaded, ConfigError> {
     };
     let shown = path.clone().unwrap_or_else(|| PathBuf::from("<defaults>"));
     let config = from_str_with_env(&text, &shown, &env::from_process())?;
-    Ok(Loaded { config, path })
+    Ok(Loaded {
+        config,
+        path,
+        master: None,
+    })
 }
 
 /// Parses `text` (reporting errors with line numbers), applies the

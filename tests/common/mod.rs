@@ -15,20 +15,37 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The Salt virtualenv, installed on first use (cached under ~/.cache).
+/// The Salt release the tests run by default (scripts/salt-venv.sh's default).
+pub const SALT_DEFAULT: &str = "3008.5";
+
+/// The Salt virtualenv of [`SALT_DEFAULT`], installed on first use (cached
+/// under ~/.cache).
 pub fn salt_venv() -> PathBuf {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/salt-venv.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/salt-venv.sh");
-        assert!(out.status.success(), "salt-venv.sh failed");
-        let text = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(text.lines().last().expect("venv path").trim())
-    })
-    .clone()
+    salt_venv_of(SALT_DEFAULT)
+}
+
+/// The virtualenv of one Salt release (`3006.30`), installed on first use
+/// by scripts/salt-venv.sh and cached under ~/.cache/saltpipe/salt-VERSION.
+pub fn salt_venv_of(version: &str) -> PathBuf {
+    static VENVS: OnceLock<Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut venvs = VENVS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("venv lock");
+    if let Some(v) = venvs.get(version) {
+        return v.clone();
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/salt-venv.sh"))
+        .arg(version)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/salt-venv.sh");
+    assert!(out.status.success(), "salt-venv.sh {version} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let venv = PathBuf::from(text.lines().last().expect("venv path").trim());
+    venvs.insert(version.to_owned(), venv.clone());
+    venv
 }
 
 /// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
@@ -59,7 +76,19 @@ impl Sandbox {
 
     /// `ipc_mode` is `ipc` (unix sockets) or `tcp` (the bus on 127.0.0.1).
     pub fn up_with(minions: u32, ipc_mode: &str) -> Sandbox {
-        let venv = salt_venv();
+        Sandbox::up_line(minions, ipc_mode, SALT_DEFAULT)
+    }
+
+    /// A master and minions of the Salt release `version` (its own cached
+    /// virtualenv); `ipc_mode` as in [`Sandbox::up_with`].
+    pub fn up_line(minions: u32, ipc_mode: &str, version: &str) -> Sandbox {
+        Sandbox::up_args(minions, ipc_mode, version, &[])
+    }
+
+    /// [`Sandbox::up_line`] with more `salt-sandbox.py up` arguments
+    /// (`--master-opt KEY=VALUE`, `--master-d`, ...).
+    pub fn up_args(minions: u32, ipc_mode: &str, version: &str, extra: &[&str]) -> Sandbox {
+        let venv = salt_venv_of(version);
         let dir = tempfile::Builder::new()
             .prefix("saltpipe-sandbox-")
             .tempdir()
@@ -76,12 +105,27 @@ impl Sandbox {
                 "--venv",
             ])
             .arg(&venv)
+            .args(extra)
             .stderr(Stdio::inherit())
             .output()
             .expect("run salt-sandbox.py up");
         assert!(out.status.success(), "salt-sandbox up failed");
         let info: Value = serde_json::from_slice(&out.stdout).expect("sandbox json");
         Sandbox { dir, info }
+    }
+
+    /// The `[source]` line that reaches this master's bus: its socket, or
+    /// with `ipc_mode: tcp` its TCP publisher.
+    pub fn source_line(&self) -> String {
+        match self.info["tcp_pub"].as_u64() {
+            Some(port) => format!("tcp = \"127.0.0.1:{port}\""),
+            None => format!("socket = \"{}\"", self.event_pub().display()),
+        }
+    }
+
+    /// The Salt release this sandbox runs (`salt-master --version`).
+    pub fn salt_version(&self) -> &str {
+        self.info["salt_version"].as_str().unwrap_or("unknown")
     }
 
     pub fn event_pub(&self) -> PathBuf {
@@ -196,10 +240,18 @@ pub struct Saltpipe {
 
 impl Saltpipe {
     pub fn start(args: &[&str], config: &Path) -> Saltpipe {
+        let mut a: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_ref()).collect();
+        a.push("--config".as_ref());
+        a.push(config.as_os_str());
+        Saltpipe::start_env(&a, &[])
+    }
+
+    /// Runs `saltpipe ARGS` (no `--config` added) with these environment
+    /// variables on top of the test's own.
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Saltpipe {
         let mut child = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
             .args(args)
-            .arg("--config")
-            .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
