@@ -246,9 +246,14 @@ impl Event {
         &self.body[self.tag_len + 2..]
     }
 
-    /// A return with no `success` but with a target: what `salt-call` sends.
+    /// A return whose jid the master made up (the minion sent `jid: req`):
+    /// `salt-call` returns and the minion scheduler's `return_job` returns.
+    /// The master adds the target (`tgt`, `arg`) to them and saves the
+    /// return as the job's load, since no `new` announced the job. (A
+    /// salt-call return has no `success`; a scheduled one has: the target
+    /// is what both have, and a published job's return never has.)
     pub fn is_salt_call_return(&self) -> bool {
-        self.kind == Kind::JobReturn && !self.fields.has_success && self.fields.has_target
+        self.kind == Kind::JobReturn && self.fields.has_target
     }
 
     /// The key that groups events that must stay in order and that makes a
@@ -534,6 +539,27 @@ mod tests {
         );
         assert!(e.is_salt_call_return());
         assert_eq!(e.fields.success, None);
+    }
+
+    #[test]
+    fn scheduled_return_job_is_a_master_made_jid_too() {
+        // As a 3008.5 minion's scheduler sends it with `return_job`.
+        let e = ev(
+            "salt/job/1/ret/m",
+            map(vec![
+                ("id", V::from("m")),
+                ("fun", V::from("test.echo")),
+                ("return", V::from("scheduled")),
+                ("retcode", V::from(0)),
+                ("success", V::from(true)),
+                ("schedule", V::from("sched")),
+                ("arg", V::Array(vec![V::from("scheduled")])),
+                ("tgt", V::from("m")),
+                ("tgt_type", V::from("glob")),
+            ]),
+        );
+        assert!(e.is_salt_call_return());
+        assert_eq!(e.fields.success, Some(true));
     }
 
     #[test]

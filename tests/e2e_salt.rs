@@ -382,6 +382,9 @@ fn zero_config_from_the_masters_own_config() {
     assert_eq!(row(&db, &before, "minion-1").2, "\"before\"");
     assert_eq!(row(&db, &live, "minion-1").2, "\"live\"");
     assert!(has_jid(&db, &before) && has_jid(&db, &live));
+    // The same master (one master per test binary run where it can be
+    // shared) also runs the minion scheduler's job.
+    scheduled_job_lands_like_any_return(&sb, &db);
     // A custom event (rules.keep = "all" stores it in salt_events).
     sb.salt_call("minion-1", &["event.send", "saltpipe/topo/zero-config"]);
     wait_for("the custom event in salt_events", LONG, || {
@@ -396,4 +399,35 @@ fn zero_config_from_the_masters_own_config() {
         0,
         "salt_events.master_id is the master's id"
     );
+}
+
+/// A job the minion's scheduler runs with `return_job` sends its return to
+/// the master like a salt-call (a jid the master makes up, no `new`): it
+/// lands with its `jids` row, the load being the return as Salt's job cache
+/// saves it.
+fn scheduled_job_lands_like_any_return(sb: &Sandbox, db: &rusqlite::Connection) {
+    sb.salt(&[
+        "minion-1",
+        "schedule.add",
+        "saltpipe-sched",
+        "function=test.echo",
+        "job_args=['scheduled']",
+        "seconds=1",
+        "return_job=True",
+    ]);
+    let jid: String = wait_for("a scheduled return", LONG, || {
+        db.query_row(
+            r#"SELECT jid FROM salt_returns WHERE id = 'minion-1' AND fun = 'test.echo' AND "return" = '"scheduled"'"#,
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+    });
+    sb.salt(&["minion-1", "schedule.delete", "saltpipe-sched"]);
+    let (_, _, _, full) = row(db, &jid, "minion-1");
+    assert_eq!(full["schedule"], "saltpipe-sched", "{full}");
+    assert_eq!(full["fun_args"][0], "scheduled");
+    wait_for("the scheduled job's jids row", LONG, || {
+        has_jid(db, &jid).then_some(())
+    });
 }
