@@ -8,7 +8,10 @@
 //! 1. the operator's rules (`[[rules.rule]]`), first match wins;
 //! 2. the built-in redundancy filter (`drop_redundant`), with a reason per drop;
 //! 3. the profile (`keep`): `jobs` keeps job announcements and returns,
-//!    optionally only for some functions (`funs`); `all` keeps everything
+//!    and runner jobs' returns (`salt-run`, orchestrations: stored as Salt's
+//!    master job cache stores them; a rule `kind = "runner_return"` with
+//!    `action = "drop"` drops them), optionally only for some functions
+//!    (`funs`); `all` keeps everything
 //!    left; `none` keeps only what a rule kept;
 //! 4. a kept return whose (jid, minion) was already kept is dropped as a
 //!    duplicate (multi-master and syndic setups deliver the same return
@@ -458,7 +461,7 @@ impl Rules {
             Profile::All => true,
             Profile::None => false,
             Profile::Jobs => {
-                matches!(e.kind, Kind::JobNew | Kind::JobReturn)
+                matches!(e.kind, Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn)
                     && (self.funs.is_empty()
                         || e.fields
                             .fun
@@ -651,6 +654,21 @@ mod tests {
         for (e, reason) in drops {
             assert_eq!(r.decide(&e), Decision::Drop(reason), "{}", e.tag());
         }
+    }
+
+    #[test]
+    fn runner_returns_are_jobs_unless_a_rule_drops_them() {
+        let run = ev(
+            "salt/run/20261202120000000001/ret",
+            &[
+                ("jid", "20261202120000000001"),
+                ("fun", "runner.state.orchestrate"),
+            ],
+        );
+        assert_eq!(rules("").decide(&run), keep("default"));
+        let mut r = rules("[[rules.rule]]\nkind = \"runner_return\"\naction = \"drop\"\n");
+        assert_eq!(r.decide(&run), Decision::Drop(DropReason::Rule));
+        assert_eq!(r.decide(&ret("1", "m1", "test.ping")), keep("default"));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! MariaDB, Salt's pgjsonb returner's for PostgreSQL: get_load, get_jid,
 //! get_jids, get_fun, get_minions), pointed at the database saltpipe wrote,
 //! return the jobs and returns the master's own job cache
-//! (`salt-run jobs.lookup_jid`) shows for those jids.
+//! (`salt-run jobs.lookup_jid`) shows for those jids: minion jobs, and
+//! runner jobs and orchestrations, stored as the master job cache stores
+//! them (one return with the master's id).
 
 #![cfg(all(feature = "mysql", feature = "postgres"))]
 
@@ -14,6 +16,21 @@ use serde_json::Value;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(90);
+/// The sandbox master's `id` (scripts/salt-sandbox.py).
+const MASTER_ID: &str = "saltpipe-sandbox-master";
+/// An orchestration with a passing and a failing step.
+const ORCH_SLS: &str = "step_ok:\n  salt.function:\n    - name: test.ping\n    - tgt: '*'\n\n\
+                        step_fail:\n  salt.state:\n    - tgt: minion-1\n    - sls: failing\n";
+
+/// The event data without `_stamp`: Salt's job cache keeps the `new`
+/// event's, the bus's `ret` carries its own.
+fn unstamped(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("_stamp");
+    }
+    v
+}
 
 fn config(
     dir: &std::path::Path,
@@ -26,7 +43,8 @@ fn config(
         &path,
         format!(
             "[source]\nsocket = \"{}\"\n\n[queue]\nurl = \"embedded://{}\"\n\n\
-             [worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"{url}\"\n",
+             [worker]\nbatch_timeout = \"100ms\"\n\n[sink]\nurl = \"{url}\"\n\
+             master_id = \"{MASTER_ID}\"\n",
             bus.display(),
             dir.join(format!("queue-{name}")).display(),
         ),
@@ -92,6 +110,12 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
     let (echo, _) = sb.salt(&["*", "cmd.run", "echo héllo 😀"]);
     let (multi, _) = sb.salt(&["*", "test.ping,test.echo", ",", "hello"]);
     let jids = [ping.as_str(), echo.as_str(), multi.as_str()];
+    // Runner jobs: a plain runner and an orchestration with a failing step.
+    let orch = sb.dir.path().join("srv/salt/orch");
+    std::fs::create_dir_all(&orch).expect("orch dir");
+    std::fs::write(orch.join("fail.sls"), ORCH_SLS).expect("orch sls");
+    sb.salt_run(&["test.arg", "a", "b=1"]);
+    sb.salt_run(&["state.orchestrate", "orch.fail"]);
     for (name, count) in [
         (
             "mysql",
@@ -102,12 +126,56 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
             Box::new(|| pg(&db, "SELECT count(*) FROM salt_returns")),
         ),
     ] {
-        wait_for(&format!("6 returns in {name}"), LONG, || {
-            (count().parse::<i64>().unwrap_or(0) >= 6).then_some(())
+        // 6 minion returns, 2 orchestration steps' returns, 2 runner jobs.
+        wait_for(&format!("10 returns in {name}"), LONG, || {
+            (count().parse::<i64>().unwrap_or(0) >= 10).then_some(())
         });
     }
     assert!(to_my.terminate().success());
     assert!(to_pg.terminate().success());
+
+    let runner_jid = |fun: &str| {
+        my(
+            &db,
+            &format!("SELECT jid FROM salt_returns WHERE fun = '{fun}'"),
+        )
+    };
+    let arg_jid = runner_jid("runner.test.arg");
+    let orch_jid = runner_jid("runner.state.orchestrate");
+    assert_eq!(
+        pg(
+            &db,
+            &format!("SELECT id FROM salt_returns WHERE jid = '{arg_jid}'")
+        ),
+        MASTER_ID
+    );
+    // saltpipe's outcome: a failed orchestration step fails the orchestration.
+    for (jid, want) in [(&arg_jid, "ok"), (&orch_jid, "failed")] {
+        let q = format!(
+            "SELECT outcome FROM saltpipe_outcomes WHERE jid = '{jid}' AND minion = '{MASTER_ID}'"
+        );
+        assert_eq!(my(&db, &q), want, "mysql outcome of {jid}");
+        assert_eq!(pg(&db, &q), want, "pg outcome of {jid}");
+    }
+    let arg_lookup = sb.salt_run(&["jobs.lookup_jid", &arg_jid]);
+    for (backend, dbname) in [("mysql", &db), ("pgjsonb", &db)] {
+        let r = read(backend, dbname, &[&arg_jid, &orch_jid], &[]);
+        let got = r["jid"][&arg_jid]
+            .as_object()
+            .expect("get_jid of a runner job");
+        assert_eq!(got.len(), 1, "{backend}: one return, the master's: {got:?}");
+        assert_eq!(
+            unstamped(&got[MASTER_ID]["return"]),
+            unstamped(&arg_lookup[MASTER_ID]),
+            "{backend}: get_jid(runner job) vs jobs.lookup_jid"
+        );
+        assert_eq!(r["load"][&arg_jid]["fun"], "runner.test.arg", "{backend}");
+        assert_eq!(r["load"][&arg_jid]["user"], "root", "{backend}");
+        let orch = &r["jid"][&orch_jid][MASTER_ID]["return"];
+        assert_eq!(orch["success"], false, "{backend}: {orch}");
+        assert_eq!(orch["fun"], "runner.state.orchestrate");
+        assert!(r["jids"].get(&orch_jid).is_some(), "{backend}: get_jids()");
+    }
 
     // What the master's own job cache says.
     let lookup: Vec<Value> = jids
@@ -143,9 +211,11 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
             serde_json::json!(["test.ping", "test.echo"])
         );
         assert_eq!(r["jids"][&echo]["Function"], "cmd.run");
+        // The runner jobs' returns carry the master's id, as when Salt's
+        // own master_job_cache writes them: get_minions lists it too.
         assert_eq!(
             r["minions"],
-            serde_json::json!(["minion-1", "minion-2"]),
+            serde_json::json!(["minion-1", "minion-2", MASTER_ID]),
             "{backend}: get_minions()"
         );
         for f in ["test.ping", "cmd.run"] {

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let fmt = RowFormat {
         style: BoolStyle::Digit,
         max_json: 1 << 20,
+        runner_id: "master",
     };
     if let Ok(rows) = rows_of(&r, fmt) {
         let json = |s: &str| {

@@ -433,6 +433,25 @@ impl SinkConfig {
         self.master_id.clone().unwrap_or_else(hostname)
     }
 
+    /// The `id` Salt's master job cache gives a runner job's return: the
+    /// master's `id` (`master_id`, or from the master's config), else
+    /// Salt's default for a master, `<host>_master`. Interned: a process
+    /// builds a sink or two, and every row format of them copies this.
+    pub fn runner_id(&self) -> &'static str {
+        static IDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+        let id = self
+            .master_id
+            .clone()
+            .unwrap_or_else(|| format!("{}_master", hostname()));
+        let mut ids = IDS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = ids.iter().find(|k| **k == id) {
+            return known;
+        }
+        let leaked: &'static str = Box::leak(id.into_boxed_str());
+        ids.push(leaked);
+        leaked
+    }
+
     /// Connects and creates the schema where missing (I/O happens here).
     pub async fn build(&self) -> Result<Arc<dyn Sink>, SinkError> {
         match &self.url {
@@ -443,7 +462,8 @@ impl SinkConfig {
                     self.sync.unwrap_or(crate::queue::SyncMode::Normal),
                 )
                 .await?
-                .with_max_json(self.max_json()),
+                .with_max_json(self.max_json())
+                .with_runner_id(self.runner_id()),
             )),
             #[cfg(feature = "mysql")]
             SinkUrl::Mysql(u) => Ok(Arc::new(

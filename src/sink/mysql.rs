@@ -434,6 +434,7 @@ impl MysqlSink {
             format: RowFormat {
                 style: BoolStyle::Digit,
                 max_json: cfg.max_json(),
+                runner_id: cfg.runner_id(),
             },
             master_id: cfg.master_id(),
             writers: cfg.writers(),

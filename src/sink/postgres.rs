@@ -315,6 +315,7 @@ impl PgSink {
             format: RowFormat {
                 style: BoolStyle::Word,
                 max_json: cfg.max_json(),
+                runner_id: cfg.runner_id(),
             },
             master_id: cfg.master_id(),
             writers: cfg.writers(),

@@ -133,6 +133,10 @@ pub enum BoolStyle {
 pub struct RowFormat {
     pub style: BoolStyle,
     pub max_json: usize,
+    /// The `id` of a runner job's `salt_returns` row: the master's own id,
+    /// as Salt's master job cache stores runner and orchestration jobs
+    /// ([`crate::sink::SinkConfig::runner_id`]).
+    pub runner_id: &'static str,
 }
 
 impl RowFormat {
@@ -141,6 +145,7 @@ impl RowFormat {
         RowFormat {
             style,
             max_json: usize::MAX,
+            runner_id: "master",
         }
     }
 }
@@ -281,12 +286,7 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
             let (full_ret, range) =
                 msgpack::to_json_with_field(e.data(), "return", fmt.max_json).map_err(err)?;
             let ok = e.fields.success.unwrap_or(false);
-            let success = match (style, ok) {
-                (BoolStyle::Digit, true) => "1",
-                (BoolStyle::Digit, false) => "0",
-                (BoolStyle::Word, true) => "true",
-                (BoolStyle::Word, false) => "false",
-            };
+            let success = success_text(style, ok);
             let job = e.is_salt_call_return().then(|| JidRow {
                 jid: jid.clone(),
                 load: full_ret.clone(),
@@ -310,11 +310,82 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                 job,
             ))
         }
+        (Kind::RunnerReturn, Some(jid), _) => runner_rows(record, jid, fmt),
         _ => Ok(RowSet::Event(EventRow {
             tag: e.tag().to_owned(),
             data: data_json()?,
         })),
     }
+}
+
+/// The `success` column's text for a boolean, in the sink's style.
+fn success_text(style: BoolStyle, ok: bool) -> &'static str {
+    match (style, ok) {
+        (BoolStyle::Digit, true) => "1",
+        (BoolStyle::Digit, false) => "0",
+        (BoolStyle::Word, true) => "true",
+        (BoolStyle::Word, false) => "false",
+    }
+}
+
+/// A runner job (`salt-run`, orchestrations: `salt/run/<jid>/ret`) as
+/// Salt's master job cache stores it (`salt/client/mixins.py` calls
+/// `salt.utils.job.store_job` with `{id, tgt, jid, return}`, where `id`
+/// and `tgt` are the master's id and `return` is the whole event data, and
+/// `store_job` adds `fun` and `user`): that load is both the `jids` row and
+/// the `salt_returns` row's `full_ret`, its `return` the event data. So
+/// `jobs.lookup_jid` and readers joining the two tables find it; its
+/// outcome is the event's (`success` is false when an orchestration step
+/// failed).
+fn runner_rows(record: &Record, jid: &str, fmt: RowFormat) -> Result<RowSet, RowError> {
+    let e = &record.event;
+    let err = |error| RowError {
+        tag: e.tag().to_owned(),
+        error,
+    };
+    let data = msgpack::to_json(e.data(), fmt.max_json).map_err(err)?;
+    let id = serde_json::to_string(fmt.runner_id).unwrap_or_else(|_| "\"master\"".into());
+    let jid_json = serde_json::to_string(jid).unwrap_or_else(|_| "\"\"".into());
+    let mut full_ret = format!("{{\"id\": {id}, \"tgt\": {id}, \"jid\": {jid_json}, \"return\": ");
+    let start = full_ret.len();
+    full_ret.push_str(&data);
+    let range = start..full_ret.len();
+    let fun = e.fields.fun.join(",");
+    for (key, raw) in [("fun", e.field_raw("fun")), ("user", e.field_raw("user"))] {
+        if let Some(v) = raw.and_then(msgpack::as_str) {
+            let v = serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
+            full_ret.push_str(&format!(", \"{key}\": {v}"));
+        }
+    }
+    full_ret.push('}');
+    if full_ret.len() > fmt.max_json {
+        return Err(err(msgpack::WalkError::TooLarge {
+            limit: fmt.max_json,
+        }));
+    }
+    let ok = e.fields.success.unwrap_or(false);
+    let success = success_text(fmt.style, ok);
+    let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
+    let outcome = OutcomeRow::of(
+        crate::outcome::of_return(e.data()),
+        stamp(salt_stamp, record.received_ms),
+    );
+    Ok(RowSet::Return(
+        ReturnRow {
+            fun: fit_fun(fun, e.tag()),
+            jid: jid.to_owned(),
+            ret_at: Some(range),
+            id: fmt.runner_id.to_owned(),
+            success: success.to_owned(),
+            full_ret: full_ret.clone(),
+            outcome,
+        },
+        Some(JidRow {
+            jid: jid.to_owned(),
+            load: full_ret,
+            targets: None,
+        }),
+    ))
 }
 
 /// The targets a `new` event lists: `minions` (strings; anything else in
@@ -650,6 +721,41 @@ mod tests {
     }
 
     #[test]
+    fn runner_job_is_stored_as_the_masters_job_cache_stores_it() {
+        let r = record(
+            "salt/run/20261202120000000001/ret",
+            vec![
+                ("fun", V::from("runner.state.orchestrate")),
+                ("jid", V::from("20261202120000000001")),
+                ("user", V::from("root")),
+                ("return", V::Map(vec![(V::from("retcode"), V::from(1))])),
+                ("success", V::from(false)),
+            ],
+        );
+        let fmt = RowFormat {
+            runner_id: "salt1_master",
+            ..RowFormat::unlimited(BoolStyle::Digit)
+        };
+        let RowSet::Return(row, Some(job)) = rows_of(&r, fmt).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(row.id, "salt1_master");
+        assert_eq!(row.fun, "runner.state.orchestrate");
+        assert_eq!(row.success, "0");
+        assert_eq!(row.outcome.outcome, "failed");
+        let data = "{\"fun\": \"runner.state.orchestrate\", \"jid\": \"20261202120000000001\", \"user\": \"root\", \"return\": {\"retcode\": 1}, \"success\": false}";
+        assert_eq!(row.ret(), data);
+        assert_eq!(
+            row.full_ret,
+            format!(
+                "{{\"id\": \"salt1_master\", \"tgt\": \"salt1_master\", \"jid\": \"20261202120000000001\", \"return\": {data}, \"fun\": \"runner.state.orchestrate\", \"user\": \"root\"}}"
+            )
+        );
+        assert_eq!(job.load, row.full_ret);
+        assert_eq!(job.jid, "20261202120000000001");
+    }
+
+    #[test]
     fn salt_call_return_also_writes_its_load() {
         let r = record(
             "salt/job/2/ret/m1",
@@ -724,8 +830,8 @@ mod tests {
             ],
         );
         let fmt = RowFormat {
-            style: BoolStyle::Digit,
             max_json: 10_000,
+            ..RowFormat::unlimited(BoolStyle::Digit)
         };
         let err = rows_of(&r, fmt).expect_err("too large");
         assert!(matches!(

@@ -242,8 +242,15 @@ impl SqliteSink {
             format: RowFormat {
                 style: BoolStyle::Digit,
                 max_json: super::DEFAULT_MAX_RETURN_SIZE,
+                runner_id: "master",
             },
         })
+    }
+
+    /// The `id` of runner jobs' rows ([`RowFormat::runner_id`]).
+    pub fn with_runner_id(mut self, runner_id: &'static str) -> SqliteSink {
+        self.format.runner_id = runner_id;
+        self
     }
 
     /// The most JSON one column may hold (`sink.max_return_size`).
