@@ -262,7 +262,8 @@ async fn a_full_action_queue_drops_the_action_not_the_event() {
     let cfg = config(
         dir.path(),
         &format!(
-            "[[actions]]\nname = \"tiny\"\nwhen = {{ kind = \"job_return\" }}\nqueue_size = 1\nconcurrency = 1\ntimeout = \"200ms\"\nretries = 0\nwebhook = {{ url = \"{base}/slow\" }}\n"
+            // Every return written, the capture's runner job's included.
+            "[[actions]]\nname = \"tiny\"\nwhen = {{ kind = [\"job_return\", \"runner_return\"] }}\nqueue_size = 1\nconcurrency = 1\ntimeout = \"200ms\"\nretries = 0\nwebhook = {{ url = \"{base}/slow\" }}\n"
         ),
     );
     let stats = replay(&cfg).await;
