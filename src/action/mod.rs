@@ -43,7 +43,6 @@ use crate::event::Event;
 use crate::rules::MatcherConfig;
 use crate::stats::{ActionCounters, Stats};
 use async_trait::async_trait;
-use rand::Rng;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicUsize;
@@ -951,8 +950,9 @@ impl Dispatcher {
     /// and dropped before the wait for the next one: a queue of failing
     /// sends holds raw events, not their (much larger) JSON trees.
     async fn send(&self, offer: &Offer) -> bool {
-        let mut attempt = 0u32;
+        let mut backoff = crate::backoff::Backoff::new(self.retry_min, self.retry_max);
         loop {
+            let attempt = backoff.failures();
             let job = Job {
                 key: offer.key.clone(),
                 context: Arc::new(context(&offer.event)),
@@ -972,14 +972,9 @@ impl Dispatcher {
                     return true;
                 }
                 Err(ActionError::Retriable(e)) if attempt < self.retries => {
-                    attempt += 1;
                     self.counters.retried.fetch_add(1, Relaxed);
-                    let delay = self
-                        .retry_min
-                        .saturating_mul(1u32 << (attempt - 1).min(16))
-                        .min(self.retry_max)
-                        .mul_f64(rand::rng().random_range(0.5..1.0));
-                    tracing::warn!(action = %self.name, key = %offer.key, error = %e, attempt, delay_ms = delay.as_millis() as u64, "action failed; retrying");
+                    let delay = backoff.fail();
+                    tracing::warn!(action = %self.name, key = %offer.key, error = %e, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "action failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
