@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use saltpipe::config::{self, Config, ConfigError, LogFormat};
 use saltpipe::pipeline;
 use saltpipe::source::{Source, bus::BusSource, file::FileSource};
-use saltpipe::stats::Stats;
+use saltpipe::stats::{Stats, events};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -251,7 +251,6 @@ fn reload_on_sighup(
     reloader: pipeline::Reloader,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
@@ -261,18 +260,25 @@ fn reload_on_sighup(
                 .map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
             match config::load(path.as_deref()) {
                 Ok(l) => match reloader.apply(&l.config) {
-                    Ok(()) => {
-                        tracing::info!(config = %shown, rules = l.config.rules.rule.len(), actions = l.config.actions.len(), "SIGHUP: rules and actions reloaded (other settings change at restart)")
+                    Ok(()) => events::ConfigReloaded {
+                        config: &shown,
+                        rules: l.config.rules.rule.len(),
+                        actions: l.config.actions.len(),
                     }
-                    Err(e) => {
-                        stats.reload_failures.fetch_add(1, Relaxed);
-                        tracing::error!(config = %shown, error = %e, "SIGHUP: reload refused; the running rules and actions stay");
+                    .emit(&stats),
+                    Err(e) => events::ReloadRefused {
+                        config: &shown,
+                        error: &e,
+                        invalid: false,
                     }
+                    .emit(&stats),
                 },
-                Err(e) => {
-                    stats.reload_failures.fetch_add(1, Relaxed);
-                    tracing::error!(config = %shown, error = %e, "SIGHUP: the config is invalid; the running rules and actions stay");
+                Err(e) => events::ReloadRefused {
+                    config: &shown,
+                    error: &e,
+                    invalid: true,
                 }
+                .emit(&stats),
             }
         }
     });
@@ -329,7 +335,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
                 hooks,
             )
             .await?;
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            tracing::info!(summary = %stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Listen => {
@@ -350,7 +356,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
                 hooks.backfill,
             )
             .await?;
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            tracing::info!(summary = %stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Work => {
@@ -376,7 +382,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             if let Some(r) = retention {
                 let _ = r.await;
             }
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            tracing::info!(summary = %stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Top {
@@ -587,7 +593,7 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
         );
         println!(
             "  sink:     {:.2}s busy writing",
-            s.sink_busy_ms as f64 / 1000.0
+            s.sink_latency_us_total as f64 / 1e6
         );
     }
     Ok(exit::OK)

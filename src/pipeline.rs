@@ -137,7 +137,6 @@ impl Reloader {
             tx.send(Rules::new(&cfg.rules))
                 .map_err(|_| ReloadError::ListenerGone)?;
         }
-        self.stats.reloads.fetch_add(1, Relaxed);
         Ok(())
     }
 }
