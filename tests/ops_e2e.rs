@@ -547,14 +547,13 @@ async fn metrics_of_a_replayed_capture_match_the_capture_and_the_database() {
     let (addr, server) = saltpipe::ops::serve(&cfg.metrics, stats.clone(), stop.clone())
         .await
         .expect("serve");
-    saltpipe::pipeline::run_all(
+    saltpipe::pipeline::replay(
         &cfg,
         Box::new(saltpipe::source::file::FileSource::new(
             repo().join("tests/fixtures/salt-3008.5-bus.bin"),
         )),
         stats.clone(),
         tokio_util::sync::CancellationToken::new(),
-        None,
     )
     .await
     .expect("replay");
