@@ -27,5 +27,5 @@ secs = s["seconds"]
 print(f"returns written: {s['returns_written']}, kept {s['kept']}, in {secs:.1f} s")
 print(f"end to end: {s['acked'] / secs:,.0f} returns/s")
 print(f"transactions per 10,000 returns: {s['batches'] * 10000 / max(s['kept'], 1):.1f}")
-print(f"sink busy: {s['sink_busy_ms'] / 1000:.1f} s")
+print(f"sink busy: {s['sink_latency_us_total'] / 1e6:.1f} s")
 PY

@@ -8,8 +8,9 @@
 //! * [`rules`]: keeps what is worth keeping, drops the noise with a reason,
 //!   routes kept events to named queues;
 //! * [`queue`]: the durable queue (embedded SQLite by default);
-//! * [`worker`]: batches, writes, retries, dead-letters, acknowledges;
-//! * [`sink`]: Salt's returner tables in SQLite (and more backends).
+//! * [`worker`]: gathers batches, converts them to rows, writes, retries,
+//!   dead-letters, acknowledges: three stages joined by channels;
+//! * [`sink`]: Salt's returner tables in SQLite, MySQL/MariaDB or PostgreSQL.
 //!
 //! [`backfill`] reads the master's job cache back into the same path, for
 //! what was published while saltpipe was not connected.
@@ -18,10 +19,11 @@
 //! write; [`ops`] serves `/metrics` and `/health` and draws `saltpipe top`.
 //!
 //! [`pipeline`] wires them for each subcommand; [`config`] reads the TOML;
-//! [`stats`] counts everything. `docs/ARCHITECTURE.md` tells the whole story.
+//! [`stats`] counts everything; [`backoff`] is the one retry schedule. `docs/ARCHITECTURE.md` tells the whole story.
 
 pub mod action;
 pub mod backfill;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod event;

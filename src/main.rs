@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use saltpipe::config::{self, Config, ConfigError, LogFormat};
 use saltpipe::pipeline;
-use saltpipe::source::{Source, bus::BusSource, file::FileSource};
-use saltpipe::stats::Stats;
+use saltpipe::source::{bus::BusSource, file::FileSource};
+use saltpipe::stats::{Stats, events};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -256,7 +256,6 @@ fn reload_on_sighup(
     reloader: pipeline::Reloader,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
@@ -266,18 +265,25 @@ fn reload_on_sighup(
                 .map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
             match config::load(path.as_deref()) {
                 Ok(l) => match reloader.apply(&l.config) {
-                    Ok(()) => {
-                        tracing::info!(config = %shown, rules = l.config.rules.rule.len(), actions = l.config.actions.len(), "SIGHUP: rules and actions reloaded (other settings change at restart)")
+                    Ok(()) => events::ConfigReloaded {
+                        config: &shown,
+                        rules: l.config.rules.rule.len(),
+                        actions: l.config.actions.len(),
                     }
-                    Err(e) => {
-                        stats.reload_failures.fetch_add(1, Relaxed);
-                        tracing::error!(config = %shown, error = %e, "SIGHUP: reload refused; the running rules and actions stay");
+                    .emit(&stats),
+                    Err(e) => events::ReloadRefused {
+                        config: &shown,
+                        error: &e,
+                        invalid: false,
                     }
+                    .emit(&stats),
                 },
-                Err(e) => {
-                    stats.reload_failures.fetch_add(1, Relaxed);
-                    tracing::error!(config = %shown, error = %e, "SIGHUP: the config is invalid; the running rules and actions stay");
+                Err(e) => events::ReloadRefused {
+                    config: &shown,
+                    error: &e,
+                    invalid: true,
                 }
+                .emit(&stats),
             }
         }
     });
@@ -308,80 +314,66 @@ fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
+/// What a daemon subcommand (`run`, `listen`, `work`) sets up before its
+/// pipeline starts: signals, counters, /metrics, and SIGHUP reloads.
+struct Daemon {
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    hooks: pipeline::Hooks,
+}
+
+impl Daemon {
+    async fn start(
+        loaded: &config::Loaded,
+        listens: bool,
+        works: bool,
+        ops_stop: &CancellationToken,
+    ) -> anyhow::Result<Daemon> {
+        let cfg = &loaded.config;
+        let shutdown = shutdown_on_signals()?;
+        let stats = Arc::new(Stats::default());
+        stats
+            .bus_expected
+            .store(listens, std::sync::atomic::Ordering::Relaxed);
+        serve_metrics(cfg, &stats, ops_stop).await?;
+        let (hooks, reloader) = pipeline::Reloader::new(cfg, &stats, listens, works)?;
+        reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
+        Ok(Daemon {
+            shutdown,
+            stats,
+            hooks,
+        })
+    }
+}
+
 async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let cfg = loaded.config;
     // The metrics listener outlives the pipeline's own shutdown token, so
     // /health can say "stopping" until the very end.
     let ops_stop = CancellationToken::new();
     let _ops_guard = ops_stop.clone().drop_guard();
+    let cfg = &loaded.config;
     match command {
         Command::Run => {
-            let shutdown = shutdown_on_signals()?;
-            let stats = Arc::new(Stats::default());
-            stats.bus_expected.store(true, Relaxed);
-            serve_metrics(&cfg, &stats, &ops_stop).await?;
-            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, true)?;
-            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
-            let source: Box<dyn Source> = Box::new(BusSource::new(&cfg.source));
+            let d = Daemon::start(&loaded, true, true, &ops_stop).await?;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe run");
-            pipeline::run_all_with(
-                &cfg,
-                source,
-                stats.clone(),
-                shutdown,
-                Some(cfg.worker.drain_timeout),
-                hooks,
-            )
-            .await?;
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            let source = Box::new(BusSource::new(&cfg.source));
+            pipeline::run(cfg, source, d.stats.clone(), d.shutdown, d.hooks).await?;
+            tracing::info!(summary = %d.stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Listen => {
-            let shutdown = shutdown_on_signals()?;
-            let stats = Arc::new(Stats::default());
-            stats.bus_expected.store(true, Relaxed);
-            serve_metrics(&cfg, &stats, &ops_stop).await?;
-            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, false)?;
-            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
+            let d = Daemon::start(&loaded, true, false, &ops_stop).await?;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, "saltpipe listen");
-            pipeline::listen_to_queue(
-                &cfg,
-                Box::new(BusSource::new(&cfg.source)),
-                stats.clone(),
-                shutdown,
-                Some(cfg.worker.drain_timeout),
-                hooks.rules,
-                hooks.backfill,
-            )
-            .await?;
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            let source = Box::new(BusSource::new(&cfg.source));
+            pipeline::listen(cfg, source, d.stats.clone(), d.shutdown, d.hooks).await?;
+            tracing::info!(summary = %d.stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Work => {
-            let shutdown = shutdown_on_signals()?;
-            let stats = Arc::new(Stats::default());
-            serve_metrics(&cfg, &stats, &ops_stop).await?;
-            let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, false, true)?;
-            reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
-            let sink = cfg.sink.build_or_defer().await?;
+            let d = Daemon::start(&loaded, false, true, &ops_stop).await?;
             tracing::info!(queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe work");
-            let stop = saltpipe::worker::Stop::new(shutdown, Some(cfg.worker.drain_timeout));
-            let retention_stop = stop.token.clone();
-            let retention =
-                saltpipe::sink::retention::spawn(sink.clone(), &cfg.sink, retention_stop);
-            let actions = hooks.actions.clone();
-            let workers =
-                pipeline::start_workers_with(&cfg, sink, stats.clone(), stop, hooks.actions)
-                    .await?;
-            pipeline::join_workers(workers).await?;
-            if let Some(a) = actions {
-                a.shutdown(cfg.worker.drain_timeout).await;
-            }
-            if let Some(r) = retention {
-                let _ = r.await;
-            }
-            tracing::info!(summary = ?stats.snapshot(), "stopped");
+            pipeline::work(cfg, d.stats.clone(), d.shutdown, d.hooks).await?;
+            tracing::info!(summary = %d.stats.snapshot(), "stopped");
             Ok(exit::OK)
         }
         Command::Top {
@@ -394,22 +386,22 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             Ok(exit::OK)
         }
         Command::Validate { no_connect } => {
-            validate(&cfg, loaded.path, loaded.master.as_ref(), no_connect).await
+            validate(cfg, loaded.path.clone(), loaded.master.as_ref(), no_connect).await
         }
         Command::Capture {
             out,
             duration,
             count,
-        } => capture(&cfg, out, duration, count).await,
-        Command::Replay { file, json } => replay(&cfg, file, json).await,
+        } => capture(cfg, out, duration, count).await,
+        Command::Replay { file, json } => replay(cfg, file, json).await,
         Command::Backfill {
             since,
             all: _,
             jid,
             dry_run,
             json,
-        } => backfill(&cfg, since, jid, dry_run, json).await,
-        Command::Schema { print, url } => schema(cfg, print, url).await,
+        } => backfill(cfg, since, jid, dry_run, json).await,
+        Command::Schema { print, url } => schema(cfg.clone(), print, url).await,
     }
 }
 
@@ -556,7 +548,7 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let source = Box::new(FileSource::new(file.clone()));
-    pipeline::run_all(cfg, source, stats.clone(), CancellationToken::new(), None).await?;
+    pipeline::replay(cfg, source, stats.clone(), CancellationToken::new()).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let s = stats.snapshot();
     if json {
@@ -607,7 +599,7 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
         );
         println!(
             "  sink:     {:.2}s busy writing",
-            s.sink_busy_ms as f64 / 1000.0
+            s.sink_latency_us_total as f64 / 1e6
         );
     }
     Ok(exit::OK)
@@ -683,8 +675,7 @@ async fn backfill(
     } else {
         let source = JobCacheSource::new(scanner.clone(), window.clone());
         let found = source.counts.clone();
-        let r =
-            pipeline::run_all(cfg, Box::new(source), stats.clone(), shutdown.clone(), None).await;
+        let r = pipeline::replay(cfg, Box::new(source), stats.clone(), shutdown.clone()).await;
         let found = match r {
             Ok(()) => found,
             Err(pipeline::PipelineError::Queue(saltpipe::queue::QueueError::Busy { .. })) => {
@@ -692,16 +683,7 @@ async fn backfill(
                 queued_only = true;
                 let source = JobCacheSource::new(scanner, window);
                 let found = source.counts.clone();
-                pipeline::listen_to_queue(
-                    cfg,
-                    Box::new(source),
-                    stats.clone(),
-                    shutdown,
-                    None,
-                    None,
-                    false,
-                )
-                .await?;
+                pipeline::feed(cfg, Box::new(source), stats.clone(), shutdown).await?;
                 found
             }
             Err(e) => return Err(e.into()),

@@ -13,10 +13,11 @@
 //! start delivers it.
 
 use crate::action::{ActionError, Actions};
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::queue::{Message, Producer, QueueError};
 use crate::rules::Rules;
-use crate::sink::{Sink, SinkError};
+use crate::sink::SinkError;
 use crate::source::{Ingest, Source, SourceError};
 use crate::stats::Stats;
 use crate::worker::{Stop, Worker, WorkerError};
@@ -137,9 +138,256 @@ impl Reloader {
             tx.send(Rules::new(&cfg.rules))
                 .map_err(|_| ReloadError::ListenerGone)?;
         }
-        self.stats.reloads.fetch_add(1, Relaxed);
         Ok(())
     }
+}
+
+/// `saltpipe run`: listens and works in one process until `shutdown`.
+pub async fn run(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), PipelineError> {
+    listen_and_work(
+        cfg,
+        source,
+        stats,
+        shutdown,
+        Some(cfg.worker.drain_timeout),
+        hooks,
+    )
+    .await
+}
+
+/// `saltpipe replay` and `saltpipe backfill`: a source that ends, through
+/// the whole pipeline; workers write until the queue is empty.
+pub async fn replay(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    listen_and_work(cfg, source, stats, shutdown, None, Hooks::default()).await
+}
+
+/// `saltpipe listen`: the bus → rules → the queue the config names, until
+/// `shutdown`.
+pub async fn listen(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), PipelineError> {
+    let drain = Some(cfg.worker.drain_timeout);
+    to_queue(
+        cfg,
+        source,
+        stats,
+        shutdown,
+        drain,
+        hooks.rules,
+        hooks.backfill,
+    )
+    .await
+}
+
+/// A source that ends, into the queue only (`saltpipe backfill` while a
+/// running saltpipe consumes the queue): forwarders drain until the spool
+/// is empty.
+pub async fn feed(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    to_queue(cfg, source, stats, shutdown, None, None, false).await
+}
+
+/// `saltpipe work`: the queue → the sink (and actions) until `shutdown`,
+/// or until a worker fails.
+pub async fn work(
+    cfg: &Config,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), PipelineError> {
+    let drain = Some(cfg.worker.drain_timeout);
+    let mut workers = Workers::start(cfg, stats, drain, hooks.actions).await?;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = workers.first_failure() => {}
+    }
+    workers.finish().await
+}
+
+/// `run` and `replay`: listen and work in one process.
+///
+/// `drain` is how long workers keep writing after the source ended: the
+/// configured `drain_timeout` for `run`, `None` (until the queue is empty)
+/// for `replay`.
+async fn listen_and_work(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+    hooks: Hooks,
+) -> Result<(), PipelineError> {
+    let mut workers = Workers::start(cfg, stats.clone(), drain, hooks.actions).await?;
+    // A worker that dies (fatal sink error) stops the whole process: keep
+    // its error and stop listening, in order; what was read is safe in the queue.
+    let listening = to_queue(
+        cfg,
+        source,
+        stats,
+        shutdown.clone(),
+        drain,
+        hooks.rules,
+        hooks.backfill,
+    );
+    tokio::pin!(listening);
+    let listened = loop {
+        tokio::select! {
+            r = &mut listening => break r,
+            _ = workers.first_failure() => shutdown.cancel(),
+        }
+    };
+    // A worker's error comes first: it is why listening stopped.
+    let worked = workers.finish().await;
+    worked.and(listened)
+}
+
+/// The workers of one process, one per queue it consumes (times
+/// `worker.concurrency`), with what shares their sink: the retention task
+/// and the actions.
+struct Workers {
+    set: JoinSet<Result<(), WorkerError>>,
+    /// Tells the workers to stop waiting for new events and drain.
+    stop: CancellationToken,
+    retention: Option<tokio::task::JoinHandle<()>>,
+    actions: Actions,
+    /// How long actions may still send at the end.
+    actions_drain: Duration,
+    /// The first worker's error; it stops the process.
+    failed: Option<PipelineError>,
+}
+
+impl Workers {
+    /// Builds the sink (or defers its connection) and starts everything.
+    /// Actions are started from the config unless a reloader brought them.
+    async fn start(
+        cfg: &Config,
+        stats: Arc<Stats>,
+        drain: Option<Duration>,
+        actions: Option<Actions>,
+    ) -> Result<Workers, PipelineError> {
+        let actions = match actions {
+            Some(a) => a,
+            None => Actions::start(&cfg.actions, &stats)?,
+        };
+        let sink = cfg.sink.build_or_defer().await?;
+        let stop = CancellationToken::new();
+        let retention = crate::sink::retention::spawn(sink.clone(), &cfg.sink, stop.clone());
+        let queues = if cfg.worker.queues.is_empty() {
+            cfg.queue_names()
+        } else {
+            cfg.worker.queues.clone()
+        };
+        let redact = Arc::new(cfg.sink.redactor());
+        let mut set = JoinSet::new();
+        for q in queues {
+            for _ in 0..cfg.worker.concurrency.max(1) {
+                // What its stages hold at once: the batch being gathered,
+                // one waiting to be converted, one converted, and those
+                // being written.
+                let hold = cfg.worker.batch_max_events * (sink.writers() + 3);
+                let consumer = cfg.queue.consumer_with(&q, hold).await?;
+                let w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
+                    .with_queue_name(&q)
+                    .with_redact(redact.clone())
+                    .with_actions(actions.clone());
+                stats.workers_expected.fetch_add(1, Relaxed);
+                set.spawn(w.run(Stop::new(stop.clone(), drain)));
+            }
+        }
+        Ok(Workers {
+            set,
+            stop,
+            retention,
+            actions,
+            actions_drain: drain.unwrap_or(cfg.worker.drain_timeout),
+            failed: None,
+        })
+    }
+
+    /// Returns when a worker fails (and keeps its error); never while they
+    /// all run. Cancel-safe.
+    async fn first_failure(&mut self) {
+        loop {
+            match self.set.join_next().await {
+                None => std::future::pending::<()>().await,
+                Some(r) => {
+                    if let Err(e) = flatten(r) {
+                        tracing::error!(error = %e, "a worker stopped; shutting down");
+                        self.failed.get_or_insert(e);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the workers, waits for their drain, then the retention task,
+    /// then gives the actions their drain time. The first error wins.
+    async fn finish(mut self) -> Result<(), PipelineError> {
+        self.stop.cancel();
+        while let Some(r) = self.set.join_next().await {
+            if let Err(e) = flatten(r) {
+                self.failed.get_or_insert(e);
+            }
+        }
+        if let Some(r) = self.retention {
+            // It saw the cancellation; a chunk in flight is one short transaction.
+            let _ = r.await;
+        }
+        self.actions.shutdown(self.actions_drain).await;
+        self.failed.map_or(Ok(()), Err)
+    }
+}
+
+fn flatten(
+    r: Result<Result<(), WorkerError>, tokio::task::JoinError>,
+) -> Result<(), PipelineError> {
+    r.map_err(PipelineError::from)
+        .and_then(|r| r.map_err(PipelineError::from))
+}
+
+/// The listening half with the queue the config names: straight into the
+/// embedded queue, or, for a broker, to the broker directly while it keeps
+/// up and into the local spool otherwise, with forwarders emptying the
+/// spool into the broker (see [`crate::queue::forward`]). `drain` bounds how long
+/// the forwarders keep emptying the spool after the source ended.
+async fn to_queue(
+    cfg: &Config,
+    source: Box<dyn Source>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    drain: Option<Duration>,
+    rules: Option<mpsc::UnboundedReceiver<Rules>>,
+    backfill: bool,
+) -> Result<(), PipelineError> {
+    if !cfg.queue.url.is_broker() {
+        let producer = cfg.queue.producer().await?;
+        return into_queue(cfg, source, producer, stats, shutdown, rules, backfill).await;
+    }
+    let (spooled, forwarder) =
+        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain, stats.clone()).await?;
+    let listened = into_queue(cfg, source, spooled, stats, shutdown, rules, backfill).await;
+    let forwarded = forwarder.finish().await;
+    listened.and(forwarded.map_err(PipelineError::from))
 }
 
 /// Chunks in flight between the reader and the queue writer. Few: the
@@ -177,7 +425,7 @@ async fn queue_writer(
                 _ = &mut linger => break,
             }
         }
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match producer.push(&batch).await {
                 Ok(()) => {
@@ -192,26 +440,13 @@ async fn queue_writer(
                     }
                     tracing::error!(error = %e, events = batch.len(), "cannot store events in the queue; retrying (the reader keeps draining the bus)");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(backoff.fail()) => {}
                         _ = give_up.cancelled() => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
-}
-
-/// The listening half: source → rules → queue. Returns when the source ends
-/// (end of file, or `shutdown`) and everything it kept is in the queue.
-pub async fn listen(
-    cfg: &Config,
-    source: Box<dyn Source>,
-    producer: Arc<dyn Producer>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-) -> Result<(), PipelineError> {
-    listen_with(cfg, source, producer, stats, shutdown, None, false).await
 }
 
 /// Where `run` / `listen` keep the backfill state: the queue directory, or
@@ -224,9 +459,11 @@ pub fn backfill_state_dir(cfg: &Config) -> std::path::PathBuf {
     }
 }
 
-/// [`listen`], taking new rules from `reload` while it runs, and, with
-/// `backfill`, scanning the job cache at start and after each reconnect.
-pub async fn listen_with(
+/// Source → rules → `producer`, taking new rules from `reload` while it
+/// runs, and, with `backfill`, scanning the job cache at start and after
+/// each reconnect. Returns when the source ends (end of file, or
+/// `shutdown`) and everything it kept is in the queue.
+async fn into_queue(
     cfg: &Config,
     mut source: Box<dyn Source>,
     producer: Arc<dyn Producer>,
@@ -284,164 +521,4 @@ pub async fn listen_with(
         }
     }
     result.map_err(Into::into)
-}
-
-/// Starts one worker per queue this process consumes.
-pub async fn start_workers(
-    cfg: &Config,
-    sink: Arc<dyn Sink>,
-    stats: Arc<Stats>,
-    stop: Stop,
-) -> Result<JoinSet<Result<(), WorkerError>>, PipelineError> {
-    start_workers_with(cfg, sink, stats, stop, None).await
-}
-
-/// [`start_workers`], offering every batch to `actions`.
-pub async fn start_workers_with(
-    cfg: &Config,
-    sink: Arc<dyn Sink>,
-    stats: Arc<Stats>,
-    stop: Stop,
-    actions: Option<Actions>,
-) -> Result<JoinSet<Result<(), WorkerError>>, PipelineError> {
-    let queues = if cfg.worker.queues.is_empty() {
-        cfg.queue_names()
-    } else {
-        cfg.worker.queues.clone()
-    };
-    let redact = Arc::new(cfg.sink.redactor());
-    let mut set = JoinSet::new();
-    for q in queues {
-        for _ in 0..cfg.worker.concurrency.max(1) {
-            // What its stages hold at once: the batch being gathered, one
-            // converted and waiting, and those being written.
-            let hold = cfg.worker.batch_max_events * (sink.writers() + 2);
-            let consumer = cfg.queue.consumer_with(&q, hold).await?;
-            let mut w = Worker::new(consumer, sink.clone(), cfg.worker.clone(), stats.clone())
-                .with_queue_name(&q)
-                .with_redact(redact.clone());
-            if let Some(a) = &actions {
-                w = w.with_actions(a.clone());
-            }
-            stats.workers_expected.fetch_add(1, Relaxed);
-            set.spawn(w.run(stop.clone()));
-        }
-    }
-    Ok(set)
-}
-
-/// The listening half with the queue the config names: straight into the
-/// embedded queue, or, for a broker, to the broker directly while it keeps
-/// up and into the local spool otherwise, with forwarders emptying the
-/// spool into the broker (see [`crate::queue::forward`]). `drain` bounds how long
-/// the forwarders keep emptying the spool after the source ended.
-pub async fn listen_to_queue(
-    cfg: &Config,
-    source: Box<dyn Source>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    drain: Option<Duration>,
-    rules: Option<mpsc::UnboundedReceiver<Rules>>,
-    backfill: bool,
-) -> Result<(), PipelineError> {
-    if !cfg.queue.url.is_broker() {
-        let producer = cfg.queue.producer().await?;
-        return listen_with(cfg, source, producer, stats, shutdown, rules, backfill).await;
-    }
-    let (spooled, forwarder) =
-        crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain, stats.clone()).await?;
-    let listened = listen_with(cfg, source, spooled, stats, shutdown, rules, backfill).await;
-    let forwarded = forwarder.finish().await;
-    listened.and(forwarded.map_err(PipelineError::from))
-}
-
-/// Waits for all workers; the first error wins.
-pub async fn join_workers(mut set: JoinSet<Result<(), WorkerError>>) -> Result<(), PipelineError> {
-    let mut first = None;
-    while let Some(r) = set.join_next().await {
-        if let Err(e) = r
-            .map_err(PipelineError::from)
-            .and_then(|r| r.map_err(PipelineError::from))
-            && first.is_none()
-        {
-            first = Some(e);
-        }
-    }
-    first.map_or(Ok(()), Err)
-}
-
-/// `run` and `replay`: listen and work in one process.
-///
-/// `drain` is how long workers keep writing after the source ended: the
-/// configured `drain_timeout` for `run`, `None` (until the queue is empty)
-/// for `replay`.
-pub async fn run_all(
-    cfg: &Config,
-    source: Box<dyn Source>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    drain: Option<Duration>,
-) -> Result<(), PipelineError> {
-    run_all_with(cfg, source, stats, shutdown, drain, Hooks::default()).await
-}
-
-/// [`run_all`] with reload hooks. Actions are started from the config when
-/// `hooks` brings none, and given the drain time to finish at the end.
-pub async fn run_all_with(
-    cfg: &Config,
-    source: Box<dyn Source>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    drain: Option<Duration>,
-    hooks: Hooks,
-) -> Result<(), PipelineError> {
-    let actions = match hooks.actions {
-        Some(a) => a,
-        None => Actions::start(&cfg.actions, &stats)?,
-    };
-    let sink = cfg.sink.build_or_defer().await?;
-    let worker_stop = CancellationToken::new();
-    let stop = Stop::new(worker_stop.clone(), drain);
-    let retention = crate::sink::retention::spawn(sink.clone(), &cfg.sink, worker_stop.clone());
-    let mut workers =
-        start_workers_with(cfg, sink, stats.clone(), stop, Some(actions.clone())).await?;
-    // A worker that dies (fatal sink error) stops the whole process: keep
-    // its error and stop listening, in order; what was read is safe in the queue.
-    let listening = listen_to_queue(
-        cfg,
-        source,
-        stats.clone(),
-        shutdown.clone(),
-        drain,
-        hooks.rules,
-        hooks.backfill,
-    );
-    tokio::pin!(listening);
-    let mut worker_error = None;
-    let listen_result = loop {
-        tokio::select! {
-            r = &mut listening => break r,
-            Some(r) = workers.join_next(), if !workers.is_empty() => {
-                let r = r.map_err(PipelineError::from).and_then(|r| r.map_err(PipelineError::from));
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "a worker stopped; shutting down");
-                    worker_error.get_or_insert(e);
-                    shutdown.cancel();
-                }
-            }
-        }
-    };
-    worker_stop.cancel();
-    let work_result = join_workers(workers).await;
-    if let Some(r) = retention {
-        // It saw the cancellation; a chunk in flight is one short transaction.
-        let _ = r.await;
-    }
-    actions
-        .shutdown(drain.unwrap_or(cfg.worker.drain_timeout))
-        .await;
-    match worker_error {
-        Some(e) => Err(e),
-        None => listen_result.and(work_result),
-    }
 }

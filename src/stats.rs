@@ -7,6 +7,13 @@
 //! `/metrics` endpoint and `replay`'s summary read these same counters, so
 //! what an operator sees and what the tests assert are one set of numbers.
 //!
+//! Each counter is declared once, in the [`stats!`] table below: its field,
+//! its Prometheus name (and label), and its doc comment, which is also the
+//! metric's help text. The table generates the field in [`Stats`], in
+//! [`Snapshot`], in [`Stats::snapshot`], in the `/metrics` export
+//! ([`Stats::counters`]) and in the summary's lines, so adding a counter is
+//! one line here and a call where it happens.
+//!
 //! As in Vector, each noteworthy happening is one struct with an `emit`
 //! that writes the log line and bumps the counter together, so the two can
 //! never disagree.
@@ -18,73 +25,175 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-/// Every counter saltpipe keeps. Shared behind an `Arc`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub bytes_read: AtomicU64,
-    pub frames: AtomicU64,
-    pub malformed: AtomicU64,
-    pub garbage_bytes: AtomicU64,
-    pub oversized: AtomicU64,
-    pub kept: AtomicU64,
-    pub dropped: [AtomicU64; DropReason::ALL.len()],
-    pub overflow_dropped: AtomicU64,
-    pub connects: AtomicU64,
-    pub disconnects: AtomicU64,
-    pub queued: AtomicU64,
-    /// Listener with a broker: events written to the local spool because
-    /// the broker was down, slow or behind (the rest were published directly).
-    pub spooled: AtomicU64,
-    pub queue_errors: AtomicU64,
-    pub delivered: AtomicU64,
-    pub acked: AtomicU64,
-    pub batches: AtomicU64,
-    pub batch_events: AtomicU64,
-    pub returns_written: AtomicU64,
-    pub jids_written: AtomicU64,
-    pub events_written: AtomicU64,
-    pub rows_ignored: AtomicU64,
-    pub sink_retries: AtomicU64,
-    pub sink_failures: AtomicU64,
-    pub dead_letters: AtomicU64,
-    /// Values hidden by `[sink] redact` (each key's value counts once).
-    pub redacted: AtomicU64,
-    /// Returns written, by outcome ([`Outcome::index`]); `no_return`:
-    /// targeted minions the return-window sweep recorded as silent.
-    pub outcomes: [AtomicU64; Outcome::ALL.len()],
-    /// Targets whose return window the sweep closed (returned or not).
-    pub targets_closed: AtomicU64,
-    pub sink_latency_us_total: AtomicU64,
-    /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
-    pub oldest_unacked_ms: AtomicI64,
-    /// Workers whose loop is running, and how many were started (for `/health`).
-    pub workers_running: AtomicI64,
-    pub workers_expected: AtomicI64,
-    /// This process reads the bus (`run`, `listen`), so `/health` checks it.
-    pub bus_expected: std::sync::atomic::AtomicBool,
-    /// Messages waiting in each named queue, as last polled by its worker.
-    pub queue_depths: Mutex<BTreeMap<String, u64>>,
-    /// Received time (ms since the epoch) of the oldest message each worker
-    /// last pulled while its queue still had a backlog; 0 when caught up.
-    pub queue_oldest_ms: Mutex<BTreeMap<String, i64>>,
-    /// Action outcomes by action name; survives a reload (SIGHUP).
-    pub actions: Mutex<BTreeMap<String, Arc<ActionCounters>>>,
-    /// Config reloads that took effect, and those refused as invalid.
-    pub reloads: AtomicU64,
-    pub reload_failures: AtomicU64,
-    /// Backfill (src/backfill/): jobs (`new`) and returns read back from the
-    /// master's job cache and fed to the rules, whether or not the sink
-    /// already had them.
-    pub backfilled_jobs: AtomicU64,
-    pub backfilled_returns: AtomicU64,
-    /// Job cache entries that could not be read or decoded (skipped).
-    pub backfill_unreadable: AtomicU64,
-    /// Scans that could not run: no job cache, or no permission.
-    pub backfill_failures: AtomicU64,
-    /// Log lines about bad bus input (malformed or oversized frames): a
-    /// hostile writer must not be able to turn 1 MB of junk into 100,000
-    /// log lines. The counters above still count every one.
-    pub bad_input_log: LogLimit,
+/// One counter as `/metrics` exports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// The Prometheus name.
+    pub metric: &'static str,
+    /// One `(name, value)` label, for counters that share a metric.
+    pub label: Option<(&'static str, &'static str)>,
+    /// The doc comment of its field.
+    pub help: &'static str,
+    pub value: u64,
+}
+
+/// Declares the plain counters (see the module docs) and the rest of
+/// [`Stats`]'s state, which is spelled out as written.
+macro_rules! stats {
+    (
+        counters {
+            $(
+                $(#[doc = $doc:literal])+
+                $field:ident => $metric:literal $([$lname:literal = $lvalue:literal])?;
+            )+
+        }
+        state { $($state:tt)* }
+    ) => {
+        /// Every counter saltpipe keeps. Shared behind an `Arc`.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[doc = $doc])+ pub $field: AtomicU64, )+
+            $($state)*
+        }
+
+        /// A copy of the counters at one moment, for printing and comparing.
+        #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+        pub struct Snapshot {
+            $( $(#[doc = $doc])+ pub $field: u64, )+
+            /// Events the rules dropped, by reason (only reasons that happened).
+            pub dropped: BTreeMap<&'static str, u64>,
+            /// Returns by outcome, and silent minions (only outcomes that happened).
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            pub outcomes: BTreeMap<&'static str, u64>,
+            /// Action outcomes by action name (only outcomes that happened).
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            pub actions: BTreeMap<String, BTreeMap<&'static str, u64>>,
+        }
+
+        impl Stats {
+            /// Every plain counter, as `/metrics` exports it.
+            pub fn counters(&self) -> Vec<Counter> {
+                vec![$(
+                    Counter {
+                        metric: $metric,
+                        label: stats!(@label $($lname, $lvalue)?),
+                        help: concat!($($doc),+).trim_ascii(),
+                        value: self.$field.load(Relaxed),
+                    },
+                )+]
+            }
+
+            fn plain_snapshot(&self) -> Snapshot {
+                Snapshot {
+                    $( $field: self.$field.load(Relaxed), )+
+                    ..Snapshot::default()
+                }
+            }
+        }
+
+        impl Snapshot {
+            /// `(field, value)` of every plain counter, in declaration order.
+            pub fn counters(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($field), self.$field), )+]
+            }
+        }
+    };
+    (@label $name:literal, $value:literal) => { Some(($name, $value)) };
+    (@label) => { None };
+}
+
+stats! {
+    counters {
+        /// Bytes read from the event bus.
+        bytes_read => "saltpipe_bus_bytes_read_total";
+        /// Frames (events) read from the bus.
+        frames => "saltpipe_frames_total";
+        /// Bus data that was not an event, skipped.
+        malformed => "saltpipe_frames_malformed_total";
+        /// Bytes of bus data stepped over as not an event.
+        garbage_bytes => "saltpipe_bus_garbage_bytes_total";
+        /// Events over source.max_frame, skipped.
+        oversized => "saltpipe_frames_oversized_total";
+        /// Events the rules kept.
+        kept => "saltpipe_events_kept_total";
+        /// Kept events dropped because the queue could not keep up.
+        overflow_dropped => "saltpipe_events_overflow_dropped_total";
+        /// Connections made to the event bus.
+        connects => "saltpipe_bus_connects_total";
+        /// Connections to the bus lost (each a possible gap).
+        disconnects => "saltpipe_bus_disconnects_total";
+        /// Events stored in the durable queue.
+        queued => "saltpipe_queue_pushed_total";
+        /// Events the listener kept in its local spool because the broker was down, slow or behind.
+        spooled => "saltpipe_queue_spooled_total";
+        /// Failed queue writes (retried).
+        queue_errors => "saltpipe_queue_errors_total";
+        /// Events workers pulled from the queue.
+        delivered => "saltpipe_events_delivered_total";
+        /// Events written and acknowledged.
+        acked => "saltpipe_events_acked_total";
+        /// Batches written (one transaction each).
+        batches => "saltpipe_batches_total";
+        /// Events in all batches written; divide by saltpipe_batches_total for the mean batch size.
+        batch_events => "saltpipe_batch_events_sum";
+        /// Rows inserted, by table.
+        returns_written => "saltpipe_rows_written_total" ["table" = "salt_returns"];
+        /// Rows inserted, by table.
+        jids_written => "saltpipe_rows_written_total" ["table" = "jids"];
+        /// Rows inserted, by table.
+        events_written => "saltpipe_rows_written_total" ["table" = "salt_events"];
+        /// Rows already present (redelivery, duplicates).
+        rows_ignored => "saltpipe_rows_ignored_total";
+        /// Batch writes that failed and were retried.
+        sink_retries => "saltpipe_sink_retries_total";
+        /// Batch writes refused for good (narrowed down to one row).
+        sink_failures => "saltpipe_sink_errors_total";
+        /// Events set aside in the dead-letter table.
+        dead_letters => "saltpipe_dead_letters_total";
+        /// Values hidden as "***" by [sink] redact before storing and actions.
+        redacted => "saltpipe_redacted_values_total";
+        /// Targeted minions whose job's return window closed (returned or not).
+        targets_closed => "saltpipe_targets_closed_total";
+        /// Time spent writing batches; divide by saltpipe_batches_total for the mean.
+        sink_latency_us_total => "saltpipe_sink_latency_microseconds_total";
+        /// Jobs read back from the master's job cache and fed to the rules (the sink ignores those it has).
+        backfilled_jobs => "saltpipe_backfilled_jobs_total";
+        /// Returns read back from the master's job cache and fed to the rules (the sink ignores those it has).
+        backfilled_returns => "saltpipe_backfilled_returns_total";
+        /// Job cache entries that could not be read or decoded, skipped.
+        backfill_unreadable => "saltpipe_backfill_unreadable_total";
+        /// Job cache scans that could not run (no cache, no permission).
+        backfill_failures => "saltpipe_backfill_failures_total";
+        /// Configuration reloads (SIGHUP) applied.
+        reloads => "saltpipe_config_reloads_total";
+        /// Reloads refused (invalid config; the old one stays).
+        reload_failures => "saltpipe_config_reload_failures_total";
+    }
+    state {
+        /// Events the rules dropped, by [`DropReason::index`].
+        pub dropped: [AtomicU64; DropReason::ALL.len()],
+        /// Returns written, by outcome ([`Outcome::index`]); `no_return`:
+        /// targeted minions the return-window sweep recorded as silent.
+        pub outcomes: [AtomicU64; Outcome::ALL.len()],
+        /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
+        pub oldest_unacked_ms: AtomicI64,
+        /// Workers whose loop is running, and how many were started (for `/health`).
+        pub workers_running: AtomicI64,
+        pub workers_expected: AtomicI64,
+        /// This process reads the bus (`run`, `listen`), so `/health` checks it.
+        pub bus_expected: std::sync::atomic::AtomicBool,
+        /// Messages waiting in each named queue, as last polled by its worker.
+        pub queue_depths: Mutex<BTreeMap<String, u64>>,
+        /// Received time (ms since the epoch) of the oldest message each worker
+        /// last pulled while its queue still had a backlog; 0 when caught up.
+        pub queue_oldest_ms: Mutex<BTreeMap<String, i64>>,
+        /// Action outcomes by action name; survives a reload (SIGHUP).
+        pub actions: Mutex<BTreeMap<String, Arc<ActionCounters>>>,
+        /// Log lines about bad bus input (malformed or oversized frames): a
+        /// hostile writer must not be able to turn 1 MB of junk into 100,000
+        /// log lines. The counters above still count every one.
+        pub bad_input_log: LogLimit,
+    }
 }
 
 /// At most [`LogLimit::PER_WINDOW`] log lines per [`LogLimit::WINDOW`] for
@@ -153,42 +262,6 @@ impl ActionCounters {
     }
 }
 
-/// A copy of the counters at one moment, for printing and comparing.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Snapshot {
-    pub bytes_read: u64,
-    pub frames: u64,
-    pub malformed: u64,
-    pub oversized: u64,
-    pub kept: u64,
-    pub dropped: BTreeMap<&'static str, u64>,
-    pub overflow_dropped: u64,
-    pub disconnects: u64,
-    pub queued: u64,
-    /// Of those, written to the listener's spool (broker queues only).
-    pub spooled: u64,
-    pub acked: u64,
-    pub batches: u64,
-    pub returns_written: u64,
-    pub jids_written: u64,
-    pub events_written: u64,
-    pub rows_ignored: u64,
-    pub sink_retries: u64,
-    pub dead_letters: u64,
-    pub redacted: u64,
-    /// Returns by outcome, and silent minions (only outcomes that happened).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub outcomes: BTreeMap<&'static str, u64>,
-    /// Total time spent in sink writes, ms.
-    pub sink_busy_ms: u64,
-    /// Read back from the master's job cache (backfill).
-    pub backfilled_jobs: u64,
-    pub backfilled_returns: u64,
-    /// Action outcomes by action name (only outcomes that happened).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub actions: BTreeMap<String, BTreeMap<&'static str, u64>>,
-}
-
 impl Stats {
     pub fn count_drop(&self, reason: DropReason) {
         self.dropped[reason.index()].fetch_add(1, Relaxed);
@@ -226,37 +299,16 @@ impl Stats {
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            bytes_read: self.bytes_read.load(Relaxed),
-            frames: self.frames.load(Relaxed),
-            malformed: self.malformed.load(Relaxed),
-            oversized: self.oversized.load(Relaxed),
-            kept: self.kept.load(Relaxed),
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), self.dropped[r.index()].load(Relaxed)))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
-            overflow_dropped: self.overflow_dropped.load(Relaxed),
-            disconnects: self.disconnects.load(Relaxed),
-            queued: self.queued.load(Relaxed),
-            spooled: self.spooled.load(Relaxed),
-            acked: self.acked.load(Relaxed),
-            batches: self.batches.load(Relaxed),
-            returns_written: self.returns_written.load(Relaxed),
-            jids_written: self.jids_written.load(Relaxed),
-            events_written: self.events_written.load(Relaxed),
-            rows_ignored: self.rows_ignored.load(Relaxed),
-            sink_retries: self.sink_retries.load(Relaxed),
-            dead_letters: self.dead_letters.load(Relaxed),
-            redacted: self.redacted.load(Relaxed),
             outcomes: Outcome::ALL
                 .iter()
                 .map(|o| (o.as_str(), self.outcomes[o.index()].load(Relaxed)))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
-            sink_busy_ms: self.sink_latency_us_total.load(Relaxed) / 1000,
-            backfilled_jobs: self.backfilled_jobs.load(Relaxed),
-            backfilled_returns: self.backfilled_returns.load(Relaxed),
             actions: self
                 .actions
                 .lock()
@@ -267,7 +319,38 @@ impl Stats {
                     (name.clone(), o)
                 })
                 .collect(),
+            ..self.plain_snapshot()
         }
+    }
+}
+
+/// The summary as readable text: one `name value` pair per counter that is
+/// not zero, then drops by reason, outcomes, and actions.
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .counters()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let group = |name: &str, m: &BTreeMap<&'static str, u64>| {
+            let inner: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            format!("{name} ({})", inner.join(", "))
+        };
+        if !self.dropped.is_empty() {
+            parts.push(group("dropped", &self.dropped));
+        }
+        if !self.outcomes.is_empty() {
+            parts.push(group("outcomes", &self.outcomes));
+        }
+        for (name, a) in &self.actions {
+            parts.push(group(&format!("action {name}"), a));
+        }
+        if parts.is_empty() {
+            return f.write_str("nothing happened");
+        }
+        f.write_str(&parts.join(", "))
     }
 }
 
@@ -386,6 +469,61 @@ pub mod events {
         }
     }
 
+    /// SIGHUP: the new rules and actions took effect.
+    pub struct ConfigReloaded<'a> {
+        pub config: &'a str,
+        pub rules: usize,
+        pub actions: usize,
+    }
+
+    impl ConfigReloaded<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.reloads.fetch_add(1, Relaxed);
+            tracing::info!(
+                config = self.config,
+                rules = self.rules,
+                actions = self.actions,
+                "SIGHUP: rules and actions reloaded (other settings change at restart)"
+            );
+        }
+    }
+
+    /// SIGHUP: the file did not load, or the running pipeline refused it.
+    pub struct ReloadRefused<'a> {
+        pub config: &'a str,
+        pub error: &'a dyn std::fmt::Display,
+        /// The file itself is invalid (else: valid, but not applicable live).
+        pub invalid: bool,
+    }
+
+    impl ReloadRefused<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.reload_failures.fetch_add(1, Relaxed);
+            let why = if self.invalid {
+                "SIGHUP: the config is invalid; the running rules and actions stay"
+            } else {
+                "SIGHUP: reload refused; the running rules and actions stay"
+            };
+            tracing::error!(config = self.config, error = %self.error, "{why}");
+        }
+    }
+
+    /// A scan of the master's job cache could not run.
+    pub struct BackfillFailed<'a> {
+        pub error: &'a dyn std::fmt::Display,
+        /// Logged by the caller (`saltpipe backfill` prints it instead).
+        pub quiet: bool,
+    }
+
+    impl BackfillFailed<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.backfill_failures.fetch_add(1, Relaxed);
+            if !self.quiet {
+                tracing::error!(error = %self.error, "backfill: cannot read the master's job cache; returns published while saltpipe was away are not recovered (set [backfill] job_cache_dir, give saltpipe read access, or enabled = false)");
+            }
+        }
+    }
+
     /// One event was refused for good and set aside with the reason.
     pub struct DeadLettered<'a> {
         pub tag: &'a str,
@@ -425,6 +563,50 @@ mod tests {
         assert_eq!(
             l.admit(t0 + LogLimit::WINDOW + Duration::from_secs(2)),
             Some(0)
+        );
+    }
+
+    #[test]
+    fn every_counter_has_its_own_metric_and_help_and_reaches_the_snapshot() {
+        let stats = Stats::default();
+        let counters = stats.counters();
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &counters {
+            assert!(c.metric.starts_with("saltpipe_"), "{c:?}");
+            assert!(!c.help.is_empty() && !c.help.starts_with(' '), "{c:?}");
+            assert!(seen.insert((c.metric, c.label)), "declared twice: {c:?}");
+        }
+        stats.returns_written.store(7, Relaxed);
+        stats.jids_written.store(2, Relaxed);
+        let rows: Vec<_> = stats
+            .counters()
+            .into_iter()
+            .filter(|c| c.metric == "saltpipe_rows_written_total")
+            .map(|c| (c.label, c.value))
+            .collect();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.contains(&(Some(("table", "salt_returns")), 7)));
+        let snap = stats.snapshot();
+        assert_eq!(snap.counters().len(), counters.len());
+        assert_eq!((snap.returns_written, snap.jids_written), (7, 2));
+    }
+
+    #[test]
+    fn the_summary_reads_as_a_line_of_what_happened() {
+        let stats = Stats::default();
+        assert_eq!(stats.snapshot().to_string(), "nothing happened");
+        stats.frames.store(10, Relaxed);
+        stats.kept.store(4, Relaxed);
+        stats.count_drop(DropReason::ALL[0]);
+        stats.count_outcome(Outcome::Failed, 1);
+        stats.action("page").sent.store(2, Relaxed);
+        let line = stats.snapshot().to_string();
+        assert_eq!(
+            line,
+            format!(
+                "frames 10, kept 4, dropped ({} 1), outcomes (failed 1), action page (sent 2)",
+                DropReason::ALL[0].as_str()
+            )
         );
     }
 

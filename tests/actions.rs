@@ -95,12 +95,11 @@ async fn replay(cfg: &Config) -> Arc<Stats> {
 
 async fn replay_file(cfg: &Config, file: PathBuf) -> Arc<Stats> {
     let stats = Arc::new(Stats::default());
-    pipeline::run_all(
+    pipeline::replay(
         cfg,
         Box::new(FileSource::new(file)),
         stats.clone(),
         CancellationToken::new(),
-        None,
     )
     .await
     .expect("replay");

@@ -226,13 +226,8 @@ fn backfill_into_mariadb_and_postgresql_writes_each_return_once() {
         "--minions",
         "10",
     ]);
-    let db = format!("saltpipe_bf_{:016x}", rand::random::<u64>());
-    my(
-        "test",
-        &format!("CREATE DATABASE {db} CHARACTER SET utf8mb4"),
-    );
-    pg("test", &format!("CREATE DATABASE {db}"));
-    let _dbs = Dbs(db.clone());
+    let dbs = Dbs::both("bf");
+    let db = dbs.0.clone();
     let cfg = write_config(
         work.path(),
         Path::new("/nonexistent.ipc"),

@@ -15,8 +15,10 @@
 
 #[path = "common/brokers.rs"]
 mod brokers;
+mod common;
 
 use brokers::*;
+use common::Dbs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -82,19 +84,6 @@ impl Drop for Sandbox {
 
 /// One value from the loopback MariaDB, through the `mysql` client as the
 /// other MariaDB tests do.
-fn my(db: &str, sql: &str) -> String {
-    let out = Command::new("mysql")
-        .args(["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e", sql])
-        .output()
-        .expect("run the mysql client");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn my_count(db: &str, sql: &str) -> u64 {
     // Before the first worker created the tables the query fails: 0.
     Command::new("mysql")
@@ -104,32 +93,6 @@ fn my_count(db: &str, sql: &str) -> u64 {
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// A database of the test's own, dropped even if the test fails.
-struct Database(String);
-
-impl Database {
-    fn create() -> Database {
-        let name = format!("saltpipe_e2e_{:016x}", rand::random::<u64>());
-        my("test", &format!("CREATE DATABASE {name}"));
-        Database(name)
-    }
-
-    fn url(&self) -> String {
-        let base = std::env::var("SALTPIPE_TEST_MYSQL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned());
-        format!("{}/{}", base.trim_end_matches('/'), self.0)
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = Command::new("mysql")
-            .args(["-h127.0.0.1", "-uroot", "-e"])
-            .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
-            .status();
-    }
 }
 
 /// (rows, distinct (jid, id)) in `salt_returns`, once there are `n` or
@@ -149,8 +112,8 @@ async fn wait_for_rows(db: &str, n: u64, within: Duration) -> (u64, u64) {
 async fn one_broker(broker: Broker, sb: &Sandbox, event_pub: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let prefix = unique_prefix();
-    let db = Database::create();
-    let sink = db.url();
+    let db = Dbs::mysql("e2e");
+    let sink = db.mysql_url(3306);
     let q = queue_config(&broker.url(), &prefix, &dir.path().join("spool"));
     let routing = format!(
         "[source]\nsocket = \"{event_pub}\"\n[[rules.rule]]\nname = \"states\"\nfun = [\"state.*\"]\nqueue = \"state\"\n"

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{Saltpipe, Sandbox, sql_cli as cli, wait_for};
+use common::{Dbs, Saltpipe, Sandbox, my, pg, wait_for};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -177,58 +177,22 @@ fn outage(upstream: u16, sink_url: impl Fn(u16) -> String, count: impl Fn(&str) 
 #[cfg(feature = "mysql")]
 #[test]
 fn mariadb_away_for_30s_under_load_loses_and_doubles_nothing() {
-    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
-    let my = |db: &str, sql: &str| {
-        cli(
-            "mysql",
-            &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
-            sql,
-        )
-    };
-    my("test", &format!("CREATE DATABASE {db}"));
-    struct Drop_(String);
-    impl Drop for Drop_ {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("mysql")
-                .args(["-h127.0.0.1", "-uroot", "-e"])
-                .arg(format!("DROP DATABASE IF EXISTS {}", self.0))
-                .status();
-        }
-    }
-    let _guard = Drop_(db.clone());
+    let db = Dbs::mysql("f");
     outage(
         3306,
-        |port| format!("mysql://root@127.0.0.1:{port}/{db}"),
-        |sql| my(&db, sql).parse().unwrap_or(-1),
+        |port| db.mysql_url(port),
+        |sql| my(&db.0, sql).parse().unwrap_or(-1),
     );
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_away_for_30s_under_load_loses_and_doubles_nothing() {
-    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
-    let pg = |db: &str, sql: &str| {
-        cli(
-            "psql",
-            &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
-            sql,
-        )
-    };
-    pg("test", &format!("CREATE DATABASE {db}"));
-    struct Drop_(String);
-    impl Drop for Drop_ {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("psql")
-                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-                .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-                .status();
-        }
-    }
-    let _guard = Drop_(db.clone());
+    let db = Dbs::postgres("f");
     outage(
         5432,
-        |port| format!("postgres://postgres@127.0.0.1:{port}/{db}"),
-        |sql| pg(&db, sql).parse().unwrap_or(-1),
+        |port| db.pg_url(port),
+        |sql| pg(&db.0, sql).parse().unwrap_or(-1),
     );
 }
 
@@ -276,25 +240,11 @@ async fn down_at_start(
 #[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_down_at_start_is_waited_for() {
-    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
-    let my = |db: &str, sql: &str| {
-        cli(
-            "mysql",
-            &["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e"],
-            sql,
-        )
-    };
-    my("test", &format!("CREATE DATABASE {db}"));
-    let _guard = scopeguard(db.clone(), |db| {
-        let _ = std::process::Command::new("mysql")
-            .args(["-h127.0.0.1", "-uroot", "-e"])
-            .arg(format!("DROP DATABASE IF EXISTS {db}"))
-            .status();
-    });
+    let db = Dbs::mysql("f");
     down_at_start(
         3306,
-        |port| format!("mysql://root@127.0.0.1:{port}/{db}"),
-        |sql| my(&db, sql).parse().unwrap_or(-1),
+        |port| db.mysql_url(port),
+        |sql| my(&db.0, sql).parse().unwrap_or(-1),
     )
     .await;
 }
@@ -302,38 +252,11 @@ async fn mariadb_down_at_start_is_waited_for() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_down_at_start_is_waited_for() {
-    let db = format!("saltpipe_f_{:016x}", rand::random::<u64>());
-    let pg = |db: &str, sql: &str| {
-        cli(
-            "psql",
-            &["-h", "127.0.0.1", "-U", "postgres", "-tA", "-d", db, "-c"],
-            sql,
-        )
-    };
-    pg("test", &format!("CREATE DATABASE {db}"));
-    let _guard = scopeguard(db.clone(), |db| {
-        let _ = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .status();
-    });
+    let db = Dbs::postgres("f");
     down_at_start(
         5432,
-        |port| format!("postgres://postgres@127.0.0.1:{port}/{db}"),
-        |sql| pg(&db, sql).parse().unwrap_or(-1),
+        |port| db.pg_url(port),
+        |sql| pg(&db.0, sql).parse().unwrap_or(-1),
     )
     .await;
-}
-
-/// Runs `f(value)` when dropped (cleanup that also runs on a failed assert).
-fn scopeguard<T, F: FnOnce(T)>(value: T, f: F) -> impl Drop {
-    struct G<T, F: FnOnce(T)>(Option<(T, F)>);
-    impl<T, F: FnOnce(T)> Drop for G<T, F> {
-        fn drop(&mut self) {
-            if let Some((v, f)) = self.0.take() {
-                f(v);
-            }
-        }
-    }
-    G(Some((value, f)))
 }

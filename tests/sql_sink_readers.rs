@@ -77,10 +77,8 @@ fn read(backend: &str, db: &str, jids: &[&str], funs: &[&str]) -> Value {
 
 #[test]
 fn salts_job_cache_functions_read_what_saltpipe_wrote() {
-    let db = format!("saltpipe_r_{:016x}", rand::random::<u64>());
-    my("test", &format!("CREATE DATABASE {db}"));
-    pg("test", &format!("CREATE DATABASE {db}"));
-    let _dbs = Dbs(db.clone());
+    let dbs = Dbs::both("r");
+    let db = dbs.0.clone();
 
     let sb = Sandbox::up(2);
     let work = tempfile::tempdir().expect("tempdir");

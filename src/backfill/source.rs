@@ -22,7 +22,7 @@
 use super::scan::Kind;
 use super::{BackfillConfig, BackfillError, ScanCounts, Scanner, Window};
 use crate::source::{Ingest, Source, SourceError, now_ms};
-use crate::stats::Stats;
+use crate::stats::{Stats, events};
 use async_trait::async_trait;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,7 +132,11 @@ impl Source for JobCacheSource {
             Ok(c) => Ok(c),
             Err(BackfillError::QueueClosed) => return Err(SourceError::QueueClosed),
             Err(e) => {
-                stats.backfill_failures.fetch_add(1, Relaxed);
+                events::BackfillFailed {
+                    error: &e,
+                    quiet: true,
+                }
+                .emit(&stats);
                 Err(e.to_string())
             }
         };
@@ -249,10 +253,11 @@ impl Auto {
                     }
                 }
                 Err(BackfillError::QueueClosed) => break,
-                Err(e) => {
-                    stats.backfill_failures.fetch_add(1, Relaxed);
-                    tracing::error!(error = %e, "backfill: cannot read the master's job cache; returns published while saltpipe was away are not recovered (set [backfill] job_cache_dir, give saltpipe read access, or enabled = false)");
+                Err(e) => events::BackfillFailed {
+                    error: &e,
+                    quiet: false,
                 }
+                .emit(&stats),
             }
         }
         if stats.bus_connected() {

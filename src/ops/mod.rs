@@ -161,38 +161,18 @@ async fn health(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
-/// Copies every counter into the current (local) recorder.
+/// Copies every counter into the current (local) recorder: the plain
+/// counters from their table in `src/stats.rs`, then the labelled families
+/// and gauges.
 fn publish(s: &Stats) {
     use metrics::{counter, describe_counter, describe_gauge, gauge};
-    let c = |name: &'static str, help: &'static str, v: u64| {
-        describe_counter!(name, help);
-        counter!(name).absolute(v);
-    };
-    c(
-        "saltpipe_bus_bytes_read_total",
-        "Bytes read from the event bus.",
-        s.bytes_read.load(Relaxed),
-    );
-    c(
-        "saltpipe_frames_total",
-        "Frames (events) read from the bus.",
-        s.frames.load(Relaxed),
-    );
-    c(
-        "saltpipe_frames_malformed_total",
-        "Bus data that was not an event, skipped.",
-        s.malformed.load(Relaxed),
-    );
-    c(
-        "saltpipe_frames_oversized_total",
-        "Events over source.max_frame, skipped.",
-        s.oversized.load(Relaxed),
-    );
-    c(
-        "saltpipe_events_kept_total",
-        "Events the rules kept.",
-        s.kept.load(Relaxed),
-    );
+    for c in s.counters() {
+        describe_counter!(c.metric, c.help);
+        match c.label {
+            Some((k, v)) => counter!(c.metric, k => v).absolute(c.value),
+            None => counter!(c.metric).absolute(c.value),
+        }
+    }
     describe_counter!(
         "saltpipe_events_dropped_total",
         "Events the rules dropped, by reason."
@@ -201,73 +181,11 @@ fn publish(s: &Stats) {
         counter!("saltpipe_events_dropped_total", "reason" => r.as_str())
             .absolute(s.dropped[r.index()].load(Relaxed));
     }
-    c(
-        "saltpipe_events_overflow_dropped_total",
-        "Kept events dropped because the queue could not keep up.",
-        s.overflow_dropped.load(Relaxed),
-    );
-    c(
-        "saltpipe_bus_connects_total",
-        "Connections made to the event bus.",
-        s.connects.load(Relaxed),
-    );
-    c(
-        "saltpipe_bus_disconnects_total",
-        "Connections to the bus lost (each a possible gap).",
-        s.disconnects.load(Relaxed),
-    );
     describe_gauge!(
         "saltpipe_bus_connected",
         "1 while connected to the event bus."
     );
     gauge!("saltpipe_bus_connected").set(if s.bus_connected() { 1.0 } else { 0.0 });
-    c(
-        "saltpipe_queue_pushed_total",
-        "Events stored in the durable queue.",
-        s.queued.load(Relaxed),
-    );
-    c(
-        "saltpipe_queue_spooled_total",
-        "Events the listener kept in its local spool because the broker was down, slow or behind.",
-        s.spooled.load(Relaxed),
-    );
-    c(
-        "saltpipe_queue_errors_total",
-        "Failed queue writes (retried).",
-        s.queue_errors.load(Relaxed),
-    );
-    c(
-        "saltpipe_events_delivered_total",
-        "Events workers pulled from the queue.",
-        s.delivered.load(Relaxed),
-    );
-    c(
-        "saltpipe_events_acked_total",
-        "Events written and acknowledged.",
-        s.acked.load(Relaxed),
-    );
-    c(
-        "saltpipe_batches_total",
-        "Batches written (one transaction each).",
-        s.batches.load(Relaxed),
-    );
-    c(
-        "saltpipe_batch_events_sum",
-        "Events in all batches written; divide by saltpipe_batches_total for the mean batch size.",
-        s.batch_events.load(Relaxed),
-    );
-    describe_counter!("saltpipe_rows_written_total", "Rows inserted, by table.");
-    counter!("saltpipe_rows_written_total", "table" => "salt_returns")
-        .absolute(s.returns_written.load(Relaxed));
-    counter!("saltpipe_rows_written_total", "table" => "jids")
-        .absolute(s.jids_written.load(Relaxed));
-    counter!("saltpipe_rows_written_total", "table" => "salt_events")
-        .absolute(s.events_written.load(Relaxed));
-    c(
-        "saltpipe_rows_ignored_total",
-        "Rows already present (redelivery, duplicates).",
-        s.rows_ignored.load(Relaxed),
-    );
     let adjusted = crate::sink::rows::adjusted();
     describe_counter!(
         "saltpipe_values_adjusted_total",
@@ -285,56 +203,6 @@ fn publish(s: &Stats) {
         counter!("saltpipe_outcomes_total", "outcome" => o.as_str())
             .absolute(s.outcomes[o.index()].load(Relaxed));
     }
-    c(
-        "saltpipe_targets_closed_total",
-        "Targeted minions whose job's return window closed (returned or not).",
-        s.targets_closed.load(Relaxed),
-    );
-    c(
-        "saltpipe_backfilled_jobs_total",
-        "Jobs read back from the master's job cache and fed to the rules (the sink ignores those it has).",
-        s.backfilled_jobs.load(Relaxed),
-    );
-    c(
-        "saltpipe_backfilled_returns_total",
-        "Returns read back from the master's job cache and fed to the rules (the sink ignores those it has).",
-        s.backfilled_returns.load(Relaxed),
-    );
-    c(
-        "saltpipe_backfill_unreadable_total",
-        "Job cache entries that could not be read or decoded, skipped.",
-        s.backfill_unreadable.load(Relaxed),
-    );
-    c(
-        "saltpipe_backfill_failures_total",
-        "Job cache scans that could not run (no cache, no permission).",
-        s.backfill_failures.load(Relaxed),
-    );
-    c(
-        "saltpipe_sink_retries_total",
-        "Batch writes that failed and were retried.",
-        s.sink_retries.load(Relaxed),
-    );
-    c(
-        "saltpipe_sink_errors_total",
-        "Batch writes refused for good (narrowed down to one row).",
-        s.sink_failures.load(Relaxed),
-    );
-    c(
-        "saltpipe_dead_letters_total",
-        "Events set aside in the dead-letter table.",
-        s.dead_letters.load(Relaxed),
-    );
-    c(
-        "saltpipe_redacted_values_total",
-        "Values hidden as \"***\" by [sink] redact before storing and actions.",
-        s.redacted.load(Relaxed),
-    );
-    c(
-        "saltpipe_sink_latency_microseconds_total",
-        "Time spent writing batches; divide by saltpipe_batches_total for the mean.",
-        s.sink_latency_us_total.load(Relaxed),
-    );
     describe_gauge!("saltpipe_workers_running", "Workers running.");
     gauge!("saltpipe_workers_running").set(s.workers_running.load(Relaxed) as f64);
     let now = now_ms();
@@ -374,16 +242,6 @@ fn publish(s: &Stats) {
             counter!("saltpipe_action_results_total", "action" => name.clone(), "outcome" => outcome).absolute(v);
         }
     }
-    c(
-        "saltpipe_config_reloads_total",
-        "Configuration reloads (SIGHUP) applied.",
-        s.reloads.load(Relaxed),
-    );
-    c(
-        "saltpipe_config_reload_failures_total",
-        "Reloads refused (invalid config; the old one stays).",
-        s.reload_failures.load(Relaxed),
-    );
 }
 
 fn age(now: i64, then_ms: i64) -> f64 {

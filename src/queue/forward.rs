@@ -29,7 +29,8 @@
 //! once, and the sinks' unique keys keep each return once.
 
 use super::embedded::Embedded;
-use super::{Consumer, Message, Producer, QueueConfig, QueueError, backoff};
+use super::{Consumer, Message, Producer, QueueConfig, QueueError};
+use crate::backoff::Backoff;
 use crate::stats::Stats;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -111,7 +112,7 @@ pub async fn start(
         direct: tokio::sync::Mutex::new(Direct {
             broker: None,
             connecting: None,
-            failures: 0,
+            backoff: Backoff::new(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX),
             not_before: Instant::now(),
         }),
         stats,
@@ -135,7 +136,7 @@ struct Direct {
     /// A connection being made in the background: connecting to an
     /// unreachable broker can take seconds, and the writer must not wait.
     connecting: Option<JoinHandle<Result<Arc<dyn Producer>, QueueError>>>,
-    failures: u32,
+    backoff: Backoff,
     /// No direct publish (nor connection attempt) before this.
     not_before: Instant,
 }
@@ -168,8 +169,7 @@ impl Direct {
 
     fn failed(&mut self, url: &impl std::fmt::Display, e: &QueueError, events: usize) {
         self.broker = None;
-        self.failures += 1;
-        let pause = backoff(DIRECT_RETRY_MIN, DIRECT_RETRY_MAX, self.failures);
+        let pause = self.backoff.fail();
         self.not_before = Instant::now() + pause;
         tracing::warn!(url = %url, error = %e, events, spool_for = ?pause, "cannot publish to the broker directly; spooling to local disk (the forwarder delivers it later)");
     }
@@ -205,10 +205,10 @@ impl Spooled {
             });
         match result {
             Ok(()) => {
-                if d.failures > 0 {
+                if d.backoff.failures() > 0 {
                     tracing::info!(url = %self.cfg.url, "publishing straight to the broker again");
                 }
-                d.failures = 0;
+                d.backoff.reset();
                 true
             }
             Err(e) => {
@@ -270,7 +270,7 @@ async fn forward(
     let name: Arc<str> = Arc::from(queue.as_str());
     let mut broker: Option<Arc<dyn Producer>> = None;
     let mut deadline: Option<Instant> = None;
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         if stop.is_cancelled() && deadline.is_none() {
             deadline = Some(drain.map_or_else(far_future, |d| Instant::now() + d));
@@ -321,16 +321,15 @@ async fn forward(
                 });
             match result {
                 Ok(()) => {
-                    if failures > 0 {
+                    if backoff.failures() > 0 {
                         tracing::info!(queue = %queue, url = %cfg.url, "broker reachable again; forwarding the spool");
                     }
-                    failures = 0;
+                    backoff.reset();
                     break;
                 }
                 Err(e) => {
-                    failures += 1;
                     broker = None;
-                    let delay = backoff(RETRY_MIN, RETRY_MAX, failures);
+                    let delay = backoff.fail();
                     tracing::warn!(queue = %queue, url = %cfg.url, error = %e, events = batch.len(), retry_in = ?delay, "cannot forward to the broker; the listener keeps spooling to local disk");
                     if deadline.is_some_and(|d| Instant::now() + delay > d) {
                         tracing::warn!(queue = %queue, "stopping with the spool not empty; it is forwarded at the next start");

@@ -73,12 +73,6 @@ impl QueueError {
     }
 }
 
-/// Exponential backoff: `min` doubled per failure (the first waits 2 ×
-/// `min`), capped at `max`.
-pub(crate) fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
-    min.saturating_mul(1 << failures.min(16)).min(max)
-}
-
 /// The listener's side.
 #[async_trait]
 pub trait Producer: Send + Sync {

@@ -14,6 +14,7 @@
 //! ignore the repeat.
 
 use super::{Consumer, Delivery, QueueConfig, QueueError};
+use crate::backoff::Backoff;
 use async_trait::async_trait;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -30,7 +31,7 @@ pub struct Resilient {
     prefetch: u32,
     inner: Option<Box<dyn Consumer>>,
     generation: u64,
-    failures: u32,
+    backoff: Backoff,
     next_try: Instant,
 }
 
@@ -43,7 +44,7 @@ impl Resilient {
             prefetch,
             inner: None,
             generation: 0,
-            failures: 0,
+            backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
             next_try: Instant::now(),
         };
         r.connect().await;
@@ -53,12 +54,12 @@ impl Resilient {
     async fn connect(&mut self) {
         match self.cfg.broker_consumer(&self.queue, self.prefetch).await {
             Ok(c) => {
-                if self.failures > 0 {
+                if self.backoff.failures() > 0 {
                     tracing::info!(queue = %self.queue, url = %self.cfg.url, "reconnected to the queue");
                 }
                 self.inner = Some(c);
                 self.generation = (self.generation + 1) & 0xffff;
-                self.failures = 0;
+                self.backoff.reset();
             }
             Err(e) => self.failed(e),
         }
@@ -66,8 +67,7 @@ impl Resilient {
 
     fn failed(&mut self, e: QueueError) {
         self.inner = None;
-        self.failures += 1;
-        let delay = super::backoff(RETRY_MIN, RETRY_MAX, self.failures);
+        let delay = self.backoff.fail();
         self.next_try = Instant::now() + delay;
         tracing::warn!(queue = %self.queue, url = %self.cfg.url, error = %e, retry_in = ?delay, "queue unreachable; workers wait, nothing acked is lost");
     }

@@ -28,6 +28,7 @@
 
 use super::rows::{self, BoolStyle, ByTable, RowFormat};
 use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
+use crate::redact::SecretUrl;
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::query_builder::Separated;
@@ -37,9 +38,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A `mysql://` (or `mariadb://`) URL, kept as written; shown without its password.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct MysqlUrl {
-    url: String,
+    url: SecretUrl,
 }
 
 impl MysqlUrl {
@@ -57,11 +58,13 @@ impl MysqlUrl {
                 crate::redact::url(&url)
             ));
         }
-        Ok(MysqlUrl { url })
+        Ok(MysqlUrl {
+            url: SecretUrl::new(url),
+        })
     }
 
     fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
-        let o = MySqlConnectOptions::from_str(&self.url)
+        let o = MySqlConnectOptions::from_str(self.url.expose())
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?;
         Ok(match password {
             Some(p) => o.password(p),
@@ -70,16 +73,10 @@ impl MysqlUrl {
     }
 }
 
-/// Debug shows the redacted form too: configs get logged.
-impl std::fmt::Debug for MysqlUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
-    }
-}
-
+/// Shown redacted, like every URL ([`SecretUrl`]).
 impl std::fmt::Display for MysqlUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::redact::url(&self.url))
+        self.url.fmt(f)
     }
 }
 
@@ -599,7 +596,7 @@ impl Sink for MysqlSink {
     }
 
     fn prepare(&self, batch: &mut [Record]) {
-        super::sqlite::prepare(batch, self.format)
+        rows::prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

@@ -30,6 +30,7 @@
 
 use super::rows::{self, BoolStyle, ByTable, RowFormat};
 use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
+use crate::redact::SecretUrl;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
@@ -38,9 +39,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// A `postgres://` URL, kept as written; shown without its password.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct PgUrl {
-    url: String,
+    url: SecretUrl,
 }
 
 impl PgUrl {
@@ -54,11 +55,13 @@ impl PgUrl {
                 crate::redact::url(s)
             ));
         }
-        Ok(PgUrl { url: s.to_owned() })
+        Ok(PgUrl {
+            url: SecretUrl::new(s),
+        })
     }
 
     fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
-        let o = PgConnectOptions::from_str(&self.url)
+        let o = PgConnectOptions::from_str(self.url.expose())
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?
             .application_name("saltpipe");
         Ok(match password {
@@ -68,16 +71,10 @@ impl PgUrl {
     }
 }
 
-/// Debug shows the redacted form too: configs get logged.
-impl std::fmt::Debug for PgUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
-    }
-}
-
+/// Shown redacted, like every URL ([`SecretUrl`]).
 impl std::fmt::Display for PgUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::redact::url(&self.url))
+        self.url.fmt(f)
     }
 }
 
@@ -359,7 +356,7 @@ impl Sink for PgSink {
     }
 
     fn prepare(&self, batch: &mut [Record]) {
-        super::sqlite::prepare(batch, self.format)
+        rows::prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

@@ -267,6 +267,16 @@ pub struct RowError {
     pub error: msgpack::WalkError,
 }
 
+/// [`crate::sink::Sink::prepare`] for the three SQL sinks, in their boolean
+/// style: converts each record not converted yet. A record that does not
+/// convert is left alone; its `write` converts it again and reports the
+/// error against it.
+pub fn prepare(batch: &mut [Record], fmt: RowFormat) {
+    for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
+        r.rows = rows_of(r, fmt).ok().map(std::sync::Arc::new);
+    }
+}
+
 /// Converts one record.
 pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
     let style = fmt.style;
@@ -871,7 +881,7 @@ mod tests {
         let bad = record("my/deep", vec![("x", deep)]);
         let plain = vec![good.clone(), bad.clone()];
         let mut ready = plain.clone();
-        crate::sink::sqlite::prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word));
+        prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word));
         assert!(ready[0].rows.is_some(), "a good record is converted ahead");
         assert!(ready[1].rows.is_none(), "a bad one is left for the write");
         let ahead =

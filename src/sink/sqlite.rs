@@ -442,17 +442,10 @@ pub fn convert(batch: &[Record], fmt: RowFormat) -> Result<Vec<Arc<RowSet>>, Sin
         .collect()
 }
 
-/// [`Sink::prepare`] for the SQL sinks, in their boolean style.
-pub fn prepare(batch: &mut [Record], fmt: RowFormat) {
-    for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
-        r.rows = rows::rows_of(r, fmt).ok().map(Arc::new);
-    }
-}
-
 #[async_trait]
 impl Sink for SqliteSink {
     fn prepare(&self, batch: &mut [Record]) {
-        prepare(batch, self.format)
+        rows::prepare(batch, self.format)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

@@ -16,9 +16,9 @@
 //! write, a busy broker client) can ever hold up the bus.
 
 use super::{BusAddress, Ingest, Source, SourceConfig, SourceError, now_ms};
+use crate::backoff::Backoff;
 use crate::stats::events;
 use async_trait::async_trait;
-use rand::Rng;
 use std::io::Read;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -179,8 +179,7 @@ impl BusSource {
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let address = self.address.to_string();
-        let mut delay = self.reconnect_min;
-        let mut failures: u64 = 0;
+        let mut backoff = Backoff::new(self.reconnect_min, self.reconnect_max);
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             if shutdown.is_cancelled() {
@@ -189,8 +188,7 @@ impl BusSource {
             match self.connect_blocking() {
                 Ok(conn) => {
                     events::BusConnected { address: &address }.emit(ingest.stats());
-                    failures = 0;
-                    delay = self.reconnect_min;
+                    backoff.reset();
                     let (stopped, error) =
                         self.read_until_closed(conn, ingest, shutdown, &mut buf)?;
                     if stopped {
@@ -205,16 +203,17 @@ impl BusSource {
                     .emit(ingest.stats());
                 }
                 Err(e) => {
-                    failures += 1;
-                    // Loud once, then quiet: a master that is down for an hour
-                    // should not fill the log.
+                    // Counted below by `fail`; loud once, then quiet: a
+                    // master that is down for an hour should not fill the log.
+                    let failures = backoff.failures() + 1;
                     if failures == 1 || failures.is_power_of_two() {
                         tracing::warn!(%address, error = %e, attempts = failures, "cannot connect to the event bus; retrying");
                     }
                 }
             }
-            let jitter = rand::rng().random_range(0.5..1.0);
-            let until = std::time::Instant::now() + delay.mul_f64(jitter);
+            // After a disconnect too (a master restarting closes and
+            // refuses for a while): reset only by a successful connect.
+            let until = std::time::Instant::now() + backoff.fail();
             // Sleep in steps, so shutdown is seen within a step.
             while !shutdown.is_cancelled() {
                 let now = std::time::Instant::now();
@@ -223,7 +222,6 @@ impl BusSource {
                 }
                 std::thread::sleep((until - now).min(READ_TIMEOUT));
             }
-            delay = (delay * 2).min(self.reconnect_max);
         }
         Ok(())
     }

@@ -233,11 +233,6 @@ impl Ingest {
         &self.stats
     }
 
-    /// Replaces the rules (SIGHUP) without touching anything in flight.
-    pub fn set_rules(&mut self, rules: Rules) {
-        self.rules = rules;
-    }
-
     /// Frames, decodes and filters everything buffered so far.
     pub fn process(&mut self, received_ms: i64) {
         if let Some(rx) = &mut self.reload {

@@ -400,8 +400,50 @@ pub fn pg(db: &str, sql: &str) -> String {
     )
 }
 
-/// A database of this name in MariaDB and PostgreSQL, dropped when this goes.
+/// The one throwaway-database fixture: a database with a random name in
+/// MariaDB (utf8mb4) and/or PostgreSQL, on the loopback servers the test
+/// setup starts, dropped when this goes (even if the test fails).
 pub struct Dbs(pub String);
+
+impl Dbs {
+    fn named(prefix: &str) -> Dbs {
+        Dbs(format!("saltpipe_{prefix}_{:016x}", rand::random::<u64>()))
+    }
+
+    /// In MariaDB only.
+    pub fn mysql(prefix: &str) -> Dbs {
+        let d = Dbs::named(prefix);
+        my(
+            "test",
+            &format!("CREATE DATABASE {} CHARACTER SET utf8mb4", d.0),
+        );
+        d
+    }
+
+    /// In PostgreSQL only.
+    pub fn postgres(prefix: &str) -> Dbs {
+        let d = Dbs::named(prefix);
+        pg("test", &format!("CREATE DATABASE {}", d.0));
+        d
+    }
+
+    /// In both servers, under one name.
+    pub fn both(prefix: &str) -> Dbs {
+        let d = Dbs::mysql(prefix);
+        pg("test", &format!("CREATE DATABASE {}", d.0));
+        d
+    }
+
+    /// Its sink URL on MariaDB, through `port` (3306, or a proxy's).
+    pub fn mysql_url(&self, port: u16) -> String {
+        format!("mysql://root@127.0.0.1:{port}/{}", self.0)
+    }
+
+    /// Its sink URL on PostgreSQL, through `port` (5432, or a proxy's).
+    pub fn pg_url(&self, port: u16) -> String {
+        format!("postgres://postgres@127.0.0.1:{port}/{}", self.0)
+    }
+}
 
 impl Drop for Dbs {
     fn drop(&mut self) {

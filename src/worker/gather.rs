@@ -1,0 +1,220 @@
+//! The gather stage: pulls deliveries from the queue into batches, hands
+//! them to the prepare stage, and acks what the write stage committed.
+//!
+//! One task owns the consumer, so pulling and acking never race: a broker's
+//! consumer is not shareable, and an ack must not be sent on a connection
+//! that a pull is reconnecting.
+
+use super::{Stop, WorkerConfig, WorkerError};
+use crate::backoff::Backoff;
+use crate::queue::{Consumer, Delivery};
+use crate::stats::Stats;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How long an idle pull waits before checking for shutdown again.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// ...and how long while batches whose acks are due are in flight, so a
+/// committed batch is acked promptly even on a quiet queue.
+const ACK_WAIT: Duration = Duration::from_millis(20);
+/// While draining, how long a pull waits before calling the queue empty: a
+/// broker's messages are on the wire for a moment, so zero would stop a
+/// worker with a full queue.
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
+/// How often a worker asks its queue how deep it is (for `/metrics`).
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) struct Gather {
+    pub consumer: Box<dyn Consumer>,
+    pub cfg: WorkerConfig,
+    pub stats: Arc<Stats>,
+    pub stop: Stop,
+    /// From the write stage: the ids of each committed batch, in batch order.
+    pub committed: mpsc::UnboundedReceiver<Vec<u64>>,
+    pub depth: DepthPoll,
+}
+
+impl Gather {
+    /// Gathers batches into `batches` (the prepare stage) until shutdown
+    /// (then drains) or until the stages downstream end; then acks every
+    /// commit they report until they are done.
+    pub async fn run(mut self, batches: mpsc::Sender<Vec<Delivery>>) -> Result<(), WorkerError> {
+        self.gather(&batches).await?;
+        // No more batches: the stages downstream finish what they hold
+        // (within the drain deadline) and close `committed`.
+        drop(batches);
+        while let Some(ids) = self.committed.recv().await {
+            self.ack(&ids).await?;
+        }
+        Ok(())
+    }
+
+    async fn gather(&mut self, batches: &mpsc::Sender<Vec<Delivery>>) -> Result<(), WorkerError> {
+        let max_bytes = self.cfg.batch_max_bytes as usize;
+        // Batches handed on and not yet acked.
+        let mut in_flight = 0usize;
+        loop {
+            self.depth.poll(self.consumer.as_mut(), &self.stats).await;
+            while let Ok(ids) = self.committed.try_recv() {
+                self.ack(&ids).await?;
+                in_flight = in_flight.saturating_sub(1);
+            }
+            let draining = self.stop.token.is_cancelled();
+            if self.stop.past_deadline() {
+                return Ok(());
+            }
+            let batch = self.pull_batch(max_bytes, draining, in_flight).await?;
+            if batch.is_empty() {
+                if draining {
+                    if in_flight == 0 {
+                        return Ok(());
+                    }
+                    // Nothing came, but batches are still being written: a
+                    // broker holds back what our unacked messages keep out
+                    // of the prefetch, so the queue is not known empty
+                    // until they are acked. Wait for the writer, then look
+                    // again (within the drain deadline).
+                    let until = self.stop.deadline().unwrap_or_else(Instant::now);
+                    match tokio::time::timeout_at(until, self.committed.recv()).await {
+                        Ok(Some(ids)) => {
+                            self.ack(&ids).await?;
+                            in_flight = in_flight.saturating_sub(1);
+                        }
+                        // The writer ended (its result is the worker's), or
+                        // the deadline passed: what is left stays queued.
+                        Ok(None) | Err(_) => return Ok(()),
+                    }
+                }
+                continue;
+            }
+            self.depth.newest_handed_ms = batch.iter().map(|d| d.received_ms).max().unwrap_or(0);
+            // Hand over; while the stages downstream are busy, keep acking
+            // what they finished.
+            let mut pending = Some(batch);
+            while let Some(b) = pending.take() {
+                tokio::select! {
+                    permit = batches.reserve() => match permit {
+                        Ok(p) => {
+                            p.send(b);
+                            in_flight += 1;
+                        }
+                        // The prepare stage ended (an error, or the
+                        // writer's): the worker's result is theirs.
+                        Err(_) => return Ok(()),
+                    },
+                    Some(ids) = self.committed.recv() => {
+                        self.ack(&ids).await?;
+                        in_flight = in_flight.saturating_sub(1);
+                        pending = Some(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One batch: pulls until it is full or due, or nothing more comes.
+    async fn pull_batch(
+        &mut self,
+        max_bytes: usize,
+        draining: bool,
+        in_flight: usize,
+    ) -> Result<Vec<Delivery>, WorkerError> {
+        let mut batch: Vec<Delivery> = Vec::new();
+        let mut bytes = 0usize;
+        let mut closes_at: Option<Instant> = None;
+        loop {
+            let room = self.cfg.batch_max_events - batch.len();
+            if room == 0 || bytes >= max_bytes || (!batch.is_empty() && self.consumer.starved()) {
+                return Ok(batch);
+            }
+            let wait = match closes_at {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None if draining => DRAIN_WAIT,
+                None if in_flight > 0 => ACK_WAIT,
+                None => IDLE_WAIT,
+            };
+            let got = if closes_at.is_none() && !draining {
+                tokio::select! {
+                    _ = self.stop.token.cancelled() => return Ok(batch),
+                    r = self.consumer.pull(room, max_bytes - bytes, wait) => r?,
+                }
+            } else {
+                self.consumer.pull(room, max_bytes - bytes, wait).await?
+            };
+            if got.is_empty() {
+                // Nothing came: the batch is due, or there is none.
+                if closes_at.is_none_or(|t| Instant::now() >= t) || draining {
+                    return Ok(batch);
+                }
+                continue;
+            }
+            if closes_at.is_none() {
+                closes_at = Some(Instant::now() + self.cfg.batch_timeout);
+            }
+            bytes += got.iter().map(|d| d.body.len()).sum::<usize>();
+            self.stats.delivered.fetch_add(got.len() as u64, Relaxed);
+            batch.extend(got);
+        }
+    }
+
+    /// Acks, retrying: an ack that never lands only means a harmless redelivery.
+    async fn ack(&mut self, ids: &[u64]) -> Result<(), WorkerError> {
+        let mut backoff = Backoff::new(self.cfg.retry_min, self.cfg.retry_max);
+        loop {
+            match self.consumer.ack(ids).await {
+                Ok(()) => {
+                    self.stats.acked.fetch_add(ids.len() as u64, Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.is_retriable() => {
+                    let delay = backoff.fail();
+                    tracing::warn!(error = %e, attempt = backoff.failures(), "ack failed; retrying (the rows are committed, a redelivery would be ignored)");
+                    if !self.stop.pause(delay).await {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Publishes the queue's depth and the age of its oldest waiting event.
+pub(super) struct DepthPoll {
+    queue: Option<String>,
+    last: Option<Instant>,
+    /// Newest receive time of the last batch handed on: what still waits
+    /// is at least this recent, which bounds the oldest event's age.
+    newest_handed_ms: i64,
+}
+
+impl DepthPoll {
+    pub fn new(queue: Option<String>) -> DepthPoll {
+        DepthPoll {
+            queue,
+            last: None,
+            newest_handed_ms: 0,
+        }
+    }
+
+    async fn poll(&mut self, consumer: &mut dyn Consumer, stats: &Stats) {
+        let Some(q) = &self.queue else {
+            return;
+        };
+        if self.last.is_some_and(|t| t.elapsed() < DEPTH_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        if let Ok(Some(d)) = consumer.depth().await {
+            let oldest = match (d, stats.oldest_unacked_ms.load(Relaxed)) {
+                (0, _) => 0,
+                (_, 0) => self.newest_handed_ms,
+                (_, t) => t,
+            };
+            stats.set_queue_depth(q, d, oldest);
+        }
+    }
+}

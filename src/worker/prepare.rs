@@ -1,0 +1,128 @@
+//! The prepare stage: the CPU half of a batch, done while the write stage
+//! writes the batch before it.
+//!
+//! Decoding, `[sink] redact` and the conversion into rows (mostly the
+//! msgpack to JSON transcode) run on the blocking pool: they are pure CPU,
+//! tens of milliseconds for a full batch, and on a runtime thread they would
+//! hold up the tasks that drive the database's sockets and the acks.
+
+use super::write::Store;
+use super::{Stop, WorkerError};
+use crate::action::Actions;
+use crate::event::Event;
+use crate::queue::Delivery;
+use crate::redact::KeyRedactor;
+use crate::sink::Record;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
+
+/// A batch decoded and converted, waiting for its write.
+pub(super) struct Ready {
+    /// Every delivery's id, the dead-lettered ones too: all are acked
+    /// once the rest is written.
+    pub ids: Vec<u64>,
+    /// Receive time of the batch's oldest event.
+    pub oldest: i64,
+    pub records: Vec<Record>,
+}
+
+pub(super) struct Prepare {
+    pub store: Arc<Store>,
+    /// Offered each batch before its insert, never waited for.
+    pub actions: Option<Actions>,
+    pub redact: Option<Arc<KeyRedactor>>,
+    pub stop: Stop,
+    /// From the gather stage.
+    pub batches: mpsc::Receiver<Vec<Delivery>>,
+    /// To the write stage.
+    pub ready: mpsc::Sender<Ready>,
+}
+
+/// What the blocking half hands back: the records, and the deliveries that
+/// did not decode (with the reason).
+type Decoded = (Vec<Record>, Vec<(Delivery, String)>);
+
+impl Prepare {
+    pub async fn run(mut self) -> Result<(), WorkerError> {
+        loop {
+            // Room downstream first: a batch converted with nowhere to go
+            // would be one more batch held in memory.
+            let Ok(permit) = self.ready.reserve().await else {
+                return Ok(());
+            };
+            let Some(batch) = self.batches.recv().await else {
+                return Ok(());
+            };
+            match self.prepare(batch).await? {
+                Some(ready) => permit.send(ready),
+                // Shutdown's deadline came while dead-lettering.
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Decodes `batch` (dead-lettering what does not decode), offers it to
+    /// the actions, and has the sink convert it to rows. None if shutdown's
+    /// deadline came while dead-lettering.
+    async fn prepare(&self, batch: Vec<Delivery>) -> Result<Option<Ready>, WorkerError> {
+        let ids: Vec<u64> = batch.iter().map(|d| d.id).collect();
+        let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
+        let store = self.store.clone();
+        let redact = self.redact.clone();
+        let (records, undecodable) =
+            tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
+                .await
+                .map_err(WorkerError::join)?;
+        for (d, e) in undecodable {
+            // The queue gave back bytes we did not put there: keep them aside.
+            tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
+            let error = format!("undecodable queue message: {e}");
+            if !self
+                .store
+                .dead_letter("saltpipe/undecodable", &d.body, &error, &self.stop)
+                .await?
+            {
+                return Ok(None);
+            }
+        }
+        if let Some(actions) = &self.actions {
+            // Before the insert, as the original project did, but only a
+            // hand-off: a slow or full action never delays the write.
+            actions.current().offer(records.iter().map(|r| &r.event));
+        }
+        Ok(Some(Ready {
+            ids,
+            oldest,
+            records,
+        }))
+    }
+}
+
+/// The blocking half: decode, redact, convert to rows.
+fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) -> Decoded {
+    let mut records = Vec::with_capacity(batch.len());
+    let mut undecodable = Vec::new();
+    let mut hidden = 0;
+    for d in batch {
+        match Event::from_body(d.body.clone()) {
+            Ok(event) => {
+                let event = match redact {
+                    Some(r) => {
+                        let (event, n) = r.event(event);
+                        hidden += n;
+                        event
+                    }
+                    None => event,
+                };
+                records.push(Record::new(event, d.received_ms));
+            }
+            Err(e) => undecodable.push((d, e.to_string())),
+        }
+    }
+    if hidden > 0 {
+        store.stats.redacted.fetch_add(hidden, Relaxed);
+    }
+    store.sink.prepare(&mut records);
+    (records, undecodable)
+}
