@@ -128,6 +128,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the read-only web pages over the configured sink ([web] listen).
+    Web,
     /// A live view of a running saltpipe: rates, backlog, errors, actions.
     ///
     /// Reads its /metrics page ([metrics] listen of the config, or --url).
@@ -244,6 +246,43 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// `saltpipe run` with `[web] enabled = true`: the pages too, once the
+/// sink's tables exist (the pipeline creates them). Like /metrics, a
+/// listener that cannot start is logged, not fatal.
+async fn serve_web(cfg: &Config, shutdown: &CancellationToken) {
+    if !cfg.web.enabled {
+        return;
+    }
+    let (web, sink, stop) = (cfg.web.clone(), cfg.sink.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            match saltpipe::web::serve(&web, &sink, stop.clone()).await {
+                Ok(_) => return,
+                Err(saltpipe::web::WebError::Store(e)) if !stop.is_cancelled() => {
+                    tracing::debug!(error = %e, "web pages: the sink is not ready yet");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "running without the web pages");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// `saltpipe web`: only the pages, until SIGTERM/SIGINT.
+async fn web(cfg: &Config) -> anyhow::Result<u8> {
+    let shutdown = shutdown_on_signals()?;
+    let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, shutdown).await?;
+    println!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
+    task.await.context("the web server task")?;
+    Ok(exit::OK)
+}
+
 /// On SIGHUP: re-read the config; apply its rules and actions if it is
 /// valid, else keep the running ones and log why.
 fn reload_on_sighup(
@@ -316,6 +355,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             let stats = Arc::new(Stats::default());
             stats.bus_expected.store(true, Relaxed);
             serve_metrics(&cfg, &stats, &ops_stop).await?;
+            serve_web(&cfg, &ops_stop).await;
             let (hooks, reloader) = pipeline::Reloader::new(&cfg, &stats, true, true)?;
             reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;
             let source: Box<dyn Source> = Box::new(BusSource::new(&cfg.source));
@@ -388,6 +428,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             saltpipe::ops::top::run(&url, interval, count).await?;
             Ok(exit::OK)
         }
+        Command::Web => web(&cfg).await,
         Command::Validate { no_connect } => validate(&cfg, loaded.path, no_connect).await,
         Command::Capture {
             out,

@@ -60,7 +60,7 @@ impl MysqlUrl {
         Ok(MysqlUrl { url })
     }
 
-    fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
+    pub(crate) fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
         let o = MySqlConnectOptions::from_str(&self.url)
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?;
         Ok(match password {

@@ -57,7 +57,7 @@ impl PgUrl {
         Ok(PgUrl { url: s.to_owned() })
     }
 
-    fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
+    pub(crate) fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
         let o = PgConnectOptions::from_str(&self.url)
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?
             .application_name("saltpipe");
