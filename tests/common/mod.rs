@@ -363,3 +363,4 @@ impl Drop for Dbs {
             .status();
     }
 }
+pub mod webdb;

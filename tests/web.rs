@@ -1,0 +1,363 @@
+//! `saltpipe web` over a database filled by saltpipe (real-master bus
+//! captures plus crafted jobs with XSS probes): every page fetched over
+//! HTTP on SQLite, MariaDB and PostgreSQL, the figures checked against SQL,
+//! the probes shown as text, the security headers present; the CLI with
+//! basic auth; a returner-only database; then a real browser
+//! (chromium + chromedriver) clicking through the pages.
+
+mod common;
+
+use common::webdb::{self, BACKENDS, Backend, PROBE_IMG, PROBE_MINION, PROBE_SCRIPT, WebDb};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn web_config(text: &str) -> saltpipe::config::Config {
+    let c: saltpipe::config::Config = toml::from_str(text).expect("config");
+    c.validate().expect("valid");
+    c
+}
+
+/// Serves `db` in this process on a free port.
+async fn serve(db: &WebDb, web: &str) -> (SocketAddr, CancellationToken) {
+    let mut cfg = web_config(&webdb::config_text(
+        db.dir.path(),
+        &db.url,
+        &format!("listen = \"127.0.0.1:0\"\n{web}"),
+    ));
+    cfg.web.enabled = true;
+    let stop = CancellationToken::new();
+    let (addr, _task) = saltpipe::web::serve(&cfg.web, &cfg.sink, stop.clone())
+        .await
+        .expect("serve");
+    (addr, stop)
+}
+
+struct Page {
+    status: u16,
+    csp: String,
+    body: String,
+}
+
+async fn get(client: &reqwest::Client, addr: SocketAddr, path: &str) -> Page {
+    let r = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = r.status().as_u16();
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    let body = r.text().await.expect("body");
+    Page { status, csp, body }
+}
+
+/// Every DB-sourced probe must be escaped: no raw tag survives, and the
+/// escaped text is there when the page shows the value.
+fn assert_escaped(path: &str, body: &str) {
+    for raw in [
+        "<script>alert",
+        "<img src=x",
+        "onerror=alert(1)>\"",
+        "\"><img",
+    ] {
+        assert!(!body.contains(raw), "{path}: raw {raw:?} in the page");
+    }
+    assert!(!body.contains("<script"), "{path}: a script element");
+}
+
+/// The number after `class="num c-{what}">` in the row of `jid`.
+fn job_count(body: &str, jid: &str, what: &str) -> i64 {
+    let row_start = body
+        .find(&format!("data-jid=\"{jid}\""))
+        .unwrap_or_else(|| panic!("job {jid} not listed"));
+    let row = &body[row_start..];
+    let row = &row[..row.find("</tr>").expect("row end")];
+    let key = format!("c-{what}\">");
+    let at = row.find(&key).expect("count cell") + key.len();
+    row[at..]
+        .split('<')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a number")
+}
+
+fn listed_jids(body: &str) -> Vec<String> {
+    body.split("data-jid=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn next_link(body: &str) -> Option<String> {
+    let at = body.find("id=\"next\" rel=\"next\" href=\"")?;
+    let rest = &body[at + "id=\"next\" rel=\"next\" href=\"".len()..];
+    Some(
+        rest.split('"')
+            .next()?
+            .replace("&#38;", "&")
+            .replace("&amp;", "&"),
+    )
+}
+
+fn shown_count(body: &str, outcome: &str) -> i64 {
+    let key = format!("id=\"count-{outcome}\">");
+    let at = body.find(&key).expect("count") + key.len();
+    body[at..]
+        .split('<')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("number")
+}
+
+const LATEST: &str = "FROM saltpipe_outcomes o JOIN (SELECT minion, MAX(jid) AS jid FROM saltpipe_outcomes GROUP BY minion) l ON o.minion = l.minion AND o.jid = l.jid";
+
+async fn pages_on(backend: Backend) {
+    let db = WebDb::fill(backend);
+    let (addr, stop) = serve(&db, "").await;
+    let client = reqwest::Client::new();
+    let failing = db.failing_jid.clone();
+
+    // Overview: minions by latest outcome, as SQL counts them.
+    let p = get(&client, addr, "/").await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.csp, saltpipe::web::CSP, "{backend:?}: CSP on /");
+    assert_escaped("/", &p.body);
+    for o in ["ok", "changed", "failed", "no_return"] {
+        let want = db.count(&format!("SELECT COUNT(*) {LATEST} WHERE o.outcome = '{o}'"));
+        assert_eq!(shown_count(&p.body, o), want, "{backend:?}: {o} minions");
+    }
+    assert!(
+        shown_count(&p.body, "failed") >= 2,
+        "db-1 and the probe minion at least"
+    );
+    assert!(
+        p.body.contains("cmd.run") && p.body.contains("probe_state"),
+        "failures by state"
+    );
+    assert!(p.body.contains("<svg"), "the hourly chart");
+    let csv = get(&client, addr, "/data/hourly.csv").await;
+    assert!(csv.body.starts_with("hour,jobs,returns\n"));
+    let jobs_in_csv: i64 = csv
+        .body
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1)?.parse::<i64>().ok())
+        .sum();
+    assert_eq!(
+        jobs_in_csv,
+        1 + webdb::PING_JOBS as i64,
+        "{backend:?}: crafted jobs of the last 48 h"
+    );
+
+    // Jobs: keyset pages cover every job once, newest first, counts as SQL.
+    let mut seen = Vec::new();
+    let mut path = "/jobs".to_owned();
+    let mut pages = 0;
+    loop {
+        let p = get(&client, addr, &path).await;
+        assert_eq!(p.status, 200, "{path}");
+        assert_eq!(p.csp, saltpipe::web::CSP);
+        assert_escaped(&path, &p.body);
+        seen.extend(listed_jids(&p.body));
+        pages += 1;
+        match next_link(&p.body) {
+            Some(n) => path = n,
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert!(pages >= 2, "{backend:?}: more than one page");
+    assert_eq!(seen.len() as i64, db.count("SELECT COUNT(*) FROM jids"));
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        seen.len(),
+        "no job twice"
+    );
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first");
+    let p = get(&client, addr, "/jobs?outcome=failed").await;
+    let failed_jobs = listed_jids(&p.body);
+    assert_eq!(
+        failed_jobs.len() as i64,
+        db.count("SELECT COUNT(DISTINCT jid) FROM saltpipe_outcomes WHERE outcome = 'failed'")
+    );
+    for jid in &failed_jobs {
+        for o in ["ok", "changed", "failed", "no_return"] {
+            let want = db.count(&format!(
+                "SELECT COUNT(*) FROM saltpipe_outcomes WHERE jid = '{jid}' AND outcome = '{o}'"
+            ));
+            assert_eq!(
+                job_count(&p.body, jid, o),
+                want,
+                "{backend:?}: job {jid} {o}"
+            );
+        }
+    }
+    assert_eq!(job_count(&p.body, &failing, "failed"), 2);
+    assert_eq!(job_count(&p.body, &failing, "changed"), 1);
+    let p = get(&client, addr, "/jobs?fun=state.*&user=alice&minion=db-*").await;
+    assert_eq!(
+        listed_jids(&p.body),
+        vec![failing.clone()],
+        "{backend:?}: filters"
+    );
+    let p = get(&client, addr, "/jobs?fun=test.ping&target=web-1").await;
+    assert_eq!(listed_jids(&p.body).len(), 50, "a full first page of pings");
+
+    // Job: failures first, the state table, probes as text.
+    let p = get(&client, addr, &format!("/job/{failing}")).await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.csp, saltpipe::web::CSP);
+    assert_escaped("/job", &p.body);
+    assert!(
+        p.body.contains("&#60;script&#62;alert(1)&#60;/script&#62;")
+            || p.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{backend:?}: the probe as text"
+    );
+    let first_state = p.body.find("id=\"state-1\"").expect("a state table");
+    let row1 = &p.body[first_state..first_state + 400];
+    assert!(row1.contains("st-failed"), "a failure first: {row1}");
+    assert!(p.body.contains("Raw return"));
+    let shown = p.body.matches("class=\"result-link\"").count() as i64;
+    assert_eq!(
+        shown,
+        db.count(&format!(
+            "SELECT COUNT(*) FROM salt_returns WHERE jid = '{failing}'"
+        ))
+    );
+
+    // Minion (the probe id too), search, unknown pages.
+    let enc = saltpipe::web::enc(PROBE_MINION);
+    for path in [
+        "/minion/db-1".to_owned(),
+        format!("/minion/{enc}"),
+        format!("/job/{failing}?minion={enc}"),
+        "/search?q=probe_state".to_owned(),
+        format!("/search?q={}", saltpipe::web::enc(PROBE_SCRIPT)),
+        format!("/search?q={failing}"),
+        "/data/minion/db-1/timeline.csv".to_owned(),
+    ] {
+        let p = get(&client, addr, &path).await;
+        assert_eq!(p.status, 200, "{backend:?}: {path}");
+        assert_eq!(p.csp, saltpipe::web::CSP, "{path}");
+        if !path.contains(".csv") {
+            assert_escaped(&path, &p.body);
+        }
+    }
+    let p = get(&client, addr, "/minion/db-1").await;
+    assert_eq!(
+        p.body.matches("class=\"job-link").count() as i64,
+        db.count("SELECT COUNT(*) FROM saltpipe_outcomes WHERE minion = 'db-1'")
+    );
+    assert!(p.body.contains("Last highstate"));
+    let p = get(&client, addr, "/search?q=probe_state").await;
+    assert!(p.body.contains(&failing), "{backend:?}: search by state id");
+    let p = get(&client, addr, "/search?q=db-").await;
+    assert!(p.body.contains("/minion/db-1"), "search by minion");
+    let p = get(&client, addr, "/nope").await;
+    assert_eq!(p.status, 404);
+    assert_eq!(p.csp, saltpipe::web::CSP);
+
+    // Nothing changes state: only GET/HEAD.
+    let r = client
+        .post(format!("http://{addr}/jobs"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 405);
+    let _ = PROBE_IMG;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_on_every_backend() {
+    saltpipe::tls::install_ring();
+    for b in BACKENDS {
+        eprintln!("--- {b:?}");
+        pages_on(b).await;
+    }
+}
+
+/// A database with only Salt's returner tables: outcome from `success`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returner_only_database() {
+    saltpipe::tls::install_ring();
+    let db = WebDb::fill(Backend::Sqlite);
+    db.exec("DROP TABLE saltpipe_outcomes; DROP TABLE saltpipe_targets;");
+    let (addr, stop) = serve(&db, "").await;
+    let client = reqwest::Client::new();
+    let p = get(&client, addr, "/").await;
+    assert_eq!(p.status, 200);
+    assert!(p.body.contains("derived from <code>success</code>"));
+    let latest_failed = db.count(
+        "SELECT COUNT(*) FROM salt_returns r JOIN (SELECT id, MAX(jid) AS jid FROM salt_returns GROUP BY id) l \
+         ON r.id = l.id AND r.jid = l.jid WHERE r.success NOT IN ('1','true','True')",
+    );
+    assert_eq!(shown_count(&p.body, "failed"), latest_failed);
+    assert_eq!(shown_count(&p.body, "changed"), 0);
+    let p = get(&client, addr, &format!("/jobs?outcome=failed")).await;
+    assert!(listed_jids(&p.body).contains(&db.failing_jid));
+    assert_eq!(job_count(&p.body, &db.failing_jid, "failed"), 2);
+    for path in [
+        format!("/job/{}", db.failing_jid),
+        "/minion/db-1".into(),
+        "/search?q=probe".into(),
+    ] {
+        let p = get(&client, addr, &path).await;
+        assert_eq!(p.status, 200, "{path}");
+        assert_escaped(&path, &p.body);
+    }
+    stop.cancel();
+}
+
+/// `saltpipe web` from the command line, behind basic auth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_with_basic_auth() {
+    saltpipe::tls::install_ring();
+    let db = WebDb::fill(Backend::Sqlite);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let secret = db.dir.path().join("web.secret");
+    std::fs::write(&secret, "pa55word\n").expect("secret");
+    let cfg = db.dir.path().join("cli.toml");
+    std::fs::write(
+        &cfg,
+        webdb::config_text(
+            db.dir.path(),
+            &db.url,
+            &format!("listen = \"127.0.0.1:{port}\"\nauth = \"basic\"\nuser = \"ops\"\nsecret_file = \"{}\"", secret.display()),
+        ),
+    )
+    .expect("config");
+    let sp = common::Saltpipe::start(&["web"], &cfg);
+    sp.wait_log("serving the web pages", 1, Duration::from_secs(30));
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/jobs");
+    let r = client.get(&url).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("www-authenticate").is_some());
+    assert!(r.headers().get("content-security-policy").is_some());
+    let r = client
+        .get(&url)
+        .basic_auth("ops", Some("wrong"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client
+        .get(&url)
+        .basic_auth("ops", Some("pa55word"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(sp.log_contains("pa55word"), 0, "the secret is not logged");
+    assert!(sp.terminate().success());
+}
