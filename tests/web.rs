@@ -361,3 +361,277 @@ async fn cli_with_basic_auth() {
     assert_eq!(sp.log_contains("pa55word"), 0, "the secret is not logged");
     assert!(sp.terminate().success());
 }
+
+/// chromedriver on a free port, killed when dropped.
+struct Driver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chromedriver() -> Option<Driver> {
+    let bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = std::process::Command::new(bin)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let d = Driver { child, port };
+    common::wait_for("chromedriver", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Some(d)
+}
+
+/// A chromedriver command outside the W3C set (browser log, CDP), by
+/// plain HTTP on the session.
+async fn driver_cmd(
+    port: u16,
+    sid: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/session/{sid}/{path}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("chromedriver")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The console since the last call: fails on any error (CSP violations,
+/// script errors, failed loads show there).
+async fn assert_quiet_console(port: u16, sid: &str, page: &str) {
+    let log = driver_cmd(port, sid, "se/log", serde_json::json!({"type": "browser"})).await;
+    let entries = log["value"].as_array().cloned().unwrap_or_default();
+    let bad: Vec<_> = entries
+        .iter()
+        .filter(|e| e["level"] == "SEVERE" || e["level"] == "WARNING")
+        .collect();
+    assert!(bad.is_empty(), "{page}: console: {bad:?}");
+}
+
+async fn shot(c: &fantoccini::Client, name: &str) {
+    let dir = common::repo().join("target/web-screenshots");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(dir.join(format!("{name}.png")), png).expect("write png");
+}
+
+/// A real browser: every page, the click path overview -> failed minion ->
+/// failed job -> failing state, paging and filtering the job list, no
+/// console error, no alert (a probe that ran would open one and fail the
+/// next command), screenshots under target/web-screenshots/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_walk() {
+    use fantoccini::Locator::Css;
+    saltpipe::tls::install_ring();
+    let Some(driver) = chromedriver() else {
+        eprintln!(
+            "SKIPPED browser_walk: chromedriver not found; install Debian's chromium and chromium-driver (scripts/test.sh does)"
+        );
+        return;
+    };
+    let db = WebDb::fill(Backend::Sqlite);
+    let (addr, stop) = serve(&db, "").await;
+    let base = format!("http://{addr}");
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]}),
+    );
+    caps.insert(
+        "goog:loggingPrefs".into(),
+        serde_json::json!({"browser": "ALL"}),
+    );
+    let c =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
+            .await
+            .expect("a chromium session");
+    let sid = c.session_id().await.expect("session").expect("an id");
+    let failing = db.failing_jid.clone();
+    let enc = saltpipe::web::enc(PROBE_MINION);
+
+    // Every page, light theme, 1280 px.
+    for (name, path) in [
+        ("overview", "/".to_owned()),
+        ("jobs", "/jobs".to_owned()),
+        ("job", format!("/job/{failing}?minion=db-1")),
+        ("minion", "/minion/db-1".to_owned()),
+        ("minion-probe", format!("/minion/{enc}")),
+        ("search", "/search?q=probe_state".to_owned()),
+    ] {
+        c.goto(&format!("{base}{path}")).await.expect("goto");
+        let h1 = c
+            .find(Css("h1"))
+            .await
+            .expect("a heading")
+            .text()
+            .await
+            .expect("text");
+        assert!(!h1.is_empty(), "{path}");
+        let css_applied = c
+            .execute("return getComputedStyle(document.body).marginTop", vec![])
+            .await
+            .expect("js");
+        assert_eq!(css_applied, "0px", "{path}: the stylesheet loaded");
+        assert_quiet_console(driver.port, &sid, &path).await;
+        shot(&c, name).await;
+    }
+
+    // The click path.
+    c.goto(&base).await.expect("goto");
+    c.find(Css("section[aria-labelledby='m-failed'] a.minion-link"))
+        .await
+        .expect("a failed minion")
+        .click()
+        .await
+        .expect("click");
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .path()
+            .starts_with("/minion/")
+    );
+    c.find(Css("a.o-link-failed"))
+        .await
+        .expect("a failed job")
+        .click()
+        .await
+        .expect("click");
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .path()
+            .starts_with("/job/")
+    );
+    let state = c
+        .find(Css("tr.st-failed a.state-link"))
+        .await
+        .expect("a failing state");
+    state.click().await.expect("click");
+    let target = c
+        .execute("return document.querySelector(':target').className", vec![])
+        .await
+        .expect("js");
+    assert_eq!(target, "st-failed", "the failing state is the target");
+    shot(&c, "failing-state").await;
+    assert_quiet_console(driver.port, &sid, "click path").await;
+
+    // Page through the jobs and filter them.
+    c.goto(&format!("{base}/jobs")).await.expect("goto");
+    let first: Vec<_> = c.find_all(Css("tr[data-jid]")).await.expect("rows");
+    assert_eq!(first.len(), 50);
+    c.find(Css("#next"))
+        .await
+        .expect("next")
+        .click()
+        .await
+        .expect("click");
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .query()
+            .unwrap_or_default()
+            .contains("before=")
+    );
+    let second = c.find_all(Css("tr[data-jid]")).await.expect("rows").len() as i64;
+    assert_eq!(second, db.count("SELECT COUNT(*) FROM jids") - 50);
+    c.goto(&format!("{base}/jobs")).await.expect("goto");
+    c.find(Css("input[name='fun']"))
+        .await
+        .expect("fun")
+        .send_keys("state.*")
+        .await
+        .expect("type");
+    c.find(Css("select[name='outcome']"))
+        .await
+        .expect("select")
+        .select_by_value("failed")
+        .await
+        .expect("select");
+    c.find(Css("form.filters button"))
+        .await
+        .expect("button")
+        .click()
+        .await
+        .expect("submit");
+    let rows = c.find_all(Css("tr[data-jid]")).await.expect("rows").len() as i64;
+    assert_eq!(
+        rows,
+        db.count("SELECT COUNT(DISTINCT o.jid) FROM saltpipe_outcomes o WHERE o.outcome = 'failed' AND o.fun LIKE 'state.%'")
+    );
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .query()
+            .unwrap_or_default()
+            .contains("outcome=failed"),
+        "filters in the URL"
+    );
+    shot(&c, "jobs-filtered").await;
+
+    // Dark theme and a phone.
+    driver_cmd(
+        driver.port,
+        &sid,
+        "goog/cdp/execute",
+        serde_json::json!({"cmd": "Emulation.setEmulatedMedia", "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
+    )
+    .await;
+    c.goto(&format!("{base}/job/{failing}?minion=db-1"))
+        .await
+        .expect("goto");
+    let bg = c
+        .execute(
+            "return getComputedStyle(document.body).backgroundColor",
+            vec![],
+        )
+        .await
+        .expect("js");
+    assert_eq!(bg, "rgb(13, 17, 23)", "the dark theme follows the system");
+    shot(&c, "job-dark").await;
+    c.goto(&base).await.expect("goto");
+    shot(&c, "overview-dark").await;
+    c.set_window_size(390, 844).await.expect("resize");
+    c.goto(&base).await.expect("goto");
+    let overflow = c
+        .execute(
+            "const w = window.innerWidth; const wide = [...document.querySelectorAll('body *')].filter(e => !e.closest('.scroll') && e.getBoundingClientRect().right > w + 1).map(e => e.tagName + '.' + e.className); return wide;",
+            vec![],
+        )
+        .await
+        .expect("js");
+    assert_eq!(
+        overflow,
+        serde_json::json!([]),
+        "no horizontal scrolling on a phone (outside tables)"
+    );
+    shot(&c, "overview-phone").await;
+    assert_quiet_console(driver.port, &sid, "dark/phone").await;
+    c.close().await.expect("close");
+    stop.cancel();
+}

@@ -94,7 +94,7 @@ pub fn hourly(rows: &[(String, i64, i64)], data_href: &str) -> Chart {
                 href: String::new(),
             });
         }
-        if i % 6 == 0 && hour.len() >= 10 {
+        if i % 6 == 0 && hour.len() >= 10 && x < W - 70.0 {
             labels.push(Label {
                 x,
                 y: H - 4.0,

@@ -45,6 +45,7 @@ pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; scr
      connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 const STYLE: &str = include_str!("assets/style.css");
+const FAVICON: &str = include_str!("assets/favicon.svg");
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
@@ -112,6 +113,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/data/hourly.csv", get(hourly_csv))
         .route("/data/minion/{id}/timeline.csv", get(timeline_csv))
         .route("/assets/style.css", get(style))
+        .route("/assets/favicon.svg", get(favicon))
+        .route("/favicon.ico", get(favicon))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
@@ -230,6 +233,17 @@ async fn style() -> Response {
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
         STYLE,
+    )
+        .into_response()
+}
+
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        FAVICON,
     )
         .into_response()
 }
