@@ -70,6 +70,15 @@ fn assert_escaped(path: &str, body: &str) {
     assert!(!body.contains("<script"), "{path}: a script element");
 }
 
+/// How askama escapes text in HTML.
+fn escaped(s: &str) -> String {
+    s.replace('&', "&#38;")
+        .replace('<', "&#60;")
+        .replace('>', "&#62;")
+        .replace('"', "&#34;")
+        .replace('\'', "&#39;")
+}
+
 /// The number after `class="num c-{what}">` in the row of `jid`.
 fn job_count(body: &str, jid: &str, what: &str) -> i64 {
     let row_start = body
@@ -269,7 +278,16 @@ async fn pages_on(backend: Backend) {
         .await
         .expect("post");
     assert_eq!(r.status().as_u16(), 405);
-    let _ = PROBE_IMG;
+    let p = get(&client, addr, &format!("/job/{failing}?minion=db-1")).await;
+    assert!(
+        p.body.contains(&escaped(PROBE_IMG)),
+        "{backend:?}: the img probe as text"
+    );
+    let p = get(&client, addr, &format!("/minion/{enc}")).await;
+    assert!(
+        p.body.contains(&escaped(PROBE_MINION)),
+        "{backend:?}: the minion id as text"
+    );
     stop.cancel();
 }
 
@@ -299,7 +317,7 @@ async fn returner_only_database() {
     );
     assert_eq!(shown_count(&p.body, "failed"), latest_failed);
     assert_eq!(shown_count(&p.body, "changed"), 0);
-    let p = get(&client, addr, &format!("/jobs?outcome=failed")).await;
+    let p = get(&client, addr, "/jobs?outcome=failed").await;
     assert!(listed_jids(&p.body).contains(&db.failing_jid));
     assert_eq!(job_count(&p.body, &db.failing_jid, "failed"), 2);
     for path in [
