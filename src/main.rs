@@ -475,6 +475,16 @@ async fn validate(cfg: &Config, path: Option<PathBuf>, no_connect: bool) -> anyh
     } else {
         println!("  metrics: off");
     }
+    println!(
+        "  web: http://{}/ ({}, auth {:?})",
+        cfg.web.listen,
+        if cfg.web.enabled {
+            "saltpipe run and saltpipe web"
+        } else {
+            "saltpipe web only"
+        },
+        cfg.web.auth
+    );
     let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
     println!("  actions: {} ({})", names.len(), names.join(", "));
     if cfg.backfill.enabled {
