@@ -6,9 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 # Tools the tests run besides the services: strace (tests/power_loss.rs
-# checks the order of fsyncs), openssl (tests/db_tls.rs makes a throwaway CA).
+# checks the order of fsyncs), openssl (tests/db_tls.rs makes a throwaway CA),
+# chromium + chromedriver (tests/web.rs drives the pages in a real browser).
 missing=()
 for tool in strace openssl; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -39,4 +39,5 @@ pub mod source;
 pub mod stats;
 pub mod tls;
 pub mod wal;
+pub mod web;
 pub mod worker;

@@ -133,6 +133,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the read-only web pages over the configured sink ([web] listen).
+    Web,
     /// A live view of a running saltpipe: rates, backlog, errors, actions.
     ///
     /// Reads its /metrics page ([metrics] listen of the config, or --url).
@@ -249,6 +251,43 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// `saltpipe run` with `[web] enabled = true`: the pages too, once the
+/// sink's tables exist (the pipeline creates them). Like /metrics, a
+/// listener that cannot start is logged, not fatal.
+async fn serve_web(cfg: &Config, shutdown: &CancellationToken) {
+    if !cfg.web.enabled {
+        return;
+    }
+    let (web, sink, stop) = (cfg.web.clone(), cfg.sink.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            match saltpipe::web::serve(&web, &sink, stop.clone()).await {
+                Ok(_) => return,
+                Err(saltpipe::web::WebError::Store(e)) if !stop.is_cancelled() => {
+                    tracing::debug!(error = %e, "web pages: the sink is not ready yet");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "running without the web pages");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// `saltpipe web`: only the pages, until SIGTERM/SIGINT.
+async fn web(cfg: &Config) -> anyhow::Result<u8> {
+    let shutdown = shutdown_on_signals()?;
+    let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, shutdown).await?;
+    println!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
+    task.await.context("the web server task")?;
+    Ok(exit::OK)
+}
+
 /// On SIGHUP: re-read the config; apply its rules and actions if it is
 /// valid, else keep the running ones and log why.
 fn reload_on_sighup(
@@ -355,6 +394,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
     match command {
         Command::Run => {
             let d = Daemon::start(&loaded, true, true, &ops_stop).await?;
+            serve_web(cfg, &ops_stop).await;
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe run");
             let source = Box::new(BusSource::new(&cfg.source));
             pipeline::run(cfg, source, d.stats.clone(), d.shutdown, d.hooks).await?;
@@ -385,6 +425,7 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
             saltpipe::ops::top::run(&url, interval, count).await?;
             Ok(exit::OK)
         }
+        Command::Web => web(cfg).await,
         Command::Validate { no_connect } => {
             validate(cfg, loaded.path.clone(), loaded.master.as_ref(), no_connect).await
         }
@@ -446,6 +487,16 @@ async fn validate(
     } else {
         println!("  metrics: off");
     }
+    println!(
+        "  web: http://{}/ ({}, auth {:?})",
+        cfg.web.listen,
+        if cfg.web.enabled {
+            "saltpipe run and saltpipe web"
+        } else {
+            "saltpipe web only"
+        },
+        cfg.web.auth
+    );
     let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
     println!("  actions: {} ({})", names.len(), names.join(", "));
     if cfg.backfill.enabled {

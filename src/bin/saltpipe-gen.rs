@@ -40,6 +40,15 @@ struct Args {
     /// tree is many times their wire size, which is what actions build.
     #[arg(long)]
     failed_states: bool,
+    /// A fleet for the web pages' benchmark: this many minions in all, each
+    /// job targeting `--minions` of them in turn; jids spread over the last
+    /// `--days` days up to now, every job announced (`new`), one job in
+    /// five a `state.apply` whose returns fail on one minion in twenty.
+    #[arg(long, default_value_t = 0)]
+    fleet: u64,
+    /// With `--fleet`: the days the jobs are spread over.
+    #[arg(long, default_value_t = 7)]
+    days: u64,
     /// Output file ("-" for stdout).
     #[arg(long, short)]
     out: PathBuf,
@@ -142,6 +151,82 @@ fn job_new(jid: &str, fun: &str, minions: u64) -> Vec<u8> {
     d
 }
 
+/// A small state run of three states; the second fails when `failed`.
+fn small_state_return(jid: &str, minion: &str, failed: bool) -> Vec<u8> {
+    let mut d = Vec::with_capacity(1024);
+    let _ = rmp::encode::write_map_len(&mut d, 7);
+    pack_str(&mut d, "cmd", "_return");
+    pack_str(&mut d, "id", minion);
+    pack_str(&mut d, "jid", jid);
+    pack_str(&mut d, "fun", "state.apply");
+    let _ = rmp::encode::write_str(&mut d, "return");
+    let _ = rmp::encode::write_map_len(&mut d, 3);
+    for (n, id, ok) in [
+        (0, "motd", true),
+        (1, "app_config", !failed),
+        (2, "app_service", true),
+    ] {
+        let _ = rmp::encode::write_str(&mut d, &format!("file_|-{id}_|-/etc/{id}_|-managed"));
+        let _ = rmp::encode::write_map_len(&mut d, 6);
+        pack_str(&mut d, "__id__", id);
+        let _ = rmp::encode::write_str(&mut d, "result");
+        let _ = rmp::encode::write_bool(&mut d, ok);
+        pack_str(
+            &mut d,
+            "comment",
+            if ok {
+                "File is in the correct state"
+            } else {
+                "Source file salt://app/conf.jinja not found"
+            },
+        );
+        let _ = rmp::encode::write_str(&mut d, "changes");
+        let _ = rmp::encode::write_map_len(&mut d, 0);
+        let _ = rmp::encode::write_str(&mut d, "duration");
+        let _ = rmp::encode::write_f64(&mut d, 1.25);
+        let _ = rmp::encode::write_str(&mut d, "__run_num__");
+        let _ = rmp::encode::write_uint(&mut d, n);
+    }
+    let _ = rmp::encode::write_str(&mut d, "retcode");
+    let _ = rmp::encode::write_uint(&mut d, if failed { 2 } else { 0 });
+    let _ = rmp::encode::write_str(&mut d, "success");
+    let _ = rmp::encode::write_bool(&mut d, !failed);
+    frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
+}
+
+/// `--fleet`: see [`Args::fleet`].
+fn fleet(args: &Args, put: &mut dyn FnMut(Vec<u8>) -> std::io::Result<()>) -> std::io::Result<()> {
+    let minions = args.minions.clamp(1, args.fleet);
+    let jobs = args.count.div_ceil(minions).max(1);
+    let span = std::time::Duration::from_secs(args.days.max(1) * 86_400);
+    let start = std::time::SystemTime::now() - span;
+    let step = span / u32::try_from(jobs).unwrap_or(u32::MAX);
+    let mut written = 0u64;
+    for job in 0..jobs {
+        let jid = saltpipe::web::data::jid_at(start + step * u32::try_from(job).unwrap_or(0));
+        let state = job.is_multiple_of(5);
+        let fun = if state { "state.apply" } else { "cmd.run" };
+        put(frame(
+            &format!("salt/job/{jid}/new"),
+            &job_new(&jid, fun, 0),
+        ))?;
+        for i in 0..minions {
+            if written >= args.count {
+                return Ok(());
+            }
+            let m = (job * minions + i) % args.fleet;
+            let minion = format!("minion-{m:05}");
+            put(if state {
+                small_state_return(&jid, &minion, m.is_multiple_of(20))
+            } else {
+                job_return(&jid, &minion, "cmd.run", "ok")
+            })?;
+            written += 1;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
@@ -161,6 +246,10 @@ fn main() -> std::io::Result<()> {
             w.write_all(&f)
         }
     };
+    if args.fleet > 0 {
+        fleet(&args, &mut put)?;
+        return w.flush();
+    }
     let mut written = 0u64;
     let mut job = 0u64;
     while written < args.count {

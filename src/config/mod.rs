@@ -19,6 +19,7 @@ use crate::queue::QueueConfig;
 use crate::rules::RulesConfig;
 use crate::sink::SinkConfig;
 use crate::source::SourceConfig;
+use crate::web::WebConfig;
 use crate::worker::WorkerConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,8 @@ pub struct Config {
     pub actions: Vec<ActionConfig>,
     /// Reading the master's job cache back (start-up, reconnects, `backfill`).
     pub backfill: BackfillConfig,
+    /// The read-only web pages (`saltpipe web`, and `saltpipe run` when enabled).
+    pub web: WebConfig,
 }
 
 /// Logging settings.
@@ -271,6 +274,7 @@ impl Config {
         self.metrics.validate()?;
         crate::action::validate_all(&self.actions)?;
         self.backfill.validate()?;
+        self.web.validate()?;
         if !self.log.level.is_empty() {
             tracing_subscriber::EnvFilter::try_new(&self.log.level)
                 .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;

@@ -63,7 +63,7 @@ impl MysqlUrl {
         })
     }
 
-    fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
+    pub(crate) fn options(&self, password: Option<&str>) -> Result<MySqlConnectOptions, SinkError> {
         let o = MySqlConnectOptions::from_str(self.url.expose())
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?;
         Ok(match password {
@@ -128,7 +128,8 @@ const TABLES: &[&str] = &[
   UNIQUE KEY `saltpipe_outcomes_jid_minion` (`jid`, `minion`),
   KEY `saltpipe_outcomes_minion_stamp` (`minion`, `stamp`),
   KEY `saltpipe_outcomes_outcome_stamp` (`outcome`, `stamp`),
-  KEY `saltpipe_outcomes_stamp` (`stamp`)
+  KEY `saltpipe_outcomes_stamp` (`stamp`),
+  KEY `saltpipe_outcomes_minion_jid` (`minion`, `jid`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "CREATE TABLE IF NOT EXISTS `saltpipe_targets` (
   `jid` varchar(255) NOT NULL,
@@ -180,6 +181,13 @@ const ADDITIONS: &[(&str, &str, bool, &str)] = &[
         "saltpipe_key",
         true,
         "ALTER TABLE `salt_events` ADD UNIQUE KEY `salt_events_saltpipe_key` (`saltpipe_key`)",
+    ),
+    // The web pages' latest outcome per minion and a minion's history.
+    (
+        "saltpipe_outcomes",
+        "minion,jid",
+        false,
+        "ALTER TABLE `saltpipe_outcomes` ADD KEY `saltpipe_outcomes_minion_jid` (`minion`, `jid`)",
     ),
 ];
 

@@ -60,7 +60,7 @@ impl PgUrl {
         })
     }
 
-    fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
+    pub(crate) fn options(&self, password: Option<&str>) -> Result<PgConnectOptions, SinkError> {
         let o = PgConnectOptions::from_str(self.url.expose())
             .map_err(|e| SinkError::Fatal(format!("{self}: {e}")))?
             .application_name("saltpipe");
@@ -136,6 +136,7 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_minion_stamp ON saltpipe_outcomes (minion, stamp)",
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_outcome_stamp ON saltpipe_outcomes (outcome, stamp)",
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_stamp ON saltpipe_outcomes (stamp)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_minion_jid ON saltpipe_outcomes (minion, jid)",
     "CREATE TABLE IF NOT EXISTS saltpipe_targets (
     jid varchar(255) NOT NULL,
     minion varchar(255) NOT NULL,

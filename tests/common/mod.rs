@@ -457,3 +457,4 @@ impl Drop for Dbs {
             .status();
     }
 }
+pub mod webdb;

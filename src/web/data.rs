@@ -1,0 +1,723 @@
+//! What each page shows, read with the pages' SQL (written once for every
+//! backend, with [`Dialect`] for what differs).
+//!
+//! Time comes from the jid (`YYYYMMDDhhmmssffffff`, the master's clock), in
+//! every backend the same string: range filters, the per-hour chart and
+//! keyset pagination (`jid < ?` ordered by jid) all use the indexes on jid
+//! and work the same on a database written by Salt's own returner, whose
+//! only time column (`alter_time`) is when the row was written.
+//!
+//! Outcomes come from `saltpipe_outcomes` (ok / changed / failed /
+//! no_return, judged by the states) where the table exists; on a database
+//! with only Salt's returner tables they are derived from `success`
+//! (`ok` or `failed`; `changed` and `no_return` cannot be told there).
+
+use super::states::{self, StateRun};
+use super::store::{Cell, Dialect, Param, Row, Store, StoreError};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+/// The most rows any list shows; every statement has a LIMIT.
+pub const PAGE: usize = 50;
+/// Minions the overview reads at most.
+pub const MAX_MINIONS: usize = 20_000;
+/// Minions (returns) one job page lists at most.
+pub const MAX_JOB_MINIONS: usize = 5_000;
+/// Failed state returns read for "failures by state" at most.
+pub const MAX_FAILED_RETURNS: usize = 300;
+
+pub const OUTCOMES: [&str; 4] = ["ok", "changed", "failed", "no_return"];
+
+/// `success` as each sink writes true.
+const TRUE_WORDS: &str = "('1','true','True')";
+
+/// The pages' reader.
+pub struct Data {
+    store: std::sync::Arc<dyn Store>,
+    /// `saltpipe_outcomes` exists (else outcome comes from `success`).
+    pub outcomes: bool,
+    pub stale_after: Duration,
+}
+
+/// A jid for a point in time (UTC): the lower bound of range filters.
+pub fn jid_at(t: SystemTime) -> String {
+    let s = humantime::format_rfc3339_micros(t).to_string();
+    s.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// "2026-11-25 12:49:27" from a jid; the jid itself if it is not a time.
+pub fn jid_time(jid: &str) -> String {
+    let b = jid.as_bytes();
+    if b.len() >= 14 && b[..14].iter().all(u8::is_ascii_digit) {
+        format!(
+            "{}-{}-{} {}:{}:{}",
+            &jid[0..4],
+            &jid[4..6],
+            &jid[6..8],
+            &jid[8..10],
+            &jid[10..12],
+            &jid[12..14]
+        )
+    } else {
+        jid.to_owned()
+    }
+}
+
+/// A date or date-time from a form (`2026-11-25`, `2026-11-25T12:49`) as
+/// a jid prefix; None if it is not one.
+pub fn jid_from_input(s: &str) -> Option<String> {
+    let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+    let shape_ok = s
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '-' | 'T' | ':' | ' '));
+    (shape_ok && (8..=14).contains(&digits.len())).then_some(digits)
+}
+
+/// A shell glob (`web*`, `db?`) as a LIKE pattern with `!` as the escape.
+pub fn like_of_glob(glob: &str) -> String {
+    let mut out = String::with_capacity(glob.len() + 2);
+    for c in glob.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '!' => {
+                out.push('!');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A substring as a LIKE pattern (`%text%`).
+pub fn like_containing(text: &str) -> String {
+    format!("%{}%", like_of_glob(&text.replace(['*', '?'], "")))
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
+#[derive(Debug, Clone)]
+pub struct Latest {
+    pub minion: String,
+    /// ok / changed / failed / no_return / stale.
+    pub outcome: String,
+    pub jid: String,
+    pub fun: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    pub latest: Vec<Latest>,
+    pub failed_funs: Vec<(String, i64)>,
+    pub failed_states: Vec<(String, i64)>,
+    /// (hour "YYYYMMDDhh", jobs, returns), oldest first, every hour present.
+    pub hourly: Vec<(String, i64, i64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub fun: String,
+    pub target: String,
+    pub user: String,
+    pub minion: String,
+    pub outcome: String,
+    pub from: String,
+    pub to: String,
+    /// Keyset: only jobs with a jid below this.
+    pub before: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobRow {
+    pub jid: String,
+    pub fun: String,
+    pub target: String,
+    pub user: String,
+    /// ok, changed, failed, no_return.
+    pub counts: [i64; 4],
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MinionResult {
+    pub minion: String,
+    pub fun: String,
+    pub outcome: String,
+    pub states_total: Option<i64>,
+    pub states_failed: Option<i64>,
+    pub states_changed: Option<i64>,
+    pub duration_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Job {
+    pub jid: String,
+    pub load: Option<serde_json::Value>,
+    pub results: Vec<MinionResult>,
+    pub no_return: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ReturnDetail {
+    pub minion: String,
+    pub jid: String,
+    pub fun: String,
+    pub run: Option<StateRun>,
+    /// The return, pretty JSON.
+    pub ret: String,
+    /// The whole return event, pretty JSON.
+    pub full_ret: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub rows: Vec<MinionResultAt>,
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MinionResultAt {
+    pub jid: String,
+    pub result: MinionResult,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Hits {
+    pub minions: Vec<String>,
+    pub funs: Vec<(String, i64)>,
+    /// (jid, minion, fun) of returns whose text contains the query.
+    pub returns: Vec<(String, String, String)>,
+}
+
+fn pretty(text: &str) -> (Option<serde_json::Value>, String) {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => {
+            let p = serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_owned());
+            (Some(v), p)
+        }
+        Err(_) => (None, text.to_owned()),
+    }
+}
+
+impl Data {
+    /// Probes for saltpipe's own tables (I/O).
+    pub async fn new(
+        store: std::sync::Arc<dyn Store>,
+        stale_after: Duration,
+    ) -> Result<Data, StoreError> {
+        let outcomes = match store
+            .rows("SELECT COUNT(*) FROM saltpipe_outcomes WHERE 1 = 0", &[])
+            .await
+        {
+            Ok(_) => true,
+            Err(StoreError::Permanent(_)) => false,
+            Err(e) => return Err(e),
+        };
+        // The returner tables must be there.
+        store
+            .rows("SELECT COUNT(*) FROM salt_returns WHERE 1 = 0", &[])
+            .await?;
+        Ok(Data {
+            store,
+            outcomes,
+            stale_after,
+        })
+    }
+
+    fn d(&self) -> Dialect {
+        self.store.dialect()
+    }
+
+    async fn rows(&self, sql: &str, params: &[Param]) -> Result<Vec<Row>, StoreError> {
+        self.store.rows(sql, params).await
+    }
+
+    /// The outcome of a `salt_returns r` row when there is no outcome table.
+    fn derived() -> String {
+        format!("CASE WHEN r.success IN {TRUE_WORDS} THEN 'ok' ELSE 'failed' END")
+    }
+
+    pub async fn overview(&self, now: SystemTime) -> Result<Overview, StoreError> {
+        let day_ago = jid_at(now - Duration::from_secs(86_400));
+        let stale_before = jid_at(now - self.stale_after);
+        let until = jid_at(now + Duration::from_secs(86_400));
+        let latest_sql = if self.outcomes {
+            format!(
+                "SELECT o.minion, o.outcome, o.jid, o.fun FROM saltpipe_outcomes o \
+                 JOIN (SELECT minion, MAX(jid) AS jid FROM saltpipe_outcomes GROUP BY minion) l \
+                 ON o.minion = l.minion AND o.jid = l.jid ORDER BY o.minion LIMIT {MAX_MINIONS}"
+            )
+        } else {
+            format!(
+                "SELECT r.id, {}, r.jid, r.fun FROM salt_returns r \
+                 JOIN (SELECT id, MAX(jid) AS jid FROM salt_returns GROUP BY id) l \
+                 ON r.id = l.id AND r.jid = l.jid ORDER BY r.id LIMIT {MAX_MINIONS}",
+                Self::derived()
+            )
+        };
+        let mut latest: Vec<Latest> = self
+            .rows(&latest_sql, &[])
+            .await?
+            .into_iter()
+            .map(|r| Latest {
+                minion: r[0].text(),
+                outcome: r[1].text(),
+                jid: r[2].text(),
+                fun: r[3].text(),
+            })
+            .collect();
+        for l in &mut latest {
+            if l.jid < stale_before {
+                l.outcome = "stale".into();
+            }
+        }
+        let ret = self.d().ret();
+        let (funs_sql, states_sql) = if self.outcomes {
+            (
+                "SELECT fun, COUNT(*) FROM saltpipe_outcomes WHERE jid >= ? AND jid < ? \
+                 AND outcome = 'failed' GROUP BY fun ORDER BY COUNT(*) DESC, fun LIMIT 20"
+                    .to_owned(),
+                format!(
+                    "SELECT {} FROM saltpipe_outcomes o JOIN salt_returns r ON r.jid = o.jid AND r.id = o.minion \
+                     WHERE o.jid >= ? AND o.jid < ? AND o.outcome = 'failed' AND o.states_total IS NOT NULL \
+                     ORDER BY o.jid DESC LIMIT {MAX_FAILED_RETURNS}",
+                    self.d().as_text(&format!("r.{ret}"))
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "SELECT fun, COUNT(*) FROM salt_returns WHERE jid >= ? AND jid < ? \
+                     AND success NOT IN {TRUE_WORDS} GROUP BY fun ORDER BY COUNT(*) DESC, fun LIMIT 20"
+                ),
+                format!(
+                    "SELECT {} FROM salt_returns r WHERE r.jid >= ? AND r.jid < ? \
+                     AND r.success NOT IN {TRUE_WORDS} AND r.fun LIKE 'state.%' \
+                     ORDER BY r.jid DESC LIMIT {MAX_FAILED_RETURNS}",
+                    self.d().as_text(&format!("r.{ret}"))
+                ),
+            )
+        };
+        let range = [Param::Text(day_ago.clone()), Param::Text(until.clone())];
+        let failed_funs = self
+            .rows(&funs_sql, &range)
+            .await?
+            .into_iter()
+            .map(|r| (r[0].text(), r[1].int()))
+            .collect();
+        let mut by_state: HashMap<String, i64> = HashMap::new();
+        for r in self.rows(&states_sql, &range).await? {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&r[0].text()) else {
+                continue;
+            };
+            if let Some(run) = states::parse(&v) {
+                for s in run.states.iter().filter(|s| s.result == Some(false)) {
+                    *by_state
+                        .entry(format!("{} ({})", s.id, s.function))
+                        .or_default() += 1;
+                }
+                if !run.errors.is_empty() {
+                    *by_state.entry("render/compile error".into()).or_default() += 1;
+                }
+            }
+        }
+        let mut failed_states: Vec<(String, i64)> = by_state.into_iter().collect();
+        failed_states.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        failed_states.truncate(20);
+        let two_days = jid_at(now - Duration::from_secs(2 * 86_400));
+        let start_hour: String = two_days.chars().take(10).collect();
+        let hour_range = [Param::Text(start_hour.clone()), Param::Text(until)];
+        let per_hour = |table: &str| {
+            format!(
+                "SELECT substr(jid, 1, 10), COUNT(*) FROM {table} WHERE jid >= ? AND jid < ? \
+                 GROUP BY substr(jid, 1, 10) ORDER BY substr(jid, 1, 10) LIMIT 100"
+            )
+        };
+        let jobs: HashMap<String, i64> = self
+            .rows(&per_hour("jids"), &hour_range)
+            .await?
+            .into_iter()
+            .map(|r| (r[0].text(), r[1].int()))
+            .collect();
+        let returns: HashMap<String, i64> = self
+            .rows(&per_hour("salt_returns"), &hour_range)
+            .await?
+            .into_iter()
+            .map(|r| (r[0].text(), r[1].int()))
+            .collect();
+        let mut hourly = Vec::with_capacity(49);
+        for h in 0..=48u64 {
+            let hour: String = jid_at(now - Duration::from_secs((48 - h) * 3600))
+                .chars()
+                .take(10)
+                .collect();
+            hourly.push((
+                hour.clone(),
+                jobs.get(&hour).copied().unwrap_or(0),
+                returns.get(&hour).copied().unwrap_or(0),
+            ));
+        }
+        Ok(Overview {
+            latest,
+            failed_funs,
+            failed_states,
+            hourly,
+        })
+    }
+
+    pub async fn jobs(&self, f: &JobFilter) -> Result<(Vec<JobRow>, bool), StoreError> {
+        let d = self.d();
+        let load = format!("j.{}", d.load());
+        let mut sql = format!(
+            "SELECT j.jid, {}, {}, {} FROM jids j WHERE j.jid < ?",
+            d.json_text(&load, "fun"),
+            d.json_text(&load, "tgt"),
+            d.json_text(&load, "user"),
+        );
+        let before = if f.before.is_empty() {
+            "3".to_owned()
+        } else {
+            f.before.clone()
+        };
+        let mut params = vec![Param::Text(before)];
+        if let Some(from) = jid_from_input(&f.from) {
+            sql.push_str(" AND j.jid >= ?");
+            params.push(Param::Text(from));
+        }
+        if let Some(to) = jid_from_input(&f.to) {
+            // `to` is inclusive of the day or minute given.
+            sql.push_str(" AND j.jid < ?");
+            params.push(Param::Text(format!("{to}~")));
+        }
+        for (value, key) in [(&f.fun, "fun"), (&f.target, "tgt"), (&f.user, "user")] {
+            if !value.is_empty() {
+                sql.push_str(&format!(
+                    " AND {} LIKE ? ESCAPE '!'",
+                    d.json_text(&load, key)
+                ));
+                params.push(Param::Text(like_of_glob(value)));
+            }
+        }
+        if !f.minion.is_empty() {
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM salt_returns r WHERE r.jid = j.jid AND r.id LIKE ? ESCAPE '!')",
+            );
+            params.push(Param::Text(like_of_glob(&f.minion)));
+        }
+        if OUTCOMES.contains(&f.outcome.as_str()) {
+            if self.outcomes {
+                sql.push_str(" AND EXISTS (SELECT 1 FROM saltpipe_outcomes o WHERE o.jid = j.jid AND o.outcome = ?)");
+                params.push(Param::Text(f.outcome.clone()));
+            } else {
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM salt_returns r WHERE r.jid = j.jid AND {} = ?)",
+                    Self::derived()
+                ));
+                params.push(Param::Text(f.outcome.clone()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY j.jid DESC LIMIT {}", PAGE + 1));
+        let mut rows: Vec<JobRow> = self
+            .rows(&sql, &params)
+            .await?
+            .into_iter()
+            .map(|r| JobRow {
+                jid: r[0].text(),
+                fun: r[1].text(),
+                target: r[2].text(),
+                user: r[3].text(),
+                counts: [0; 4],
+            })
+            .collect();
+        let more = rows.len() > PAGE;
+        rows.truncate(PAGE);
+        if !rows.is_empty() {
+            let ph = placeholders(rows.len());
+            let sql = if self.outcomes {
+                format!(
+                    "SELECT jid, outcome, COUNT(*) FROM saltpipe_outcomes WHERE jid IN ({ph}) GROUP BY jid, outcome"
+                )
+            } else {
+                let o = Self::derived();
+                format!(
+                    "SELECT r.jid, {o}, COUNT(*) FROM salt_returns r WHERE r.jid IN ({ph}) GROUP BY r.jid, {o}"
+                )
+            };
+            let ps: Vec<Param> = rows.iter().map(|r| Param::Text(r.jid.clone())).collect();
+            let counts = self.rows(&sql, &ps).await?;
+            let at: HashMap<String, usize> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.jid.clone(), i))
+                .collect();
+            for c in counts {
+                if let (Some(&i), Some(k)) = (
+                    at.get(&c[0].text()),
+                    OUTCOMES.iter().position(|o| *o == c[1].text()),
+                ) {
+                    rows[i].counts[k] = c[2].int();
+                }
+            }
+        }
+        Ok((rows, more))
+    }
+
+    pub async fn job(&self, jid: &str) -> Result<Job, StoreError> {
+        let d = self.d();
+        let p = [Param::Text(jid.to_owned())];
+        let load = self
+            .rows(
+                &format!(
+                    "SELECT {} FROM jids WHERE jid = ? LIMIT 1",
+                    d.as_text(d.load())
+                ),
+                &p,
+            )
+            .await?
+            .first()
+            .and_then(|r| serde_json::from_str(&r[0].text()).ok());
+        let sql = if self.outcomes {
+            format!(
+                "SELECT r.id, r.fun, COALESCE(o.outcome, {}), o.states_total, o.states_failed, o.states_changed, o.duration_ms \
+                 FROM salt_returns r LEFT JOIN saltpipe_outcomes o ON o.jid = r.jid AND o.minion = r.id \
+                 WHERE r.jid = ? ORDER BY r.id LIMIT {MAX_JOB_MINIONS}",
+                Self::derived()
+            )
+        } else {
+            format!(
+                "SELECT r.id, r.fun, {}, NULL, NULL, NULL, NULL FROM salt_returns r \
+                 WHERE r.jid = ? ORDER BY r.id LIMIT {MAX_JOB_MINIONS}",
+                Self::derived()
+            )
+        };
+        let mut results: Vec<MinionResult> = self
+            .rows(&sql, &p)
+            .await?
+            .into_iter()
+            .map(result_of)
+            .collect();
+        results.sort_by_key(|r| rank(&r.outcome));
+        let no_return = if self.outcomes {
+            self.rows(
+                &format!(
+                    "SELECT minion FROM saltpipe_outcomes WHERE jid = ? AND outcome = 'no_return' \
+                     ORDER BY minion LIMIT {MAX_JOB_MINIONS}"
+                ),
+                &p,
+            )
+            .await?
+            .into_iter()
+            .map(|r| r[0].text())
+            .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Job {
+            jid: jid.to_owned(),
+            load,
+            results,
+            no_return,
+        })
+    }
+
+    /// One minion's return of one job, laid out.
+    pub async fn detail(
+        &self,
+        jid: &str,
+        minion: &str,
+    ) -> Result<Option<ReturnDetail>, StoreError> {
+        let d = self.d();
+        let sql = format!(
+            "SELECT fun, {}, {} FROM salt_returns WHERE jid = ? AND id = ? LIMIT 1",
+            d.as_text(d.ret()),
+            d.as_text("full_ret")
+        );
+        let rows = self
+            .rows(
+                &sql,
+                &[Param::Text(jid.to_owned()), Param::Text(minion.to_owned())],
+            )
+            .await?;
+        Ok(rows.into_iter().next().map(|r| detail_of(jid, minion, r)))
+    }
+
+    pub async fn history(
+        &self,
+        minion: &str,
+        before: &str,
+        limit: usize,
+    ) -> Result<History, StoreError> {
+        let sql = if self.outcomes {
+            format!(
+                "SELECT o.jid, o.minion, o.fun, o.outcome, o.states_total, o.states_failed, o.states_changed, o.duration_ms \
+                 FROM saltpipe_outcomes o WHERE o.minion = ? AND o.jid < ? ORDER BY o.jid DESC LIMIT {}",
+                limit + 1
+            )
+        } else {
+            format!(
+                "SELECT r.jid, r.id, r.fun, {}, NULL, NULL, NULL, NULL FROM salt_returns r \
+                 WHERE r.id = ? AND r.jid < ? ORDER BY r.jid DESC LIMIT {}",
+                Self::derived(),
+                limit + 1
+            )
+        };
+        let before = if before.is_empty() { "3" } else { before };
+        let mut rows: Vec<MinionResultAt> = self
+            .rows(
+                &sql,
+                &[
+                    Param::Text(minion.to_owned()),
+                    Param::Text(before.to_owned()),
+                ],
+            )
+            .await?
+            .into_iter()
+            .map(|mut r| MinionResultAt {
+                jid: r.remove(0).text(),
+                result: result_of(r),
+            })
+            .collect();
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        Ok(History { rows, more })
+    }
+
+    /// The minion's most recent highstate (or state.apply) return.
+    pub async fn last_highstate(&self, minion: &str) -> Result<Option<ReturnDetail>, StoreError> {
+        let d = self.d();
+        let sql = format!(
+            "SELECT fun, {}, {}, jid FROM salt_returns WHERE id = ? \
+             AND fun IN ('state.highstate', 'state.apply') ORDER BY jid DESC LIMIT 1",
+            d.as_text(d.ret()),
+            d.as_text("full_ret")
+        );
+        let rows = self.rows(&sql, &[Param::Text(minion.to_owned())]).await?;
+        Ok(rows.into_iter().next().map(|mut r| {
+            let jid = r.remove(3).text();
+            detail_of(&jid, minion, r)
+        }))
+    }
+
+    /// Minions and functions named like `q`, and recent returns (since
+    /// `since`, a jid) whose text (state ids, comments, output) contains it.
+    pub async fn search(&self, q: &str, since: &str) -> Result<Hits, StoreError> {
+        let d = self.d();
+        let pattern = if q.contains(['*', '?']) {
+            like_of_glob(q)
+        } else {
+            like_containing(q)
+        };
+        let minions_sql = if self.outcomes {
+            format!(
+                "SELECT DISTINCT minion FROM saltpipe_outcomes WHERE minion LIKE ? ESCAPE '!' ORDER BY minion LIMIT {PAGE}"
+            )
+        } else {
+            format!(
+                "SELECT DISTINCT id FROM salt_returns WHERE id LIKE ? ESCAPE '!' ORDER BY id LIMIT {PAGE}"
+            )
+        };
+        let minions = self
+            .rows(&minions_sql, &[Param::Text(pattern.clone())])
+            .await?
+            .into_iter()
+            .map(|r| r[0].text())
+            .collect();
+        let funs = self
+            .rows(
+                &format!(
+                    "SELECT fun, COUNT(*) FROM salt_returns WHERE jid >= ? AND fun LIKE ? ESCAPE '!' \
+                     GROUP BY fun ORDER BY COUNT(*) DESC LIMIT {PAGE}"
+                ),
+                &[Param::Text(since.to_owned()), Param::Text(pattern.clone())],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r[0].text(), r[1].int()))
+            .collect();
+        let returns = self
+            .rows(
+                &format!(
+                    "SELECT jid, id, fun FROM salt_returns WHERE jid >= ? AND {} LIKE ? ESCAPE '!' \
+                     ORDER BY jid DESC LIMIT {PAGE}",
+                    d.as_text(d.ret())
+                ),
+                &[Param::Text(since.to_owned()), Param::Text(pattern)],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r[0].text(), r[1].text(), r[2].text()))
+            .collect();
+        Ok(Hits {
+            minions,
+            funs,
+            returns,
+        })
+    }
+}
+
+/// Failed first, then no_return, changed, ok.
+pub fn rank(outcome: &str) -> u8 {
+    match outcome {
+        "failed" => 0,
+        "no_return" => 1,
+        "stale" => 2,
+        "changed" => 3,
+        _ => 4,
+    }
+}
+
+/// (minion, fun, outcome, states_total, states_failed, states_changed, duration_ms)
+fn result_of(r: Row) -> MinionResult {
+    let c = |i: usize| r.get(i).cloned().unwrap_or(Cell::Null);
+    MinionResult {
+        minion: c(0).text(),
+        fun: c(1).text(),
+        outcome: c(2).text(),
+        states_total: c(3).opt_int(),
+        states_failed: c(4).opt_int(),
+        states_changed: c(5).opt_int(),
+        duration_ms: c(6).opt_int(),
+    }
+}
+
+/// (fun, return, full_ret)
+fn detail_of(jid: &str, minion: &str, r: Row) -> ReturnDetail {
+    let (value, ret) = pretty(&r[1].text());
+    let (_, full_ret) = pretty(&r[2].text());
+    ReturnDetail {
+        minion: minion.to_owned(),
+        jid: jid.to_owned(),
+        fun: r[0].text(),
+        run: value.as_ref().and_then(states::parse),
+        ret,
+        full_ret,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_become_escaped_like_patterns() {
+        assert_eq!(like_of_glob("web*"), "web%");
+        assert_eq!(like_of_glob("db?_1%!"), "db_!_1!%!!");
+        assert_eq!(like_containing("a_b"), "%a!_b%");
+    }
+
+    #[test]
+    fn jids_and_times() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_764_000_000);
+        assert_eq!(jid_at(t), "20251124160000000000");
+        assert_eq!(jid_time("20251124160000000000"), "2025-11-24 16:00:00");
+        assert_eq!(jid_time("req"), "req");
+        assert_eq!(jid_from_input("2025-11-24").as_deref(), Some("20251124"));
+        assert_eq!(
+            jid_from_input("2025-11-24T16:30").as_deref(),
+            Some("202511241630")
+        );
+        assert_eq!(jid_from_input("x' OR 1=1"), None);
+    }
+}
