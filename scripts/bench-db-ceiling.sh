@@ -9,6 +9,8 @@
 # server does this, so it bounds every end-to-end figure of that database.
 #
 #   scripts/bench-db-ceiling.sh [N]     (default 200000; DBS="postgres mariadb")
+#   WRITERS=2 scripts/bench-db-ceiling.sh   (sessions at once, as `sink.writers`;
+#                                            default 1 and 2, both reported)
 #
 # Needs PostgreSQL on 127.0.0.1:5432 (trust) and MariaDB on 127.0.0.1:3306
 # (root, no password), the psql and mysql clients; uses a database named
@@ -17,8 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-200000}"
 DBS="${DBS:-postgres mariadb}"
-cargo build --release --bin saltpipe -q
-SP=target/release/saltpipe
+WRITERS="${WRITERS:-1 2}"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --bin saltpipe -q
+    BIN=target/release
+fi
+SP=$BIN/saltpipe
 DB="sp_ceiling_$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 pg() { psql -h 127.0.0.1 -U postgres -qtA -v ON_ERROR_STOP=1 "$@"; }
 my() { mysql -h127.0.0.1 -uroot -N -B "$@"; }
@@ -40,6 +46,21 @@ timed() {
     python3 -c "print(f'$name: $rows rows in {$end - $start:.2f} s = {$rows / ($end - $start):,.0f} rows/s (load $(cut -d' ' -f1 /proc/loadavg))')"
 }
 
+# Runs the statements of file $2 with client command $1.. in $W sessions at
+# once, each taking every W-th statement (the sink's writers take batches
+# in turn the same way).
+sessions() {
+    local file=$1 w=$2; shift 2
+    local k
+    for ((k = 0; k < w; k++)); do
+        awk -v w="$w" -v k="$k" 'NR % w == k' "$file" >"$file.$w.$k"
+    done
+    for ((k = 0; k < w; k++)); do
+        "$@" <"$file.$w.$k" &
+    done
+    wait
+}
+
 ret_json() { # SQL expression of a return's JSON for minion expression $1, jid expression $2
     echo "'{\"cmd\": \"_return\", \"id\": \"minion-' || $1 || '\", \"jid\": \"' || $2 || '\", \"fun\": \"cmd.run\", \"fun_args\": [\"uptime\"], \"return\": \"' || repeat('x', 796) || '\", \"retcode\": 0, \"success\": true, \"user\": \"root\", \"_stamp\": \"2026-11-25T12:00:00.123456+00:00\", \"ts\": 1795000000}'"
 }
@@ -57,7 +78,10 @@ if [[ " $DBS " == *" postgres "* ]]; then
         echo "INSERT INTO salt_returns (fun, jid, return, id, success, full_ret) SELECT fun, jid, fr -> 'return', id, success, fr FROM (SELECT fun, jid, id, success, full_ret::jsonb AS fr FROM stage WHERE i >= $lo AND i < $lo + 2000) s ON CONFLICT DO NOTHING;"
     done >"$work/pg.sql"
     count() { pg -d "$DB" -c "SELECT count(*) FROM salt_returns"; }
-    timed "postgres server alone" pg -d "$DB" -f "$work/pg.sql"
+    for w in $WRITERS; do
+        pg -d "$DB" -c "TRUNCATE salt_returns; CHECKPOINT;" >/dev/null
+        timed "postgres server alone, $w session(s)" sessions "$work/pg.sql" "$w" pg -d "$DB"
+    done
 fi
 
 if [[ " $DBS " == *" mariadb "* ]]; then
@@ -74,5 +98,8 @@ if [[ " $DBS " == *" mariadb "* ]]; then
         echo "INSERT INTO salt_returns (fun, jid, \`return\`, id, success, full_ret) SELECT fun, jid, ret, id, success, full_ret FROM stage WHERE i >= $lo AND i < $lo + 2000 ON DUPLICATE KEY UPDATE jid = salt_returns.jid;"
     done >"$work/my.sql"
     count() { my "$DB" -e "SELECT count(*) FROM salt_returns"; }
-    timed "mariadb server alone" my "$DB" -e "source $work/my.sql"
+    for w in $WRITERS; do
+        my "$DB" -e "TRUNCATE salt_returns"
+        timed "mariadb server alone, $w session(s)" sessions "$work/my.sql" "$w" my "$DB"
+    done
 fi
