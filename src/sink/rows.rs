@@ -195,6 +195,16 @@ impl OutcomeRow {
             stamp,
         }
     }
+
+    /// The outcome row of a return event (a minion's or a runner's), stamped
+    /// with the return's `_stamp`, else its receive time.
+    fn of_return(e: &crate::event::Event, received_ms: i64) -> OutcomeRow {
+        let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
+        OutcomeRow::of(
+            crate::outcome::of_return(e.data()),
+            stamp(salt_stamp, received_ms),
+        )
+    }
 }
 
 /// A time as saltpipe's own tables store it: `YYYY-MM-DD HH:MM:SS.ffffff`,
@@ -302,11 +312,7 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                 load: full_ret.clone(),
                 targets: None,
             });
-            let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
-            let outcome = OutcomeRow::of(
-                crate::outcome::of_return(e.data()),
-                stamp(salt_stamp, record.received_ms),
-            );
+            let outcome = OutcomeRow::of_return(e, record.received_ms);
             Ok(RowSet::Return(
                 ReturnRow {
                     fun: fit_fun(e.fields.fun.join(","), e.tag()),
@@ -375,11 +381,7 @@ fn runner_rows(record: &Record, jid: &str, fmt: RowFormat) -> Result<RowSet, Row
     }
     let ok = e.fields.success.unwrap_or(false);
     let success = success_text(fmt.style, ok);
-    let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
-    let outcome = OutcomeRow::of(
-        crate::outcome::of_return(e.data()),
-        stamp(salt_stamp, record.received_ms),
-    );
+    let outcome = OutcomeRow::of_return(e, record.received_ms);
     Ok(RowSet::Return(
         ReturnRow {
             fun: fit_fun(fun, e.tag()),
