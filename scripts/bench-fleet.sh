@@ -103,7 +103,7 @@ listen = "127.0.0.1:$port"
 [log]
 level = "info"
 EOF
-"$BIN/saltpipe" --config "$work/saltpipe.toml" schema >/dev/null
+"$BIN/saltpipe" --config "$work/saltpipe.toml" schema >/dev/null 2>"$work/schema.log"
 "$BIN/saltpipe" --config "$work/saltpipe.toml" run 2>"$work/saltpipe.log" &
 sp_pid=$!
 metric() { # the value of a counter (summed over labels) from /metrics
