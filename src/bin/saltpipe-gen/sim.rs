@@ -69,9 +69,9 @@ pub struct SimArgs {
     #[arg(long)]
     no_answer: Option<f64>,
     /// A find_job poll of the pending minions every this many returns of a
-    /// job (0 = none).
-    #[arg(long, default_value_t = 1000)]
-    poll_every: u64,
+    /// job (0 = none); default 1000, none in burst100k.
+    #[arg(long)]
+    poll_every: Option<u64>,
     /// At most this many pending minions answer one find_job poll.
     #[arg(long, default_value_t = 500)]
     poll_answers: usize,
@@ -460,6 +460,12 @@ impl Sim {
         waiting.reverse();
         let mut running: Vec<Job> = Vec::new();
         let mut written = 0u64;
+        let default = if self.args.scenario == Scenario::Burst100k {
+            0
+        } else {
+            1000
+        };
+        let poll_every = self.args.poll_every.unwrap_or(default);
         loop {
             while let Some(j) = waiting.last() {
                 if j.start_after > written && !running.is_empty() {
@@ -492,8 +498,8 @@ impl Sim {
             self.job_return(j, m)?;
             written += 1;
             let j = &mut running[i];
-            if self.args.poll_every > 0
-                && j.since_poll >= self.args.poll_every
+            if poll_every > 0
+                && j.since_poll >= poll_every
                 && j.remaining() > 0
                 && !matches!(j.shape, Shape::Ping)
             {
