@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -318,7 +319,7 @@ def parse_opts(pairs):
 
 
 def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, master_d=False,
-          prefix="minion", syndic_of=None):
+          prefix="minion", syndic_of=None, interface="127.0.0.1", peer=None):
     d = os.path.abspath(d)
     ports = free_ports(4 + n_minions)
     publish_port, ret_port, tcp_pub, tcp_pull = ports[:4]
@@ -333,7 +334,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
     master_conf = {
         "id": "saltpipe-sandbox-master",
         "root_dir": root,
-        "interface": "127.0.0.1",
+        "interface": interface,
         "publish_port": publish_port,
         "ret_port": ret_port,
         "auto_accept": True,
@@ -416,6 +417,14 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             "file_client": "remote",
             "multiprocessing": True,
         }
+        if peer is not None:
+            # Hot/hot multi-master: connected to this master and the peer
+            # (on another loopback address, so that each return goes only to
+            # the master that published the job); each master tells the
+            # minion its own publish port.
+            mconf["master"] = [f"127.0.0.1:{ret_port}",
+                               f"{peer['interface']}:{peer['ret_port']}"]
+            del mconf["publish_port"], mconf["master_port"]
         mconf.update(minion_opts or {})
         write_config(os.path.join(mdir, "minion"), mconf)
         minions[mid] = {"config_dir": mdir, "root_dir": mroot, "pid": None,
@@ -447,6 +456,14 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
         syndic = {"id": sid, "of": syndic_of["dir"], "pid": None, "launcher": launcher,
                   "log": os.path.join(d, "logs", "syndic.log")}
 
+    if peer is not None:
+        # The masters of one multi-master set share a key pair.
+        pki = rooted(root, master_conf.get("pki_dir", "/etc/salt/pki/master"))
+        peer_pki = os.path.join(peer["root_dir"], "etc/salt/pki/master")
+        os.makedirs(pki, exist_ok=True)
+        for name in ("master.pem", "master.pub"):
+            shutil.copy2(os.path.join(peer_pki, name), os.path.join(pki, name))
+
     sock_dir = rooted(root, master_conf.get("sock_dir", "/var/run/salt/master"))
     st = {
         "dir": d,
@@ -466,6 +483,8 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
         "file_roots": os.path.join(d, "srv/salt"),
         "states": {"failing": "failing.sls", "passing": "passing.sls"},
         "master_id": master_conf["id"],
+        "interface": interface,
+        "peer": peer["dir"] if peer is not None else None,
         "syndic": syndic,
     }
     if ipc_mode == "tcp":
@@ -577,9 +596,9 @@ def ping_all(st, minion_ids, timeout, via=None):
     deadline = time.monotonic() + timeout
     pending = set(minion_ids)
     last_err = ""
-    while time.monotonic() < deadline:
+    while pending and time.monotonic() < deadline:
         check_daemons_alive(st, minion_ids)
-        if via is not None and not pid_alive(st["syndic"].get("pid")):
+        if via is not None and st.get("syndic") and not pid_alive(st["syndic"].get("pid")):
             raise SandboxError(f"salt-syndic exited; see {st['syndic']['log']} and "
                                f"{st['dir']}/logs/syndic.stdout")
         tgt = ",".join(sorted(pending))
@@ -609,6 +628,8 @@ def ping_all(st, minion_ids, timeout, via=None):
         if not pending:
             return
         time.sleep(1)
+    if not pending:
+        return
     raise SandboxError(f"timed out after {timeout:.0f}s waiting for test.ping from "
                        f"{sorted(pending)} (last stderr: {last_err!r})")
 
@@ -637,9 +658,10 @@ def cmd_up(args):
     # ports, with its log shown first so the cause is never hidden.
     for attempt in (1, 2):
         mom = load_state(os.path.abspath(args.syndic_of)) if args.syndic_of else None
+        peer = load_state(os.path.abspath(args.peer)) if args.peer else None
         st = build(d, venv, args.minions, args.ipc_mode,
                    parse_opts(args.master_opt), parse_opts(args.minion_opt), args.master_d,
-                   args.prefix, mom)
+                   args.prefix, mom, args.interface, peer)
         save_state(d, st)
         try:
             start_master_proc(st)
@@ -655,6 +677,9 @@ def cmd_up(args):
                 save_state(d, st)
                 # Up when the MoM's own job reaches every minion below.
                 ping_all(st, st["minion_ids"], args.timeout, via=mom)
+            if peer is not None:
+                # Up when the peer master's job reaches every minion too.
+                ping_all(st, st["minion_ids"], args.timeout, via=peer)
             break
         except BaseException as e:
             info(f"up failed ({e}); cleaning up")
@@ -889,6 +914,12 @@ def main(argv=None):
                    help="make this master a syndic node of the sandbox at MOM_DIR (started "
                         "with order_masters=true): writes etc/minion for salt-syndic, starts it "
                         "and waits until the MoM's test.ping reaches this sandbox's minions")
+    p.add_argument("--interface", default="127.0.0.1",
+                   help="the master's address (127.0.0.2 for a multi-master peer)")
+    p.add_argument("--peer", metavar="PEER_DIR", default=None,
+                   help="hot/hot multi-master: this sandbox's minions also connect to the "
+                        "master of the sandbox at PEER_DIR (up first, on another --interface, "
+                        "with --minions 0); this master takes the peer's key pair")
     p.add_argument("--master-d", action="store_true",
                    help="write the --master-opt options to etc/master.d/sandbox.conf "
                         "(read through Salt's default_include) instead of etc/master")
