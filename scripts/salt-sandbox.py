@@ -323,6 +323,12 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
     d = os.path.abspath(d)
     ports = free_ports(4 + n_minions)
     publish_port, ret_port, tcp_pub, tcp_pull = ports[:4]
+    failover = (minion_opts or {}).get("master_type") == "failover"
+    if peer is not None and failover:
+        # A failover minion has one master_port and publish_port for every
+        # master in its list: this master takes the peer's (on its own
+        # address, so both can bind them).
+        publish_port, ret_port = peer["publish_port"], peer["ret_port"]
     for sub in ("etc", "root", "logs", "srv/salt", "srv/pillar", "minions"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
     root = os.path.join(d, "root")
@@ -422,9 +428,13 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             # (on another loopback address, so that each return goes only to
             # the master that published the job); each master tells the
             # minion its own publish port.
-            mconf["master"] = [f"127.0.0.1:{ret_port}",
-                               f"{peer['interface']}:{peer['ret_port']}"]
-            del mconf["publish_port"], mconf["master_port"]
+            if failover:
+                # Failover: one master at a time, the same ports on each.
+                mconf["master"] = ["127.0.0.1", peer["interface"]]
+            else:
+                mconf["master"] = [f"127.0.0.1:{ret_port}",
+                                   f"{peer['interface']}:{peer['ret_port']}"]
+                del mconf["publish_port"], mconf["master_port"]
         mconf.update(minion_opts or {})
         write_config(os.path.join(mdir, "minion"), mconf)
         minions[mid] = {"config_dir": mdir, "root_dir": mroot, "pid": None,
@@ -677,8 +687,9 @@ def cmd_up(args):
                 save_state(d, st)
                 # Up when the MoM's own job reaches every minion below.
                 ping_all(st, st["minion_ids"], args.timeout, via=mom)
-            if peer is not None:
-                # Up when the peer master's job reaches every minion too.
+            if peer is not None and parse_opts(args.minion_opt).get("master_type") != "failover":
+                # Up when the peer master's job reaches every minion too
+                # (hot/hot; a failover minion talks to one master at a time).
                 ping_all(st, st["minion_ids"], args.timeout, via=peer)
             break
         except BaseException as e:

@@ -13,7 +13,8 @@
 //!   one saltpipe per master; master A stopped while jobs run from B, then
 //!   started again.
 //!
-//! Multi-master failover (`master_type: failover`) is not run yet.
+//! * multi-master failover (`master_type: failover`): the minions on master
+//!   A, A stopped, the minions move to B by themselves, B's jobs land.
 //!
 //! Each topology is one test over one set-up (set-ups cost 20-40 s of
 //! Salt start-up), its cases run in order inside it.
@@ -349,5 +350,82 @@ fn multi_master_hot_hot_into_one_database() {
             "SELECT count(*) FROM salt_returns WHERE fun LIKE '%find_job%'"
         ),
         0
+    );
+}
+
+#[test]
+fn multi_master_failover_into_one_database() {
+    // Both masters on the same ports on their own addresses (a failover
+    // minion has one master_port for its whole list).
+    let b = Sandbox::up_args(
+        0,
+        "ipc",
+        common::SALT_DEFAULT,
+        &["--interface", "127.0.0.2", "--master-opt", "id=master-b"],
+    );
+    let b_dir = b.dir.path().to_str().expect("utf-8 path").to_owned();
+    let a = Sandbox::up_args(
+        2,
+        "ipc",
+        common::SALT_DEFAULT,
+        &[
+            "--master-opt",
+            "id=master-a",
+            "--peer",
+            &b_dir,
+            "--minion-opt",
+            "master_type=failover",
+        ],
+    );
+    let db = Dbs::mysql("topo_failover");
+    let url = db.mysql_url(3306);
+    create_schema(&url);
+    let (w_a, w_b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let sp_a = saltpipe_on(&a, w_a.path(), &url, "master-a", free_port());
+    let sp_b = saltpipe_on(&b, w_b.path(), &url, "master-b", free_port());
+    let both = "minion-1,minion-2";
+
+    let (before, _) = a.salt(&["*", "cmd.run", "echo before"]);
+    wait_for("the job from A", LONG, || {
+        (returned(&db, &before) == both).then_some(())
+    });
+    // A goes away: the minions move to B by themselves.
+    a.stop_master();
+    wait_for("the minions to fail over to B", LONG, || {
+        b.try_salt(&["-t", "3", "*", "test.ping"])
+            .filter(|(_, r)| r.as_object().is_some_and(|m| m.len() == 2))
+    });
+    let (after, _) = b.salt(&["*", "cmd.run", "echo after"]);
+    b.salt_run(&["event.send", "saltpipe/topo/failed-over"]);
+    wait_for("the job from B and its event", LONG, || {
+        (returned(&db, &after) == both
+            && q(
+                &db,
+                "SELECT coalesce(group_concat(master_id), '') FROM salt_events \
+                 WHERE tag = 'saltpipe/topo/failed-over'",
+            ) == "master-b")
+            .then_some(())
+    });
+    assert!(has_jid(&db, &before) && has_jid(&db, &after));
+    assert_eq!(
+        q(
+            &db,
+            &format!(
+                "SELECT group_concat(`return` ORDER BY id, jid) FROM salt_returns WHERE jid IN ('{before}', '{after}')"
+            )
+        ),
+        r#""before","after","before","after""#
+    );
+    assert!(sp_b.terminate().success());
+    assert!(sp_a.terminate().success());
+    assert_eq!(
+        n(&db, "SELECT count(*) FROM salt_returns"),
+        n(
+            &db,
+            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns) d"
+        )
     );
 }
