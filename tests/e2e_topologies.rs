@@ -149,8 +149,9 @@ fn syndic_tree_into_one_database() {
     // A job from the MoM (to its minion and through the syndic to the
     // syndic's two), a job local to the syndic's master, a salt-call on a
     // syndic minion.
-    let (from_mom, r) = mom.salt(&["*", "cmd.run", "echo from-mom"]);
-    assert_eq!(r.as_object().map(|m| m.len()), Some(3), "{r}");
+    // (--async: the MoM's CLI would wait for the syndic id it lists as a
+    // target, which never answers, and a find_job round: ~15 s.)
+    let from_mom = mom.salt_async(&["*", "cmd.run", "echo from-mom"]);
     let (local, r) = syn.salt(&["*", "cmd.run", "echo local"]);
     assert_eq!(r.as_object().map(|m| m.len()), Some(2), "{r}");
     syn.salt_call("syn-minion-1", &["test.echo", "called"]);
