@@ -2,7 +2,8 @@
 //! replay` of the project's real-master bus captures (tests/fixtures) and
 //! of crafted jobs carrying XSS probes in state ids, comments, changes and
 //! a minion id, plus enough jobs to page through. The same fill on SQLite,
-//! MariaDB and PostgreSQL, so each page test runs on every backend.
+//! MariaDB and PostgreSQL (pgjsonb and the `postgres` text schema), so each
+//! page test runs on every backend.
 
 use super::{Dbs, my, pg, repo};
 use serde_json::{Value, json};
