@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,6 +284,26 @@ echo_step:
 """
 
 
+# salt-syndic through Salt's own entry point, with one fix: Salt 3008.5's
+# SyncWrapper cancels, after each synchronous call, the tasks it judges
+# orphaned, the zeromq request client's send-queue reader among them, so
+# only the syndic's first request up to the MoM is answered and no return
+# of the syndic's minions ever reaches the MoM (../shared/SALT.md, "A syndic
+# on loopback"). Releases without the check are started unchanged.
+SYNDIC_LAUNCHER = """\
+import sys
+import salt.utils.asynchronous as asynchronous
+
+if hasattr(asynchronous.SyncWrapper, "_task_is_orphan"):
+    asynchronous.SyncWrapper._task_is_orphan = classmethod(lambda cls, task, exclude: False)
+
+from salt.scripts import salt_syndic
+
+sys.argv[0] = "salt-syndic"
+sys.exit(salt_syndic())
+"""
+
+
 def parse_opts(pairs):
     """KEY=VALUE pairs; VALUE is parsed as JSON when it parses, else a string."""
     out = {}
@@ -297,10 +318,17 @@ def parse_opts(pairs):
     return out
 
 
-def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, master_d=False):
+def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, master_d=False,
+          prefix="minion", syndic_of=None, interface="127.0.0.1", peer=None):
     d = os.path.abspath(d)
     ports = free_ports(4 + n_minions)
     publish_port, ret_port, tcp_pub, tcp_pull = ports[:4]
+    failover = (minion_opts or {}).get("master_type") == "failover"
+    if peer is not None and failover:
+        # A failover minion has one master_port and publish_port for every
+        # master in its list: this master takes the peer's (on its own
+        # address, so both can bind them).
+        publish_port, ret_port = peer["publish_port"], peer["ret_port"]
     for sub in ("etc", "root", "logs", "srv/salt", "srv/pillar", "minions"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
     root = os.path.join(d, "root")
@@ -312,7 +340,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
     master_conf = {
         "id": "saltpipe-sandbox-master",
         "root_dir": root,
-        "interface": "127.0.0.1",
+        "interface": interface,
         "publish_port": publish_port,
         "ret_port": ret_port,
         "auto_accept": True,
@@ -338,6 +366,16 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
         "fileserver_backend": ["roots"],
         "presence_events": False,
     }
+    if syndic_of is not None:
+        # This master is a syndic node under the master of masters (MoM)
+        # whose sandbox state is syndic_of: salt-syndic connects up to the
+        # MoM's ret_port and subscribes to its publish_port.
+        master_conf.update({
+            "syndic_master": "127.0.0.1",
+            "syndic_master_port": syndic_of["ret_port"],
+            "syndic_log_file": "../logs/syndic.log",
+            "syndic_pidfile": "../logs/syndic.pid",
+        })
     if master_d:
         # Salt reads <config_dir>/master.d/*.conf after the main file
         # (default_include): the options given go there instead.
@@ -353,7 +391,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
 
     minions = {}
     for i in range(n_minions):
-        mid = f"minion-{i + 1}"
+        mid = f"{prefix}-{i + 1}"
         mdir = os.path.join(d, "minions", mid)
         mroot = os.path.join(mdir, "root")
         os.makedirs(mroot, exist_ok=True)
@@ -385,10 +423,56 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             "file_client": "remote",
             "multiprocessing": True,
         }
+        if peer is not None:
+            # Hot/hot multi-master: connected to this master and the peer
+            # (on another loopback address, so that each return goes only to
+            # the master that published the job); each master tells the
+            # minion its own publish port.
+            if failover:
+                # Failover: one master at a time, the same ports on each.
+                mconf["master"] = ["127.0.0.1", peer["interface"]]
+            else:
+                mconf["master"] = [f"127.0.0.1:{ret_port}",
+                                   f"{peer['interface']}:{peer['ret_port']}"]
+                del mconf["publish_port"], mconf["master_port"]
         mconf.update(minion_opts or {})
         write_config(os.path.join(mdir, "minion"), mconf)
         minions[mid] = {"config_dir": mdir, "root_dir": mroot, "pid": None,
                         "log": os.path.join(d, "logs", f"{mid}.log")}
+
+    syndic = None
+    if syndic_of is not None:
+        # salt-syndic reads <config_dir>/master overlaid with
+        # <config_dir>/minion: its id, its pki (root/etc/salt/pki/minion)
+        # and, without which it subscribes to its own master, the MoM's
+        # publish_port.
+        sid = master_conf["id"]
+        write_config(os.path.join(d, "etc", "minion"), {
+            "id": sid,
+            "root_dir": root,
+            "publish_port": syndic_of["publish_port"],
+            "acceptance_wait_time": 1,
+            "acceptance_wait_time_max": 2,
+            "random_reauth_delay": 0,
+            "recon_default": 500,
+            "recon_max": 2000,
+            "recon_randomize": False,
+            "auth_timeout": 10,
+            "auth_tries": 10,
+        })
+        launcher = os.path.join(d, "syndic-launcher.py")
+        with open(launcher, "w") as f:
+            f.write(SYNDIC_LAUNCHER)
+        syndic = {"id": sid, "of": syndic_of["dir"], "pid": None, "launcher": launcher,
+                  "log": os.path.join(d, "logs", "syndic.log")}
+
+    if peer is not None:
+        # The masters of one multi-master set share a key pair.
+        pki = rooted(root, master_conf.get("pki_dir", "/etc/salt/pki/master"))
+        peer_pki = os.path.join(peer["root_dir"], "etc/salt/pki/master")
+        os.makedirs(pki, exist_ok=True)
+        for name in ("master.pem", "master.pub"):
+            shutil.copy2(os.path.join(peer_pki, name), os.path.join(pki, name))
 
     sock_dir = rooted(root, master_conf.get("sock_dir", "/var/run/salt/master"))
     st = {
@@ -404,10 +488,14 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
         "ret_port": ret_port,
         "master_log": os.path.join(d, "logs", "master.log"),
         "master_pid": None,
-        "minion_ids": sorted(minions, key=lambda m: int(m.split("-")[1])),
+        "minion_ids": sorted(minions, key=lambda m: int(m.rsplit("-", 1)[1])),
         "minions": minions,
         "file_roots": os.path.join(d, "srv/salt"),
         "states": {"failing": "failing.sls", "passing": "passing.sls"},
+        "master_id": master_conf["id"],
+        "interface": interface,
+        "peer": peer["dir"] if peer is not None else None,
+        "syndic": syndic,
     }
     if ipc_mode == "tcp":
         st["tcp_pub"] = master_conf["tcp_master_pub_port"]
@@ -468,6 +556,17 @@ def start_minion_proc(st, mid):
     return pid
 
 
+def start_syndic_proc(st):
+    sy = st.get("syndic")
+    if not sy:
+        raise SandboxError("this sandbox is not a syndic node (up --syndic-of)")
+    if sy.get("pid") and pgrp_alive(sy["pid"]):
+        raise SandboxError(f"salt-syndic already running (pid {sy['pid']})")
+    sy["pid"] = spawn(st, [bin_path(st, "python"), sy["launcher"], "-c", st["config_dir"],
+                           "-l", "warning"], "syndic.stdout")
+    return sy["pid"]
+
+
 def wait_for(pred, timeout, what, step=0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -501,20 +600,24 @@ def check_daemons_alive(st, minion_ids):
             raise SandboxError(f"{mid} exited; see {st['minions'][mid]['log']}")
 
 
-def ping_all(st, minion_ids, timeout):
-    """Wait until test.ping answers True from every given minion."""
+def ping_all(st, minion_ids, timeout, via=None):
+    """Wait until test.ping answers True from every given minion (sent by
+    the master of `via`, a syndic node's MoM, else by this sandbox's)."""
     deadline = time.monotonic() + timeout
     pending = set(minion_ids)
     if not pending:
         return
     last_err = ""
-    while time.monotonic() < deadline:
+    while pending and time.monotonic() < deadline:
         check_daemons_alive(st, minion_ids)
+        if via is not None and st.get("syndic") and not pid_alive(st["syndic"].get("pid")):
+            raise SandboxError(f"salt-syndic exited; see {st['syndic']['log']} and "
+                               f"{st['dir']}/logs/syndic.stdout")
         tgt = ",".join(sorted(pending))
         # A ping to a minion that is not connected yet costs timeout +
         # gather_job_timeout inside the salt CLI; cut it short instead.
         p = subprocess.Popen(
-            [bin_path(st, "salt"), "-c", st["config_dir"], "-L", tgt, "test.ping",
+            [bin_path(st, "salt"), "-c", (via or st)["config_dir"], "-L", tgt, "test.ping",
              "--out=json", "-t", "3"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=daemon_env(st), start_new_session=True)
@@ -537,6 +640,8 @@ def ping_all(st, minion_ids, timeout):
         if not pending:
             return
         time.sleep(1)
+    if not pending:
+        return
     raise SandboxError(f"timed out after {timeout:.0f}s waiting for test.ping from "
                        f"{sorted(pending)} (last stderr: {last_err!r})")
 
@@ -566,8 +671,11 @@ def cmd_up(args):
     # released before the daemons bind them) gets one more try on fresh
     # ports, with its log shown first so the cause is never hidden.
     for attempt in (1, 2):
+        mom = load_state(os.path.abspath(args.syndic_of)) if args.syndic_of else None
+        peer = load_state(os.path.abspath(args.peer)) if args.peer else None
         st = build(d, venv, args.minions, args.ipc_mode,
-                   parse_opts(args.master_opt), parse_opts(args.minion_opt), args.master_d)
+                   parse_opts(args.master_opt), parse_opts(args.minion_opt), args.master_d,
+                   args.prefix, mom, args.interface, peer)
         save_state(d, st)
         try:
             start_master_proc(st)
@@ -578,6 +686,15 @@ def cmd_up(args):
                 start_minion_proc(st, mid)
             save_state(d, st)
             ping_all(st, st["minion_ids"], args.timeout)
+            if mom is not None:
+                start_syndic_proc(st)
+                save_state(d, st)
+                # Up when the MoM's own job reaches every minion below.
+                ping_all(st, st["minion_ids"], args.timeout, via=mom)
+            if peer is not None and parse_opts(args.minion_opt).get("master_type") != "failover":
+                # Up when the peer master's job reaches every minion too
+                # (hot/hot; a failover minion talks to one master at a time).
+                ping_all(st, st["minion_ids"], args.timeout, via=peer)
             break
         except BaseException as e:
             info(f"up failed ({e}); cleaning up")
@@ -597,6 +714,10 @@ def show_exit_logs(st):
     logdir = os.path.join(st["dir"], "logs")
     logs = [(st.get("master_pid"), st.get("master_log")),
             (st.get("master_pid"), os.path.join(logdir, "master.stdout"))]
+    if st.get("syndic"):
+        sy = st["syndic"]
+        logs += [(sy.get("pid"), sy.get("log")),
+                 (sy.get("pid"), os.path.join(logdir, "syndic.stdout"))]
     for mid, m in st["minions"].items():
         logs += [(m.get("pid"), m.get("log")),
                  (m.get("pid"), os.path.join(logdir, f"{mid}.stdout"))]
@@ -616,6 +737,9 @@ def show_exit_logs(st):
 def do_down(st):
     items = [(m.get("pid"), mid) for mid, m in st["minions"].items()]
     items.append((st.get("master_pid"), "salt-master"))
+    if st.get("syndic"):
+        items.append((st["syndic"].get("pid"), "salt-syndic"))
+        st["syndic"]["pid"] = None
     stop_many(items, grace=15.0)
     for m in st["minions"].values():
         m["pid"] = None
@@ -801,6 +925,19 @@ def main(argv=None):
                         "repeatable, e.g. --master-opt master_job_cache=pgjsonb")
     p.add_argument("--minion-opt", action="append", metavar="KEY=VALUE",
                    help="extra/overriding minion config, same form")
+    p.add_argument("--prefix", default="minion",
+                   help="minion ids are PREFIX-1, PREFIX-2, ... (distinct ids when sandboxes "
+                        "share a MoM)")
+    p.add_argument("--syndic-of", metavar="MOM_DIR", default=None,
+                   help="make this master a syndic node of the sandbox at MOM_DIR (started "
+                        "with order_masters=true): writes etc/minion for salt-syndic, starts it "
+                        "and waits until the MoM's test.ping reaches this sandbox's minions")
+    p.add_argument("--interface", default="127.0.0.1",
+                   help="the master's address (127.0.0.2 for a multi-master peer)")
+    p.add_argument("--peer", metavar="PEER_DIR", default=None,
+                   help="hot/hot multi-master: this sandbox's minions also connect to the "
+                        "master of the sandbox at PEER_DIR (up first, on another --interface, "
+                        "with --minions 0); this master takes the peer's key pair")
     p.add_argument("--master-d", action="store_true",
                    help="write the --master-opt options to etc/master.d/sandbox.conf "
                         "(read through Salt's default_include) instead of etc/master")

@@ -77,7 +77,14 @@ impl Kind {
     ];
 
     /// Classifies a tag. Cheap: byte comparisons only.
+    ///
+    /// On a master of masters, a syndic forwards its own master's events
+    /// under `syndic/<syndic id>/<tag>` (`new`, `publish`, auth, refresh;
+    /// returns come up unprefixed): they are classified as the tag they
+    /// wrap, so a syndic's local job is announced (its `jids` row, its real
+    /// minion list) on the MoM too, and its chatter is redundant as usual.
     pub fn of_tag(tag: &str) -> Kind {
+        let tag = strip_syndic(tag);
         if let Some(rest) = tag.strip_prefix("salt/job/") {
             let mut parts = rest.splitn(3, '/');
             let _jid = parts.next();
@@ -149,6 +156,13 @@ impl Kind {
             Kind::Other => "other",
         }
     }
+}
+
+/// `syndic/<id>/<tag>` -> `<tag>`; any other tag unchanged.
+fn strip_syndic(tag: &str) -> &str {
+    tag.strip_prefix("syndic/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(tag, |(_, inner)| inner)
 }
 
 /// `pkg.install`, `state.apply`: one dot between two identifiers, no slash.
@@ -448,6 +462,15 @@ mod tests {
             ("salt/run/20261125120000123456/new", Kind::RunnerNew),
             ("salt/run/20261125120000123456/ret", Kind::RunnerReturn),
             ("salt/run/20261125120000123456/args", Kind::RunnerOther),
+            // Forwarded by a syndic to its master of masters.
+            ("syndic/s1/salt/job/20261125120000123456/new", Kind::JobNew),
+            (
+                "syndic/s1/salt/job/20261125120000123456/publish",
+                Kind::JobPublish,
+            ),
+            ("syndic/s1/salt/auth", Kind::Auth),
+            ("syndic/s1/minion/refresh/m1", Kind::Refresh),
+            ("syndic/s1", Kind::Other),
             ("salt/batch/20261125120000123456/start", Kind::Batch),
             ("salt/auth", Kind::Auth),
             ("salt/key", Kind::Key),

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "mysql")]
 pub mod mysql;
+pub mod pg_schema;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod retention;
@@ -200,6 +201,10 @@ pub struct SinkConfig {
     /// whose commit the next power cut takes back. Database servers decide
     /// this themselves (docs/ARCHITECTURE.md, "The delivery guarantee").
     pub sync: Option<crate::queue::SyncMode>,
+    /// PostgreSQL only: `pgjsonb` (Salt's pgjsonb returner tables, the
+    /// default) or `postgres` (the `postgres` returner's text tables, which
+    /// Alcali reads); see [`pg_schema`].
+    pub schema: pg_schema::PgSchema,
 }
 
 /// `sink.max_return_size` by default: MySQL's `mediumtext`.
@@ -221,6 +226,7 @@ impl Default for SinkConfig {
             max_return_size: DEFAULT_MAX_RETURN_SIZE as u64,
             redact: None,
             sync: None,
+            schema: pg_schema::PgSchema::default(),
         }
     }
 }
@@ -331,6 +337,12 @@ impl SinkConfig {
             return Err(ConfigError::invalid(
                 "sink.password_file",
                 "set either password or password_file, not both",
+            ));
+        }
+        if self.schema != pg_schema::PgSchema::default() && !self.is_postgres() {
+            return Err(ConfigError::invalid(
+                "sink.schema",
+                "chooses between PostgreSQL schemas: only with a postgres:// sink URL",
             ));
         }
         if self.max_return_size < 1024 {
@@ -503,7 +515,16 @@ impl SinkConfig {
             #[cfg(feature = "mysql")]
             SinkUrl::Mysql(_) => mysql::schema_ddl(),
             #[cfg(feature = "postgres")]
-            SinkUrl::Postgres(_) => postgres::schema_ddl(),
+            SinkUrl::Postgres(_) => postgres::schema_ddl(self.schema),
+        }
+    }
+
+    /// Whether the sink is PostgreSQL.
+    fn is_postgres(&self) -> bool {
+        match &self.url {
+            #[cfg(feature = "postgres")]
+            SinkUrl::Postgres(_) => true,
+            _ => false,
         }
     }
 }

@@ -28,7 +28,7 @@
 //!   integrity (23): refused rows for the worker to isolate; access and
 //!   missing tables (42, 28): fatal.
 
-use super::rows::{self, BoolStyle, ByTable, RowFormat};
+use super::rows::{self, ByTable, RowFormat};
 use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
 use crate::redact::SecretUrl;
 use async_trait::async_trait;
@@ -156,7 +156,15 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// The DDL, as `saltpipe schema --print` shows it.
-pub fn schema_ddl() -> String {
+pub fn schema_ddl(schema: super::pg_schema::PgSchema) -> String {
+    if schema == super::pg_schema::PgSchema::Postgres {
+        let mut s = String::from(super::pg_schema::TEXT_HEADER);
+        for t in schema.ddl(SCHEMA) {
+            s.push_str(t);
+            s.push_str(";\n");
+        }
+        return s;
+    }
     let mut s = String::from(
         "-- saltpipe: Salt's pgjsonb returner tables, plus a unique index on\n\
          -- salt_returns (jid, id), alter_time indexes, a dedupe key on salt_events,\n\
@@ -291,8 +299,8 @@ impl PgSink {
                     SinkError::Fatal(format!("cannot connect to {url}: {message}"))
                 }
             })?;
-        for ddl in SCHEMA {
-            if let Err(e) = pool.execute(*ddl).await {
+        for ddl in cfg.schema.ddl(SCHEMA) {
+            if let Err(e) = pool.execute(ddl).await {
                 let dup =
                     matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"));
                 return Err(SinkError::Fatal(if dup {
@@ -311,7 +319,7 @@ impl PgSink {
         Ok(PgSink {
             pool,
             format: RowFormat {
-                style: BoolStyle::Word,
+                style: cfg.schema.bool_style(),
                 max_json: cfg.max_json(),
                 runner_id: cfg.runner_id(),
             },

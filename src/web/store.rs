@@ -88,7 +88,9 @@ impl Dialect {
         match self {
             Dialect::Sqlite => format!("json_extract({col}, '$.{key}')"),
             Dialect::Mysql => format!("JSON_UNQUOTE(JSON_EXTRACT({col}, '$.{key}'))"),
-            Dialect::Postgres => format!("({col}->>'{key}')"),
+            // Cast first: the column is jsonb (pgjsonb schema) or text
+            // (`[sink] schema = "postgres"`); on jsonb the cast is a no-op.
+            Dialect::Postgres => format!("({col}::jsonb->>'{key}')"),
         }
     }
 

@@ -166,6 +166,16 @@ impl Sandbox {
         (jid.to_owned(), v["return"].clone())
     }
 
+    /// [`Sandbox::salt`], or None when Salt printed no jid (no minion
+    /// matched the target yet).
+    pub fn try_salt(&self, args: &[&str]) -> Option<(String, Value)> {
+        let mut a = vec!["salt", "--"];
+        a.extend_from_slice(args);
+        let (_, out) = self.run(&a);
+        let v: Value = serde_json::from_str(&out).ok()?;
+        Some((v["jid"].as_str()?.to_owned(), v["return"].clone()))
+    }
+
     pub fn salt_async(&self, args: &[&str]) -> String {
         let mut a = vec!["salt", "--async", "--"];
         a.extend_from_slice(args);

@@ -2,7 +2,8 @@
 //! replay` of the project's real-master bus captures (tests/fixtures) and
 //! of crafted jobs carrying XSS probes in state ids, comments, changes and
 //! a minion id, plus enough jobs to page through. The same fill on SQLite,
-//! MariaDB and PostgreSQL, so each page test runs on every backend.
+//! MariaDB and PostgreSQL (pgjsonb and the `postgres` text schema), so each
+//! page test runs on every backend.
 
 use super::{Dbs, my, pg, repo};
 use serde_json::{Value, json};
@@ -22,9 +23,16 @@ pub enum Backend {
     Sqlite,
     Mysql,
     Postgres,
+    /// PostgreSQL with `[sink] schema = "postgres"` (the text tables).
+    PostgresText,
 }
 
-pub const BACKENDS: [Backend; 3] = [Backend::Sqlite, Backend::Mysql, Backend::Postgres];
+pub const BACKENDS: [Backend; 4] = [
+    Backend::Sqlite,
+    Backend::Mysql,
+    Backend::Postgres,
+    Backend::PostgresText,
+];
 
 pub struct WebDb {
     pub backend: Backend,
@@ -195,7 +203,7 @@ impl WebDb {
                     Some(Dbs(db.clone())),
                 )
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresText => {
                 pg("test", &format!("CREATE DATABASE {db}"));
                 (
                     format!("postgres://postgres@127.0.0.1:5432/{db}"),
@@ -204,7 +212,11 @@ impl WebDb {
             }
         };
         let config = dir.path().join("saltpipe.toml");
-        std::fs::write(&config, config_text(dir.path(), &url, "")).expect("config");
+        let mut text = config_text(dir.path(), &url, "");
+        if backend == Backend::PostgresText {
+            text = text.replace("[sink]\n", "[sink]\nschema = \"postgres\"\n");
+        }
+        std::fs::write(&config, text).expect("config");
         for f in ["salt-3006.29-bus.bin", "salt-3008.5-bus.bin"] {
             replay(&config, &repo().join("tests/fixtures").join(f));
         }
@@ -237,7 +249,7 @@ impl WebDb {
                 return c.query_row(sql, [], |r| r.get(0)).expect(sql);
             }
             Backend::Mysql => my(&self.db, sql),
-            Backend::Postgres => pg(&self.db, sql),
+            Backend::Postgres | Backend::PostgresText => pg(&self.db, sql),
         };
         text.trim()
             .parse()
@@ -254,7 +266,7 @@ impl WebDb {
             Backend::Mysql => {
                 my(&self.db, sql);
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresText => {
                 pg(&self.db, sql);
             }
         }
