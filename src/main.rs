@@ -254,14 +254,15 @@ async fn serve_metrics(
 /// `saltpipe run` with `[web] enabled = true`: the pages too, once the
 /// sink's tables exist (the pipeline creates them). Like /metrics, a
 /// listener that cannot start is logged, not fatal.
-async fn serve_web(cfg: &Config, shutdown: &CancellationToken) {
-    if !cfg.web.enabled {
-        return;
-    }
+async fn serve_web(
+    cfg: &Config,
+    live: saltpipe::web::live::LiveFeed,
+    shutdown: &CancellationToken,
+) {
     let (web, sink, stop) = (cfg.web.clone(), cfg.sink.clone(), shutdown.clone());
     tokio::spawn(async move {
         loop {
-            match saltpipe::web::serve(&web, &sink, stop.clone()).await {
+            match saltpipe::web::serve(&web, &sink, Some(live.clone()), stop.clone()).await {
                 Ok(_) => return,
                 Err(saltpipe::web::WebError::Store(e)) if !stop.is_cancelled() => {
                     tracing::debug!(error = %e, "web pages: the sink is not ready yet");
@@ -282,7 +283,7 @@ async fn serve_web(cfg: &Config, shutdown: &CancellationToken) {
 /// `saltpipe web`: only the pages, until SIGTERM/SIGINT.
 async fn web(cfg: &Config) -> anyhow::Result<u8> {
     let shutdown = shutdown_on_signals()?;
-    let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, shutdown).await?;
+    let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, None, shutdown).await?;
     println!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
     task.await.context("the web server task")?;
     Ok(exit::OK)
@@ -393,8 +394,12 @@ async fn dispatch(command: Command, loaded: config::Loaded) -> anyhow::Result<u8
     let cfg = &loaded.config;
     match command {
         Command::Run => {
-            let d = Daemon::start(&loaded, true, true, &ops_stop).await?;
-            serve_web(cfg, &ops_stop).await;
+            let mut d = Daemon::start(&loaded, true, true, &ops_stop).await?;
+            if cfg.web.enabled {
+                let live = saltpipe::web::live::LiveFeed::new(d.stats.clone());
+                d.hooks.live = Some(live.clone());
+                serve_web(cfg, live, &ops_stop).await;
+            }
             tracing::info!(source = %cfg.source.address(), queue = %cfg.queue.url, sink = %cfg.sink.url, actions = cfg.actions.len(), "saltpipe run");
             let source = Box::new(BusSource::new(&cfg.source));
             pipeline::run(cfg, source, d.stats.clone(), d.shutdown, d.hooks).await?;

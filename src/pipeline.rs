@@ -55,6 +55,8 @@ pub struct Hooks {
     /// Scan the master's job cache at start and after each bus reconnect
     /// (`[backfill] enabled`, for processes that listen).
     pub backfill: bool,
+    /// The web pages' Live feed, offered every kept event (`run` with `[web] enabled`).
+    pub live: Option<crate::web::live::LiveFeed>,
 }
 
 /// Why a reload was refused (the running config stays).
@@ -108,6 +110,7 @@ impl Reloader {
                 rules: rx,
                 actions: actions.clone(),
                 backfill: listens && cfg.backfill.enabled,
+                live: None,
             },
             Reloader {
                 rules: tx,
@@ -182,16 +185,7 @@ pub async fn listen(
     hooks: Hooks,
 ) -> Result<(), PipelineError> {
     let drain = Some(cfg.worker.drain_timeout);
-    to_queue(
-        cfg,
-        source,
-        stats,
-        shutdown,
-        drain,
-        hooks.rules,
-        hooks.backfill,
-    )
-    .await
+    to_queue(cfg, source, stats, shutdown, drain, hooks).await
 }
 
 /// A source that ends, into the queue only (`saltpipe backfill` while a
@@ -203,7 +197,7 @@ pub async fn feed(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
-    to_queue(cfg, source, stats, shutdown, None, None, false).await
+    to_queue(cfg, source, stats, shutdown, None, Hooks::default()).await
 }
 
 /// `saltpipe work`: the queue → the sink (and actions) until `shutdown`,
@@ -236,18 +230,11 @@ async fn listen_and_work(
     drain: Option<Duration>,
     hooks: Hooks,
 ) -> Result<(), PipelineError> {
-    let mut workers = Workers::start(cfg, stats.clone(), drain, hooks.actions).await?;
+    let mut hooks = hooks;
+    let mut workers = Workers::start(cfg, stats.clone(), drain, hooks.actions.take()).await?;
     // A worker that dies (fatal sink error) stops the whole process: keep
     // its error and stop listening, in order; what was read is safe in the queue.
-    let listening = to_queue(
-        cfg,
-        source,
-        stats,
-        shutdown.clone(),
-        drain,
-        hooks.rules,
-        hooks.backfill,
-    );
+    let listening = to_queue(cfg, source, stats, shutdown.clone(), drain, hooks);
     tokio::pin!(listening);
     let listened = loop {
         tokio::select! {
@@ -376,16 +363,15 @@ async fn to_queue(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
     drain: Option<Duration>,
-    rules: Option<mpsc::UnboundedReceiver<Rules>>,
-    backfill: bool,
+    hooks: Hooks,
 ) -> Result<(), PipelineError> {
     if !cfg.queue.url.is_broker() {
         let producer = cfg.queue.producer().await?;
-        return into_queue(cfg, source, producer, stats, shutdown, rules, backfill).await;
+        return into_queue(cfg, source, producer, stats, shutdown, hooks).await;
     }
     let (spooled, forwarder) =
         crate::queue::forward::start(&cfg.queue, cfg.queue_names(), drain, stats.clone()).await?;
-    let listened = into_queue(cfg, source, spooled, stats, shutdown, rules, backfill).await;
+    let listened = into_queue(cfg, source, spooled, stats, shutdown, hooks).await;
     let forwarded = forwarder.finish().await;
     listened.and(forwarded.map_err(PipelineError::from))
 }
@@ -469,9 +455,14 @@ async fn into_queue(
     producer: Arc<dyn Producer>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
-    reload: Option<mpsc::UnboundedReceiver<Rules>>,
-    backfill: bool,
+    hooks: Hooks,
 ) -> Result<(), PipelineError> {
+    let Hooks {
+        rules: reload,
+        backfill,
+        live,
+        ..
+    } = hooks;
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let give_up = CancellationToken::new();
     // Backfill has a channel and queue writer of its own: a large scan waits
@@ -495,7 +486,7 @@ async fn into_queue(
         (scan, writer)
     });
     let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
-    let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx);
+    let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx).with_live(live);
     if let Some(rx) = reload {
         ingest = ingest.with_reload(rx);
     }

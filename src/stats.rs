@@ -168,6 +168,8 @@ stats! {
         reloads => "saltpipe_config_reloads_total";
         /// Reloads refused (invalid config; the old one stays).
         reload_failures => "saltpipe_config_reload_failures_total";
+        /// Live-page summaries a watcher lost because it fell behind (the feed never waits).
+        web_live_dropped => "saltpipe_web_live_dropped_total";
     }
     state {
         /// Events the rules dropped, by [`DropReason::index`].

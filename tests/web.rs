@@ -28,7 +28,7 @@ async fn serve(db: &WebDb, web: &str) -> (SocketAddr, CancellationToken) {
     ));
     cfg.web.enabled = true;
     let stop = CancellationToken::new();
-    let (addr, _task) = saltpipe::web::serve(&cfg.web, &cfg.sink, stop.clone())
+    let (addr, _task) = saltpipe::web::serve(&cfg.web, &cfg.sink, None, stop.clone())
         .await
         .expect("serve");
     (addr, stop)
@@ -329,6 +329,183 @@ async fn returner_only_database() {
         assert_eq!(p.status, 200, "{path}");
         assert_escaped(&path, &p.body);
     }
+    stop.cancel();
+}
+
+/// The Live page's events, read from an open server-sent-events response
+/// until `want` is in them (or the test's timeout).
+async fn sse_until(resp: &mut reqwest::Response, seen: &mut String, want: &str) {
+    let read = async {
+        while !seen.contains(want) {
+            match resp.chunk().await.expect("an SSE chunk") {
+                Some(c) => seen.push_str(&String::from_utf8_lossy(&c)),
+                None => panic!("the SSE stream ended; got {seen:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .unwrap_or_else(|_| panic!("{want:?} not in the Live feed: {seen:?}"));
+}
+
+/// The pages served by `saltpipe run` (`[web] enabled = true`): a return
+/// written to the bus socket reaches an open Live stream as it is kept,
+/// then the job pages and the overview's ingest figures; SIGTERM ends the
+/// open stream and the process cleanly. `saltpipe web` says Live is
+/// unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_the_pages_and_live() {
+    use std::io::Write as _;
+    saltpipe::tls::install_ring();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus_path = dir.path().join("master_event_pub.ipc");
+    let bus = std::os::unix::net::UnixListener::bind(&bus_path).expect("bus socket");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cfg = common::write_config(
+        dir.path(),
+        &bus_path,
+        &format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nstale_after = \"3650d\"\n"),
+    );
+    let sp = common::Saltpipe::start(&["run"], &cfg);
+    let (mut publisher, _) = bus.accept().expect("saltpipe connects to the bus");
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    // The pages start once the sink's tables exist.
+    sp.wait_log("serving the web pages", 1, Duration::from_secs(30));
+
+    let p = client
+        .get(format!("{base}/live"))
+        .send()
+        .await
+        .expect("live");
+    assert_eq!(p.status().as_u16(), 200);
+    let body = p.text().await.expect("body");
+    assert!(body.contains("id=\"live-rows\""), "{body}");
+    assert!(body.contains("<script src=\"/assets/live.js\"></script>"));
+    let js = client
+        .get(format!("{base}/assets/live.js"))
+        .send()
+        .await
+        .expect("js");
+    assert_eq!(js.status().as_u16(), 200);
+    assert!(js.text().await.expect("js").contains("EventSource"));
+
+    // Subscribed once the response has started; then a return on the bus.
+    let mut live = client
+        .get(format!("{base}/live/events"))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(live.status().as_u16(), 200);
+    assert_eq!(
+        live.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let jid = "20261202120000123456";
+    publisher
+        .write_all(&common::return_frame(jid, "live-m1", "hello"))
+        .expect("publish");
+    let mut seen = String::new();
+    sse_until(&mut live, &mut seen, "live-m1").await;
+    let line = seen
+        .lines()
+        .find(|l| l.contains("live-m1"))
+        .and_then(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let e: serde_json::Value = serde_json::from_str(line).expect("a JSON summary");
+    assert_eq!(e["tag"], format!("salt/job/{jid}/ret/live-m1"));
+    assert_eq!(e["jid"], jid);
+    assert_eq!(e["minion"], "live-m1");
+    assert_eq!(e["fun"], "test.echo");
+    assert_eq!(e["outcome"], "ok");
+
+    // The same return through the queue into the sink, on the pages.
+    let db = common::open_db(dir.path());
+    common::wait_for("the return in the sink", Duration::from_secs(20), || {
+        (common::count(
+            &db,
+            "SELECT COUNT(*) FROM salt_returns WHERE id = 'live-m1'",
+        ) == 1)
+            .then_some(())
+    });
+    let minion = client
+        .get(format!("{base}/minion/live-m1"))
+        .send()
+        .await
+        .expect("minion")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        minion.contains(&format!("/job/{jid}?minion=live-m1")),
+        "{minion}"
+    );
+    let overview = client
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .expect("overview")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(shown_count(&overview, "ok"), 1, "{overview}");
+    let figure = |id: &str| -> u64 {
+        let at = overview
+            .find(&format!("id=\"ingest-{id}\">"))
+            .unwrap_or_else(|| panic!("no ingest figure {id}: {overview}"));
+        overview[at..]
+            .split(['>', '<'])
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect("a number")
+    };
+    assert_eq!(figure("kept"), 1);
+    assert_eq!(figure("frames"), 1);
+    assert_eq!(figure("returns"), 1);
+
+    // A second event while the stream is open, then SIGTERM with it open.
+    publisher
+        .write_all(&common::return_frame(
+            "20261202120000123457",
+            "live-m2",
+            "x",
+        ))
+        .expect("publish");
+    sse_until(&mut live, &mut seen, "live-m2").await;
+    assert!(
+        sp.terminate().success(),
+        "saltpipe run exits 0 with a Live page open"
+    );
+    drop(live);
+
+    // `saltpipe web` alone (no ingest): Live says it is unavailable.
+    let mut wcfg = web_config(&webdb::config_text(
+        dir.path(),
+        &format!("sqlite://{}", dir.path().join("salt.db").display()),
+        "listen = \"127.0.0.1:0\"",
+    ));
+    wcfg.web.enabled = true;
+    let stop = CancellationToken::new();
+    let (addr, _task) = saltpipe::web::serve(&wcfg.web, &wcfg.sink, None, stop.clone())
+        .await
+        .expect("serve");
+    let p = get(&client, addr, "/live").await;
+    assert_eq!(p.status, 200);
+    assert!(p.body.contains("id=\"live-unavailable\""), "{}", p.body);
+    assert!(
+        !p.body.contains("<script"),
+        "no script where there is no feed"
+    );
+    assert_eq!(get(&client, addr, "/live/events").await.status, 404);
+    let p = get(&client, addr, "/").await;
+    assert!(!p.body.contains("ingest-kept"), "no ingest figures");
+    assert_eq!(shown_count(&p.body, "ok"), 2);
     stop.cancel();
 }
 

@@ -129,7 +129,8 @@ const TABLES: &[&str] = &[
   KEY `saltpipe_outcomes_minion_stamp` (`minion`, `stamp`),
   KEY `saltpipe_outcomes_outcome_stamp` (`outcome`, `stamp`),
   KEY `saltpipe_outcomes_stamp` (`stamp`),
-  KEY `saltpipe_outcomes_minion_jid` (`minion`, `jid`)
+  KEY `saltpipe_outcomes_minion_jid` (`minion`, `jid`),
+  KEY `saltpipe_outcomes_outcome_jid` (`outcome`, `jid`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "CREATE TABLE IF NOT EXISTS `saltpipe_targets` (
   `jid` varchar(255) NOT NULL,
@@ -188,6 +189,13 @@ const ADDITIONS: &[(&str, &str, bool, &str)] = &[
         "minion,jid",
         false,
         "ALTER TABLE `saltpipe_outcomes` ADD KEY `saltpipe_outcomes_minion_jid` (`minion`, `jid`)",
+    ),
+    // The overview's failures of the last 24 h (failed rows only).
+    (
+        "saltpipe_outcomes",
+        "outcome,jid",
+        false,
+        "ALTER TABLE `saltpipe_outcomes` ADD KEY `saltpipe_outcomes_outcome_jid` (`outcome`, `jid`)",
     ),
 ];
 

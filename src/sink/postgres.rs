@@ -137,6 +137,7 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_outcome_stamp ON saltpipe_outcomes (outcome, stamp)",
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_stamp ON saltpipe_outcomes (stamp)",
     "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_minion_jid ON saltpipe_outcomes (minion, jid)",
+    "CREATE INDEX IF NOT EXISTS saltpipe_outcomes_outcome_jid ON saltpipe_outcomes (outcome, jid)",
     "CREATE TABLE IF NOT EXISTS saltpipe_targets (
     jid varchar(255) NOT NULL,
     minion varchar(255) NOT NULL,

@@ -191,6 +191,8 @@ pub struct Ingest {
     tx: mpsc::Sender<Vec<Message>>,
     /// New rules sent on reload (SIGHUP), applied before the next bytes.
     reload: Option<mpsc::UnboundedReceiver<Rules>>,
+    /// The web pages' Live feed (`saltpipe run` with `[web] enabled`).
+    live: Option<crate::web::live::LiveFeed>,
 }
 
 /// Messages per chunk sent to the queue writer.
@@ -214,7 +216,14 @@ impl Ingest {
             pending_limit: cfg.pending_limit as usize,
             tx,
             reload: None,
+            live: None,
         }
+    }
+
+    /// Offers every kept event to the Live page's feed (never waits).
+    pub fn with_live(mut self, live: Option<crate::web::live::LiveFeed>) -> Ingest {
+        self.live = live;
+        self
     }
 
     /// Takes new rules from `rx` between two reads: every event read after
@@ -274,6 +283,9 @@ impl Ingest {
         match self.rules.decide(&event) {
             Decision::Keep { queue } => {
                 self.stats.kept.fetch_add(1, Relaxed);
+                if let Some(live) = &self.live {
+                    live.offer(&event, received_ms);
+                }
                 self.outbox.push(Message {
                     queue,
                     key: event.partition_key(),

@@ -25,6 +25,11 @@ pub const MAX_MINIONS: usize = 20_000;
 pub const MAX_JOB_MINIONS: usize = 5_000;
 /// Failed state returns read for "failures by state" at most.
 pub const MAX_FAILED_RETURNS: usize = 300;
+/// Search looks for text in this many of the newest returns of the
+/// period at most (a bounded scan: a substring has no index).
+pub const TEXT_SCAN: usize = 10_000;
+/// Search counts functions over this many of the newest jobs at most.
+pub const MAX_JOBS_SCAN: usize = 20_000;
 
 pub const OUTCOMES: [&str; 4] = ["ok", "changed", "failed", "no_return"];
 
@@ -186,6 +191,7 @@ pub struct MinionResultAt {
 #[derive(Debug, Clone, Default)]
 pub struct Hits {
     pub minions: Vec<String>,
+    /// (function, jobs of the period).
     pub funs: Vec<(String, i64)>,
     /// (jid, minion, fun) of returns whose text contains the query.
     pub returns: Vec<(String, String, String)>,
@@ -239,15 +245,48 @@ impl Data {
         format!("CASE WHEN r.success IN {TRUE_WORDS} THEN 'ok' ELSE 'failed' END")
     }
 
+    /// The overview: its four reads run at once (each its own statement).
     pub async fn overview(&self, now: SystemTime) -> Result<Overview, StoreError> {
-        let day_ago = jid_at(now - Duration::from_secs(86_400));
+        let (latest, (failed_funs, failed_states), hourly) =
+            tokio::try_join!(self.latest(now), self.failures(now), self.hourly(now))?;
+        Ok(Overview {
+            latest,
+            failed_funs,
+            failed_states,
+            hourly,
+        })
+    }
+
+    /// Every minion's latest outcome (stale: no job for `stale_after`).
+    pub async fn latest(&self, now: SystemTime) -> Result<Vec<Latest>, StoreError> {
         let stale_before = jid_at(now - self.stale_after);
-        let until = jid_at(now + Duration::from_secs(86_400));
-        let latest_sql = if self.outcomes {
+        let latest_sql = if self.outcomes && self.d() == Dialect::Postgres {
+            // A loose index scan of (minion, jid) backwards: each step one
+            // seek to the previous minion's newest row.
             format!(
-                "SELECT o.minion, o.outcome, o.jid, o.fun FROM saltpipe_outcomes o \
-                 JOIN (SELECT minion, MAX(jid) AS jid FROM saltpipe_outcomes GROUP BY minion) l \
-                 ON o.minion = l.minion AND o.jid = l.jid ORDER BY o.minion LIMIT {MAX_MINIONS}"
+                "WITH RECURSIVE m(minion, outcome, jid, fun) AS ( \
+                   (SELECT minion, outcome, jid, fun FROM saltpipe_outcomes \
+                    ORDER BY minion DESC, jid DESC LIMIT 1) \
+                   UNION ALL \
+                   SELECT n.minion, n.outcome, n.jid, n.fun FROM m, LATERAL \
+                   (SELECT x.minion, x.outcome, x.jid, x.fun FROM saltpipe_outcomes x \
+                    WHERE x.minion < m.minion ORDER BY x.minion DESC, x.jid DESC LIMIT 1) n) \
+                 SELECT minion, outcome, jid, fun FROM m ORDER BY minion LIMIT {MAX_MINIONS}"
+            )
+        } else if self.outcomes {
+            // A loose index scan of (minion, jid): one seek per minion for
+            // the next minion, one for its newest jid, instead of a GROUP
+            // BY over every row (2,000 minions: 4,000 seeks, not 1,000,000 rows).
+            format!(
+                "WITH RECURSIVE m(minion) AS ( \
+                   SELECT (SELECT MIN(minion) FROM saltpipe_outcomes) \
+                   UNION ALL \
+                   SELECT (SELECT MIN(x.minion) FROM saltpipe_outcomes x WHERE x.minion > m.minion) \
+                   FROM m WHERE m.minion IS NOT NULL) \
+                 SELECT o.minion, o.outcome, o.jid, o.fun FROM m JOIN saltpipe_outcomes o \
+                 ON o.minion = m.minion AND o.jid = \
+                   (SELECT MAX(y.jid) FROM saltpipe_outcomes y WHERE y.minion = m.minion) \
+                 ORDER BY o.minion LIMIT {MAX_MINIONS}"
             )
         } else {
             format!(
@@ -273,15 +312,27 @@ impl Data {
                 l.outcome = "stale".into();
             }
         }
+        Ok(latest)
+    }
+
+    /// Failures of the last 24 h by function and by state.
+    #[allow(clippy::type_complexity)]
+    pub async fn failures(
+        &self,
+        now: SystemTime,
+    ) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+        let day_ago = jid_at(now - Duration::from_secs(86_400));
+        let until = jid_at(now + Duration::from_secs(86_400));
         let ret = self.d().ret();
         let (funs_sql, states_sql) = if self.outcomes {
+            // Both read the failed rows only, through (outcome, jid).
             (
-                "SELECT fun, COUNT(*) FROM saltpipe_outcomes WHERE jid >= ? AND jid < ? \
-                 AND outcome = 'failed' GROUP BY fun ORDER BY COUNT(*) DESC, fun LIMIT 20"
+                "SELECT fun, COUNT(*) FROM saltpipe_outcomes WHERE outcome = 'failed' \
+                 AND jid >= ? AND jid < ? GROUP BY fun ORDER BY COUNT(*) DESC, fun LIMIT 20"
                     .to_owned(),
                 format!(
                     "SELECT {} FROM saltpipe_outcomes o JOIN salt_returns r ON r.jid = o.jid AND r.id = o.minion \
-                     WHERE o.jid >= ? AND o.jid < ? AND o.outcome = 'failed' AND o.states_total IS NOT NULL \
+                     WHERE o.outcome = 'failed' AND o.jid >= ? AND o.jid < ? AND o.states_total IS NOT NULL \
                      ORDER BY o.jid DESC LIMIT {MAX_FAILED_RETURNS}",
                     self.d().as_text(&format!("r.{ret}"))
                 ),
@@ -300,15 +351,15 @@ impl Data {
                 ),
             )
         };
-        let range = [Param::Text(day_ago.clone()), Param::Text(until.clone())];
-        let failed_funs = self
-            .rows(&funs_sql, &range)
-            .await?
+        let range = [Param::Text(day_ago), Param::Text(until)];
+        let (funs, states) =
+            tokio::try_join!(self.rows(&funs_sql, &range), self.rows(&states_sql, &range))?;
+        let failed_funs = funs
             .into_iter()
             .map(|r| (r[0].text(), r[1].int()))
             .collect();
         let mut by_state: HashMap<String, i64> = HashMap::new();
-        for r in self.rows(&states_sql, &range).await? {
+        for r in states {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&r[0].text()) else {
                 continue;
             };
@@ -326,45 +377,59 @@ impl Data {
         let mut failed_states: Vec<(String, i64)> = by_state.into_iter().collect();
         failed_states.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         failed_states.truncate(20);
-        let two_days = jid_at(now - Duration::from_secs(2 * 86_400));
-        let start_hour: String = two_days.chars().take(10).collect();
-        let hour_range = [Param::Text(start_hour.clone()), Param::Text(until)];
+        Ok((failed_funs, failed_states))
+    }
+
+    /// Jobs and returns per hour of the last 48 h: (hour "YYYYMMDDhh",
+    /// jobs, returns), oldest first, every hour present.
+    pub async fn hourly(&self, now: SystemTime) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        let hours: Vec<String> = (0..=48u64)
+            .map(|h| {
+                jid_at(now - Duration::from_secs((48 - h) * 3600))
+                    .chars()
+                    .take(10)
+                    .collect()
+            })
+            .collect();
+        let until = jid_at(now + Duration::from_secs(86_400));
+        // One range count per hour over the jid index (the index's order,
+        // no sort), not a GROUP BY on an expression of every row.
         let per_hour = |table: &str| {
-            format!(
-                "SELECT substr(jid, 1, 10), COUNT(*) FROM {table} WHERE jid >= ? AND jid < ? \
-                 GROUP BY substr(jid, 1, 10) ORDER BY substr(jid, 1, 10) LIMIT 100"
-            )
-        };
-        let jobs: HashMap<String, i64> = self
-            .rows(&per_hour("jids"), &hour_range)
-            .await?
-            .into_iter()
-            .map(|r| (r[0].text(), r[1].int()))
-            .collect();
-        let returns: HashMap<String, i64> = self
-            .rows(&per_hour("salt_returns"), &hour_range)
-            .await?
-            .into_iter()
-            .map(|r| (r[0].text(), r[1].int()))
-            .collect();
-        let mut hourly = Vec::with_capacity(49);
-        for h in 0..=48u64 {
-            let hour: String = jid_at(now - Duration::from_secs((48 - h) * 3600))
-                .chars()
-                .take(10)
+            let arms: Vec<String> = (0..hours.len())
+                .map(|i| format!("SELECT {i}, COUNT(*) FROM {table} WHERE jid >= ? AND jid < ?"))
                 .collect();
-            hourly.push((
-                hour.clone(),
-                jobs.get(&hour).copied().unwrap_or(0),
-                returns.get(&hour).copied().unwrap_or(0),
+            arms.join(" UNION ALL ")
+        };
+        let mut params = Vec::with_capacity(hours.len() * 2);
+        for (i, h) in hours.iter().enumerate() {
+            params.push(Param::Text(h.clone()));
+            params.push(Param::Text(
+                hours.get(i + 1).cloned().unwrap_or_else(|| until.clone()),
             ));
         }
-        Ok(Overview {
-            latest,
-            failed_funs,
-            failed_states,
-            hourly,
-        })
+        let (jobs_sql, returns_sql) = (per_hour("jids"), per_hour("salt_returns"));
+        let (jobs, returns) = tokio::try_join!(
+            self.rows(&jobs_sql, &params),
+            self.rows(&returns_sql, &params)
+        )?;
+        let mut hourly: Vec<(String, i64, i64)> = hours.into_iter().map(|h| (h, 0, 0)).collect();
+        for r in jobs {
+            if let Some(h) = usize::try_from(r[0].int())
+                .ok()
+                .and_then(|i| hourly.get_mut(i))
+            {
+                h.1 = r[1].int();
+            }
+        }
+        for r in returns {
+            if let Some(h) = usize::try_from(r[0].int())
+                .ok()
+                .and_then(|i| hourly.get_mut(i))
+            {
+                h.2 = r[1].int();
+            }
+        }
+        Ok(hourly)
     }
 
     pub async fn jobs(&self, f: &JobFilter) -> Result<(Vec<JobRow>, bool), StoreError> {
@@ -400,7 +465,13 @@ impl Data {
                 params.push(Param::Text(like_of_glob(value)));
             }
         }
-        if !f.minion.is_empty() {
+        if !f.minion.is_empty() && !f.minion.contains(['*', '?']) {
+            // One minion: a point lookup in (jid, id) per job.
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM salt_returns r WHERE r.jid = j.jid AND r.id = ?)",
+            );
+            params.push(Param::Text(f.minion.clone()));
+        } else if !f.minion.is_empty() {
             sql.push_str(
                 " AND EXISTS (SELECT 1 FROM salt_returns r WHERE r.jid = j.jid AND r.id LIKE ? ESCAPE '!')",
             );
@@ -587,13 +658,28 @@ impl Data {
     /// The minion's most recent highstate (or state.apply) return.
     pub async fn last_highstate(&self, minion: &str) -> Result<Option<ReturnDetail>, StoreError> {
         let d = self.d();
-        let sql = format!(
-            "SELECT fun, {}, {}, jid FROM salt_returns WHERE id = ? \
-             AND fun IN ('state.highstate', 'state.apply') ORDER BY jid DESC LIMIT 1",
-            d.as_text(d.ret()),
-            d.as_text("full_ret")
-        );
-        let rows = self.rows(&sql, &[Param::Text(minion.to_owned())]).await?;
+        let m = Param::Text(minion.to_owned());
+        let (sql, params) = if self.outcomes {
+            // The newest such jid from (minion, jid), read backwards, then
+            // one row by (jid, id): never all of the minion's returns.
+            let sql = format!(
+                "SELECT r.fun, {}, {}, r.jid FROM salt_returns r WHERE r.id = ? AND r.jid = \
+                 (SELECT MAX(o.jid) FROM saltpipe_outcomes o WHERE o.minion = ? \
+                  AND o.fun IN ('state.highstate', 'state.apply')) LIMIT 1",
+                d.as_text(&format!("r.{}", d.ret())),
+                d.as_text("r.full_ret")
+            );
+            (sql, vec![m.clone(), m])
+        } else {
+            let sql = format!(
+                "SELECT fun, {}, {}, jid FROM salt_returns WHERE id = ? \
+                 AND fun IN ('state.highstate', 'state.apply') ORDER BY jid DESC LIMIT 1",
+                d.as_text(d.ret()),
+                d.as_text("full_ret")
+            );
+            (sql, vec![m])
+        };
+        let rows = self.rows(&sql, &params).await?;
         Ok(rows.into_iter().next().map(|mut r| {
             let jid = r.remove(3).text();
             detail_of(&jid, minion, r)
@@ -609,43 +695,47 @@ impl Data {
         } else {
             like_containing(q)
         };
-        let minions_sql = if self.outcomes {
-            format!(
-                "SELECT DISTINCT minion FROM saltpipe_outcomes WHERE minion LIKE ? ESCAPE '!' ORDER BY minion LIMIT {PAGE}"
-            )
+        // Minions: the distinct ids by a loose index scan (one seek per
+        // minion), then the pattern; never a scan of every row.
+        let (table, col) = if self.outcomes {
+            ("saltpipe_outcomes", "minion")
         } else {
-            format!(
-                "SELECT DISTINCT id FROM salt_returns WHERE id LIKE ? ESCAPE '!' ORDER BY id LIMIT {PAGE}"
-            )
+            ("salt_returns", "id")
         };
-        let minions = self
-            .rows(&minions_sql, &[Param::Text(pattern.clone())])
-            .await?
-            .into_iter()
-            .map(|r| r[0].text())
-            .collect();
-        let funs = self
-            .rows(
-                &format!(
-                    "SELECT fun, COUNT(*) FROM salt_returns WHERE jid >= ? AND fun LIKE ? ESCAPE '!' \
-                     GROUP BY fun ORDER BY COUNT(*) DESC LIMIT {PAGE}"
-                ),
-                &[Param::Text(since.to_owned()), Param::Text(pattern.clone())],
-            )
-            .await?
+        let minions_sql = format!(
+            "WITH RECURSIVE m(v) AS ( \
+               SELECT (SELECT MIN({col}) FROM {table}) \
+               UNION ALL \
+               SELECT (SELECT MIN(x.{col}) FROM {table} x WHERE x.{col} > m.v) FROM m WHERE m.v IS NOT NULL) \
+             SELECT v FROM m WHERE v LIKE ? ESCAPE '!' ORDER BY v LIMIT {PAGE}"
+        );
+        // Functions: from the jobs of the period (the newest MAX_JOBS_SCAN).
+        let funs_sql = format!(
+            "SELECT f, COUNT(*) FROM (SELECT {} AS f FROM jids WHERE jid >= ? \
+             ORDER BY jid DESC LIMIT {MAX_JOBS_SCAN}) x WHERE f LIKE ? ESCAPE '!' \
+             GROUP BY f ORDER BY COUNT(*) DESC, f LIMIT {PAGE}",
+            d.json_text(&format!("jids.{}", d.load()), "fun")
+        );
+        // Text: the newest TEXT_SCAN returns of the period, not all of them.
+        let returns_sql = format!(
+            "SELECT jid, id, fun FROM (SELECT jid, id, fun, {} AS t FROM salt_returns WHERE jid >= ? \
+             ORDER BY jid DESC LIMIT {TEXT_SCAN}) x WHERE t LIKE ? ESCAPE '!' \
+             ORDER BY jid DESC LIMIT {PAGE}",
+            d.as_text(d.ret())
+        );
+        let by_name = [Param::Text(pattern.clone())];
+        let in_period = [Param::Text(since.to_owned()), Param::Text(pattern)];
+        let (minions, funs, returns) = tokio::try_join!(
+            self.rows(&minions_sql, &by_name),
+            self.rows(&funs_sql, &in_period),
+            self.rows(&returns_sql, &in_period)
+        )?;
+        let minions = minions.into_iter().map(|r| r[0].text()).collect();
+        let funs = funs
             .into_iter()
             .map(|r| (r[0].text(), r[1].int()))
             .collect();
-        let returns = self
-            .rows(
-                &format!(
-                    "SELECT jid, id, fun FROM salt_returns WHERE jid >= ? AND {} LIKE ? ESCAPE '!' \
-                     ORDER BY jid DESC LIMIT {PAGE}",
-                    d.as_text(d.ret())
-                ),
-                &[Param::Text(since.to_owned()), Param::Text(pattern)],
-            )
-            .await?
+        let returns = returns
             .into_iter()
             .map(|r| (r[0].text(), r[1].text(), r[2].text()))
             .collect();

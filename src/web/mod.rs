@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 pub mod chart;
 pub mod config;
 pub mod data;
+pub mod fresh;
+pub mod live;
 pub mod states;
 pub mod store;
 
@@ -46,6 +48,7 @@ pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; scr
 
 const STYLE: &str = include_str!("assets/style.css");
 const FAVICON: &str = include_str!("assets/favicon.svg");
+const LIVE_JS: &str = include_str!("assets/live.js");
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
@@ -64,13 +67,56 @@ pub enum WebError {
 struct App {
     data: Data,
     access: config::Access,
+    /// The feed and counters of the process that ingests (`saltpipe run`);
+    /// None for `saltpipe web`.
+    live: Option<live::LiveFeed>,
+    /// Ends the Live streams, so a graceful shutdown does not wait on them.
+    shutdown: CancellationToken,
+    /// The overview's costly reads, as snapshots (see [`fresh`]).
+    latest: Arc<fresh::Fresh<Vec<data::Latest>>>,
+    hourly: Arc<fresh::Fresh<Vec<(String, i64, i64)>>>,
+}
+
+/// A snapshot younger than this is shown as it is...
+const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...one younger than this while a new one is read behind it.
+const SERVE_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl App {
+    async fn latest(
+        self: &Arc<App>,
+    ) -> Result<(Arc<Vec<data::Latest>>, std::time::Duration), StoreError> {
+        let app = self.clone();
+        self.latest
+            .get(move || {
+                let app = app.clone();
+                async move { app.data.latest(SystemTime::now()).await }
+            })
+            .await
+    }
+
+    async fn hourly(
+        self: &Arc<App>,
+    ) -> Result<(Arc<Vec<(String, i64, i64)>>, std::time::Duration), StoreError> {
+        let app = self.clone();
+        self.hourly
+            .get(move || {
+                let app = app.clone();
+                async move { app.data.hourly(SystemTime::now()).await }
+            })
+            .await
+    }
 }
 
 /// Opens the sink's database read-only, binds the listener (I/O) and
 /// serves until `shutdown`. Returns the bound address and the task.
+/// `live`: the feed of kept events and the counters of this process, when
+/// it ingests too (`saltpipe run`): the Live page and the overview's
+/// ingest figures.
 pub async fn serve(
     cfg: &WebConfig,
     sink: &crate::sink::SinkConfig,
+    live: Option<live::LiveFeed>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<()>), WebError> {
     let access = cfg.access().map_err(WebError::Config)?;
@@ -89,7 +135,14 @@ pub async fn serve(
         addr: cfg.listen,
         source,
     })?;
-    let app = router(Arc::new(App { data, access }));
+    let app = router(Arc::new(App {
+        data,
+        access,
+        live,
+        shutdown: shutdown.clone(),
+        latest: Arc::new(fresh::Fresh::new(FRESH_FOR, SERVE_FOR)),
+        hourly: Arc::new(fresh::Fresh::new(FRESH_FOR, SERVE_FOR)),
+    }));
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -110,10 +163,13 @@ fn router(app: Arc<App>) -> Router {
         .route("/job/{jid}", get(job))
         .route("/minion/{id}", get(minion))
         .route("/search", get(search))
+        .route("/live", get(live_page))
+        .route("/live/events", get(live_events))
         .route("/data/hourly.csv", get(hourly_csv))
         .route("/data/minion/{id}/timeline.csv", get(timeline_csv))
         .route("/assets/style.css", get(style))
         .route("/assets/favicon.svg", get(favicon))
+        .route("/assets/live.js", get(live_js))
         .route("/favicon.ico", get(favicon))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
@@ -248,6 +304,68 @@ async fn favicon() -> Response {
         .into_response()
 }
 
+async fn live_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        LIVE_JS,
+    )
+        .into_response()
+}
+
+#[derive(Template)]
+#[template(path = "web/live.html")]
+struct LivePage {
+    available: bool,
+    max_rows: usize,
+}
+
+/// Rows the Live page keeps on screen.
+const LIVE_ROWS: usize = 500;
+
+async fn live_page(State(app): State<Arc<App>>) -> Response {
+    page(Ok(LivePage {
+        available: app.live.is_some(),
+        max_rows: LIVE_ROWS,
+    }))
+}
+
+/// The Live feed as server-sent events: `message` with a summary as JSON,
+/// `lagged` with how many this page lost by falling behind. Ends with the
+/// server's shutdown.
+async fn live_events(State(app): State<Arc<App>>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Some(feed) = &app.live else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "Live is unavailable: this process does not read the event bus (saltpipe web).",
+        );
+    };
+    let Some(watcher) = feed.watch() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many Live pages are open; close one and reload.",
+        );
+    };
+    let stop = app.shutdown.clone();
+    let stream = futures_util::stream::unfold((watcher, stop), |(mut w, stop)| async move {
+        let seen = tokio::select! {
+            _ = stop.cancelled() => None,
+            s = w.next() => s,
+        }?;
+        let event = match seen {
+            live::Seen::Event(s) => Event::default().json_data(&*s).ok()?,
+            live::Seen::Skipped(n) => Event::default().event("lagged").data(n.to_string()),
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), (w, stop)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 fn minion_href(m: &str) -> String {
     format!("/minion/{}", enc(m))
 }
@@ -271,6 +389,8 @@ struct LatestView {
 #[derive(Template)]
 #[template(path = "web/overview.html")]
 struct OverviewPage {
+    /// How old the minion figures and the chart are.
+    as_of: String,
     derived: bool,
     total: usize,
     /// (outcome, label, count)
@@ -282,6 +402,37 @@ struct OverviewPage {
     failed_states: Vec<(String, i64, String)>,
     /// (outcome, heading, minions, truncated)
     groups: Vec<(&'static str, &'static str, Vec<LatestView>, bool)>,
+    /// This process's ingest figures (`saltpipe run`); empty for `saltpipe web`.
+    ingest: Vec<(&'static str, &'static str, u64)>,
+}
+
+/// The overview's ingest figures from the in-process counters: (id, label, value).
+fn ingest_figures(s: &crate::stats::Snapshot) -> Vec<(&'static str, &'static str, u64)> {
+    vec![
+        ("frames", "events read from the bus", s.frames),
+        ("kept", "kept by the rules", s.kept),
+        ("dropped", "dropped by the rules", s.dropped.values().sum()),
+        ("acked", "written (acknowledged)", s.acked),
+        ("returns", "returns written", s.returns_written),
+        (
+            "overflow",
+            "lost: queue could not keep up",
+            s.overflow_dropped,
+        ),
+        (
+            "queue-errors",
+            "queue write errors (retried)",
+            s.queue_errors,
+        ),
+        ("sink-retries", "batch writes retried", s.sink_retries),
+        ("dead-letters", "dead letters", s.dead_letters),
+        ("disconnects", "bus disconnects", s.disconnects),
+        (
+            "live-skipped",
+            "Live summaries skipped (pages behind)",
+            s.web_live_dropped,
+        ),
+    ]
 }
 
 /// Minions listed per group on the overview at most.
@@ -299,8 +450,18 @@ async fn overview(State(app): State<Arc<App>>) -> Response {
     page(overview_page(&app).await)
 }
 
-async fn overview_page(app: &App) -> Result<OverviewPage, StoreError> {
-    let o = app.data.overview(SystemTime::now()).await?;
+async fn overview_page(app: &Arc<App>) -> Result<OverviewPage, StoreError> {
+    let ((latest, age), (failed_funs, failed_states), (hourly, _)) = tokio::try_join!(
+        app.latest(),
+        app.data.failures(SystemTime::now()),
+        app.hourly()
+    )?;
+    let o = data::Overview {
+        latest: latest.to_vec(),
+        failed_funs,
+        failed_states,
+        hourly: hourly.to_vec(),
+    };
     let counts = GROUPS
         .iter()
         .map(|(k, label)| {
@@ -333,6 +494,7 @@ async fn overview_page(app: &App) -> Result<OverviewPage, StoreError> {
         })
         .collect();
     Ok(OverviewPage {
+        as_of: format!("{} s", age.as_secs()),
         derived: !app.data.outcomes,
         total: o.latest.len(),
         counts,
@@ -355,15 +517,20 @@ async fn overview_page(app: &App) -> Result<OverviewPage, StoreError> {
             })
             .collect(),
         groups,
+        ingest: app
+            .live
+            .as_ref()
+            .map(|l| ingest_figures(&l.stats().snapshot()))
+            .unwrap_or_default(),
     })
 }
 
 async fn hourly_csv(State(app): State<Arc<App>>) -> Response {
-    match app.data.overview(SystemTime::now()).await {
-        Ok(o) => {
+    match app.hourly().await {
+        Ok((hourly, _)) => {
             let mut csv = String::from("hour,jobs,returns\n");
-            for (h, j, r) in o.hourly {
-                csv.push_str(&format!("{},{j},{r}\n", chart_hour(&h)));
+            for (h, j, r) in hourly.iter() {
+                csv.push_str(&format!("{},{j},{r}\n", chart_hour(h)));
             }
             csv_response(csv)
         }
@@ -623,8 +790,11 @@ async fn minion(
 }
 
 async fn minion_page(app: &App, id: String, before: String) -> Result<MinionPage, StoreError> {
-    let h = app.data.history(&id, &before, data::PAGE).await?;
-    let recent = app.data.history(&id, "", TIMELINE).await?;
+    let (h, recent, highstate) = tokio::try_join!(
+        app.data.history(&id, &before, data::PAGE),
+        app.data.history(&id, "", TIMELINE),
+        app.data.last_highstate(&id)
+    )?;
     let items: Vec<(String, String, String)> = recent
         .rows
         .iter()
@@ -666,7 +836,7 @@ async fn minion_page(app: &App, id: String, before: String) -> Result<MinionPage
             })
             .collect(),
         next_href,
-        highstate: app.data.last_highstate(&id).await?,
+        highstate,
         id,
     })
 }
@@ -695,6 +865,8 @@ async fn timeline_csv(State(app): State<Arc<App>>, Path(id): Path<String>) -> Re
 struct SearchPage {
     q: String,
     days: u64,
+    /// How many returns the text search reads at most, as shown.
+    text_scan: &'static str,
     jid_href: String,
     /// (minion, link)
     minions: Vec<(String, String)>,
@@ -714,6 +886,8 @@ async fn search(State(app): State<Arc<App>>, uri: axum::http::Uri) -> Response {
         .unwrap_or(7);
     page(search_page(&app, text, days).await)
 }
+
+const _: () = assert!(data::TEXT_SCAN == 10_000, "update SearchPage::text_scan");
 
 async fn search_page(app: &App, q: String, days: u64) -> Result<SearchPage, StoreError> {
     let is_jid = q.len() == 20 && q.bytes().all(|b| b.is_ascii_digit());
@@ -755,6 +929,7 @@ async fn search_page(app: &App, q: String, days: u64) -> Result<SearchPage, Stor
             .collect(),
         q,
         days,
+        text_scan: "10,000",
     })
 }
 
