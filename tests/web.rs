@@ -21,6 +21,15 @@ fn web_config(text: &str) -> saltpipe::config::Config {
 
 /// Serves `db` in this process on a free port.
 async fn serve(db: &WebDb, web: &str) -> (SocketAddr, CancellationToken) {
+    serve_with(db, web, None).await
+}
+
+/// The same, with a Live feed (as `saltpipe run` has).
+async fn serve_with(
+    db: &WebDb,
+    web: &str,
+    live: Option<saltpipe::web::live::LiveFeed>,
+) -> (SocketAddr, CancellationToken) {
     let mut cfg = web_config(&webdb::config_text(
         db.dir.path(),
         &db.url,
@@ -28,10 +37,16 @@ async fn serve(db: &WebDb, web: &str) -> (SocketAddr, CancellationToken) {
     ));
     cfg.web.enabled = true;
     let stop = CancellationToken::new();
-    let (addr, _task) = saltpipe::web::serve(&cfg.web, &cfg.sink, None, stop.clone())
+    let (addr, _task) = saltpipe::web::serve(&cfg.web, &cfg.sink, live, stop.clone())
         .await
         .expect("serve");
     (addr, stop)
+}
+
+/// A kept return as the listener would offer it to the Live feed.
+fn live_event(jid: &str, minion: &str) -> saltpipe::event::Event {
+    let frame = common::return_frame(jid, minion, "x");
+    saltpipe::event::Event::from_frame(&frame.into()).expect("an event")
 }
 
 struct Page {
@@ -645,7 +660,8 @@ async fn browser_walk() {
         return;
     };
     let db = WebDb::fill(Backend::Sqlite);
-    let (addr, stop) = serve(&db, "").await;
+    let feed = saltpipe::web::live::LiveFeed::new(std::sync::Arc::default());
+    let (addr, stop) = serve_with(&db, "", Some(feed.clone())).await;
     let base = format!("http://{addr}");
     let mut caps = serde_json::Map::new();
     caps.insert(
@@ -788,6 +804,62 @@ async fn browser_walk() {
         "filters in the URL"
     );
     shot(&c, "jobs-filtered").await;
+
+    // Live: events offered to the feed appear (as text), pause holds them,
+    // resume shows them; the script runs under the CSP without a complaint.
+    c.goto(&format!("{base}/live")).await.expect("goto");
+    let rows = || async {
+        c.find_all(Css("#live-rows tr"))
+            .await
+            .expect("rows")
+            .len()
+    };
+    let mut n = 0;
+    for i in 0..200 {
+        // Until the page's EventSource has subscribed, offers go nowhere.
+        feed.offer(&live_event(&format!("2026120212000000{i:04}"), PROBE_MINION), 0);
+        n = rows().await;
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(n > 0, "a live event shown");
+    let first = c
+        .find(Css("#live-rows tr td:nth-child(3)"))
+        .await
+        .expect("minion cell")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(first, PROBE_MINION, "shown as text");
+    c.find(Css("#live-pause"))
+        .await
+        .expect("pause")
+        .click()
+        .await
+        .expect("click");
+    feed.offer(&live_event("20261202120000009999", "held-m"), 0);
+    let status = c.find(Css("#live-status")).await.expect("status");
+    let mut said = String::new();
+    for _ in 0..100 {
+        said = status.text().await.expect("text");
+        if said.contains("1 new held") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(said.contains("Paused, 1 new held"), "{said}");
+    assert_eq!(rows().await, n, "nothing added while paused");
+    shot(&c, "live").await;
+    c.find(Css("#live-pause"))
+        .await
+        .expect("resume")
+        .click()
+        .await
+        .expect("click");
+    assert_eq!(rows().await, n + 1, "the held event shown on resume");
+    assert_quiet_console(driver.port, &sid, "/live").await;
 
     // Dark theme and a phone.
     driver_cmd(

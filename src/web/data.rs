@@ -686,8 +686,9 @@ impl Data {
         }))
     }
 
-    /// Minions and functions named like `q`, and recent returns (since
-    /// `since`, a jid) whose text (state ids, comments, output) contains it.
+    /// Functions named like `q`, and recent returns (since `since`, a jid)
+    /// whose text (state ids, comments, output) contains it. (Minions are
+    /// matched against the overview's list of every minion: [`minions_like`].)
     pub async fn search(&self, q: &str, since: &str) -> Result<Hits, StoreError> {
         let d = self.d();
         let pattern = if q.contains(['*', '?']) {
@@ -695,20 +696,6 @@ impl Data {
         } else {
             like_containing(q)
         };
-        // Minions: the distinct ids by a loose index scan (one seek per
-        // minion), then the pattern; never a scan of every row.
-        let (table, col) = if self.outcomes {
-            ("saltpipe_outcomes", "minion")
-        } else {
-            ("salt_returns", "id")
-        };
-        let minions_sql = format!(
-            "WITH RECURSIVE m(v) AS ( \
-               SELECT (SELECT MIN({col}) FROM {table}) \
-               UNION ALL \
-               SELECT (SELECT MIN(x.{col}) FROM {table} x WHERE x.{col} > m.v) FROM m WHERE m.v IS NOT NULL) \
-             SELECT v FROM m WHERE v LIKE ? ESCAPE '!' ORDER BY v LIMIT {PAGE}"
-        );
         // Functions: from the jobs of the period (the newest MAX_JOBS_SCAN).
         let funs_sql = format!(
             "SELECT f, COUNT(*) FROM (SELECT {} AS f FROM jids WHERE jid >= ? \
@@ -723,14 +710,11 @@ impl Data {
              ORDER BY jid DESC LIMIT {PAGE}",
             d.as_text(d.ret())
         );
-        let by_name = [Param::Text(pattern.clone())];
         let in_period = [Param::Text(since.to_owned()), Param::Text(pattern)];
-        let (minions, funs, returns) = tokio::try_join!(
-            self.rows(&minions_sql, &by_name),
+        let (funs, returns) = tokio::try_join!(
             self.rows(&funs_sql, &in_period),
             self.rows(&returns_sql, &in_period)
         )?;
-        let minions = minions.into_iter().map(|r| r[0].text()).collect();
         let funs = funs
             .into_iter()
             .map(|r| (r[0].text(), r[1].int()))
@@ -740,11 +724,33 @@ impl Data {
             .map(|r| (r[0].text(), r[1].text(), r[2].text()))
             .collect();
         Ok(Hits {
-            minions,
+            minions: Vec::new(),
             funs,
             returns,
         })
     }
+}
+
+/// The minions named like `q` (a substring, or a glob with `*`/`?`;
+/// ASCII case ignored), at most [`PAGE`], from a sorted list of all.
+pub fn minions_like<'a>(q: &str, all: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let opts = glob::MatchOptions {
+        case_sensitive: false,
+        ..Default::default()
+    };
+    let pattern = if q.contains(['*', '?']) {
+        glob::Pattern::new(q).ok()
+    } else {
+        None
+    };
+    let needle = q.to_ascii_lowercase();
+    all.filter(|m| match &pattern {
+        Some(p) => p.matches_with(m, opts),
+        None => m.to_ascii_lowercase().contains(&needle),
+    })
+    .take(PAGE)
+    .map(str::to_owned)
+    .collect()
 }
 
 /// Failed first, then no_return, changed, ok.
@@ -795,6 +801,16 @@ mod tests {
         assert_eq!(like_of_glob("web*"), "web%");
         assert_eq!(like_of_glob("db?_1%!"), "db_!_1!%!!");
         assert_eq!(like_containing("a_b"), "%a!_b%");
+    }
+
+    #[test]
+    fn minions_by_substring_or_glob() {
+        let all = ["db-1", "Web-1", "web-2", "x[1]"];
+        let m = |q: &str| minions_like(q, all.iter().copied());
+        assert_eq!(m("web"), ["Web-1", "web-2"]);
+        assert_eq!(m("w*-2"), ["web-2"]);
+        assert_eq!(m("db-?"), ["db-1"]);
+        assert_eq!(m("[1]"), ["x[1]"]);
     }
 
     #[test]

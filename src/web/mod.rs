@@ -889,13 +889,15 @@ async fn search(State(app): State<Arc<App>>, uri: axum::http::Uri) -> Response {
 
 const _: () = assert!(data::TEXT_SCAN == 10_000, "update SearchPage::text_scan");
 
-async fn search_page(app: &App, q: String, days: u64) -> Result<SearchPage, StoreError> {
+async fn search_page(app: &Arc<App>, q: String, days: u64) -> Result<SearchPage, StoreError> {
     let is_jid = q.len() == 20 && q.bytes().all(|b| b.is_ascii_digit());
     let hits = if q.is_empty() || q.len() > 200 {
         data::Hits::default()
     } else {
         let since = data::jid_at(SystemTime::now() - std::time::Duration::from_secs(days * 86_400));
-        app.data.search(&q, &since).await?
+        let (mut hits, (latest, _)) = tokio::try_join!(app.data.search(&q, &since), app.latest())?;
+        hits.minions = data::minions_like(&q, latest.iter().map(|l| l.minion.as_str()));
+        hits
     };
     Ok(SearchPage {
         jid_href: if is_jid {
