@@ -27,6 +27,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod event;
+pub mod memory;
 pub mod msgpack;
 pub mod ops;
 pub mod outcome;

@@ -15,10 +15,11 @@
 use crate::action::{ActionError, Actions};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::queue::{Message, Producer, QueueError};
+use crate::memory::{Part, PartName};
+use crate::queue::{Producer, QueueError};
 use crate::rules::Rules;
 use crate::sink::SinkError;
-use crate::source::{Ingest, Source, SourceError};
+use crate::source::{Chunk, Ingest, Source, SourceError};
 use crate::stats::Stats;
 use crate::worker::{Stop, Worker, WorkerError};
 use std::sync::Arc;
@@ -89,6 +90,8 @@ impl Reloader {
         listens: bool,
         works: bool,
     ) -> Result<(Hooks, Reloader), PipelineError> {
+        // Before the actions start: they take their part of it.
+        stats.install_budget(cfg.budget(listens));
         let (tx, rx) = if listens {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
@@ -153,6 +156,7 @@ pub async fn run(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<(), PipelineError> {
+    stats.install_budget(cfg.budget(true));
     listen_and_work(
         cfg,
         source,
@@ -172,6 +176,7 @@ pub async fn replay(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
+    stats.install_budget(cfg.budget(true));
     listen_and_work(cfg, source, stats, shutdown, None, Hooks::default()).await
 }
 
@@ -184,6 +189,7 @@ pub async fn listen(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<(), PipelineError> {
+    stats.install_budget(cfg.budget(true));
     let drain = Some(cfg.worker.drain_timeout);
     to_queue(cfg, source, stats, shutdown, drain, hooks).await
 }
@@ -197,6 +203,7 @@ pub async fn feed(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
+    stats.install_budget(cfg.budget(true));
     to_queue(cfg, source, stats, shutdown, None, Hooks::default()).await
 }
 
@@ -208,6 +215,7 @@ pub async fn work(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<(), PipelineError> {
+    stats.install_budget(cfg.budget(false));
     let drain = Some(cfg.worker.drain_timeout);
     let mut workers = Workers::start(cfg, stats, drain, hooks.actions).await?;
     tokio::select! {
@@ -382,8 +390,14 @@ async fn to_queue(
 /// waits; every chunk in flight pins its read buffers (16 chunks held ~8 MB
 /// more at the peak of a 1M-return replay than 4).
 const CHANNEL_CHUNKS: usize = 4;
-/// Messages the writer puts in one queue transaction at most.
+/// Messages the writer puts in one queue transaction at most...
 const WRITE_BATCH: usize = 4096;
+/// ...and bytes (a transaction of 4,096 large returns would hold 400 MB).
+const WRITE_BYTES: usize = 8 << 20;
+/// What the backfill's reader may hold on its way to the queue: it waits
+/// for its queue writer (it is not the bus), so this only sizes its chunks'
+/// accounting; it never drops.
+const BACKFILL_MEMORY: usize = 16 << 20;
 /// How long the writer waits for more messages before storing a small batch.
 const WRITE_LINGER: Duration = Duration::from_millis(20);
 
@@ -391,7 +405,7 @@ const WRITE_LINGER: Duration = Duration::from_millis(20);
 /// closes. After `give_up` fires, a push that keeps failing is abandoned
 /// (logged with the count) so shutdown cannot hang forever on a dead disk.
 async fn queue_writer(
-    mut rx: mpsc::Receiver<Vec<Message>>,
+    mut rx: mpsc::Receiver<Chunk>,
     producer: Arc<dyn Producer>,
     stats: Arc<Stats>,
     give_up: CancellationToken,
@@ -402,7 +416,7 @@ async fn queue_writer(
         // cost the listener most of its CPU (see docs/BENCHMARKS.md).
         let linger = tokio::time::sleep(WRITE_LINGER);
         tokio::pin!(linger);
-        while batch.len() < WRITE_BATCH {
+        while batch.messages.len() < WRITE_BATCH && batch.charge.bytes() < WRITE_BYTES {
             tokio::select! {
                 more = rx.recv() => match more {
                     Some(more) => batch.extend(more),
@@ -413,18 +427,18 @@ async fn queue_writer(
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match producer.push(&batch).await {
+            match producer.push(&batch.messages).await {
                 Ok(()) => {
-                    stats.queued.fetch_add(batch.len() as u64, Relaxed);
+                    stats.queued.fetch_add(batch.messages.len() as u64, Relaxed);
                     break;
                 }
                 Err(e) => {
                     stats.queue_errors.fetch_add(1, Relaxed);
                     if give_up.is_cancelled() {
-                        tracing::error!(error = %e, lost = batch.len(), "cannot store events in the queue at shutdown; they are lost");
+                        tracing::error!(error = %e, lost = batch.messages.len(), "cannot store events in the queue at shutdown; they are lost");
                         break;
                     }
-                    tracing::error!(error = %e, events = batch.len(), "cannot store events in the queue; retrying (the reader keeps draining the bus)");
+                    tracing::error!(error = %e, events = batch.messages.len(), "cannot store events in the queue; retrying (the reader keeps draining the bus)");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.fail()) => {}
                         _ = give_up.cancelled() => {}
@@ -476,7 +490,13 @@ async fn into_queue(
             stats.clone(),
             give_up.clone(),
         ));
-        let ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats.clone(), btx);
+        let ingest = Ingest::new(
+            &cfg.source,
+            Rules::new(&cfg.rules),
+            stats.clone(),
+            btx,
+            Part::standalone(BACKFILL_MEMORY),
+        );
         let auto = crate::backfill::Auto::new(
             &cfg.backfill,
             cfg.source.max_frame,
@@ -486,7 +506,9 @@ async fn into_queue(
         (scan, writer)
     });
     let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
-    let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx).with_live(live);
+    let memory = stats.budget().part(PartName::Listener).clone();
+    let mut ingest =
+        Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx, memory).with_live(live);
     if let Some(rx) = reload {
         ingest = ingest.with_reload(rx);
     }

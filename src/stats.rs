@@ -71,6 +71,20 @@ macro_rules! stats {
         }
 
         impl Stats {
+    /// The memory budget in force: the one installed, else an unlimited one.
+    pub fn budget(&self) -> &Arc<crate::memory::Budget> {
+        self.memory
+            .get_or_init(|| Arc::new(crate::memory::Budget::unlimited()))
+    }
+
+    /// Installs the process's budget; the first one installed stays (main
+    /// installs it before anything starts; the pipeline's own calls are
+    /// then no-ops).
+    pub fn install_budget(&self, budget: crate::memory::Budget) -> &Arc<crate::memory::Budget> {
+        let _ = self.memory.set(Arc::new(budget));
+        self.budget()
+    }
+
             /// Every plain counter, as `/metrics` exports it.
             pub fn counters(&self) -> Vec<Counter> {
                 vec![$(
@@ -195,6 +209,9 @@ stats! {
         /// hostile writer must not be able to turn 1 MB of junk into 100,000
         /// log lines. The counters above still count every one.
         pub bad_input_log: LogLimit,
+        /// The process's memory budget ([`crate::memory`]): installed once
+        /// from the config by the pipeline; unlimited until then.
+        pub memory: std::sync::OnceLock<Arc<crate::memory::Budget>>,
     }
 }
 

@@ -271,9 +271,8 @@ impl Auto {
 mod tests {
     use super::*;
     use crate::backfill::scan::tests::{job, load, ret};
-    use crate::queue::Message;
     use crate::rules::Rules;
-    use crate::source::SourceConfig;
+    use crate::source::{Chunk, SourceConfig};
 
     /// `Auto` running on its own task with a fresh `Ingest` and counters:
     /// the counters, what the ingest hands on, its stop token and task.
@@ -282,7 +281,7 @@ mod tests {
         queue: &std::path::Path,
     ) -> (
         Arc<Stats>,
-        mpsc::Receiver<Vec<Message>>,
+        mpsc::Receiver<Chunk>,
         CancellationToken,
         tokio::task::JoinHandle<()>,
     ) {
@@ -293,6 +292,7 @@ mod tests {
             Rules::new(&Default::default()),
             stats.clone(),
             tx,
+            crate::memory::Part::standalone(16 << 20),
         );
         let stop = CancellationToken::new();
         let auto = Auto::new(cfg, 1 << 20, queue.to_path_buf());
@@ -300,14 +300,14 @@ mod tests {
         (stats, rx, stop, task)
     }
 
-    async fn returns_in(rx: &mut mpsc::Receiver<Vec<Message>>, n: usize) -> usize {
+    async fn returns_in(rx: &mut mpsc::Receiver<Chunk>, n: usize) -> usize {
         let mut got = 0;
         while got < n {
             let chunk = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("events in time")
                 .expect("channel open");
-            got += chunk.iter().filter(|m| m.key.contains('m')).count();
+            got += chunk.messages.iter().filter(|m| m.key.contains('m')).count();
         }
         got
     }

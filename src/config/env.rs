@@ -9,7 +9,7 @@ use super::ConfigError;
 
 /// Sections that can be overridden.
 const SECTIONS: &[&str] = &[
-    "source", "rules", "queue", "worker", "sink", "log", "metrics", "backfill",
+    "source", "rules", "queue", "worker", "sink", "log", "metrics", "backfill", "memory",
 ];
 
 /// Variables that are not overrides even though they start with the prefix.

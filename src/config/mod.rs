@@ -14,6 +14,7 @@
 
 use crate::action::ActionConfig;
 use crate::backfill::BackfillConfig;
+use crate::memory::{Budget, MemoryConfig};
 use crate::ops::MetricsConfig;
 use crate::queue::QueueConfig;
 use crate::rules::RulesConfig;
@@ -54,6 +55,8 @@ pub struct Config {
     pub backfill: BackfillConfig,
     /// The read-only web pages (`saltpipe web`, and `saltpipe run` when enabled).
     pub web: WebConfig,
+    /// The memory budget of the whole process (event data held in memory).
+    pub memory: MemoryConfig,
 }
 
 /// Logging settings.
@@ -275,11 +278,45 @@ impl Config {
         crate::action::validate_all(&self.actions)?;
         self.backfill.validate()?;
         self.web.validate()?;
+        self.memory.validate()?;
+        let pending = self.source.pending_limit(&self.memory);
+        let actions = if self.actions.is_empty() {
+            0
+        } else {
+            self.memory.actions_part()
+        };
+        if pending + actions + (4 << 20) > self.memory.budget {
+            return Err(ConfigError::invalid(
+                "source.pending_limit",
+                format!(
+                    "{} leaves the worker less than 4 MiB of `memory.budget` ({}){}; raise the budget or lower the limit",
+                    bytesize::ByteSize::b(pending).display().iec(),
+                    bytesize::ByteSize::b(self.memory.budget).display().iec(),
+                    if actions > 0 {
+                        " after the actions' eighth"
+                    } else {
+                        ""
+                    },
+                ),
+            ));
+        }
         if !self.log.level.is_empty() {
             tracing_subscriber::EnvFilter::try_new(&self.log.level)
                 .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The process's memory budget split into its parts ([`crate::memory`]):
+    /// with `reads_bus` false (`work`), the listener's part goes to the
+    /// worker.
+    pub fn budget(&self, reads_bus: bool) -> Budget {
+        let listener = if reads_bus {
+            self.source.pending_limit(&self.memory)
+        } else {
+            0
+        };
+        Budget::new(self.memory.budget, listener, !self.actions.is_empty())
     }
 
     /// Names of every queue the rules can route to (always includes `default`).
@@ -324,6 +361,10 @@ pub mod human {
                     ))
                 }),
         }
+    }
+
+    pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        size(d).map(Some)
     }
 }
 

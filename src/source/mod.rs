@@ -7,14 +7,18 @@
 //! and no sign but the EOF. So the source never waits on the queue or the
 //! sink: it frames, decodes and filters inline (cheap), hands kept events to
 //! the queue writer through a bounded channel without waiting, and holds
-//! what the channel cannot take yet in a backlog bounded by `pending_limit`.
-//! Only if that is exceeded (the local disk stopped taking writes) does it
-//! drop events, counted and logged at error, rather than stall the socket
-//! and lose the master's whole buffer uncounted.
+//! what the channel cannot take yet in a backlog. Everything it kept and
+//! the queue has not yet stored (backlog, channel, the writer's batch) is
+//! charged to the listener's part of the memory budget
+//! ([`crate::memory`], `source.pending_limit`). Only if that is full (the
+//! local disk stopped taking writes) does it drop events, counted and
+//! logged at error, rather than stall the socket and lose the master's
+//! whole buffer uncounted.
 
 use crate::bus::framing::{Framed, Framer};
 use crate::config::{ConfigError, human};
 use crate::event::Event;
+use crate::memory::{Charge, Part};
 use crate::queue::Message;
 use crate::rules::{Decision, Rules};
 use crate::stats::{Stats, events};
@@ -61,10 +65,12 @@ pub struct SourceConfig {
     /// (less CPU). At most 100ms; "0s" reads at once.
     #[serde(deserialize_with = "human::duration")]
     pub read_coalesce: Duration,
-    /// Kept events held in memory when the queue writer lags, before the
-    /// reader starts dropping (counted) instead of stalling the bus.
-    #[serde(deserialize_with = "human::size")]
-    pub pending_limit: u64,
+    /// Kept events held in memory until the queue has stored them (the
+    /// listener's part of `[memory] budget`; a third of it when not set),
+    /// before the reader starts dropping (counted) instead of stalling the
+    /// bus.
+    #[serde(deserialize_with = "human::opt_size")]
+    pub pending_limit: Option<u64>,
 }
 
 impl Default for SourceConfig {
@@ -76,7 +82,7 @@ impl Default for SourceConfig {
             reconnect_max: Duration::from_secs(5),
             read_coalesce: Duration::from_millis(10),
             max_frame: 64 << 20,
-            pending_limit: 64 << 20,
+            pending_limit: None,
         }
     }
 }
@@ -133,13 +139,19 @@ impl SourceConfig {
                 "must be between 1KiB and 1GiB",
             ));
         }
-        if self.pending_limit < self.max_frame.min(1 << 20) {
+        if self.pending_limit.is_some_and(|p| p < 1 << 20) {
             return Err(ConfigError::invalid(
                 "source.pending_limit",
                 "must be at least 1MiB",
             ));
         }
         Ok(())
+    }
+
+    /// The listener's part of the memory budget.
+    pub fn pending_limit(&self, memory: &crate::memory::MemoryConfig) -> u64 {
+        self.pending_limit
+            .unwrap_or_else(|| memory.listener_default())
     }
 
     pub fn address(&self) -> BusAddress {
@@ -177,6 +189,23 @@ pub trait Source: Send {
     -> Result<(), SourceError>;
 }
 
+/// Kept events on their way to the queue, with their charge to the
+/// listener's part of the memory budget (given back once the queue has
+/// stored them, or they are dropped).
+#[derive(Debug)]
+pub struct Chunk {
+    pub messages: Vec<Message>,
+    pub charge: Charge,
+}
+
+impl Chunk {
+    /// Adds `other`'s messages and charge to this one.
+    pub fn extend(&mut self, other: Chunk) {
+        self.messages.extend(other.messages);
+        self.charge.merge(other.charge);
+    }
+}
+
 /// Framing, decoding, rules and the hand-off to the queue writer: the
 /// listener's work for every byte read, whatever the source.
 pub struct Ingest {
@@ -185,25 +214,33 @@ pub struct Ingest {
     stats: Arc<Stats>,
     max_frame: usize,
     outbox: Vec<Message>,
-    backlog: VecDeque<Vec<Message>>,
-    backlog_bytes: usize,
-    pending_limit: usize,
-    tx: mpsc::Sender<Vec<Message>>,
+    outbox_bytes: usize,
+    backlog: VecDeque<Chunk>,
+    /// The listener's part of the memory budget.
+    memory: Arc<Part>,
+    tx: mpsc::Sender<Chunk>,
     /// New rules sent on reload (SIGHUP), applied before the next bytes.
     reload: Option<mpsc::UnboundedReceiver<Rules>>,
     /// The web pages' Live feed (`saltpipe run` with `[web] enabled`).
     live: Option<crate::web::live::LiveFeed>,
 }
 
-/// Messages per chunk sent to the queue writer.
+/// Messages per chunk sent to the queue writer...
 const CHUNK: usize = 512;
+/// ...or bytes: the unit in which the listener's memory is charged, and
+/// dropped when it is full (a chunk of 512 large returns would be 50 MB
+/// kept or lost at once).
+const CHUNK_BYTES: usize = 1 << 20;
 
 impl Ingest {
+    /// `memory`: the part of the budget this ingest's kept events are
+    /// charged to until the queue stores them.
     pub fn new(
         cfg: &SourceConfig,
         rules: Rules,
         stats: Arc<Stats>,
-        tx: mpsc::Sender<Vec<Message>>,
+        tx: mpsc::Sender<Chunk>,
+        memory: Arc<Part>,
     ) -> Ingest {
         Ingest {
             framer: Framer::new(cfg.max_frame as usize),
@@ -211,9 +248,9 @@ impl Ingest {
             stats,
             max_frame: cfg.max_frame as usize,
             outbox: Vec::with_capacity(CHUNK),
+            outbox_bytes: 0,
             backlog: VecDeque::new(),
-            backlog_bytes: 0,
-            pending_limit: cfg.pending_limit as usize,
+            memory,
             tx,
             reload: None,
             live: None,
@@ -286,13 +323,14 @@ impl Ingest {
                 if let Some(live) = &self.live {
                     live.offer(&event, received_ms);
                 }
+                self.outbox_bytes += event.body.len();
                 self.outbox.push(Message {
                     queue,
                     key: event.partition_key(),
                     body: event.body,
                     received_ms,
                 });
-                if self.outbox.len() >= CHUNK {
+                if self.outbox.len() >= CHUNK || self.outbox_bytes >= CHUNK_BYTES {
                     self.seal();
                 }
             }
@@ -300,23 +338,26 @@ impl Ingest {
         }
     }
 
+    /// Closes the chunk being filled, charged to the memory part.
     fn seal(&mut self) {
         if self.outbox.is_empty() {
             return;
         }
-        let chunk = std::mem::replace(&mut self.outbox, Vec::with_capacity(CHUNK));
-        self.backlog_bytes += chunk.iter().map(|m| m.body.len()).sum::<usize>();
-        self.backlog.push_back(chunk);
+        let messages = std::mem::replace(&mut self.outbox, Vec::with_capacity(CHUNK));
+        let charge = self.memory.charge(std::mem::take(&mut self.outbox_bytes));
+        self.backlog.push_back(Chunk { messages, charge });
     }
 
-    /// Hands what it can to the queue writer without waiting. Past
-    /// `pending_limit`, drops the newest chunk (counted) instead of blocking.
+    /// Hands what it can to the queue writer without waiting. While the
+    /// memory part is past its limit (the queue has not stored anything
+    /// for a while), drops the newest chunks not yet handed on (counted)
+    /// instead of blocking; a chunk that is all the part holds is kept, so
+    /// one event larger than the part still goes through.
     pub fn flush_nowait(&mut self) -> Result<(), SourceError> {
         self.seal();
         while let Some(chunk) = self.backlog.pop_front() {
-            let bytes: usize = chunk.iter().map(|m| m.body.len()).sum();
             match self.tx.try_send(chunk) {
-                Ok(()) => self.backlog_bytes -= bytes,
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(chunk)) => {
                     self.backlog.push_front(chunk);
                     break;
@@ -324,22 +365,26 @@ impl Ingest {
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::QueueClosed),
             }
         }
-        while self.backlog_bytes > self.pending_limit {
+        while self.memory.used() > self.memory.limit() {
             let Some(chunk) = self.backlog.pop_back() else {
                 break;
             };
-            let bytes: usize = chunk.iter().map(|m| m.body.len()).sum();
-            self.backlog_bytes -= bytes;
+            if chunk.charge.bytes() >= self.memory.used() {
+                self.backlog.push_back(chunk);
+                break;
+            }
             // These never reach the queue: the duplicate window must not
             // drop the master's retransmit of them as already kept.
-            for m in &chunk {
+            for m in &chunk.messages {
                 if let Ok(e) = Event::from_body(m.body.clone()) {
                     self.rules.forget(&e);
                 }
             }
+            let dropped = chunk.messages.len();
+            drop(chunk);
             events::QueueOverflow {
-                dropped: chunk.len(),
-                pending_bytes: self.backlog_bytes,
+                dropped,
+                pending_bytes: self.memory.used(),
             }
             .emit(&self.stats);
         }
@@ -355,7 +400,6 @@ impl Ingest {
     pub async fn flush_wait(&mut self) -> Result<(), SourceError> {
         self.seal();
         while let Some(chunk) = self.backlog.pop_front() {
-            self.backlog_bytes -= chunk.iter().map(|m| m.body.len()).sum::<usize>();
             self.tx
                 .send(chunk)
                 .await
@@ -404,21 +448,22 @@ mod tests {
 
     #[test]
     fn a_return_dropped_on_overflow_is_kept_when_the_master_sends_it_again() {
-        let cfg = SourceConfig {
-            pending_limit: 1,
-            ..SourceConfig::default()
-        };
+        let cfg = SourceConfig::default();
         let rules = Rules::new(&crate::rules::RulesConfig::default());
         let stats = Arc::new(Stats::default());
-        // Room for one chunk, and nobody taking it yet: the queue is stuck.
+        // Room for one chunk in the listener's memory, and nobody taking it
+        // yet: the queue is stuck.
         let (tx, mut rx) = mpsc::channel(1);
-        let mut ingest = Ingest::new(&cfg, rules, stats.clone(), tx);
+        let memory = Part::standalone(1);
+        let mut ingest = Ingest::new(&cfg, rules, stats.clone(), tx, memory);
         feed(&mut ingest, &ret("1"));
         feed(&mut ingest, &ret("2"));
         assert_eq!(stats.overflow_dropped.load(Relaxed), 1, "jid 2 was lost");
         // The queue recovers; the master retransmits both.
         let first = rx.try_recv().expect("jid 1 was handed on");
-        assert_eq!(first.len(), 1);
+        assert_eq!(first.messages.len(), 1);
+        // Stored: its memory is given back.
+        drop(first);
         feed(&mut ingest, &ret("1"));
         feed(&mut ingest, &ret("2"));
         let dup = DropReason::DuplicateReturn.index();
@@ -428,7 +473,7 @@ mod tests {
             "jid 1 was queued: its copy is a duplicate"
         );
         let again = rx.try_recv().expect("the retransmit of jid 2 was kept");
-        let e = Event::from_body(again[0].body.clone()).expect("event");
+        let e = Event::from_body(again.messages[0].body.clone()).expect("event");
         assert_eq!(e.fields.jid.as_deref(), Some("2"));
         assert_eq!(stats.kept.load(Relaxed), 3);
     }
