@@ -359,7 +359,9 @@ mod tests {
         assert_eq!(l.used(), 1200);
         drop((a, forced));
         assert_eq!(l.used(), 0);
-        let alone = l.try_charge(5000).expect("larger than the part, but it is empty");
+        let alone = l
+            .try_charge(5000)
+            .expect("larger than the part, but it is empty");
         assert!(l.try_charge(1).is_none());
         drop(alone);
     }

@@ -808,16 +808,14 @@ async fn browser_walk() {
     // Live: events offered to the feed appear (as text), pause holds them,
     // resume shows them; the script runs under the CSP without a complaint.
     c.goto(&format!("{base}/live")).await.expect("goto");
-    let rows = || async {
-        c.find_all(Css("#live-rows tr"))
-            .await
-            .expect("rows")
-            .len()
-    };
+    let rows = || async { c.find_all(Css("#live-rows tr")).await.expect("rows").len() };
     let mut n = 0;
     for i in 0..200 {
         // Until the page's EventSource has subscribed, offers go nowhere.
-        feed.offer(&live_event(&format!("2026120212000000{i:04}"), PROBE_MINION), 0);
+        feed.offer(
+            &live_event(&format!("2026120212000000{i:04}"), PROBE_MINION),
+            0,
+        );
         n = rows().await;
         if n > 0 {
             break;

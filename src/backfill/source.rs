@@ -307,7 +307,11 @@ mod tests {
                 .await
                 .expect("events in time")
                 .expect("channel open");
-            got += chunk.messages.iter().filter(|m| m.key.contains('m')).count();
+            got += chunk
+                .messages
+                .iter()
+                .filter(|m| m.key.contains('m'))
+                .count();
         }
         got
     }
