@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub(super) struct Offer {
     pub key: String,
     pub event: Event,
+    /// The copy's bytes against the actions' part of the memory budget,
+    /// given back when the last action holding it is done with it.
+    pub _charge: Arc<crate::memory::Charge>,
 }
 
 /// What the dispatcher needs besides the queue.

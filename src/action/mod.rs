@@ -112,6 +112,10 @@ impl Running {
 #[derive(Default)]
 pub struct ActionSet {
     running: Vec<Running>,
+    /// The actions' part of the memory budget (none when the process
+    /// started without actions and a reload added some: then each action's
+    /// `queue_bytes` alone bounds it).
+    memory: Option<Arc<crate::memory::Part>>,
 }
 
 impl ActionSet {
@@ -128,11 +132,24 @@ impl ActionSet {
         }
         for e in events {
             let mut job: Option<Offer> = None;
+            // Whether the process's memory for actions was full for this
+            // event (asked once, at its first matching action).
+            let mut no_memory = false;
             let size = e.body.len();
             for r in &self.running {
                 if !r.when.matches(e) {
                     continue;
                 }
+                if job.is_none() && !no_memory {
+                    match self.charge(size) {
+                        Some(charge) => job = Some(Offer::copy_of(e, charge)),
+                        None => no_memory = true,
+                    }
+                }
+                let Some(j) = &job else {
+                    r.refuse(e, "memory.budget's actions part");
+                    continue;
+                };
                 if r.held
                     .fetch_update(AcqRel, Acquire, |h| {
                         h.checked_add(size).filter(|n| *n <= r.queue_bytes)
@@ -142,23 +159,35 @@ impl ActionSet {
                     r.refuse(e, "queue_bytes");
                     continue;
                 }
-                let j = job
-                    .get_or_insert_with(|| {
-                        // A copy of just this event: a slice of the batch's
-                        // buffer would keep the whole container alive.
-                        let mut event = e.clone();
-                        event.body = bytes::Bytes::copy_from_slice(&e.body);
-                        Offer {
-                            key: e.fields.minion.clone().unwrap_or_else(|| e.partition_key()),
-                            event,
-                        }
-                    })
-                    .clone();
-                if r.tx.try_send(j).is_err() {
+                if r.tx.try_send(j.clone()).is_err() {
                     r.held.fetch_sub(size, AcqRel);
                     r.refuse(e, "queue_size, or stopped");
                 }
             }
+        }
+    }
+}
+
+impl ActionSet {
+    /// `bytes` against the actions' part, if it has room.
+    fn charge(&self, bytes: usize) -> Option<crate::memory::Charge> {
+        match &self.memory {
+            Some(part) => part.try_charge(bytes),
+            None => Some(crate::memory::Charge::none()),
+        }
+    }
+}
+
+impl Offer {
+    /// A copy of just this event: a slice of the batch's buffer would keep
+    /// the whole container alive.
+    fn copy_of(e: &Event, charge: crate::memory::Charge) -> Offer {
+        let mut event = e.clone();
+        event.body = bytes::Bytes::copy_from_slice(&e.body);
+        Offer {
+            key: e.fields.minion.clone().unwrap_or_else(|| e.partition_key()),
+            event,
+            _charge: Arc::new(charge),
         }
     }
 }
@@ -245,7 +274,16 @@ impl Actions {
                 queue_bytes: usize::try_from(c.queue_bytes).unwrap_or(usize::MAX),
             });
         }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ActionSet { running });
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ActionSet {
+            running,
+            memory: Some(
+                stats
+                    .budget()
+                    .part(crate::memory::PartName::Actions)
+                    .clone(),
+            )
+            .filter(|p| p.limit() > 0),
+        });
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|h| !h.is_finished());
         tasks.extend(handles);
@@ -452,10 +490,9 @@ mod tests {
     }
 
     fn job(key: &str, tag: &str) -> Offer {
-        Offer {
-            key: key.into(),
-            event: event(tag),
-        }
+        let mut offer = Offer::copy_of(&event(tag), crate::memory::Charge::none());
+        offer.key = key.into();
+        offer
     }
 
     #[tokio::test(start_paused = true)]
@@ -521,12 +558,9 @@ mod tests {
             for i in 0..8 {
                 let frame = crate::bus::encode::frame_bytes(&format!("t{i}"), &[("p", &payload)]);
                 let event = Event::from_frame(&bytes::Bytes::from(frame)).expect("event");
-                tx.send(Offer {
-                    key: format!("m{i}"),
-                    event,
-                })
-                .await
-                .expect("send");
+                let mut offer = Offer::copy_of(&event, crate::memory::Charge::none());
+                offer.key = format!("m{i}");
+                tx.send(offer).await.expect("send");
             }
             drop(tx);
             task.await.expect("dispatcher");
@@ -535,19 +569,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_action_holds_at_most_queue_bytes() {
-        let (tx, mut rx) = mpsc::channel(100);
+    /// A return of about 100 KB.
+    fn big(i: usize) -> Event {
+        let payload = "x".repeat(100_000);
+        let frame = crate::bus::encode::frame_bytes(
+            &format!("salt/job/{i}/ret/m"),
+            &[("id", "m"), ("jid", "1"), ("return", &payload)],
+        );
+        Event::from_frame(&bytes::Bytes::from(frame)).expect("event")
+    }
+
+    /// One action matching everything, nobody dispatching: its set, its
+    /// queue, its counters and the bytes it holds.
+    fn one_action(
+        queue_bytes: usize,
+        memory: Option<Arc<crate::memory::Part>>,
+    ) -> (
+        ActionSet,
+        mpsc::Receiver<Offer>,
+        Arc<ActionCounters>,
+        Arc<AtomicUsize>,
+    ) {
+        let (tx, rx) = mpsc::channel(100);
         let counters = Arc::new(ActionCounters::default());
         let held = Arc::new(AtomicUsize::new(0));
-        let big = |i: usize| {
-            let payload = "x".repeat(100_000);
-            let frame = crate::bus::encode::frame_bytes(
-                &format!("salt/job/{i}/ret/m"),
-                &[("id", "m"), ("jid", "1"), ("return", &payload)],
-            );
-            Event::from_frame(&bytes::Bytes::from(frame)).expect("event")
-        };
         let set = ActionSet {
             running: vec![Running {
                 name: "t".into(),
@@ -560,9 +605,29 @@ mod tests {
                     Duration::from_secs(1),
                 ))),
                 held: held.clone(),
-                queue_bytes: 350_000,
+                queue_bytes,
             }],
+            memory,
         };
+        (set, rx, counters, held)
+    }
+
+    #[test]
+    fn the_process_budget_bounds_the_actions_and_is_given_back() {
+        let part = crate::memory::Part::standalone(250_000);
+        let (set, rx, counters, _) = one_action(usize::MAX, Some(part.clone()));
+        let events: Vec<Event> = (0..5).map(big).collect();
+        set.offer(&events);
+        assert_eq!(counters.dropped.load(Relaxed), 3, "2 x 100 KB fit, not 3");
+        assert_eq!(part.used(), 2 * events[0].body.len());
+        // The dispatcher done with them (here: the queue dropped): all back.
+        drop(rx);
+        assert_eq!(part.used(), 0);
+    }
+
+    #[test]
+    fn an_action_holds_at_most_queue_bytes() {
+        let (set, mut rx, counters, held) = one_action(350_000, None);
         let events: Vec<Event> = (0..5).map(big).collect();
         set.offer(&events);
         assert_eq!(counters.dropped.load(Relaxed), 2, "3 x 100 KB fit, not 4");

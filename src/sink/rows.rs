@@ -269,6 +269,33 @@ pub enum RowSet {
     Event(EventRow),
 }
 
+impl RowSet {
+    /// The bytes its strings hold (for the memory budget; the few fixed
+    /// fields are left out).
+    pub fn heap_bytes(&self) -> usize {
+        let job = |j: &JidRow| {
+            j.jid.len()
+                + j.load.len()
+                + j.targets.as_ref().map_or(0, |t| {
+                    t.fun.len() + t.stamp.len() + t.minions.iter().map(String::len).sum::<usize>()
+                })
+        };
+        match self {
+            RowSet::Job(j) => job(j),
+            RowSet::Return(r, j) => {
+                r.fun.len()
+                    + r.jid.len()
+                    + r.id.len()
+                    + r.success.len()
+                    + r.full_ret.len()
+                    + r.outcome.stamp.len()
+                    + j.as_ref().map_or(0, job)
+            }
+            RowSet::Event(e) => e.tag.len() + e.data.len(),
+        }
+    }
+}
+
 /// Why a record cannot become rows (a permanent error).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot convert {tag} to JSON: {error}")]

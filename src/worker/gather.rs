@@ -5,9 +5,10 @@
 //! consumer is not shareable, and an ack must not be sent on a connection
 //! that a pull is reconnecting.
 
-use super::{Stop, WorkerConfig, WorkerError};
+use super::{Batch, Stop, WorkerConfig, WorkerError};
 use crate::backoff::Backoff;
-use crate::queue::{Consumer, Delivery};
+use crate::memory::{Charge, Part};
+use crate::queue::Consumer;
 use crate::stats::Stats;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,13 +36,15 @@ pub(super) struct Gather {
     /// From the write stage: the ids of each committed batch, in batch order.
     pub committed: mpsc::UnboundedReceiver<Vec<u64>>,
     pub depth: DepthPoll,
+    /// The worker's part of the memory budget (shared by every worker).
+    pub memory: Arc<Part>,
 }
 
 impl Gather {
     /// Gathers batches into `batches` (the prepare stage) until shutdown
     /// (then drains) or until the stages downstream end; then acks every
     /// commit they report until they are done.
-    pub async fn run(mut self, batches: mpsc::Sender<Vec<Delivery>>) -> Result<(), WorkerError> {
+    pub async fn run(mut self, batches: mpsc::Sender<Batch>) -> Result<(), WorkerError> {
         self.gather(&batches).await?;
         // No more batches: the stages downstream finish what they hold
         // (within the drain deadline) and close `committed`.
@@ -52,8 +55,8 @@ impl Gather {
         Ok(())
     }
 
-    async fn gather(&mut self, batches: &mpsc::Sender<Vec<Delivery>>) -> Result<(), WorkerError> {
-        let max_bytes = self.cfg.batch_max_bytes as usize;
+    async fn gather(&mut self, batches: &mpsc::Sender<Batch>) -> Result<(), WorkerError> {
+        let max_bytes = batch_bytes(self.cfg.batch_max_bytes, &self.memory);
         // Batches handed on and not yet acked.
         let mut in_flight = 0usize;
         loop {
@@ -67,7 +70,7 @@ impl Gather {
                 return Ok(());
             }
             let batch = self.pull_batch(max_bytes, draining, in_flight).await?;
-            if batch.is_empty() {
+            if batch.deliveries.is_empty() {
                 if draining {
                     if in_flight == 0 {
                         return Ok(());
@@ -90,7 +93,12 @@ impl Gather {
                 }
                 continue;
             }
-            self.depth.newest_handed_ms = batch.iter().map(|d| d.received_ms).max().unwrap_or(0);
+            self.depth.newest_handed_ms = batch
+                .deliveries
+                .iter()
+                .map(|d| d.received_ms)
+                .max()
+                .unwrap_or(0);
             // Hand over; while the stages downstream are busy, keep acking
             // what they finished.
             let mut pending = Some(batch);
@@ -121,15 +129,35 @@ impl Gather {
         max_bytes: usize,
         draining: bool,
         in_flight: usize,
-    ) -> Result<Vec<Delivery>, WorkerError> {
-        let mut batch: Vec<Delivery> = Vec::new();
+    ) -> Result<Batch, WorkerError> {
+        let mut batch = Batch {
+            deliveries: Vec::new(),
+            charge: Charge::none(),
+        };
         let mut bytes = 0usize;
         let mut closes_at: Option<Instant> = None;
         loop {
-            let room = self.cfg.batch_max_events - batch.len();
-            if room == 0 || bytes >= max_bytes || (!batch.is_empty() && self.consumer.starved()) {
+            let room = self.cfg.batch_max_events - batch.deliveries.len();
+            if room == 0
+                || bytes >= max_bytes
+                || (!batch.deliveries.is_empty() && self.consumer.starved())
+            {
                 return Ok(batch);
             }
+            // The worker's memory is full (batches converting and being
+            // written): close this batch, or, with none, wait for a write
+            // to finish. The queue holds the rest, durably.
+            if self.memory.room() == 0 {
+                if !batch.deliveries.is_empty() {
+                    return Ok(batch);
+                }
+                tokio::select! {
+                    _ = self.memory.admit() => {}
+                    // Back to the caller now and then: acks, shutdown.
+                    _ = tokio::time::sleep(IDLE_WAIT) => return Ok(batch),
+                }
+            }
+            let max_pull = (max_bytes - bytes).min(self.memory.room()).max(1);
             let wait = match closes_at {
                 Some(t) => t.saturating_duration_since(Instant::now()),
                 None if draining => DRAIN_WAIT,
@@ -139,10 +167,10 @@ impl Gather {
             let got = if closes_at.is_none() && !draining {
                 tokio::select! {
                     _ = self.stop.token.cancelled() => return Ok(batch),
-                    r = self.consumer.pull(room, max_bytes - bytes, wait) => r?,
+                    r = self.consumer.pull(room, max_pull, wait) => r?,
                 }
             } else {
-                self.consumer.pull(room, max_bytes - bytes, wait).await?
+                self.consumer.pull(room, max_pull, wait).await?
             };
             if got.is_empty() {
                 // Nothing came: the batch is due, or there is none.
@@ -154,9 +182,11 @@ impl Gather {
             if closes_at.is_none() {
                 closes_at = Some(Instant::now() + self.cfg.batch_timeout);
             }
-            bytes += got.iter().map(|d| d.body.len()).sum::<usize>();
+            let got_bytes = got.iter().map(|d| d.body.len()).sum::<usize>();
+            bytes += got_bytes;
+            batch.charge.merge(self.memory.charge(got_bytes));
             self.stats.delivered.fetch_add(got.len() as u64, Relaxed);
-            batch.extend(got);
+            batch.deliveries.extend(got);
         }
     }
 
@@ -180,6 +210,16 @@ impl Gather {
             }
         }
     }
+}
+
+/// A batch's size in bytes: `batch_max_bytes`, and at most an eighth of
+/// the worker's memory, so that the batches a worker holds at once (one
+/// gathering, one converting, one ready, `writers` being written, each
+/// converted batch holding its events about three times over: raw, rows,
+/// statement) stay near the part's limit instead of several times it.
+fn batch_bytes(batch_max_bytes: u64, memory: &Part) -> usize {
+    let configured = usize::try_from(batch_max_bytes).unwrap_or(usize::MAX);
+    configured.min((memory.limit() / 8).max(64 << 10))
 }
 
 /// Publishes the queue's depth and the age of its oldest waiting event.

@@ -73,6 +73,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// A gathered batch, and the memory it is charged against the worker's
+/// part (carried through the stages, given back when its write ends).
+pub(super) struct Batch {
+    pub deliveries: Vec<crate::queue::Delivery>,
+    pub charge: crate::memory::Charge,
+}
+
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -257,9 +264,11 @@ impl Worker {
             }
             .run(),
         );
+        let memory = stats.budget().part(crate::memory::PartName::Worker).clone();
         let gathered = gather::Gather {
             consumer,
             cfg,
+            memory,
             stats,
             stop,
             committed: to_ack,

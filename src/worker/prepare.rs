@@ -7,7 +7,7 @@
 //! hold up the tasks that drive the database's sockets and the acks.
 
 use super::write::Store;
-use super::{Stop, WorkerError};
+use super::{Batch, Stop, WorkerError};
 use crate::action::Actions;
 use crate::event::Event;
 use crate::queue::Delivery;
@@ -25,6 +25,8 @@ pub(super) struct Ready {
     /// Receive time of the batch's oldest event.
     pub oldest: i64,
     pub records: Vec<Record>,
+    /// The worker memory this batch holds: its events and their rows.
+    pub charge: crate::memory::Charge,
 }
 
 pub(super) struct Prepare {
@@ -34,7 +36,7 @@ pub(super) struct Prepare {
     pub redact: Option<Arc<KeyRedactor>>,
     pub stop: Stop,
     /// From the gather stage.
-    pub batches: mpsc::Receiver<Vec<Delivery>>,
+    pub batches: mpsc::Receiver<Batch>,
     /// To the write stage.
     pub ready: mpsc::Sender<Ready>,
 }
@@ -65,7 +67,11 @@ impl Prepare {
     /// Decodes `batch` (dead-lettering what does not decode), offers it to
     /// the actions, and has the sink convert it to rows. None if shutdown's
     /// deadline came while dead-lettering.
-    async fn prepare(&self, batch: Vec<Delivery>) -> Result<Option<Ready>, WorkerError> {
+    async fn prepare(&self, batch: Batch) -> Result<Option<Ready>, WorkerError> {
+        let Batch {
+            deliveries: batch,
+            mut charge,
+        } = batch;
         let ids: Vec<u64> = batch.iter().map(|d| d.id).collect();
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
         let store = self.store.clone();
@@ -74,6 +80,11 @@ impl Prepare {
             tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
                 .await
                 .map_err(WorkerError::join)?;
+        // What the batch holds from now on until its write ends: the events,
+        // their rows, and the statements a SQL sink builds from the rows
+        // (about the rows' size again). Charged without waiting: the
+        // gatherer, not this stage, waits for room (crate::memory).
+        charge.resize(held_bytes(&records));
         for (d, e) in undecodable {
             // The queue gave back bytes we did not put there: keep them aside.
             tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
@@ -95,8 +106,19 @@ impl Prepare {
             ids,
             oldest,
             records,
+            charge,
         }))
     }
+}
+
+/// The bytes a converted batch holds while it is written: each event's
+/// body, and twice its rows (the rows, and the SQL statement built from
+/// them).
+fn held_bytes(records: &[Record]) -> usize {
+    records
+        .iter()
+        .map(|r| r.event.body.len() + 2 * r.rows.as_ref().map_or(0, |rows| rows.heap_bytes()))
+        .sum()
 }
 
 /// The blocking half: decode, redact, convert to rows.

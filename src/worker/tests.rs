@@ -31,7 +31,7 @@ impl Consumer for MemConsumer {
     async fn pull(
         &mut self,
         max: usize,
-        _max_bytes: usize,
+        max_bytes: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let got: Vec<Delivery> = {
@@ -41,7 +41,15 @@ impl Consumer for MemConsumer {
                 .0
                 .prefetch
                 .map_or(usize::MAX, |p| p.saturating_sub(*unacked));
-            let n = max.min(q.len()).min(room);
+            let mut n = max.min(q.len()).min(room);
+            // About `max_bytes`: at least one.
+            let mut bytes = 0;
+            if let Some(fit) = q.iter().take(n).position(|d| {
+                bytes += d.body.len();
+                bytes > max_bytes
+            }) {
+                n = fit.max(1);
+            }
             *unacked += n;
             q.drain(..n).collect()
         };
@@ -144,7 +152,17 @@ async fn run(
     cfg: WorkerConfig,
     drain: Option<Duration>,
 ) -> Arc<Stats> {
-    let stats = Arc::new(Stats::default());
+    run_in(Arc::new(Stats::default()), queue, sink, cfg, drain).await
+}
+
+/// [`run`] with these counters (and the memory budget installed in them).
+async fn run_in(
+    stats: Arc<Stats>,
+    queue: Arc<MemQueue>,
+    sink: Arc<dyn Sink>,
+    cfg: WorkerConfig,
+    drain: Option<Duration>,
+) -> Arc<Stats> {
     let token = CancellationToken::new();
     let w = Worker::new(Box::new(MemConsumer(queue)), sink, cfg, stats.clone());
     let t = token.clone();
@@ -491,4 +509,79 @@ async fn shutdown_with_the_sink_down_leaves_the_batch_unacked() {
         q.acked.lock().expect("lock").is_empty(),
         "nothing acked that was not written"
     );
+}
+
+/// Takes a second per batch (long beside a debug build's conversion of the
+/// next one), and up to twenty batches at once: without the
+/// memory budget a worker would hold twenty.
+struct SlowSink;
+
+#[async_trait]
+impl Sink for SlowSink {
+    async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(WriteReport {
+            returns: batch.len() as u64,
+            ..Default::default()
+        })
+    }
+    async fn dead_letter(&self, _: &str, _: &bytes::Bytes, _: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn writers(&self) -> usize {
+        20
+    }
+}
+
+// In real time: with paused time the clock jumps while the prepare stage
+// converts on the blocking pool, so every write would end at once.
+#[tokio::test]
+async fn a_slow_sink_holds_the_worker_to_its_memory_part_and_all_of_it_comes_back() {
+    let payload = "x".repeat(100_000);
+    let big = |i: u64| {
+        let f = frame_bytes(
+            &format!("salt/job/{i}/ret/m"),
+            &[("id", "m"), ("jid", &i.to_string()), ("return", &payload)],
+        );
+        Delivery {
+            id: i,
+            key: "m".into(),
+            body: Event::from_frame(&bytes::Bytes::from(f))
+                .expect("event")
+                .body,
+            received_ms: 0,
+        }
+    };
+    let q = Arc::new(MemQueue::default());
+    q.ready.lock().expect("lock").extend((1..=24).map(big));
+    let one = big(1).body.len();
+    let stats = Arc::new(Stats::default());
+    // 1 MiB for the worker: about ten of these returns.
+    let part = stats
+        .install_budget(crate::memory::Budget::new(1 << 20, 0, false))
+        .part(crate::memory::PartName::Worker)
+        .clone();
+    // Shut down from the start: drains the queue, then ends.
+    let token = CancellationToken::new();
+    token.cancel();
+    let w = Worker::new(
+        Box::new(MemConsumer(q.clone())),
+        Arc::new(SlowSink),
+        cfg(10),
+        stats,
+    );
+    w.run(Stop::new(token, None)).await.expect("worker");
+    assert_eq!(
+        q.acked.lock().expect("lock").len(),
+        24,
+        "everything written"
+    );
+    assert!(part.waits() > 0, "the gatherer waited for memory");
+    assert!(
+        part.peak() <= part.limit() + 2 * one,
+        "peak {} over the limit {} by more than a batch",
+        part.peak(),
+        part.limit()
+    );
+    assert_eq!(part.used(), 0, "every batch's memory given back");
 }

@@ -102,7 +102,14 @@ impl Store {
     /// Writes one prepared batch (retrying, splitting, dead-lettering).
     /// Returns the ids to ack, or None if shutdown's deadline came first.
     async fn commit(&self, ready: Ready, stop: &Stop) -> Commit {
-        let Ready { ids, records, .. } = ready;
+        // `_charge` lives until the write ends, whichever way: then the
+        // batch's memory is given back and the gatherer may pull again.
+        let Ready {
+            ids,
+            records,
+            charge: _charge,
+            ..
+        } = ready;
         let started = std::time::Instant::now();
         let Some(report) = self.write_all(&records, stop).await? else {
             tracing::warn!(
