@@ -375,6 +375,8 @@ impl Daemon {
         stats
             .bus_expected
             .store(listens, std::sync::atomic::Ordering::Relaxed);
+        // Before /metrics can be scraped: the first budget installed stays.
+        stats.install_budget(cfg.budget(listens));
         serve_metrics(cfg, &stats, ops_stop).await?;
         let (hooks, reloader) = pipeline::Reloader::new(cfg, &stats, listens, works)?;
         reload_on_sighup(loaded.path.clone(), reloader, stats.clone())?;

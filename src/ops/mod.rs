@@ -233,6 +233,31 @@ fn publish(s: &Stats) {
     {
         gauge!("saltpipe_queue_oldest_age_seconds", "queue" => q.clone()).set(age(now, *t));
     }
+    describe_gauge!(
+        "saltpipe_memory_bytes",
+        "Event data held in memory now, by part of [memory] budget: listener (read, not yet queued), worker (batches gathered, converted, being written), actions (event copies waiting for an action)."
+    );
+    describe_gauge!(
+        "saltpipe_memory_limit_bytes",
+        "Each part's share of [memory] budget."
+    );
+    describe_gauge!(
+        "saltpipe_memory_peak_bytes",
+        "The most each part has held since the start."
+    );
+    describe_counter!(
+        "saltpipe_memory_waits_total",
+        "Times a stage found its part full: the worker waited before pulling more (the queue held the rest); the listener and the actions dropped instead, counted in their own counters."
+    );
+    let budget = s.budget();
+    for name in crate::memory::PartName::ALL {
+        let part = budget.part(name);
+        let p = name.as_str();
+        gauge!("saltpipe_memory_bytes", "part" => p).set(part.used() as f64);
+        gauge!("saltpipe_memory_limit_bytes", "part" => p).set(part.limit() as f64);
+        gauge!("saltpipe_memory_peak_bytes", "part" => p).set(part.peak() as f64);
+        counter!("saltpipe_memory_waits_total", "part" => p).absolute(part.waits());
+    }
     describe_counter!(
         "saltpipe_action_results_total",
         "Action outcomes by action: sent, failed, retried, dropped (queue full), rate_limited, deduplicated, given_up (not sent within the drain time at shutdown)."
@@ -267,6 +292,8 @@ mod tests {
         stats.set_queue_depth("default", 7, 0);
         stats.redacted.store(5, Relaxed);
         stats.bus_expected.store(true, Relaxed);
+        let budget = stats.install_budget(crate::memory::Budget::new(96 << 20, 32 << 20, false));
+        let _held = budget.part(crate::memory::PartName::Worker).charge(5 << 20);
         let stop = CancellationToken::new();
         let cfg = MetricsConfig {
             enabled: true,
@@ -311,6 +338,21 @@ mod tests {
             m.get("saltpipe_queue_depth", &[("queue", "default")]),
             Some(7.0)
         );
+        let memory = |name, part| m.get(name, &[("part", part)]);
+        assert_eq!(memory("saltpipe_memory_bytes", "worker"), Some(5_242_880.0));
+        assert_eq!(
+            memory("saltpipe_memory_peak_bytes", "worker"),
+            Some(5_242_880.0)
+        );
+        assert_eq!(
+            memory("saltpipe_memory_limit_bytes", "listener"),
+            Some(33_554_432.0)
+        );
+        assert_eq!(
+            memory("saltpipe_memory_limit_bytes", "worker"),
+            Some(67_108_864.0)
+        );
+        assert_eq!(memory("saltpipe_memory_bytes", "listener"), Some(0.0));
         for (o, want) in [
             ("failed", 2.0),
             ("no_return", 1.0),
