@@ -548,7 +548,19 @@ async fn validate(
         }
     }
     match cfg.sink.build().await {
-        Ok(_) => println!("opened the sink at {} (schema present)", cfg.sink.url),
+        Ok(sink) => {
+            println!("opened the sink at {} (schema present)", cfg.sink.url);
+            // Not a failure: such a return is dead-lettered with its reason.
+            let largest = (cfg.source.max_frame as u64).min(cfg.sink.max_return_size);
+            if let Some(limit) = sink.row_limit().filter(|l| (*l as u64) < largest) {
+                println!(
+                    "warning: the database takes rows of at most {limit} bytes (MySQL: under its \
+                     max_allowed_packet), less than source.max_frame / sink.max_return_size \
+                     ({largest} bytes): a larger return is dead-lettered; raise the server's \
+                     max_allowed_packet to store it"
+                );
+            }
+        }
         Err(e) => {
             ok = false;
             println!("cannot open the sink at {}: {e}", cfg.sink.url);

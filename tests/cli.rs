@@ -1,6 +1,8 @@
 //! The command line's contract: exit codes, error messages that name the
 //! key and line, every example config valid, replay of real captures.
 
+mod common;
+
 use std::process::Command;
 
 fn saltpipe(args: &[&str]) -> std::process::Output {
@@ -96,6 +98,42 @@ fn usage_errors_exit_2_and_unreachable_parts_exit_4() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("cannot reach the bus"), "{text}");
     assert!(text.contains("opened the sink"), "{text}");
+}
+
+#[test]
+fn validate_warns_when_mariadb_takes_smaller_rows_than_saltpipe_reads() {
+    let db = common::Dbs::mysql("validate");
+    let packet: u64 = common::my(&db.0, "SELECT @@max_allowed_packet")
+        .trim()
+        .parse()
+        .expect("a number");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("c.toml");
+    let config = |max_return_size: &str| {
+        format!(
+            "[queue]\nurl = \"embedded://{0}/q\"\n[sink]\nurl = \"{1}\"\nmax_return_size = \"{max_return_size}\"\n",
+            dir.path().display(),
+            db.mysql_url(3306)
+        )
+    };
+    let validate = |text: String| {
+        std::fs::write(&p, text).expect("write");
+        let out = saltpipe(&["validate", "--config", p.to_str().expect("utf8")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The server's packet leaves rows of 64 KiB less.
+    let text = validate(config(&format!("{}MiB", (packet >> 20) + 1)));
+    assert!(text.contains("opened the sink"), "{text}");
+    let limit = packet - (64 << 10);
+    assert!(
+        text.contains(&format!(
+            "warning: the database takes rows of at most {limit} bytes"
+        )),
+        "{text}"
+    );
+    let text = validate(config("1MiB"));
+    assert!(text.contains("opened the sink"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
 }
 
 /// `saltpipe replay --json FILE` with its queue and sink at the given

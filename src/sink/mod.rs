@@ -102,6 +102,14 @@ pub trait Sink: Send + Sync {
     fn writers(&self) -> usize {
         1
     }
+    /// The largest row the database takes (MySQL: under the server's
+    /// `max_allowed_packet`, read at connect; PostgreSQL: jsonb's limit),
+    /// if it has one below any return saltpipe reads: a larger one is
+    /// dead-lettered with the reason. `validate` compares it with
+    /// `source.max_frame` and `max_return_size`.
+    fn row_limit(&self) -> Option<usize> {
+        None
+    }
     /// Sets aside one event the database refused (or that could not be
     /// decoded), with the reason: its tag and raw body, so nothing is lost.
     async fn dead_letter(
@@ -556,6 +564,10 @@ impl Sink for Deferred {
 
     fn writers(&self) -> usize {
         self.cfg.writers()
+    }
+
+    fn row_limit(&self) -> Option<usize> {
+        self.inner.get().and_then(|s| s.row_limit())
     }
 
     async fn dead_letter(

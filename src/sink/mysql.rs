@@ -611,6 +611,10 @@ impl Sink for MysqlSink {
         self.writers
     }
 
+    fn row_limit(&self) -> Option<usize> {
+        Some(self.row_max)
+    }
+
     fn prepare(&self, batch: &mut [Record]) {
         rows::prepare(batch, self.format)
     }

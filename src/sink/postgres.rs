@@ -365,6 +365,10 @@ impl Sink for PgSink {
         self.writers
     }
 
+    fn row_limit(&self) -> Option<usize> {
+        Some(JSONB_MAX)
+    }
+
     fn prepare(&self, batch: &mut [Record]) {
         rows::prepare(batch, self.format)
     }
