@@ -518,6 +518,15 @@ async fn validate(
     } else {
         println!("  backfill: off");
     }
+    let budget = cfg.budget(true);
+    let mib = |p| budget.part(p).limit() as f64 / f64::from(1 << 20);
+    println!(
+        "  memory: {:.0} MiB of event data (listener {:.1}, worker {:.1}, actions {:.1})",
+        cfg.memory.budget as f64 / f64::from(1 << 20),
+        mib(saltpipe::memory::PartName::Listener),
+        mib(saltpipe::memory::PartName::Worker),
+        mib(saltpipe::memory::PartName::Actions),
+    );
     if no_connect {
         return Ok(exit::OK);
     }
