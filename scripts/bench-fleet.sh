@@ -7,6 +7,9 @@
 #   scripts/bench-fleet.sh mariadb burst100k      SCENARIO: highstate (default) | mixed | burst100k
 #   MINIONS=2000 RATE=500 SEED=7 BIN=/tmp/old scripts/bench-fleet.sh postgres
 #   HEADER=1 scripts/bench-fleet.sh sqlite        # the table header first
+#   SIM_ARGS="--size 1KiB" scripts/bench-fleet.sh mariadb burst100k   # more sim options
+#   EXTRA='[memory]
+#   budget = "64MiB"' scripts/bench-fleet.sh mariadb burst100k       # more saltpipe config
 #
 # 1. A master alone (scripts/salt-sandbox.py up --no-minions), saltpipe `run`
 #    (release build; the embedded queue, the default) reading its bus into a
@@ -100,6 +103,7 @@ master_id = "bench"
 enabled = false
 [metrics]
 listen = "127.0.0.1:$port"
+${EXTRA:-}
 [log]
 level = "info"
 EOF
@@ -165,7 +169,7 @@ watch_pid=$!
 
 sp0="$(ticks "$sp_pid")"; ep0="$(ticks "$publisher")"
 "$BIN/saltpipe-gen" sim --scenario "$SCENARIO" --minions "$MINIONS" --rate "$RATE" --seed "$SEED" \
-    --push "$pull" --summary "$work/sim.tmp" 2>"$work/sim.log"
+    ${SIM_ARGS:-} --push "$pull" --summary "$work/sim.tmp" 2>"$work/sim.log"
 mv "$work/sim.tmp" "$work/sim.json"
 wait "$watch_pid"
 sp1="$(ticks "$sp_pid")"; ep1="$(ticks "$publisher")"
@@ -196,7 +200,7 @@ esac
     echo "| scenario | sink | sent: events / MB / s | stored returns (jids) | lost (jids) | doubled | peak RSS MB: VmHWM / sampled | lag s | saltpipe CPU s / 100 MB | EventPublisher CPU s / 100 MB | ratio | cut off |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
-python3 - "$SCENARIO" "$SINK" "$work/sim.json" "$work/watch.json" "$rows" "$distinct" "$jids" \
+python3 - "$SCENARIO${SIM_ARGS:+ $SIM_ARGS}" "$SINK" "$work/sim.json" "$work/watch.json" "$rows" "$distinct" "$jids" \
     "$hwm" "$((sp1 - sp0))" "$((ep1 - ep0))" "$connects" "$disconnects" "$overflow" "$oversized" \
     "$closed" <<'EOF'
 import json, sys

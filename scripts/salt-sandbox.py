@@ -63,6 +63,19 @@ class SandboxError(Exception):
     pass
 
 
+# A minion's (and a syndic's) authentication and reconnection, made quick
+# for tests: Salt's defaults wait 10 s and more between tries.
+FAST_RECONNECT = {
+    "acceptance_wait_time": 1,
+    "acceptance_wait_time_max": 2,
+    "random_reauth_delay": 0,
+    "recon_default": 500,
+    "recon_max": 2000,
+    "recon_randomize": False,
+    "auth_timeout": 10,
+    "auth_tries": 10,
+}
+
 def die(msg, code=1):
     print(f"salt-sandbox: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -408,14 +421,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             "log_file": f"../../../logs/{mid}.log",
             "log_level_logfile": "info",
             "log_level": "warning",
-            "acceptance_wait_time": 1,
-            "acceptance_wait_time_max": 2,
-            "random_reauth_delay": 0,
-            "recon_default": 500,
-            "recon_max": 2000,
-            "recon_randomize": False,
-            "auth_timeout": 10,
-            "auth_tries": 10,
+            **FAST_RECONNECT,
             "master_tries": -1,
             "ping_interval": 0,
             "enable_gpu_grains": False,
@@ -451,14 +457,7 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             "id": sid,
             "root_dir": root,
             "publish_port": syndic_of["publish_port"],
-            "acceptance_wait_time": 1,
-            "acceptance_wait_time_max": 2,
-            "random_reauth_delay": 0,
-            "recon_default": 500,
-            "recon_max": 2000,
-            "recon_randomize": False,
-            "auth_timeout": 10,
-            "auth_tries": 10,
+            **FAST_RECONNECT,
         })
         launcher = os.path.join(d, "syndic-launcher.py")
         with open(launcher, "w") as f:

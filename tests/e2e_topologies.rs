@@ -21,20 +21,12 @@
 
 mod common;
 
-use common::{Dbs, Saltpipe, Sandbox, my, wait_for};
+use common::{Dbs, Saltpipe, Sandbox, free_port, my, wait_for};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A saltpipe on `sb`'s bus writing into `sink`, stamping `master_id`,
 /// its /metrics on `port`.
@@ -192,13 +184,7 @@ fn syndic_tree_into_one_database() {
             >= 5,
         "the second copy of each syndic-minion return refused as present"
     );
-    assert_eq!(
-        n(&db, "SELECT count(*) FROM salt_returns"),
-        n(
-            &db,
-            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns) d"
-        )
-    );
+    each_return_once(&db);
     // The MoM's job, the syndic's local job, the salt-call: each a jids row.
     for jid in [&from_mom, &local, &call] {
         assert!(has_jid(&db, jid), "jids row for {jid}");
@@ -248,10 +234,31 @@ fn syndic_tree_into_one_database() {
     assert!(sp_mom.terminate().success());
 }
 
-#[test]
-fn multi_master_hot_hot_into_one_database() {
-    // Master B first (no minions of its own), on 127.0.0.2; then master A,
-    // whose two minions connect to both and which takes B's key pair.
+/// No (jid, minion) stored twice.
+fn each_return_once(db: &Dbs) {
+    assert_eq!(
+        n(db, "SELECT count(*) FROM salt_returns"),
+        n(
+            db,
+            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns) d"
+        )
+    );
+}
+
+/// Two masters sharing one key pair: B on 127.0.0.2 with no minions of its
+/// own, A with two minions connected to both (`a_opts`: more of
+/// `salt-sandbox.py up`'s options for A), a saltpipe on each into one fresh
+/// MariaDB database. Fields drop in order: saltpipes, database, masters.
+struct TwoMasters {
+    sp_a: Saltpipe,
+    sp_b: Saltpipe,
+    _work: [tempfile::TempDir; 2],
+    db: Dbs,
+    a: Sandbox,
+    b: Sandbox,
+}
+
+fn two_masters(db_prefix: &str, a_opts: &[&str]) -> TwoMasters {
     let b = Sandbox::up_args(
         0,
         "ipc",
@@ -259,22 +266,38 @@ fn multi_master_hot_hot_into_one_database() {
         &["--interface", "127.0.0.2", "--master-opt", "id=master-b"],
     );
     let b_dir = b.dir.path().to_str().expect("utf-8 path").to_owned();
-    let a = Sandbox::up_args(
-        2,
-        "ipc",
-        common::SALT_DEFAULT,
-        &["--master-opt", "id=master-a", "--peer", &b_dir],
-    );
-    let db = Dbs::mysql("topo_multi");
+    let mut args = vec!["--master-opt", "id=master-a", "--peer", &b_dir];
+    args.extend_from_slice(a_opts);
+    let a = Sandbox::up_args(2, "ipc", common::SALT_DEFAULT, &args);
+    let db = Dbs::mysql(db_prefix);
     let url = db.mysql_url(3306);
     create_schema(&url);
-    let (w_a, w_b) = (
+    let work = [
         tempfile::tempdir().expect("tmp"),
         tempfile::tempdir().expect("tmp"),
-    );
-    let (p_a, p_b) = (free_port(), free_port());
-    let sp_a = saltpipe_on(&a, w_a.path(), &url, "master-a", p_a);
-    let sp_b = saltpipe_on(&b, w_b.path(), &url, "master-b", p_b);
+    ];
+    TwoMasters {
+        sp_a: saltpipe_on(&a, work[0].path(), &url, "master-a", free_port()),
+        sp_b: saltpipe_on(&b, work[1].path(), &url, "master-b", free_port()),
+        _work: work,
+        db,
+        a,
+        b,
+    }
+}
+
+#[test]
+fn multi_master_hot_hot_into_one_database() {
+    // Master B first (no minions of its own), on 127.0.0.2; then master A,
+    // whose two minions connect to both and which takes B's key pair.
+    let TwoMasters {
+        sp_a,
+        sp_b,
+        db,
+        a,
+        b,
+        ..
+    } = two_masters("topo_multi", &[]);
     let both = "minion-1,minion-2";
 
     // A job from each master, an event on each master's bus.
@@ -328,13 +351,7 @@ fn multi_master_hot_hot_into_one_database() {
     assert!(sp_a.terminate().success());
     assert!(sp_b.terminate().success());
     // Each return once; none from a find_job poll.
-    assert_eq!(
-        n(&db, "SELECT count(*) FROM salt_returns"),
-        n(
-            &db,
-            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns) d"
-        )
-    );
+    each_return_once(&db);
     for jid in [&from_a, &from_b, &slow, &while_down, &a_back] {
         assert_eq!(
             n(
@@ -358,35 +375,14 @@ fn multi_master_hot_hot_into_one_database() {
 fn multi_master_failover_into_one_database() {
     // Both masters on the same ports on their own addresses (a failover
     // minion has one master_port for its whole list).
-    let b = Sandbox::up_args(
-        0,
-        "ipc",
-        common::SALT_DEFAULT,
-        &["--interface", "127.0.0.2", "--master-opt", "id=master-b"],
-    );
-    let b_dir = b.dir.path().to_str().expect("utf-8 path").to_owned();
-    let a = Sandbox::up_args(
-        2,
-        "ipc",
-        common::SALT_DEFAULT,
-        &[
-            "--master-opt",
-            "id=master-a",
-            "--peer",
-            &b_dir,
-            "--minion-opt",
-            "master_type=failover",
-        ],
-    );
-    let db = Dbs::mysql("topo_failover");
-    let url = db.mysql_url(3306);
-    create_schema(&url);
-    let (w_a, w_b) = (
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    );
-    let sp_a = saltpipe_on(&a, w_a.path(), &url, "master-a", free_port());
-    let sp_b = saltpipe_on(&b, w_b.path(), &url, "master-b", free_port());
+    let TwoMasters {
+        sp_a,
+        sp_b,
+        db,
+        a,
+        b,
+        ..
+    } = two_masters("topo_failover", &["--minion-opt", "master_type=failover"]);
     let both = "minion-1,minion-2";
 
     let (before, _) = a.salt(&["*", "cmd.run", "echo before"]);
@@ -422,11 +418,5 @@ fn multi_master_failover_into_one_database() {
     );
     assert!(sp_b.terminate().success());
     assert!(sp_a.terminate().success());
-    assert_eq!(
-        n(&db, "SELECT count(*) FROM salt_returns"),
-        n(
-            &db,
-            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns) d"
-        )
-    );
+    each_return_once(&db);
 }

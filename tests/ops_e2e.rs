@@ -12,7 +12,10 @@
 //! And, without a master: the real 3008.5 capture replayed with the
 //! listener up, its /metrics checked against the capture and the database.
 
+mod common;
+
 use axum::extract::{Path as UrlPath, State};
+use common::free_port;
 use saltpipe::ops::top::{Scrape, parse};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -38,14 +41,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 fn get(url: &str) -> Option<(u16, String)> {

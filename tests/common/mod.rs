@@ -48,6 +48,15 @@ pub fn salt_venv_of(version: &str) -> PathBuf {
     venv
 }
 
+/// A TCP port free on loopback just now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
