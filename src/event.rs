@@ -158,6 +158,14 @@ impl Kind {
     }
 }
 
+/// The syndic that forwarded an event to its master of masters: `<id>`
+/// of `syndic/<id>/<tag>`.
+pub fn syndic_of(tag: &str) -> Option<&str> {
+    tag.strip_prefix("syndic/")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(id, _)| id)
+}
+
 /// `syndic/<id>/<tag>` -> `<tag>`; any other tag unchanged.
 fn strip_syndic(tag: &str) -> &str {
     tag.strip_prefix("syndic/")

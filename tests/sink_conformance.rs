@@ -1031,8 +1031,23 @@ fn state_ret(jid: &str, minion: &str, states: &[(V, bool)], retcode: i64, succes
 }
 
 fn new_job_for(jid: &str, fun: &str, minions: &[&str], stamp: &str) -> Record {
+    new_job_tagged(&format!("salt/job/{jid}/new"), jid, fun, minions, stamp)
+}
+
+/// The same `new` as a syndic forwards it to its master of masters.
+fn syndic_new_job(syndic: &str, jid: &str, fun: &str, minions: &[&str], stamp: &str) -> Record {
+    new_job_tagged(
+        &format!("syndic/{syndic}/salt/job/{jid}/new"),
+        jid,
+        fun,
+        minions,
+        stamp,
+    )
+}
+
+fn new_job_tagged(tag: &str, jid: &str, fun: &str, minions: &[&str], stamp: &str) -> Record {
     record(
-        &format!("salt/job/{jid}/new"),
+        tag,
         vec![
             ("jid", V::from(jid)),
             ("fun", V::from(fun)),
@@ -1227,6 +1242,43 @@ async fn silent_minions_get_no_return_and_a_late_return_replaces_it<B: Backend>(
     assert_eq!(m2.outcome, "failed");
 }
 
+/// On a master of masters the MoM's `new` lists the syndic's id, the
+/// syndic's forwarded `new` its real minions: silent minions get
+/// `no_return`, the syndic (a relay) never does, whichever `new` is
+/// written first, in one batch or two.
+async fn a_syndic_listed_as_a_target_gets_no_no_return<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let (first, second) = (jid(), jid());
+    let at = "2026-11-25T12:00:00.000000+00:00";
+    let mom = |j: &str| new_job_for(j, "test.ping", &["m1", "syn-1"], at);
+    let syn = |j: &str| syndic_new_job("syn-1", j, "test.ping", &["s-m1", "s-m2"], at);
+    sink.write(&[mom(&first), syn(&first)])
+        .await
+        .expect("write");
+    sink.write(&[syn(&second)]).await.expect("write");
+    sink.write(&[mom(&second)]).await.expect("write");
+    let before =
+        saltpipe::sink::rows::stamp_of(std::time::SystemTime::now() - Duration::from_secs(300));
+    let closed = sink.close_returns(&before, 100).await.expect("close");
+    let mut silent: Vec<_> = closed
+        .no_return
+        .iter()
+        .map(|n| (n.jid.clone(), n.minion.clone()))
+        .collect();
+    silent.sort();
+    let mut want: Vec<_> = [&first, &second]
+        .iter()
+        .flat_map(|j| ["m1", "s-m1", "s-m2"].map(|m| ((*j).clone(), m.to_owned())))
+        .collect();
+    want.sort();
+    assert_eq!(silent, want);
+    assert!(
+        b.outcomes().await.iter().all(|o| o.minion != "syn-1"),
+        "no outcome row for the syndic"
+    );
+}
+
 async fn sweepers_at_once_record_each_silent_minion_once<B: Backend>() {
     let b = B::fresh().await;
     let sink = build(&b).await;
@@ -1377,6 +1429,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn silent_minions_get_no_return_and_a_late_return_replaces_it() {
                 super::silent_minions_get_no_return_and_a_late_return_replaces_it::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_syndic_listed_as_a_target_gets_no_no_return() {
+                super::a_syndic_listed_as_a_target_gets_no_no_return::<$backend>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sweepers_at_once_record_each_silent_minion_once() {

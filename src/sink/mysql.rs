@@ -83,6 +83,10 @@ impl std::fmt::Display for MysqlUrl {
 /// The returner's tables (utf8mb4), our additions, saltpipe's own
 /// `saltpipe_outcomes` and `saltpipe_targets` (stamps in UTC: every
 /// connection sets `time_zone = '+00:00'`), the dead-letter table.
+/// Marks one target row closed: its window is over, or it is a syndic.
+const CLOSE_TARGET: &str =
+    "UPDATE `saltpipe_targets` SET `closed` = 1 WHERE `jid` = ? AND `minion` = ?";
+
 const TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS `jids` (
   `jid` varchar(255) NOT NULL,
@@ -733,6 +737,14 @@ impl Sink for MysqlSink {
                 execute(&mut q, &mut tx).await?;
             }
         }
+        for r in &t.relays {
+            sqlx::query(CLOSE_TARGET)
+                .bind(r.jid)
+                .bind(r.minion)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
         let keyed: Vec<(&rows::EventRow, &str)> = t
             .events
             .iter()
@@ -811,14 +823,12 @@ impl Sink for MysqlSink {
         let mut closed = Closed::default();
         for (jid, minion, fun, stamp, returned) in due {
             closed.targets += 1;
-            sqlx::query(
-                "UPDATE `saltpipe_targets` SET `closed` = 1 WHERE `jid` = ? AND `minion` = ?",
-            )
-            .bind(&jid)
-            .bind(&minion)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+            sqlx::query(CLOSE_TARGET)
+                .bind(&jid)
+                .bind(&minion)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
             if returned != 0 {
                 continue;
             }

@@ -79,6 +79,9 @@ impl std::fmt::Display for PgUrl {
 }
 
 /// pgjsonb's DDL (made idempotent), our additions, the dead-letter table.
+/// Marks one target row closed: its window is over, or it is a syndic.
+const CLOSE_TARGET: &str = "UPDATE saltpipe_targets SET closed = 1 WHERE jid = $1 AND minion = $2";
+
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS jids (
    jid varchar(255) NOT NULL primary key,
@@ -537,6 +540,14 @@ impl Sink for PgSink {
             .await
             .map_err(classify)?;
         }
+        for r in &t.relays {
+            sqlx::query(CLOSE_TARGET)
+                .bind(r.jid)
+                .bind(r.minion)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
         for run in rows::runs(&t.events, usize::MAX, STATEMENT_BYTES, |(_, e)| e.bytes()) {
             let mut tag = Vec::with_capacity(run.len());
             let mut data = Vec::with_capacity(run.len());
@@ -606,7 +617,7 @@ impl Sink for PgSink {
         let mut closed = Closed::default();
         for (jid, minion, fun, stamp, returned) in due {
             closed.targets += 1;
-            sqlx::query("UPDATE saltpipe_targets SET closed = 1 WHERE jid = $1 AND minion = $2")
+            sqlx::query(CLOSE_TARGET)
                 .bind(&jid)
                 .bind(&minion)
                 .execute(&mut *tx)

@@ -166,6 +166,12 @@ pub struct Targets {
     /// When the job was announced ([`stamp`] form).
     pub stamp: String,
     pub minions: Vec<String>,
+    /// On a master of masters, the syndic that forwarded this `new` (its
+    /// `syndic/<id>/` tag prefix). The MoM's own `new` lists that syndic's
+    /// id as a target, but a syndic is a relay that never returns as
+    /// itself: its target row is written closed, so no `no_return` is
+    /// recorded for it, whichever `new` comes first.
+    pub relay: Option<String>,
 }
 
 /// The `saltpipe_outcomes` columns of a return besides jid, minion and fun.
@@ -455,6 +461,7 @@ fn targets_of(record: &Record) -> Targets {
         fun: fit_fun(e.fields.fun.join(","), e.tag()),
         stamp: stamp(salt_stamp, record.received_ms),
         minions,
+        relay: crate::event::syndic_of(e.tag()).map(str::to_owned),
     }
 }
 
@@ -468,6 +475,10 @@ pub struct ByTable<'a> {
     pub events: Vec<(usize, &'a EventRow)>,
     /// One `saltpipe_targets` row per (job, minion) a `new` event lists.
     pub targets: Vec<TargetRef<'a>>,
+    /// Target rows to close as they are written: (jid, syndic id) of each
+    /// syndic-forwarded `new` ([`Targets::relay`]); their rows are in
+    /// `targets` too, so the row exists before it is closed.
+    pub relays: Vec<TargetRef<'a>>,
 }
 
 /// One `saltpipe_targets` row, borrowed from its job's row.
@@ -487,12 +498,17 @@ impl<'a> ByTable<'a> {
                 RowSet::Job(j) => {
                     t.jids.push((i, j));
                     if let Some(g) = &j.targets {
-                        t.targets.extend(g.minions.iter().map(|m| TargetRef {
+                        let target = |m| TargetRef {
                             jid: &j.jid,
                             minion: m,
                             fun: &g.fun,
                             stamp: &g.stamp,
-                        }));
+                        };
+                        t.targets.extend(g.minions.iter().map(|m| target(m)));
+                        if let Some(relay) = &g.relay {
+                            t.targets.push(target(relay));
+                            t.relays.push(target(relay));
+                        }
                     }
                 }
                 RowSet::Return(r, j) => {

@@ -300,6 +300,9 @@ fn write_blocking(
                  VALUES (?1, ?2, ?3, ?4)",
             )
             .map_err(classify)?;
+        let mut close_st = tx
+            .prepare_cached("UPDATE saltpipe_targets SET closed = 1 WHERE jid = ?1 AND minion = ?2")
+            .map_err(classify)?;
         let mut ev_st = tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO salt_events (tag, data, master_id, saltpipe_key) \
@@ -325,6 +328,13 @@ fn write_blocking(
                     target_st
                         .execute(params![j.jid, m, t.fun, t.stamp])
                         .map_err(at(i))?;
+                }
+                // A syndic: its row written closed (rows::Targets::relay).
+                if let Some(relay) = &t.relay {
+                    target_st
+                        .execute(params![j.jid, relay, t.fun, t.stamp])
+                        .map_err(at(i))?;
+                    close_st.execute(params![j.jid, relay]).map_err(at(i))?;
                 }
             }
             Ok(())
