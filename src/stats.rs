@@ -144,6 +144,8 @@ stats! {
         queue_errors => "saltpipe_queue_errors_total";
         /// Events workers pulled from the queue.
         delivered => "saltpipe_events_delivered_total";
+        /// Times a worker paused pulling (20 ms) because the listener's backlog was over half its part: a burst on the bus, which gets the CPU and the queue's write lock first.
+        worker_yields => "saltpipe_worker_yields_total";
         /// Events written and acknowledged.
         acked => "saltpipe_events_acked_total";
         /// Batches written (one transaction each).

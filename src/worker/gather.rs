@@ -25,6 +25,8 @@ const ACK_WAIT: Duration = Duration::from_millis(20);
 /// broker's messages are on the wire for a moment, so zero would stop a
 /// worker with a full queue.
 const DRAIN_WAIT: Duration = Duration::from_millis(100);
+/// How long a worker pauses when the listener is behind (see `pull_batch`).
+const YIELD_WAIT: Duration = Duration::from_millis(20);
 /// How often a worker asks its queue how deep it is (for `/metrics`).
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
 
@@ -38,6 +40,9 @@ pub(super) struct Gather {
     pub depth: DepthPoll,
     /// The worker's part of the memory budget (shared by every worker).
     pub memory: Arc<Part>,
+    /// The listener's part, in the same process (`run`): the worker yields
+    /// while it fills.
+    pub listener: Option<Arc<Part>>,
 }
 
 impl Gather {
@@ -144,6 +149,17 @@ impl Gather {
             {
                 return Ok(batch);
             }
+            // The bus first: while the listener's backlog is over half its
+            // part (the queue writer behind a burst), pulling more would
+            // take the CPU and the queue's write lock from the queue writer,
+            // and a full backlog drops events. The queue holds what waits.
+            if !draining && self.listener_behind() {
+                if batch.deliveries.is_empty() {
+                    self.stats.worker_yields.fetch_add(1, Relaxed);
+                    tokio::time::sleep(YIELD_WAIT).await;
+                }
+                return Ok(batch);
+            }
             // The worker's memory is full (batches converting and being
             // written): close this batch, or, with none, wait for a write
             // to finish. The queue holds the rest, durably.
@@ -188,6 +204,12 @@ impl Gather {
             self.stats.delivered.fetch_add(got.len() as u64, Relaxed);
             batch.deliveries.extend(got);
         }
+    }
+
+    fn listener_behind(&self) -> bool {
+        self.listener
+            .as_ref()
+            .is_some_and(|l| l.limit() > 0 && l.used() > l.limit() / 2)
     }
 
     /// Acks, retrying: an ack that never lands only means a harmless redelivery.

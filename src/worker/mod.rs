@@ -264,11 +264,14 @@ impl Worker {
             }
             .run(),
         );
-        let memory = stats.budget().part(crate::memory::PartName::Worker).clone();
+        let budget = stats.budget();
+        let memory = budget.part(crate::memory::PartName::Worker).clone();
+        let listener = Some(budget.part(crate::memory::PartName::Listener).clone());
         let gathered = gather::Gather {
             consumer,
             cfg,
             memory,
+            listener,
             stats,
             stop,
             committed: to_ack,
