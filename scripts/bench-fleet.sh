@@ -8,6 +8,10 @@
 #   MINIONS=2000 RATE=500 SEED=7 BIN=/tmp/old scripts/bench-fleet.sh postgres
 #   HEADER=1 scripts/bench-fleet.sh sqlite        # the table header first
 #   SIM_ARGS="--size 1KiB" scripts/bench-fleet.sh mariadb burst100k   # more sim options
+#   MODE=listen scripts/bench-fleet.sh sqlite burst100k   # `saltpipe listen` alone: the
+#       cost on the master when workers run elsewhere (a broker layout); the
+#       embedded queue stands in for the broker, nothing is written to SQL, and
+#       "stored" is what the queue took (saltpipe_queue_pushed_total)
 #   EXTRA='[memory]
 #   budget = "64MiB"' scripts/bench-fleet.sh mariadb burst100k       # more saltpipe config
 #
@@ -39,6 +43,7 @@ MINIONS="${MINIONS:-10000}"
 RATE="${RATE:-0}"
 SEED="${SEED:-1}"
 SETTLE="${SETTLE:-60}"
+MODE="${MODE:-run}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
@@ -108,7 +113,7 @@ ${EXTRA:-}
 level = "info"
 EOF
 "$BIN/saltpipe" --config "$work/saltpipe.toml" schema >/dev/null 2>"$work/schema.log"
-"$BIN/saltpipe" --config "$work/saltpipe.toml" run 2>"$work/saltpipe.log" &
+"$BIN/saltpipe" --config "$work/saltpipe.toml" "$MODE" 2>"$work/saltpipe.log" &
 sp_pid=$!
 metric() { # the value of a counter (summed over labels) from /metrics
     curl -sf "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { print s + 0 }'
@@ -123,10 +128,13 @@ ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # The watcher: samples saltpipe's VmRSS and polls the row count until the
 # simulator's summary is there and the count reached what it expects, or
 # stood still for SETTLE s.
-"$PY" - "$SINK" "$URL" "$sp_pid" "$work/sim.json" "$SETTLE" >"$work/watch.json" <<'EOF' &
-import json, os, sys, time
-sink, url, pid, summary, settle = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
-if sink == "sqlite":
+"$PY" - "$SINK" "$URL" "$sp_pid" "$work/sim.json" "$SETTLE" "$MODE" "$port" >"$work/watch.json" <<'EOF' &
+import json, os, sys, time, urllib.request
+sink, url, pid, summary, settle, mode, port = sys.argv[1:8]
+settle = float(settle)
+if mode == "listen":
+    conn = None
+elif sink == "sqlite":
     import sqlite3
     path = url[len("sqlite://"):]
     while not os.path.exists(path):
@@ -139,7 +147,13 @@ else:
     import psycopg2
     conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=url.rsplit("/", 1)[1])
     conn.autocommit = True
+def pushed():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return int(sum(float(l.split()[-1]) for l in text.splitlines()
+                   if l.startswith("saltpipe_queue_pushed_total")))
 def count():
+    if conn is None:
+        return pushed()
     cur = conn.cursor()
     cur.execute("SELECT COUNT(*) FROM salt_returns")
     return cur.fetchone()[0]
@@ -160,7 +174,10 @@ while True:
         rows, changed = n, now
     if expected is None and os.path.exists(summary) and os.path.getsize(summary) > 0:
         expected = json.load(open(summary))["expected_returns"]
-    if expected is not None and (rows >= expected or now - changed > settle):
+    # listen: the queue takes every kept event (returns and the rest), so
+    # the end is 2 s without a change once the simulator is done.
+    wait = 2 if conn is None else settle
+    if expected is not None and ((conn is not None and rows >= expected) or now - changed > wait):
         break
     time.sleep(0.25)
 print(json.dumps({"rows": rows, "last_change": changed, "rss_max_kb": peak}))
@@ -181,14 +198,18 @@ oversized="$(metric saltpipe_frames_oversized_total)"
 kill -TERM "$sp_pid"; wait "$sp_pid" || true; sp_pid=""
 closed="$(grep -ciE 'bus closed|reconnect' "$work/saltpipe.log" || true)"
 
-case $SINK in
-    mariadb)
+case $MODE/$SINK in
+    listen/*)
+        # What the queue took, every kept event (returns, jobs, the rest).
+        rows="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["rows"])' "$work/watch.json")"
+        distinct="$rows"; jids=0 ;;
+    */mariadb)
         read -r rows distinct < <(my "$DB" -e 'SELECT COUNT(*), COUNT(DISTINCT jid, id) FROM salt_returns')
         jids="$(my "$DB" -e 'SELECT COUNT(DISTINCT jid) FROM jids')" ;;
-    postgres)
+    */postgres)
         IFS='|' read -r rows distinct < <(pg -d "$DB" -c 'SELECT COUNT(*), COUNT(DISTINCT (jid, id)) FROM salt_returns')
         jids="$(pg -d "$DB" -c 'SELECT COUNT(DISTINCT jid) FROM jids')" ;;
-    sqlite)
+    */sqlite)
         read -r rows distinct jids < <(python3 -c '
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
@@ -200,7 +221,7 @@ esac
     echo "| scenario | sink | sent: events / MB / s | stored returns (jids) | lost (jids) | doubled | peak RSS MB: VmHWM / sampled | lag s | saltpipe CPU s / 100 MB | EventPublisher CPU s / 100 MB | ratio | cut off |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
-python3 - "$SCENARIO${SIM_ARGS:+ $SIM_ARGS}" "$SINK" "$work/sim.json" "$work/watch.json" "$rows" "$distinct" "$jids" \
+python3 - "$SCENARIO${SIM_ARGS:+ $SIM_ARGS}" "$([ "$MODE" = listen ] && echo "listen only" || echo "$SINK")" "$work/sim.json" "$work/watch.json" "$rows" "$distinct" "$jids" \
     "$hwm" "$((sp1 - sp0))" "$((ep1 - ep0))" "$connects" "$disconnects" "$overflow" "$oversized" \
     "$closed" <<'EOF'
 import json, sys
@@ -211,8 +232,12 @@ rows, distinct, jids = int(rows), int(distinct), int(jids)
 mb = s["bytes"] / 1e6
 hz = 100.0  # USER_HZ
 sp_s, ep_s = int(sp) / hz, int(ep) / hz
-lost = s["expected_returns"] - distinct
-lost_jids = s["expected_jids"] - jids
+if sink == "listen only":
+    # Kept events the listener dropped (its part full): the only loss there.
+    lost, lost_jids = int(float(overflow)), 0
+else:
+    lost = s["expected_returns"] - distinct
+    lost_jids = s["expected_jids"] - jids
 lag = w["last_change"] - s["finished_unix"]
 cut = int(float(connects)) - 1 + int(float(disconnects)) + int(float(overflow)) + int(float(oversized)) + int(closed)
 cut_txt = "no" if cut == 0 else (f"YES: connects {connects}, disconnects {disconnects}, "
