@@ -26,6 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Read size: big enough to take a burst of events per syscall.
 const READ_CHUNK: usize = 256 * 1024;
+/// Reads smaller than this, ending on a whole frame, are a trickle: the
+/// reader pauses `read_coalesce` after them. Larger ones are a busy bus
+/// or big events, where a pause would only cap the rate: a pause lets at
+/// most the socket's buffer (~200 KB on Linux) through, 20 MB/s at 10 ms,
+/// and a highstate's returns come at 100+ MB/s (the master then cuts the
+/// reader off once 10,000 events wait for it).
+const TRICKLE: usize = 32 * 1024;
 /// How long a blocking read waits before the reader looks at shutdown.
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
 /// The same while kept events wait for room in the queue writer's channel.
@@ -146,12 +153,15 @@ impl BusSource {
                     ingest.buffer_mut().extend_from_slice(&buf[..n]);
                     ingest.process(now_ms());
                     ingest.flush_nowait()?;
-                    // A short read means events trickle in one write at a
-                    // time: pause a moment so the next read takes many at
-                    // once, one wake-up instead of dozens. The socket
-                    // buffer holds far more than a few ms of events, and
-                    // a full read (a busy bus) never pauses.
-                    if n < buf.len() / 2 && !self.read_coalesce.is_zero() {
+                    // A small read ending on a whole frame means events
+                    // trickle in one write at a time: pause a moment so the
+                    // next read takes many at once, one wake-up instead of
+                    // dozens. A large read, or one that ends inside a frame
+                    // (the rest of a big event is on its way), never pauses.
+                    if n < TRICKLE
+                        && ingest.buffer_mut().is_empty()
+                        && !self.read_coalesce.is_zero()
+                    {
                         std::thread::sleep(self.read_coalesce);
                     }
                 }
