@@ -195,6 +195,11 @@ connects="$(metric saltpipe_bus_connects_total)"
 disconnects="$(metric saltpipe_bus_disconnects_total)"
 overflow="$(metric saltpipe_events_overflow_dropped_total)"
 oversized="$(metric saltpipe_frames_oversized_total)"
+# The memory budget's parts at their peak, MB (builds before the budget: -).
+parts="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '
+    /^saltpipe_memory_peak_bytes\{part="listener"\}/ { l = $2 / 1048576 }
+    /^saltpipe_memory_peak_bytes\{part="worker"\}/ { w = $2 / 1048576 }
+    END { if (l == "" && w == "") print "-"; else printf "%.0f / %.0f", l, w }')"
 kill -TERM "$sp_pid"; wait "$sp_pid" || true; sp_pid=""
 closed="$(grep -ciE 'bus closed|reconnect' "$work/saltpipe.log" || true)"
 
@@ -218,15 +223,15 @@ print(q("SELECT COUNT(*) FROM salt_returns"), q("SELECT COUNT(*) FROM (SELECT DI
 esac
 
 [ -n "${HEADER:-}" ] && {
-    echo "| scenario | sink | sent: events / MB / s | stored returns (jids) | lost (jids) | doubled | peak RSS MB: VmHWM / sampled | lag s | saltpipe CPU s / 100 MB | EventPublisher CPU s / 100 MB | ratio | cut off |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| scenario | sink | sent: events / MB / s | stored returns (jids) | lost (jids) | doubled | peak RSS MB: VmHWM / sampled | budget peak MB: listener / worker | lag s | saltpipe CPU s / 100 MB | EventPublisher CPU s / 100 MB | ratio | cut off |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
 python3 - "$SCENARIO${SIM_ARGS:+ $SIM_ARGS}" "$([ "$MODE" = listen ] && echo "listen only" || echo "$SINK")" "$work/sim.json" "$work/watch.json" "$rows" "$distinct" "$jids" \
     "$hwm" "$((sp1 - sp0))" "$((ep1 - ep0))" "$connects" "$disconnects" "$overflow" "$oversized" \
-    "$closed" <<'EOF'
+    "$closed" "$parts" <<'EOF'
 import json, sys
 (scenario, sink, simf, watchf, rows, distinct, jids, hwm, sp, ep, connects, disconnects,
- overflow, oversized, closed) = sys.argv[1:]
+ overflow, oversized, closed, parts) = sys.argv[1:]
 s, w = json.load(open(simf)), json.load(open(watchf))
 rows, distinct, jids = int(rows), int(distinct), int(jids)
 mb = s["bytes"] / 1e6
@@ -245,6 +250,6 @@ cut_txt = "no" if cut == 0 else (f"YES: connects {connects}, disconnects {discon
 ratio = (sp_s / ep_s) if ep_s > 0 else float("inf")
 print(f"| {scenario} | {sink} | {s['events']:,} / {mb:,.0f} / {s['elapsed_s']:.1f} "
       f"| {distinct:,} ({jids}) | {lost} ({lost_jids}) | {rows - distinct} "
-      f"| {int(hwm) / 1024:.0f} / {w['rss_max_kb'] / 1024:.0f} | {lag:.1f} "
+      f"| {int(hwm) / 1024:.0f} / {w['rss_max_kb'] / 1024:.0f} | {parts} | {lag:.1f} "
       f"| {sp_s * 100 / mb:.2f} | {ep_s * 100 / mb:.2f} | {ratio:.2f} | {cut_txt} |")
 EOF
