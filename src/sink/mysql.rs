@@ -84,6 +84,14 @@ impl std::fmt::Display for MysqlUrl {
 /// `saltpipe_outcomes` and `saltpipe_targets` (stamps in UTC: every
 /// connection sets `time_zone = '+00:00'`), the dead-letter table.
 /// Marks one target row closed: its window is over, or it is a syndic.
+/// The most bytes of values one statement carries (a single larger row
+/// still goes, alone, up to `row_max`). Each pooled connection keeps a
+/// write buffer as large as the largest statement it sent, for good: at
+/// half of a 16 MiB `max_allowed_packet`, four connections held 32 MiB
+/// after a burst of big returns (docs/SCALE.md). A few MiB already carry
+/// a thousand 1 KB rows or a dozen state runs per statement.
+const STATEMENT_MAX: usize = 4 << 20;
+
 const CLOSE_TARGET: &str =
     "UPDATE `saltpipe_targets` SET `closed` = 1 WHERE `jid` = ? AND `minion` = ?";
 
@@ -262,7 +270,8 @@ pub struct MysqlSink {
     format: RowFormat,
     /// Batches written at once (`sink.writers`).
     writers: usize,
-    /// Bytes of values per statement: half of `max_allowed_packet`.
+    /// Bytes of values per statement: half of `max_allowed_packet`, at most
+    /// [`STATEMENT_MAX`].
     statement_bytes: usize,
     /// Largest row a statement can carry at all.
     row_max: usize,
@@ -455,7 +464,7 @@ impl MysqlSink {
             },
             master_id: cfg.master_id(),
             writers: cfg.writers(),
-            statement_bytes: (max_packet / 2).max(64 << 10),
+            statement_bytes: (max_packet / 2).clamp(64 << 10, STATEMENT_MAX),
             row_max: max_packet.saturating_sub(64 << 10).min(MEDIUMTEXT_MAX * 2),
             escape_astral,
         })

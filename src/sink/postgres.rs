@@ -191,9 +191,12 @@ DELETE FROM salt_returns a USING salt_returns b WHERE a.jid = b.jid AND a.id = b
 
 /// jsonb's size limit, a little under.
 const JSONB_MAX: usize = 255 << 20;
-/// Values per statement: far below the 1 GiB message limit, big enough to
-/// carry a whole default batch.
-const STATEMENT_BYTES: usize = 64 << 20;
+/// Values per statement: far below the 1 GiB message limit, and small
+/// enough that the write buffer each pooled connection keeps (as large as
+/// the largest statement it sent, for good) stays small: at 64 MiB, a
+/// burst of big returns left ~200 MB of RSS (docs/SCALE.md). 4 MiB still
+/// carries a couple of thousand 1 KB rows per statement.
+const STATEMENT_BYTES: usize = 4 << 20;
 
 pub struct PgSink {
     pool: PgPool,
