@@ -522,7 +522,7 @@ async fn validate(
     let mib = |p| budget.part(p).limit() as f64 / f64::from(1 << 20);
     println!(
         "  memory: {:.0} MiB of event data (listener {:.1}, worker {:.1}, actions {:.1})",
-        cfg.memory.budget as f64 / f64::from(1 << 20),
+        cfg.memory_total() as f64 / f64::from(1 << 20),
         mib(saltpipe::memory::PartName::Listener),
         mib(saltpipe::memory::PartName::Worker),
         mib(saltpipe::memory::PartName::Actions),

@@ -14,8 +14,9 @@
 //! | `worker`   | batches gathered, converted to rows, and being written     | the worker stops pulling; the durable queue holds the rest (back-pressure inside saltpipe, never on the bus) |
 //! | `actions`  | events queued for webhooks, mails and commands              | the action is skipped for that event, counted; the event is still written |
 //!
-//! The listener's part is `source.pending_limit` (a third of the budget
-//! unless set), the actions' part an eighth of the budget when any action
+//! The listener's part is `source.pending_limit` (half of the budget
+//! unless set: it is the one part that loses events when full, while the
+//! worker's only waits), the actions' part an eighth of the budget when any action
 //! is configured, and the worker gets the rest. A part is a counter, not an
 //! allocator: a [`Charge`] adds the bytes a stage holds and gives them back
 //! when dropped, wherever the data goes (a committed batch, an aborted
@@ -48,29 +49,28 @@ use tokio::sync::Notify;
 pub struct MemoryConfig {
     /// Event data the whole process holds in memory at most: the listener's
     /// backlog, the worker's batches and their rows, the actions' queues.
-    #[serde(deserialize_with = "human::size")]
-    pub budget: u64,
+    /// Unset: [`DEFAULT_BUDGET`] (see [`MemoryConfig::total`]).
+    #[serde(deserialize_with = "human::opt_size")]
+    pub budget: Option<u64>,
 }
 
 /// The default budget. Measured (docs/SCALE.md): a 10,000-return burst of
 /// 100 KB returns stays under 150 MB of RSS with it, and 1 KB events run
 /// at full speed.
-pub const DEFAULT_BUDGET: u64 = 96 << 20;
+pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// The smallest budget accepted: below it, batches get too small to keep
 /// a database busy.
-pub const MIN_BUDGET: u64 = 8 << 20;
+pub const MIN_BUDGET: u64 = 16 << 20;
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            budget: DEFAULT_BUDGET,
-        }
+        MemoryConfig { budget: None }
     }
 }
 
 impl MemoryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.budget < MIN_BUDGET {
+        if self.budget.is_some_and(|b| b < MIN_BUDGET) {
             return Err(ConfigError::invalid(
                 "memory.budget",
                 format!("must be at least {} MiB", MIN_BUDGET >> 20),
@@ -79,14 +79,13 @@ impl MemoryConfig {
         Ok(())
     }
 
-    /// The listener's part when `source.pending_limit` is not set.
-    pub fn listener_default(&self) -> u64 {
-        self.budget / 3
-    }
-
-    /// The actions' part when any action is configured.
-    pub fn actions_part(&self) -> u64 {
-        self.budget / 8
+    /// The budget in force: as set; unset, the default, or twice
+    /// `source.pending_limit` when that is set higher (a configuration from
+    /// before the budget existed keeps its listener's limit and still
+    /// leaves the worker its share).
+    pub fn total(&self, pending_limit: Option<u64>) -> u64 {
+        self.budget
+            .unwrap_or_else(|| DEFAULT_BUDGET.max(pending_limit.unwrap_or(0).saturating_mul(2)))
     }
 }
 

@@ -280,18 +280,19 @@ impl Config {
         self.web.validate()?;
         self.memory.validate()?;
         let pending = self.source.pending_limit(&self.memory);
+        let total = self.memory_total();
         let actions = if self.actions.is_empty() {
             0
         } else {
-            self.memory.actions_part()
+            total / 8
         };
-        if pending + actions + (4 << 20) > self.memory.budget {
+        if pending + actions + (4 << 20) > total {
             return Err(ConfigError::invalid(
                 "source.pending_limit",
                 format!(
                     "{} leaves the worker less than 4 MiB of `memory.budget` ({}){}; raise the budget or lower the limit",
                     bytesize::ByteSize::b(pending).display().iec(),
-                    bytesize::ByteSize::b(self.memory.budget).display().iec(),
+                    bytesize::ByteSize::b(total).display().iec(),
                     if actions > 0 {
                         " after the actions' eighth"
                     } else {
@@ -316,7 +317,12 @@ impl Config {
         } else {
             0
         };
-        Budget::new(self.memory.budget, listener, !self.actions.is_empty())
+        Budget::new(self.memory_total(), listener, !self.actions.is_empty())
+    }
+
+    /// `memory.budget` in force ([`MemoryConfig::total`]).
+    pub fn memory_total(&self) -> u64 {
+        self.memory.total(self.source.pending_limit)
     }
 
     /// Names of every queue the rules can route to (always includes `default`).
@@ -374,6 +380,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         from_str_with_env(text, Path::new("t.toml"), &[])
+    }
+
+    #[test]
+    fn the_memory_budget_splits_and_old_pending_limits_still_start() {
+        use crate::memory::PartName::*;
+        let mib = |n: u64| n << 20;
+        let d = parse("").expect("defaults").budget(true);
+        assert_eq!(d.part(Listener).limit() as u64, mib(32));
+        assert_eq!(d.part(Worker).limit() as u64, mib(32));
+        // A config from before the budget, with the old example's limit:
+        // the budget grows to leave the worker its half.
+        let old = parse("[source]\npending_limit = \"64MiB\"\n").expect("still valid");
+        assert_eq!(old.memory_total(), mib(128));
+        assert_eq!(old.budget(true).part(Worker).limit() as u64, mib(64));
+        // `work` reads no bus: the listener's half goes to the worker.
+        assert_eq!(old.budget(false).part(Worker).limit() as u64, mib(128));
+        // Set both, inconsistently: refused, naming the key.
+        let e = parse("[source]\npending_limit = \"64MiB\"\n[memory]\nbudget = \"64MiB\"\n")
+            .expect_err("no room for the worker");
+        assert!(e.to_string().contains("source.pending_limit"), "{e}");
+        assert!(
+            parse("[memory]\nbudget = \"8MiB\"\n").is_err(),
+            "under the minimum"
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct SourceConfig {
     #[serde(deserialize_with = "human::duration")]
     pub read_coalesce: Duration,
     /// Kept events held in memory until the queue has stored them (the
-    /// listener's part of `[memory] budget`; a third of it when not set),
+    /// listener's part of `[memory] budget`; half of it when not set),
     /// before the reader starts dropping (counted) instead of stalling the
     /// bus.
     #[serde(deserialize_with = "human::opt_size")]
@@ -150,8 +150,7 @@ impl SourceConfig {
 
     /// The listener's part of the memory budget.
     pub fn pending_limit(&self, memory: &crate::memory::MemoryConfig) -> u64 {
-        self.pending_limit
-            .unwrap_or_else(|| memory.listener_default())
+        self.pending_limit.unwrap_or_else(|| memory.total(None) / 2)
     }
 
     pub fn address(&self) -> BusAddress {
