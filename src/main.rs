@@ -560,7 +560,7 @@ async fn validate(
         Ok(sink) => {
             println!("opened the sink at {} (schema present)", cfg.sink.url);
             // Not a failure: such a return is dead-lettered with its reason.
-            let largest = (cfg.source.max_frame as u64).min(cfg.sink.max_return_size);
+            let largest = cfg.source.max_frame.min(cfg.sink.max_return_size);
             if let Some(limit) = sink.row_limit().filter(|l| (*l as u64) < largest) {
                 println!(
                     "warning: the database takes rows of at most {limit} bytes (MySQL: under its \

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Acqu
 use tokio::sync::Notify;
 
 /// `[memory]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
     /// Event data the whole process holds in memory at most: the listener's
@@ -61,12 +61,6 @@ pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// The smallest budget accepted: below it, batches get too small to keep
 /// a database busy.
 pub const MIN_BUDGET: u64 = 16 << 20;
-
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig { budget: None }
-    }
-}
 
 impl MemoryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -21,15 +21,11 @@ use std::time::Duration;
 const LONG: Duration = Duration::from_secs(120);
 
 fn make_job_cache(args: &[&str]) -> Value {
-    let out = Command::new(salt_venv().join("bin/python"))
-        .arg(common::repo().join("scripts/make-job-cache.py"))
-        .args(args)
-        .output()
-        .expect("run make-job-cache.py");
-    assert!(
-        out.status.success(),
-        "make-job-cache.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::output_ok(
+        Command::new(salt_venv().join("bin/python"))
+            .arg(common::repo().join("scripts/make-job-cache.py"))
+            .args(args),
+        &format!("make-job-cache.py {args:?}"),
     );
     serde_json::from_slice(&out.stdout).expect("json from make-job-cache.py")
 }

@@ -4,6 +4,8 @@
 //! file, is read back frame by frame, then replayed through saltpipe into
 //! SQLite, whose rows must be the summary's expected jids and returns.
 
+mod common;
+
 use saltpipe::bus::framing::{Framed, Framer};
 use saltpipe::event::{Event, Kind};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,18 +14,14 @@ use std::process::Command;
 fn sim(dir: &std::path::Path, extra: &[&str]) -> (std::path::PathBuf, serde_json::Value) {
     let out = dir.join("stream.bin");
     let summary = dir.join("summary.json");
-    let run = Command::new(env!("CARGO_BIN_EXE_saltpipe-gen"))
-        .args(["sim", "--out"])
-        .arg(&out)
-        .arg("--summary")
-        .arg(&summary)
-        .args(extra)
-        .output()
-        .expect("run saltpipe-gen");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    common::output_ok(
+        Command::new(env!("CARGO_BIN_EXE_saltpipe-gen"))
+            .args(["sim", "--out"])
+            .arg(&out)
+            .arg("--summary")
+            .arg(&summary)
+            .args(extra),
+        "saltpipe-gen sim",
     );
     let s = serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary"))
         .expect("summary is JSON");

@@ -386,18 +386,21 @@ pub fn return_frame(jid: &str, minion: &str, ret: &str) -> Vec<u8> {
     saltpipe::bus::encode::frame(&format!("salt/job/{jid}/ret/{minion}"), &d)
 }
 
-/// Runs one SQL statement with a database's own command-line client.
-pub fn sql_cli(program: &str, args: &[&str], sql: &str) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .arg(sql)
-        .output()
-        .expect("client");
+/// Runs `cmd` to its end; panics naming `what`, with its stderr, unless it
+/// succeeded.
+pub fn output_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
-        "{sql}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// Runs one SQL statement with a database's own command-line client.
+pub fn sql_cli(program: &str, args: &[&str], sql: &str) -> String {
+    let out = output_ok(Command::new(program).args(args).arg(sql), sql);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 

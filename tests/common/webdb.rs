@@ -160,18 +160,13 @@ pub fn crafted_capture(path: &Path) -> String {
 }
 
 fn replay(config: &Path, file: &Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_saltpipe"))
-        .arg("--config")
-        .arg(config)
-        .arg("replay")
-        .arg(file)
-        .output()
-        .expect("replay");
-    assert!(
-        out.status.success(),
-        "replay {}: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
+    super::output_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+            .arg("--config")
+            .arg(config)
+            .arg("replay")
+            .arg(file),
+        &format!("replay {}", file.display()),
     );
 }
 
