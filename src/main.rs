@@ -219,8 +219,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+    // RUST_LOG first; field values as plain text either way (LogConfig::filter).
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .try_from_env()
+        .or_else(|_| cfg.log.filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal as _;
     // Colours only for a person at a terminal; journald and files get plain text.
