@@ -123,10 +123,15 @@ impl Sink for ScriptSink {
 }
 
 fn delivery(i: u64) -> Delivery {
-    let f = frame_bytes(
-        &format!("salt/job/{i}/ret/m"),
-        &[("id", "m"), ("jid", &i.to_string())],
-    );
+    delivery_with(i, &[])
+}
+
+/// A return of jid `i` from minion `m`, with these fields besides.
+fn delivery_with(i: u64, fields: &[(&str, &str)]) -> Delivery {
+    let jid = i.to_string();
+    let mut all = vec![("id", "m"), ("jid", jid.as_str())];
+    all.extend_from_slice(fields);
+    let f = frame_bytes(&format!("salt/job/{i}/ret/m"), &all);
     let e = Event::from_frame(&bytes::Bytes::from(f)).expect("event");
     Delivery {
         id: i,
@@ -152,17 +157,7 @@ async fn run(
     cfg: WorkerConfig,
     drain: Option<Duration>,
 ) -> Arc<Stats> {
-    run_in(Arc::new(Stats::default()), queue, sink, cfg, drain).await
-}
-
-/// [`run`] with these counters (and the memory budget installed in them).
-async fn run_in(
-    stats: Arc<Stats>,
-    queue: Arc<MemQueue>,
-    sink: Arc<dyn Sink>,
-    cfg: WorkerConfig,
-    drain: Option<Duration>,
-) -> Arc<Stats> {
+    let stats = Arc::new(Stats::default());
     let token = CancellationToken::new();
     let w = Worker::new(Box::new(MemConsumer(queue)), sink, cfg, stats.clone());
     let t = token.clone();
@@ -538,20 +533,7 @@ impl Sink for SlowSink {
 #[tokio::test]
 async fn a_slow_sink_holds_the_worker_to_its_memory_part_and_all_of_it_comes_back() {
     let payload = "x".repeat(100_000);
-    let big = |i: u64| {
-        let f = frame_bytes(
-            &format!("salt/job/{i}/ret/m"),
-            &[("id", "m"), ("jid", &i.to_string()), ("return", &payload)],
-        );
-        Delivery {
-            id: i,
-            key: "m".into(),
-            body: Event::from_frame(&bytes::Bytes::from(f))
-                .expect("event")
-                .body,
-            received_ms: 0,
-        }
-    };
+    let big = |i: u64| delivery_with(i, &[("return", &payload)]);
     let q = Arc::new(MemQueue::default());
     q.ready.lock().expect("lock").extend((1..=24).map(big));
     let one = big(1).body.len();
