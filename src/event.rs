@@ -161,16 +161,18 @@ impl Kind {
 /// The syndic that forwarded an event to its master of masters: `<id>`
 /// of `syndic/<id>/<tag>`.
 pub fn syndic_of(tag: &str) -> Option<&str> {
-    tag.strip_prefix("syndic/")
-        .and_then(|rest| rest.split_once('/'))
-        .map(|(id, _)| id)
+    split_syndic(tag).map(|(id, _)| id)
 }
 
 /// `syndic/<id>/<tag>` -> `<tag>`; any other tag unchanged.
 fn strip_syndic(tag: &str) -> &str {
+    split_syndic(tag).map_or(tag, |(_, inner)| inner)
+}
+
+/// `syndic/<id>/<tag>` -> (`<id>`, `<tag>`).
+fn split_syndic(tag: &str) -> Option<(&str, &str)> {
     tag.strip_prefix("syndic/")
         .and_then(|rest| rest.split_once('/'))
-        .map_or(tag, |(_, inner)| inner)
 }
 
 /// `pkg.install`, `state.apply`: one dot between two identifiers, no slash.
