@@ -103,6 +103,9 @@ pub struct SqliteSink {
     format: RowFormat,
 }
 
+/// Marks one target row closed: its window is over, or it is a syndic.
+const CLOSE_TARGET: &str = "UPDATE saltpipe_targets SET closed = 1 WHERE jid = ?1 AND minion = ?2";
+
 /// Page cache of the writing connection, in KiB: a default batch (2,000
 /// returns of ~2 KiB with their index entries) fits, so a commit does not
 /// spill pages to the WAL halfway, and the upper levels of the four
@@ -300,9 +303,7 @@ fn write_blocking(
                  VALUES (?1, ?2, ?3, ?4)",
             )
             .map_err(classify)?;
-        let mut close_st = tx
-            .prepare_cached("UPDATE saltpipe_targets SET closed = 1 WHERE jid = ?1 AND minion = ?2")
-            .map_err(classify)?;
+        let mut close_st = tx.prepare_cached(CLOSE_TARGET).map_err(classify)?;
         let mut ev_st = tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO salt_events (tag, data, master_id, saltpipe_key) \
@@ -421,9 +422,7 @@ fn close_blocking(c: &mut Connection, before: &str, limit: usize) -> rusqlite::R
             "INSERT INTO saltpipe_outcomes (jid, minion, outcome, fun, stamp) \
              VALUES (?1, ?2, 'no_return', ?3, ?4) ON CONFLICT (jid, minion) DO NOTHING",
         )?;
-        let mut close = tx.prepare_cached(
-            "UPDATE saltpipe_targets SET closed = 1 WHERE jid = ?1 AND minion = ?2",
-        )?;
+        let mut close = tx.prepare_cached(CLOSE_TARGET)?;
         for (n, returned) in due {
             closed.targets += 1;
             close.execute(params![n.jid, n.minion])?;
