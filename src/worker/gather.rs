@@ -40,9 +40,9 @@ pub(super) struct Gather {
     pub depth: DepthPoll,
     /// The worker's part of the memory budget (shared by every worker).
     pub memory: Arc<Part>,
-    /// The listener's part, in the same process (`run`): the worker yields
-    /// while it fills.
-    pub listener: Option<Arc<Part>>,
+    /// The listener's part (a limit of 0 in `work`, which has no
+    /// listener): the worker yields while it fills.
+    pub listener: Arc<Part>,
 }
 
 impl Gather {
@@ -207,9 +207,8 @@ impl Gather {
     }
 
     fn listener_behind(&self) -> bool {
-        self.listener
-            .as_ref()
-            .is_some_and(|l| l.limit() > 0 && l.used() > l.limit() / 2)
+        let l = &self.listener;
+        l.limit() > 0 && l.used() > l.limit() / 2
     }
 
     /// Acks, retrying: an ack that never lands only means a harmless redelivery.

@@ -266,7 +266,7 @@ impl Worker {
         );
         let budget = stats.budget();
         let memory = budget.part(crate::memory::PartName::Worker).clone();
-        let listener = Some(budget.part(crate::memory::PartName::Listener).clone());
+        let listener = budget.part(crate::memory::PartName::Listener).clone();
         let gathered = gather::Gather {
             consumer,
             cfg,
