@@ -78,23 +78,8 @@ async fn traced_work(dir: &Path, sink_sync: &str) -> String {
     let traced = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok());
-    if let Some(pid) = traced {
-        // SAFETY: plain kill(2) on strace's child, which we started.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        for _ in 0..200 {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // SAFETY: as above; a no-op if it has ended.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-    stop(&mut child);
+    let pid = traced.unwrap_or(child.id() as i32);
+    stop_via(&mut child, pid);
     assert_eq!(got.0, N as u64, "all returns stored under strace");
     std::fs::read_to_string(&trace).expect("trace")
 }

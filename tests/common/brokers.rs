@@ -184,15 +184,27 @@ pub fn spawn_saltpipe(cmd: &str, config: &Path, log: &Path) -> Child {
 
 /// Stops a child with SIGTERM and waits for it (SIGKILL after 20 s).
 pub fn stop(child: &mut Child) {
-    // SAFETY: plain kill(2) on our own child's pid.
+    let pid = child.id() as i32;
+    stop_via(child, pid);
+}
+
+/// SIGTERM to `pid` (the child itself, or a process it runs, as strace's
+/// traced program), then waits up to 20 s for `child` to end; SIGKILL to
+/// both after that.
+pub fn stop_via(child: &mut Child, pid: i32) {
+    // SAFETY: plain kill(2) on our own child's pid, or its own child's.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(pid, libc::SIGTERM);
     }
     for _ in 0..200 {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
     }
     let _ = child.kill();
     let _ = child.wait();
