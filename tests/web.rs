@@ -814,7 +814,7 @@ async fn browser_walk() {
         // Until the page's EventSource has subscribed, offers go nowhere.
         feed.offer(
             &live_event(&format!("2026120212000000{i:04}"), PROBE_MINION),
-            0,
+            saltpipe::source::now_ms(),
         );
         n = rows().await;
         if n > 0 {
@@ -837,7 +837,10 @@ async fn browser_walk() {
         .click()
         .await
         .expect("click");
-    feed.offer(&live_event("20261202120000009999", "held-m"), 0);
+    feed.offer(
+        &live_event("20261202120000009999", "held-m"),
+        saltpipe::source::now_ms(),
+    );
     let status = c.find(Css("#live-status")).await.expect("status");
     let mut said = String::new();
     for _ in 0..100 {
