@@ -78,6 +78,12 @@ pub fn queue_config(url: &str, prefix: &str, spool: &Path) -> QueueConfig {
 
 /// A `salt/job/<jid>/ret/<minion>` event body as the bus carries it.
 pub fn return_body(jid: &str, minion: &str) -> Bytes {
+    return_body_sized(jid, minion, None)
+}
+
+/// [`return_body`] whose `return` is a string of `return_bytes` bytes
+/// (`true` with None): a large state run's size.
+pub fn return_body_sized(jid: &str, minion: &str, return_bytes: Option<usize>) -> Bytes {
     let mut d = Vec::new();
     let w = &mut d;
     let s = |w: &mut Vec<u8>, x: &str| rmp::encode::write_str(w, x).expect("write");
@@ -93,7 +99,10 @@ pub fn return_body(jid: &str, minion: &str) -> Bytes {
     s(w, "fun_args");
     rmp::encode::write_array_len(w, 0).expect("arr");
     s(w, "return");
-    rmp::encode::write_bool(w, true).expect("bool");
+    match return_bytes {
+        None => rmp::encode::write_bool(w, true).expect("bool"),
+        Some(n) => s(w, &"x".repeat(n)),
+    }
     s(w, "retcode");
     rmp::encode::write_uint(w, 0).expect("int");
     s(w, "success");

@@ -23,6 +23,12 @@
 //! wholly acked are read again after a restart, whole (the sinks' unique keys
 //! make the repeats harmless).
 //!
+//! A container of 64 KiB or more (large returns, or a full container of
+//! small ones) is not stored in its row but appended to a spill file
+//! beside the database, its row pointing at it ([`spill`]): SQLite copied
+//! each such byte six times (pages, WAL, checkpoint), which made this
+//! queue the bottleneck of a highstate burst of 100-500 KB returns.
+//!
 //! A queue file from an older saltpipe, with one row per event in a
 //! `messages` table, is converted to containers when it is opened (in
 //! chunks, each one transaction), so nothing it holds is lost or doubled.
@@ -34,12 +40,15 @@
 //! One consumer per named queue per file, enforced with a lock file, since
 //! two consumers with separate cursors would both deliver every row.
 
+mod spill;
+
 use super::pack::{self, Entry, LIMITS, Ledger};
 use super::{Consumer, Delivery, Message, Producer, QueueError, SyncMode};
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
+use spill::Spill;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -49,15 +58,28 @@ use tokio::sync::Notify;
 /// How often a consumer looks for rows written by another process.
 const POLL: Duration = Duration::from_millis(50);
 
+/// `data` is empty when the container is in a spill file: `spill_file`,
+/// `spill_off` and `spill_len` say where (NULL otherwise). The spill
+/// columns come before `data` so that reading them never walks a large
+/// blob's overflow pages (files made before spill files have them after,
+/// added by [`add_spill_columns`]).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS containers (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
     events INTEGER NOT NULL,
+    spill_file INTEGER,
+    spill_off INTEGER,
+    spill_len INTEGER,
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS containers_queue_id ON containers(queue, id);
 ";
+
+/// Lets the collector find the lowest spill file still pointed into
+/// without a scan (created after [`add_spill_columns`]).
+const SPILL_INDEX: &str = "CREATE INDEX IF NOT EXISTS containers_spill \
+    ON containers(spill_file) WHERE spill_file IS NOT NULL";
 
 /// Rows of an older `messages` table converted per transaction.
 const CONVERT_CHUNK: i64 = 4096;
@@ -70,11 +92,39 @@ struct Inner {
     dir: PathBuf,
     db: PathBuf,
     sync: SyncMode,
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
     /// Wakes consumers in this process when rows arrive.
     notify: Notify,
     /// Copies the writer's committed WAL pages into the file off its thread.
     checkpointer: Checkpointer,
+}
+
+/// The one writing connection of a process, and the spill file it appends to.
+struct Writer {
+    conn: Connection,
+    spill: Spill,
+}
+
+impl Writer {
+    /// Deletes the spill files no row points into any more (rate-limited
+    /// unless `now`); a failure only leaves files for the next time.
+    fn collect(&mut self, now: bool) {
+        let lowest = self.conn.query_row(
+            "SELECT min(spill_file) FROM containers WHERE spill_file IS NOT NULL",
+            [],
+            |r| r.get::<_, Option<i64>>(0),
+        );
+        let result = lowest.map_err(|e| e.to_string()).and_then(|low| {
+            // A negative number is no file of ours: collect below 0, i.e. nothing.
+            let low = low.map(|n| u64::try_from(n).unwrap_or(0));
+            self.spill.collect(low, now).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(files = n, "deleted spent spill files"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete spent spill files; will try again"),
+        }
+    }
 }
 
 /// An open embedded queue directory. Cheap to clone.
@@ -98,20 +148,79 @@ fn open_connection(db: &Path, sync: SyncMode) -> Result<Connection, QueueError> 
     Ok(c)
 }
 
-/// Stores `batch` as containers, each queue's events in their order.
-fn insert_containers(tx: &rusqlite::Transaction<'_>, batch: &[Message]) -> rusqlite::Result<()> {
-    let mut st =
-        tx.prepare_cached("INSERT INTO containers (queue, events, data) VALUES (?1, ?2, ?3)")?;
-    for c in pack::pack(batch, LIMITS) {
-        st.execute(params![&*c.queue, c.events as i64, c.data])?;
+/// Adds the spill columns (and their index) to a `containers` table made
+/// before spill files.
+fn add_spill_columns(c: &Connection) -> rusqlite::Result<()> {
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM pragma_table_info('containers') WHERE name = 'spill_file'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        c.execute_batch(
+            "ALTER TABLE containers ADD COLUMN spill_file INTEGER; \
+             ALTER TABLE containers ADD COLUMN spill_off INTEGER; \
+             ALTER TABLE containers ADD COLUMN spill_len INTEGER;",
+        )?;
     }
-    Ok(())
+    c.execute_batch(SPILL_INDEX)
+}
+
+/// Why a push could not be stored.
+#[derive(Debug, thiserror::Error)]
+enum InsertError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("cannot write a spill file: {0}")]
+    Spill(#[from] std::io::Error),
+}
+
+/// Stores `batch` as containers, each queue's events in their order, the
+/// large ones in `spill`'s file; returns the bytes that went into SQLite
+/// itself (for the checkpointer).
+fn insert_containers(
+    tx: &rusqlite::Transaction<'_>,
+    spill: &mut Spill,
+    batch: &[Message],
+) -> Result<usize, InsertError> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO containers (queue, events, spill_file, spill_off, spill_len, data) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut inline = 0;
+    spill.begin();
+    for c in pack::pack(batch, LIMITS) {
+        if c.data.len() >= spill::SPILL_MIN {
+            let (file, off) = spill.append(&c.data)?;
+            st.execute(params![
+                &*c.queue,
+                c.events as i64,
+                file as i64,
+                off as i64,
+                c.data.len() as i64,
+                &[] as &[u8]
+            ])?;
+            inline += 64;
+        } else {
+            st.execute(params![
+                &*c.queue,
+                c.events as i64,
+                None::<i64>,
+                None::<i64>,
+                None::<i64>,
+                c.data
+            ])?;
+            inline += c.data.len();
+        }
+    }
+    spill.before_commit()?;
+    Ok(inline)
 }
 
 /// Converts what an older saltpipe left in `messages` (one row per event)
 /// into containers, a chunk per transaction: a crash in between leaves
 /// every event in exactly one of the two tables.
-fn convert_old_rows(c: &mut Connection) -> rusqlite::Result<u64> {
+fn convert_old_rows(c: &mut Connection, spill: &mut Spill) -> Result<u64, InsertError> {
     let exists: Option<String> = c
         .query_row(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
@@ -149,7 +258,7 @@ fn convert_old_rows(c: &mut Connection) -> rusqlite::Result<u64> {
             tx.commit()?;
             return Ok(moved);
         }
-        insert_containers(&tx, &batch)?;
+        insert_containers(&tx, spill, &batch)?;
         tx.execute("DELETE FROM messages WHERE id <= ?1", params![last])?;
         tx.commit()?;
         moved += batch.len() as u64;
@@ -182,11 +291,13 @@ impl Embedded {
         let writer = loop {
             let attempt = open_connection(&db, sync).and_then(|mut c| {
                 c.execute_batch(SCHEMA).map_err(storage)?;
-                let moved = convert_old_rows(&mut c).map_err(storage)?;
+                add_spill_columns(&c).map_err(storage)?;
+                let mut spill = Spill::new(&key, sync == SyncMode::Full);
+                let moved = convert_old_rows(&mut c, &mut spill).map_err(storage)?;
                 if moved > 0 {
                     tracing::info!(queue = %db.display(), events = moved, "converted an older queue file's events into containers");
                 }
-                Ok(c)
+                Ok(Writer { conn: c, spill })
             });
             match attempt {
                 Err(QueueError::Storage(m))
@@ -197,7 +308,10 @@ impl Embedded {
                 other => break other?,
             }
         };
-        let checkpointer = Checkpointer::start(&db, &writer).map_err(storage)?;
+        let checkpointer = Checkpointer::start(&db, &writer.conn).map_err(storage)?;
+        // What an earlier run left behind: files whose rows are all acked.
+        let mut writer = writer;
+        writer.collect(true);
         let inner = Arc::new(Inner {
             dir: key.clone(),
             db,
@@ -231,6 +345,7 @@ impl Embedded {
             conn: Arc::new(Mutex::new(conn)),
             cursor: 0,
             ledger: Ledger::default(),
+            spilled: Default::default(),
             shared: self.clone(),
             _lock: lock,
         })
@@ -240,12 +355,13 @@ impl Embedded {
     pub async fn stored(&self) -> Result<u64, QueueError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let c = inner.writer.lock().map_err(storage)?;
-            c.query_row("SELECT coalesce(sum(events), 0) FROM containers", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(storage)
+            let w = inner.writer.lock().map_err(storage)?;
+            w.conn
+                .query_row("SELECT coalesce(sum(events), 0) FROM containers", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n as u64)
+                .map_err(storage)
         })
         .await
         .map_err(storage)?
@@ -261,13 +377,12 @@ impl Producer for Embedded {
         let inner = self.inner.clone();
         let batch = batch.to_vec();
         tokio::task::spawn_blocking(move || {
-            let mut c = inner.writer.lock().map_err(storage)?;
-            let tx = c.transaction().map_err(storage)?;
-            insert_containers(&tx, &batch).map_err(storage)?;
+            let mut guard = inner.writer.lock().map_err(storage)?;
+            let w = &mut *guard;
+            let tx = w.conn.transaction().map_err(storage)?;
+            let inline = insert_containers(&tx, &mut w.spill, &batch).map_err(storage)?;
             tx.commit().map_err(storage)?;
-            inner
-                .checkpointer
-                .nudge(batch.iter().map(|m| m.body.len()).sum());
+            inner.checkpointer.nudge(inline);
             inner.notify.notify_waiters();
             Ok(())
         })
@@ -285,12 +400,15 @@ pub struct EmbeddedConsumer {
     /// Containers read and not yet deleted, and their events not yet
     /// handed out. Delivery ids are the ledger's, local to this consumer.
     ledger: Ledger<i64>,
+    /// Containers read that are in spill files: acking one may free a file.
+    spilled: std::collections::HashSet<i64>,
     shared: Embedded,
     _lock: std::fs::File,
 }
 
-/// Containers read in one go: the row id and its events.
-type Fetched = Vec<(i64, Vec<Entry>)>;
+/// Containers read in one go: the row id, whether it was in a spill file,
+/// and its events.
+type Fetched = Vec<(i64, bool, Vec<Entry>)>;
 
 impl EmbeddedConsumer {
     /// Reads containers after the cursor until they hold `events` events
@@ -299,11 +417,13 @@ impl EmbeddedConsumer {
         let conn = self.conn.clone();
         let queue = self.queue.clone();
         let cursor = self.cursor;
+        let dir = self.shared.inner.dir.clone();
         tokio::task::spawn_blocking(move || {
             let c = conn.lock().map_err(storage)?;
             let mut st = c
                 .prepare_cached(
-                    "SELECT id, data FROM containers WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                    "SELECT id, data, spill_file, spill_off, spill_len FROM containers \
+                     WHERE queue = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                 )
                 .map_err(storage)?;
             let mut rows = st
@@ -313,14 +433,32 @@ impl EmbeddedConsumer {
             let (mut got, mut bytes) = (0usize, 0usize);
             while let Some(r) = rows.next().map_err(storage)? {
                 let id: i64 = r.get(0).map_err(storage)?;
-                let data = Bytes::from(r.get::<_, Vec<u8>>(1).map_err(storage)?);
+                let spilled: Option<(i64, i64, i64)> =
+                    match (r.get(2), r.get(3), r.get(4)) {
+                        (Ok(Some(f)), Ok(Some(o)), Ok(Some(l))) => Some((f, o, l)),
+                        _ => None,
+                    };
+                let data = match spilled {
+                    None => Bytes::from(r.get::<_, Vec<u8>>(1).map_err(storage)?),
+                    Some((file, off, len)) => match spill::read(&dir, file, off, len) {
+                        Ok(bytes) => Bytes::from(bytes),
+                        // Lost to a power cut with `sync = "normal"`, or
+                        // removed by hand: handed on as what it is, for
+                        // the worker to dead-letter with this reason
+                        // (it does not unpack, see below).
+                        Err(e) => {
+                            tracing::error!(queue = %queue, container = id, error = %e, "a queued container's spill file cannot be read; its events go to the dead letters");
+                            Bytes::from(format!("saltpipe: unreadable queue container {id}: {e}"))
+                        }
+                    },
+                };
                 bytes += data.len();
                 // Only our own producer writes here, but the file is on
                 // disk: a row that does not unpack is handed on whole, for
                 // the worker to dead-letter, instead of stopping the queue.
                 let entries = pack::entries(true, data, raw_entry, &queue);
                 got += entries.len();
-                out.push((id, entries));
+                out.push((id, spilled.is_some(), entries));
                 if got >= events || bytes >= max_bytes {
                     break;
                 }
@@ -362,10 +500,13 @@ impl Consumer for EmbeddedConsumer {
                 let fetched = self
                     .fetch(max - ready, max_bytes.saturating_sub(ready_bytes).max(1))
                     .await?;
-                if let Some((last, _)) = fetched.last() {
+                if let Some((last, _, _)) = fetched.last() {
                     self.cursor = *last;
                 }
-                for (id, entries) in fetched {
+                for (id, spilled, entries) in fetched {
+                    if spilled {
+                        self.spilled.insert(id);
+                    }
                     self.ledger.take(id, entries);
                 }
             }
@@ -395,9 +536,16 @@ impl Consumer for EmbeddedConsumer {
         let inner = self.shared.inner.clone();
         let queue = self.queue.clone();
         let runs = contiguous_runs(&done.iter().map(|&(_, row)| row as u64).collect::<Vec<_>>());
+        // Deleting a spilled container may leave its file with no row: look
+        // at once (otherwise only now and then, for files of other writers).
+        let freed_spill = done
+            .iter()
+            .filter(|&&(_, row)| self.spilled.remove(&row))
+            .count()
+            > 0;
         tokio::task::spawn_blocking(move || {
             let mut c = inner.writer.lock().map_err(storage)?;
-            let tx = c.transaction().map_err(storage)?;
+            let tx = c.conn.transaction().map_err(storage)?;
             {
                 // Containers are acked in order, so this is usually one range.
                 let mut st = tx
@@ -414,6 +562,7 @@ impl Consumer for EmbeddedConsumer {
             // A delete frees the container's pages (no rewrite) and edits a
             // leaf or two: count a page per container.
             inner.checkpointer.nudge(16 << 10);
+            c.collect(freed_spill);
             Ok::<(), QueueError>(())
         })
         .await
@@ -658,6 +807,173 @@ mod tests {
             .optional()
             .expect("query");
         assert_eq!(table, None, "the old table is gone once empty");
+    }
+
+    fn big(i: usize, size: usize) -> Message {
+        let mut body = format!("salt/job/{i}/ret/m\n\n").into_bytes();
+        body.resize(size, (i % 251) as u8);
+        Message {
+            queue: Arc::from("default"),
+            key: format!("m{i}"),
+            body: Bytes::from(body),
+            received_ms: i as i64,
+        }
+    }
+
+    fn spill_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("list")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("spill-"))
+            })
+            .count()
+    }
+
+    /// (spilled containers, of which with an empty `data`, inline ones)
+    fn placement(dir: &Path) -> (i64, i64, i64) {
+        let c = Connection::open(dir.join("queue.db")).expect("open");
+        c.query_row(
+            "SELECT count(spill_file), sum(spill_file IS NOT NULL AND length(data) = 0), \
+             count(*) - count(spill_file) FROM containers",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                    r.get(2)?,
+                ))
+            },
+        )
+        .expect("placement")
+    }
+
+    #[tokio::test]
+    async fn large_containers_go_to_a_spill_file_which_goes_once_every_row_is_acked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batch: Vec<Message> = (0..6).map(|i| big(i, 200 << 10)).collect();
+        {
+            let q = Embedded::open(dir.path(), SyncMode::Full)
+                .await
+                .expect("open");
+            q.push(&batch).await.expect("push");
+            q.push(&[msg("default", 100)]).await.expect("push small");
+            // Two 200 KiB events a container (512 KiB at most), each in the
+            // spill file; the small one in its row.
+            assert_eq!(placement(dir.path()), (3, 3, 1));
+            assert_eq!(spill_files(dir.path()), 1);
+            let mut c = q.consumer("default").expect("consumer");
+            let got = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
+            assert_eq!(seqs(&got), vec![0, 1, 2, 3, 4, 5, 100]);
+            for (d, m) in got.iter().zip(&batch) {
+                assert_eq!(d.body, m.body, "event {} read back whole", m.received_ms);
+                assert_eq!(d.key, m.key);
+            }
+            c.ack(&ids(&got)).await.expect("ack");
+            assert_eq!(rows(dir.path()), 0);
+            assert_eq!(
+                spill_files(dir.path()),
+                1,
+                "the writer's own file stays while it may append to it"
+            );
+        }
+        // Released with the queue: the next open deletes it.
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("reopen");
+        assert_eq!(spill_files(dir.path()), 0);
+        q.push(&batch[..2]).await.expect("push");
+        assert_eq!(spill_files(dir.path()), 1, "a new file for new containers");
+    }
+
+    #[tokio::test]
+    async fn spilled_containers_not_acked_come_back_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batch: Vec<Message> = (0..4).map(|i| big(i, 300 << 10)).collect();
+        {
+            let q = Embedded::open(dir.path(), SyncMode::Normal)
+                .await
+                .expect("open");
+            q.push(&batch).await.expect("push");
+            let mut c = q.consumer("default").expect("consumer");
+            let got = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
+            c.ack(&ids(&got[..2])).await.expect("ack half");
+        }
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("reopen");
+        assert_eq!(spill_files(dir.path()), 1, "still pointed into");
+        let mut c = q.consumer("default").expect("consumer");
+        let again = c.pull(100, usize::MAX, Duration::ZERO).await.expect("pull");
+        assert_eq!(seqs(&again), vec![2, 3]);
+        assert_eq!(again[1].body, batch[3].body);
+        c.ack(&ids(&again)).await.expect("ack");
+        assert_eq!(
+            spill_files(dir.path()),
+            0,
+            "the old file, no longer pointed into and held by no one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spill_file_gone_missing_is_handed_on_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("open");
+        q.push(&[big(0, 100 << 10)]).await.expect("push");
+        q.push(&[msg("default", 1)]).await.expect("push");
+        for e in std::fs::read_dir(dir.path()).expect("list") {
+            let p = e.expect("entry").path();
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("spill-"))
+            {
+                std::fs::remove_file(p).expect("remove");
+            }
+        }
+        let mut c = q.consumer("default").expect("consumer");
+        let got = c.pull(10, usize::MAX, Duration::ZERO).await.expect("pull");
+        assert_eq!(got.len(), 2, "the lost container and the next event");
+        let text = String::from_utf8_lossy(&got[0].body);
+        assert!(text.contains("unreadable queue container"), "{text}");
+        assert_eq!(got[1].body, msg("default", 1).body);
+        c.ack(&ids(&got)).await.expect("ack");
+        assert_eq!(rows(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_container_table_from_before_spill_files_is_read_and_extended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = Connection::open(dir.path().join("queue.db")).expect("open");
+            c.execute_batch(
+                "CREATE TABLE containers (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                 queue TEXT NOT NULL, events INTEGER NOT NULL, data BLOB NOT NULL); \
+                 CREATE INDEX containers_queue_id ON containers(queue, id);",
+            )
+            .expect("old schema");
+            for p in pack::pack(&[big(0, 100 << 10), msg("default", 1)], LIMITS) {
+                c.execute(
+                    "INSERT INTO containers (queue, events, data) VALUES (?1, ?2, ?3)",
+                    params![&*p.queue, p.events as i64, p.data],
+                )
+                .expect("old row");
+            }
+        }
+        let q = Embedded::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("open");
+        q.push(&[big(2, 100 << 10)]).await.expect("push");
+        assert_eq!(
+            placement(dir.path()),
+            (1, 1, 1),
+            "old row inline, new one spilled"
+        );
+        let mut c = q.consumer("default").expect("consumer");
+        let got = c.pull(10, usize::MAX, Duration::ZERO).await.expect("pull");
+        assert_eq!(seqs(&got), vec![0, 1, 2]);
+        assert_eq!(got[0].body, big(0, 100 << 10).body);
+        assert_eq!(got[2].body, big(2, 100 << 10).body);
     }
 
     #[tokio::test]
