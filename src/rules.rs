@@ -8,9 +8,11 @@
 //! 1. the operator's rules (`[[rules.rule]]`), first match wins;
 //! 2. the built-in redundancy filter (`drop_redundant`), with a reason per drop;
 //! 3. the profile (`keep`): `jobs` keeps job announcements and returns,
-//!    and runner jobs' returns (`salt-run`, orchestrations: stored as Salt's
-//!    master job cache stores them; a rule `kind = "runner_return"` with
-//!    `action = "drop"` drops them), optionally only for some functions
+//!    and runner and wheel jobs' returns (`salt-run`, orchestrations,
+//!    WheelClient / salt-api wheel calls: Salt's master job cache stores
+//!    both, and saltpipe stores them the same way; a rule
+//!    `kind = "runner_return"` or `"wheel_return"` with `action = "drop"`
+//!    drops them), optionally only for some functions
 //!    (`funs`); `all` keeps everything
 //!    left; `none` keeps only what a rule kept;
 //! 4. a kept return whose (jid, minion) was already kept is dropped as a
@@ -139,7 +141,7 @@ pub struct MatcherConfig {
     /// Minion id globs.
     #[serde(deserialize_with = "one_or_many")]
     pub minion: Vec<Glob>,
-    /// Event kinds (`job_return`, `job_new`, `runner_return`, ...).
+    /// Event kinds (`job_return`, `job_new`, `runner_return`, `wheel_return`, ...).
     #[serde(deserialize_with = "one_or_many")]
     pub kind: Vec<Kind>,
     /// The return's `success`.
@@ -461,12 +463,14 @@ impl Rules {
             Profile::All => true,
             Profile::None => false,
             Profile::Jobs => {
-                matches!(e.kind, Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn)
-                    && (self.funs.is_empty()
-                        || e.fields
-                            .fun
-                            .iter()
-                            .any(|f| self.funs.iter().any(|g| g.matches(f))))
+                matches!(
+                    e.kind,
+                    Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn
+                ) && (self.funs.is_empty()
+                    || e.fields
+                        .fun
+                        .iter()
+                        .any(|f| self.funs.iter().any(|g| g.matches(f))))
             }
         };
         if keep {
@@ -669,6 +673,30 @@ mod tests {
         let mut r = rules("[[rules.rule]]\nkind = \"runner_return\"\naction = \"drop\"\n");
         assert_eq!(r.decide(&run), Decision::Drop(DropReason::Rule));
         assert_eq!(r.decide(&ret("1", "m1", "test.ping")), keep("default"));
+    }
+
+    #[test]
+    fn wheel_returns_are_jobs_unless_a_rule_drops_them() {
+        let wheel = ev(
+            "salt/wheel/20261202120000000002/ret",
+            &[("jid", "20261202120000000002"), ("fun", "wheel.key.accept")],
+        );
+        let new = ev(
+            "salt/wheel/20261202120000000002/new",
+            &[("fun", "wheel.key.accept")],
+        );
+        assert_eq!(rules("").decide(&wheel), keep("default"));
+        assert_eq!(
+            rules("").decide(&new),
+            Decision::Drop(DropReason::NotSelected)
+        );
+        let mut r = rules("[[rules.rule]]\nkind = \"wheel_return\"\naction = \"drop\"\n");
+        assert_eq!(r.decide(&wheel), Decision::Drop(DropReason::Rule));
+        let run = ev(
+            "salt/run/3/ret",
+            &[("jid", "3"), ("fun", "runner.test.arg")],
+        );
+        assert_eq!(r.decide(&run), keep("default"));
     }
 
     #[test]

@@ -359,7 +359,7 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                 job,
             ))
         }
-        (Kind::RunnerReturn, Some(jid), _) => runner_rows(record, jid, fmt),
+        (Kind::RunnerReturn | Kind::WheelReturn, Some(jid), _) => runner_rows(record, jid, fmt),
         _ => Ok(RowSet::Event(EventRow {
             tag: e.tag().to_owned(),
             data: data_json()?,
@@ -377,8 +377,10 @@ fn success_text(style: BoolStyle, ok: bool) -> &'static str {
     }
 }
 
-/// A runner job (`salt-run`, orchestrations: `salt/run/<jid>/ret`) as
-/// Salt's master job cache stores it (`salt/client/mixins.py` calls
+/// A runner job (`salt-run`, orchestrations: `salt/run/<jid>/ret`) or a
+/// wheel job (`salt/wheel/<jid>/ret`: both run through the same
+/// `SyncClientMixin.low`) as Salt's master job cache stores it
+/// (`salt/client/mixins.py` calls
 /// `salt.utils.job.store_job` with `{id, tgt, jid, return}`, where `id`
 /// and `tgt` are the master's id and `return` is the whole event data, and
 /// `store_job` adds `fun` and `user`): that load is both the `jids` row and
@@ -808,6 +810,52 @@ mod tests {
         );
         assert_eq!(job.load, row.full_ret);
         assert_eq!(job.jid, "20261202120000000001");
+    }
+
+    #[test]
+    fn wheel_job_is_stored_as_the_masters_job_cache_stores_it() {
+        // salt/client/mixins.py's `low` stores a wheel job exactly as a
+        // runner job: store_job with {id, tgt, jid, return}.
+        let r = record(
+            "salt/wheel/20261202120000000002/ret",
+            vec![
+                ("fun", V::from("wheel.key.list_all")),
+                ("jid", V::from("20261202120000000002")),
+                ("user", V::from("root")),
+                ("return", V::Map(vec![])),
+                ("success", V::from(true)),
+            ],
+        );
+        let fmt = RowFormat {
+            runner_id: "salt1_master",
+            ..RowFormat::unlimited(BoolStyle::Word)
+        };
+        let RowSet::Return(row, Some(job)) = rows_of(&r, fmt).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(
+            (row.id.as_str(), row.fun.as_str(), row.success.as_str()),
+            ("salt1_master", "wheel.key.list_all", "true")
+        );
+        assert_eq!(row.outcome.outcome, "ok");
+        let data = "{\"fun\": \"wheel.key.list_all\", \"jid\": \"20261202120000000002\", \"user\": \"root\", \"return\": {}, \"success\": true}";
+        assert_eq!(row.ret(), data);
+        assert_eq!(
+            row.full_ret,
+            format!(
+                "{{\"id\": \"salt1_master\", \"tgt\": \"salt1_master\", \"jid\": \"20261202120000000002\", \"return\": {data}, \"fun\": \"wheel.key.list_all\", \"user\": \"root\"}}"
+            )
+        );
+        assert_eq!(job.load, row.full_ret);
+        // Its `new` is an event like a runner's (the profile does not keep it).
+        let new = record(
+            "salt/wheel/20261202120000000002/new",
+            vec![("fun", V::from("wheel.key.list_all"))],
+        );
+        assert!(matches!(
+            rows_of(&new, RowFormat::unlimited(BoolStyle::Word)),
+            Ok(RowSet::Event(_))
+        ));
     }
 
     #[test]
