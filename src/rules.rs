@@ -465,12 +465,18 @@ impl Rules {
             Profile::Jobs => {
                 matches!(
                     e.kind,
-                    Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn
-                ) && (self.funs.is_empty()
-                    || e.fields
-                        .fun
-                        .iter()
-                        .any(|f| self.funs.iter().any(|g| g.matches(f))))
+                    Kind::JobNew
+                        | Kind::JobReturn
+                        | Kind::RunnerReturn
+                        | Kind::WheelReturn
+                        | Kind::JobLegacyAnnounce
+                ) && (e.kind != Kind::JobLegacyAnnounce
+                    || crate::event::syndic_of(e.tag()).is_some())
+                    && (self.funs.is_empty()
+                        || e.fields
+                            .fun
+                            .iter()
+                            .any(|f| self.funs.iter().any(|g| g.matches(f))))
             }
         };
         if keep {
@@ -492,7 +498,11 @@ fn redundant(e: &Event) -> Option<DropReason> {
             DropReason::FindJob
         }
         Kind::JobPublish => DropReason::PublishDuplicate,
-        Kind::JobLegacyAnnounce => DropReason::LegacyAnnounce,
+        // A 3006 syndic's forwarded announcement is no repeat on its MoM:
+        // nothing else there lists the syndic's minions (sink::rows).
+        Kind::JobLegacyAnnounce if crate::event::syndic_of(e.tag()).is_none() => {
+            DropReason::LegacyAnnounce
+        }
         Kind::JobProgress => DropReason::JobProgress,
         Kind::JobSub => DropReason::JobSub,
         Kind::StateFailure => DropReason::StateFailure,
@@ -673,6 +683,18 @@ mod tests {
         let mut r = rules("[[rules.rule]]\nkind = \"runner_return\"\naction = \"drop\"\n");
         assert_eq!(r.decide(&run), Decision::Drop(DropReason::Rule));
         assert_eq!(r.decide(&ret("1", "m1", "test.ping")), keep("default"));
+    }
+
+    #[test]
+    fn a_syndics_forwarded_bare_jid_announcement_is_kept_on_its_mom() {
+        // Salt 3006: the only sign of a syndic's minions on the MoM.
+        let mut r = rules("");
+        let fwd = ev("syndic/syndic-1/20261203132535670172", &[]);
+        assert_eq!(r.decide(&fwd), keep("default"));
+        let own = ev("20261203132535670172", &[]);
+        assert_eq!(r.decide(&own), Decision::Drop(DropReason::LegacyAnnounce));
+        let mut r = rules("[rules]\ndrop_redundant = false\n");
+        assert_eq!(r.decide(&own), Decision::Drop(DropReason::NotSelected));
     }
 
     #[test]

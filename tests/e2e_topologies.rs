@@ -348,6 +348,23 @@ fn syndic_tree(version: &str) {
             format!("cmd.run {} \"from-mom\"", db.yes()),
             "{server}"
         );
+        // The MoM's job targets its minion and the syndic's id (its `new`),
+        // and the syndic's minions (the syndic's `new`). The syndic's own
+        // row is a relay's, written closed (no no_return is ever recorded
+        // for it) when the syndic's forwarded announcement lands: on 3008
+        // `syndic/syndic-1/salt/job/<jid>/new`, on 3006 (which forwards
+        // no `new`) the bare-jid `syndic/syndic-1/<jid>`.
+        let targets = format!("FROM saltpipe_targets WHERE jid = '{from_mom}'");
+        assert_eq!(
+            db.joined("minion", "minion", &targets),
+            "mom-minion-1,syn-minion-1,syn-minion-2,syndic-1",
+            "{server}"
+        );
+        assert_eq!(
+            db.n(&format!("SELECT closed {targets} AND minion = 'syndic-1'")),
+            1,
+            "{server}: the syndic's relay row closed"
+        );
         // The syndic is a target of the MoM's job, never a returner;
         // find_job polls are not stored.
         assert_eq!(
