@@ -146,7 +146,7 @@ fn create_schema(url: &str) {
 struct Pipe {
     sp: Saltpipe,
     port: u16,
-    _work: tempfile::TempDir,
+    work: tempfile::TempDir,
 }
 
 impl Pipe {
@@ -166,11 +166,7 @@ impl Pipe {
         std::fs::write(&cfg, text).expect("config");
         let sp = Saltpipe::start(&["run"], &cfg);
         sp.wait_log("connected to the event bus", 1, LONG);
-        Pipe {
-            sp,
-            port,
-            _work: work,
-        }
+        Pipe { sp, port, work }
     }
 
     /// One saltpipe on `sb` per database of `dbs`, in their order.
@@ -193,7 +189,7 @@ impl Pipe {
             std::process::Command::new(env!("CARGO_BIN_EXE_saltpipe"))
                 .arg("backfill")
                 .arg("--config")
-                .arg(self._work.path().join("saltpipe.toml"))
+                .arg(self.work.path().join("saltpipe.toml"))
                 .arg("--master-config")
                 .arg(sb.dir.path().join("etc/master"))
                 .args(["--jid", jid, "--json"]),
@@ -235,7 +231,8 @@ fn syndic_tree_3008() {
     syndic_tree("3008.5");
 }
 
-/// The 3006 LTS line: its syndic forwards `new` and returns the same way,
+/// The 3006 LTS line: its syndic forwards returns the same way, but of a
+/// job only the bare-jid announcement `syndic/<id>/<jid>` (no `new`), and
 /// its `_stamp`s carry no timezone (docs/TOPOLOGIES.md).
 #[test]
 fn syndic_tree_3006() {
@@ -377,8 +374,8 @@ fn syndic_tree(version: &str) {
     }
 
     // Only the MoM's saltpipes left: a job local to the syndic still has
-    // its jids row (from the forwarded syndic/syndic-1/salt/job/<jid>/new,
-    // with the syndic's real minion list) and its returns.
+    // its returns and its jids row with the syndic's real minion list (on
+    // 3008 from the forwarded syndic/syndic-1/salt/job/<jid>/new).
     for p in on_syn {
         p.stop();
     }
@@ -397,8 +394,8 @@ fn syndic_tree(version: &str) {
         // announcement (`syndic/<id>/<jid>`: minions, no function) and
         // sends the job's load inside its return batch, which the MoM
         // writes to its job cache, never to its bus: nothing the MoM's bus
-        // carried says what the job was (the return came before, so
-        // everything before it is written). The MoM's job cache has the
+        // carried says what the job was (and all it carried before the
+        // return is written by now). The MoM's job cache has the
         // load: `saltpipe backfill` (and the read-back at each start and
         // reconnect) writes the jids row from it.
         for db in &dbs {
