@@ -24,6 +24,7 @@ on failure):
     salt      --dir D [--async] -- <salt args...>
     salt-run  --dir D -- <runner args...>
     salt-call --dir D --id ID -- <salt-call args...>
+    wheel     --dir D -- <wheel function> [args...]
     status    --dir D
 
 `salt` runs `salt -c D/etc --out=json --show-jid <args>` (deliberately NOT
@@ -40,6 +41,11 @@ With --async it runs `salt -c D/etc --async <args>` and prints
 {"jid": "<jid>"} (parsed from "Executed command with job ID: <jid>").
 `salt-run` and `salt-call` print Salt's --out=json stdout unchanged
 (salt-call uses the minion's config dir: it runs as that minion).
+`wheel` runs a wheel function through Salt's own salt.wheel.WheelClient on
+the master's config (as salt-api's `wheel` client and scripts do: a
+salt/wheel/<jid>/new and /ret on the bus, and a job in the master's job
+cache) and prints the job's full return ({jid, fun, user, return, success,
+...}) as JSON.
 
 Exit codes of salt / salt-run / salt-call are passed through (Salt exits
 non-zero when a minion fails or does not answer).
@@ -895,6 +901,33 @@ def cmd_salt_call(args):
     return r.returncode
 
 
+# A wheel job through Salt's own client, in the venv's python.
+WHEEL_RUNNER = """\
+import json, sys
+import salt.config, salt.wheel
+
+opts = salt.config.master_config(sys.argv[1])
+client = salt.wheel.WheelClient(opts)
+try:
+    ret = client.cmd(sys.argv[2], arg=sys.argv[3:], print_event=False, full_return=True)
+finally:
+    getattr(client, "destroy", lambda: None)()
+json.dump(ret, sys.stdout, default=str)
+"""
+
+
+def cmd_wheel(args):
+    st = load_state(os.path.abspath(args.dir))
+    rest = strip_dashdash(args.rest)
+    if not rest:
+        raise SandboxError("wheel: no function given")
+    argv = [bin_path(st, "python"), "-c", WHEEL_RUNNER,
+            os.path.join(st["config_dir"], "master")] + rest
+    r = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=daemon_env(st))
+    sys.stdout.write(r.stdout)
+    return r.returncode
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="salt-sandbox.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -954,6 +987,7 @@ def main(argv=None):
                    help="print salt's JSON (the --show-jid line removed)")
     add("salt-run", cmd_salt_run, with_rest=True)
     add("salt-call", cmd_salt_call, with_id=True, with_rest=True)
+    add("wheel", cmd_wheel, with_rest=True)
 
     args = ap.parse_args(argv)
     try:

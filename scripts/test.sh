@@ -25,19 +25,20 @@ if [ $# -gt 0 ]; then
   cargo test --lib --bins --tests "$@" 2>&1 | tee -a "$log"
 else
   # The four release-line job mixes of tests/e2e_salt.rs (~95 s each, mostly
-  # waiting on Salt's processes) run beside the rest of the suite instead
-  # of after it: a third less wall time for the whole run.
-  lines=(salt_3008_ipc salt_3008_tcp salt_3007_ipc salt_3006_ipc)
+  # waiting on Salt's processes) and the 3006 LTS syndic tree of
+  # tests/e2e_topologies.rs run beside the rest of the suite instead of
+  # after it: a third less wall time for the whole run.
+  lines=(salt_3008_ipc salt_3008_tcp salt_3007_ipc salt_3006_ipc syndic_tree_3006)
   skip=()
   for t in "${lines[@]}"; do skip+=(--skip "$t"); done
   cargo test --lib --bins --tests --no-run 2>&1 | tee -a "$log"
   side=$(mktemp)
-  cargo test --test e2e_salt -- --exact "${lines[@]}" >"$side" 2>&1 &
+  cargo test --test e2e_salt --test e2e_topologies -- --exact "${lines[@]}" >"$side" 2>&1 &
   side_pid=$!
   status=0
   cargo test --lib --bins --tests -- --exact "${skip[@]}" 2>&1 | tee -a "$log" || status=$?
   wait "$side_pid" || status=$?
-  echo "== tests/e2e_salt.rs release lines (run beside the rest)" | tee -a "$log"
+  echo "== release lines: tests/e2e_salt.rs, 3006 syndic tree (run beside the rest)" | tee -a "$log"
   tee -a "$log" <"$side"
   rm -f "$side"
   [ "$status" -eq 0 ] || exit "$status"

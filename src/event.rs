@@ -34,6 +34,13 @@ pub enum Kind {
     RunnerReturn,
     /// Other `salt/run/...` events (args, progress).
     RunnerOther,
+    /// `salt/wheel/<jid>/new`: a wheel job (WheelClient, salt-api's
+    /// `wheel` client, `salt-key` with eauth) started.
+    WheelNew,
+    /// `salt/wheel/<jid>/ret`.
+    WheelReturn,
+    /// Other `salt/wheel/...` events.
+    WheelOther,
     /// `salt/batch/...`.
     Batch,
     /// `salt/auth`.
@@ -55,7 +62,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 21] = [
         Kind::JobNew,
         Kind::JobPublish,
         Kind::JobReturn,
@@ -65,6 +72,9 @@ impl Kind {
         Kind::RunnerNew,
         Kind::RunnerReturn,
         Kind::RunnerOther,
+        Kind::WheelNew,
+        Kind::WheelReturn,
+        Kind::WheelOther,
         Kind::Batch,
         Kind::Auth,
         Kind::Key,
@@ -102,6 +112,13 @@ impl Kind {
                 Some("new") => Kind::RunnerNew,
                 Some("ret") => Kind::RunnerReturn,
                 _ => Kind::RunnerOther,
+            };
+        }
+        if let Some(rest) = tag.strip_prefix("salt/wheel/") {
+            return match rest.split('/').nth(1) {
+                Some("new") => Kind::WheelNew,
+                Some("ret") => Kind::WheelReturn,
+                _ => Kind::WheelOther,
             };
         }
         if tag.starts_with("salt/batch/") {
@@ -145,6 +162,9 @@ impl Kind {
             Kind::RunnerNew => "runner_new",
             Kind::RunnerReturn => "runner_return",
             Kind::RunnerOther => "runner_other",
+            Kind::WheelNew => "wheel_new",
+            Kind::WheelReturn => "wheel_return",
+            Kind::WheelOther => "wheel_other",
             Kind::Batch => "batch",
             Kind::Auth => "auth",
             Kind::Key => "key",
@@ -472,6 +492,9 @@ mod tests {
             ("salt/run/20261125120000123456/new", Kind::RunnerNew),
             ("salt/run/20261125120000123456/ret", Kind::RunnerReturn),
             ("salt/run/20261125120000123456/args", Kind::RunnerOther),
+            ("salt/wheel/20261125120000123456/new", Kind::WheelNew),
+            ("salt/wheel/20261125120000123456/ret", Kind::WheelReturn),
+            ("salt/wheel/20261125120000123456/progress", Kind::WheelOther),
             // Forwarded by a syndic to its master of masters.
             ("syndic/s1/salt/job/20261125120000123456/new", Kind::JobNew),
             (

@@ -40,7 +40,9 @@ pub const NO_RETURN_TAG: &str = "saltpipe/no_return/";
 /// None for anything else.
 pub fn of_event(e: &Event) -> Option<Outcome> {
     match e.kind {
-        Kind::JobReturn | Kind::RunnerReturn => Some(of_return(e.data()).outcome),
+        Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn => {
+            Some(of_return(e.data()).outcome)
+        }
         _ if e.tag().starts_with(NO_RETURN_TAG) => Some(Outcome::NoReturn),
         _ => None,
     }

@@ -8,9 +8,11 @@
 //! 1. the operator's rules (`[[rules.rule]]`), first match wins;
 //! 2. the built-in redundancy filter (`drop_redundant`), with a reason per drop;
 //! 3. the profile (`keep`): `jobs` keeps job announcements and returns,
-//!    and runner jobs' returns (`salt-run`, orchestrations: stored as Salt's
-//!    master job cache stores them; a rule `kind = "runner_return"` with
-//!    `action = "drop"` drops them), optionally only for some functions
+//!    and runner and wheel jobs' returns (`salt-run`, orchestrations,
+//!    WheelClient / salt-api wheel calls: Salt's master job cache stores
+//!    both, and saltpipe stores them the same way; a rule
+//!    `kind = "runner_return"` or `"wheel_return"` with `action = "drop"`
+//!    drops them), optionally only for some functions
 //!    (`funs`); `all` keeps everything
 //!    left; `none` keeps only what a rule kept;
 //! 4. a kept return whose (jid, minion) was already kept is dropped as a
@@ -139,7 +141,7 @@ pub struct MatcherConfig {
     /// Minion id globs.
     #[serde(deserialize_with = "one_or_many")]
     pub minion: Vec<Glob>,
-    /// Event kinds (`job_return`, `job_new`, `runner_return`, ...).
+    /// Event kinds (`job_return`, `job_new`, `runner_return`, `wheel_return`, ...).
     #[serde(deserialize_with = "one_or_many")]
     pub kind: Vec<Kind>,
     /// The return's `success`.
@@ -461,7 +463,15 @@ impl Rules {
             Profile::All => true,
             Profile::None => false,
             Profile::Jobs => {
-                matches!(e.kind, Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn)
+                matches!(
+                    e.kind,
+                    Kind::JobNew
+                        | Kind::JobReturn
+                        | Kind::RunnerReturn
+                        | Kind::WheelReturn
+                        | Kind::JobLegacyAnnounce
+                ) && (e.kind != Kind::JobLegacyAnnounce
+                    || crate::event::syndic_of(e.tag()).is_some())
                     && (self.funs.is_empty()
                         || e.fields
                             .fun
@@ -488,7 +498,11 @@ fn redundant(e: &Event) -> Option<DropReason> {
             DropReason::FindJob
         }
         Kind::JobPublish => DropReason::PublishDuplicate,
-        Kind::JobLegacyAnnounce => DropReason::LegacyAnnounce,
+        // A 3006 syndic's forwarded announcement is no repeat on its MoM:
+        // nothing else there lists the syndic's minions (sink::rows).
+        Kind::JobLegacyAnnounce if crate::event::syndic_of(e.tag()).is_none() => {
+            DropReason::LegacyAnnounce
+        }
         Kind::JobProgress => DropReason::JobProgress,
         Kind::JobSub => DropReason::JobSub,
         Kind::StateFailure => DropReason::StateFailure,
@@ -669,6 +683,42 @@ mod tests {
         let mut r = rules("[[rules.rule]]\nkind = \"runner_return\"\naction = \"drop\"\n");
         assert_eq!(r.decide(&run), Decision::Drop(DropReason::Rule));
         assert_eq!(r.decide(&ret("1", "m1", "test.ping")), keep("default"));
+    }
+
+    #[test]
+    fn a_syndics_forwarded_bare_jid_announcement_is_kept_on_its_mom() {
+        // Salt 3006: the only sign of a syndic's minions on the MoM.
+        let mut r = rules("");
+        let fwd = ev("syndic/syndic-1/20261203132535670172", &[]);
+        assert_eq!(r.decide(&fwd), keep("default"));
+        let own = ev("20261203132535670172", &[]);
+        assert_eq!(r.decide(&own), Decision::Drop(DropReason::LegacyAnnounce));
+        let mut r = rules("[rules]\ndrop_redundant = false\n");
+        assert_eq!(r.decide(&own), Decision::Drop(DropReason::NotSelected));
+    }
+
+    #[test]
+    fn wheel_returns_are_jobs_unless_a_rule_drops_them() {
+        let wheel = ev(
+            "salt/wheel/20261202120000000002/ret",
+            &[("jid", "20261202120000000002"), ("fun", "wheel.key.accept")],
+        );
+        let new = ev(
+            "salt/wheel/20261202120000000002/new",
+            &[("fun", "wheel.key.accept")],
+        );
+        assert_eq!(rules("").decide(&wheel), keep("default"));
+        assert_eq!(
+            rules("").decide(&new),
+            Decision::Drop(DropReason::NotSelected)
+        );
+        let mut r = rules("[[rules.rule]]\nkind = \"wheel_return\"\naction = \"drop\"\n");
+        assert_eq!(r.decide(&wheel), Decision::Drop(DropReason::Rule));
+        let run = ev(
+            "salt/run/3/ret",
+            &[("jid", "3"), ("fun", "runner.test.arg")],
+        );
+        assert_eq!(r.decide(&run), keep("default"));
     }
 
     #[test]

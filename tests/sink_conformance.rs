@@ -1279,6 +1279,41 @@ async fn a_syndic_listed_as_a_target_gets_no_no_return<B: Backend>() {
     );
 }
 
+/// Salt 3006's syndic forwards no `new` of a job, only its bare-jid
+/// announcement (`syndic/<id>/<jid>`: minions and a `_stamp` without
+/// timezone): the syndic's minions become targets and its relay row is
+/// closed, with no `jids` row (the announcement has no load).
+async fn a_3006_syndics_forwarded_announcement_closes_its_relay_row<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let mom = new_job_for(
+        &j,
+        "test.ping",
+        &["m1", "syn-1"],
+        "2026-11-25T12:00:00.000000+00:00",
+    );
+    let announce = record(
+        &format!("syndic/syn-1/{j}"),
+        vec![
+            ("minions", V::Array(vec![V::from("s-m1"), V::from("s-m2")])),
+            ("_stamp", V::from("2026-11-25T12:00:00.000100")),
+        ],
+    );
+    sink.write(&[mom, announce]).await.expect("write");
+    assert_eq!(b.count("jids").await, 1, "the MoM's new only");
+    let before =
+        saltpipe::sink::rows::stamp_of(std::time::SystemTime::now() - Duration::from_secs(300));
+    let closed = sink.close_returns(&before, 100).await.expect("close");
+    let mut silent: Vec<_> = closed.no_return.iter().map(|n| n.minion.clone()).collect();
+    silent.sort();
+    assert_eq!(silent, ["m1", "s-m1", "s-m2"]);
+    assert!(
+        b.outcomes().await.iter().all(|o| o.minion != "syn-1"),
+        "no outcome row for the syndic"
+    );
+}
+
 async fn sweepers_at_once_record_each_silent_minion_once<B: Backend>() {
     let b = B::fresh().await;
     let sink = build(&b).await;
@@ -1433,6 +1468,11 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_syndic_listed_as_a_target_gets_no_no_return() {
                 super::a_syndic_listed_as_a_target_gets_no_no_return::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_3006_syndics_forwarded_announcement_closes_its_relay_row() {
+                super::a_3006_syndics_forwarded_announcement_closes_its_relay_row::<$backend>()
+                    .await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sweepers_at_once_record_each_silent_minion_once() {

@@ -4,8 +4,8 @@
 //! get_jids, get_fun, get_minions), pointed at the database saltpipe wrote,
 //! return the jobs and returns the master's own job cache
 //! (`salt-run jobs.lookup_jid`) shows for those jids: minion jobs, and
-//! runner jobs and orchestrations, stored as the master job cache stores
-//! them (one return with the master's id).
+//! runner jobs, orchestrations and wheel jobs, stored as the master job
+//! cache stores them (one return with the master's id).
 
 #![cfg(all(feature = "mysql", feature = "postgres"))]
 
@@ -114,6 +114,11 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
     std::fs::write(orch.join("fail.sls"), ORCH_SLS).expect("orch sls");
     sb.salt_run(&["test.arg", "a", "b=1"]);
     sb.salt_run(&["state.orchestrate", "orch.fail"]);
+    // A wheel job, through Salt's own WheelClient (as salt-api's `wheel`
+    // client runs one): Salt's job cache records it like a runner job.
+    let wheel = sb.wheel(&["key.list_all"]);
+    let wheel_jid = wheel["jid"].as_str().expect("wheel jid").to_owned();
+    assert_eq!(wheel["fun"], "wheel.key.list_all", "{wheel}");
     for (name, count) in [
         (
             "mysql",
@@ -124,9 +129,10 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
             Box::new(|| pg(&db, "SELECT count(*) FROM salt_returns")),
         ),
     ] {
-        // 6 minion returns, 2 orchestration steps' returns, 2 runner jobs.
-        wait_for(&format!("10 returns in {name}"), LONG, || {
-            (count().parse::<i64>().unwrap_or(0) >= 10).then_some(())
+        // 6 minion returns, 2 orchestration steps' returns, 2 runner jobs,
+        // 1 wheel job.
+        wait_for(&format!("11 returns in {name}"), LONG, || {
+            (count().parse::<i64>().unwrap_or(0) >= 11).then_some(())
         });
     }
     assert!(to_my.terminate().success());
@@ -147,8 +153,18 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
         ),
         MASTER_ID
     );
+    let wheel_row =
+        format!("SELECT concat(id, ' ', fun) FROM salt_returns WHERE jid = '{wheel_jid}'");
+    assert_eq!(
+        my(&db, &wheel_row),
+        format!("{MASTER_ID} wheel.key.list_all")
+    );
+    assert_eq!(
+        pg(&db, &wheel_row),
+        format!("{MASTER_ID} wheel.key.list_all")
+    );
     // saltpipe's outcome: a failed orchestration step fails the orchestration.
-    for (jid, want) in [(&arg_jid, "ok"), (&orch_jid, "failed")] {
+    for (jid, want) in [(&arg_jid, "ok"), (&orch_jid, "failed"), (&wheel_jid, "ok")] {
         let q = format!(
             "SELECT outcome FROM saltpipe_outcomes WHERE jid = '{jid}' AND minion = '{MASTER_ID}'"
         );
@@ -156,8 +172,14 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
         assert_eq!(pg(&db, &q), want, "pg outcome of {jid}");
     }
     let arg_lookup = sb.salt_run(&["jobs.lookup_jid", &arg_jid]);
+    // The master's own job cache has the wheel job, under its id.
+    let wheel_lookup = sb.salt_run(&["jobs.lookup_jid", &wheel_jid]);
+    assert_eq!(
+        wheel_lookup[MASTER_ID]["fun"], "wheel.key.list_all",
+        "Salt's job cache records wheel jobs: {wheel_lookup}"
+    );
     for (backend, dbname) in [("mysql", &db), ("pgjsonb", &db)] {
-        let r = read(backend, dbname, &[&arg_jid, &orch_jid], &[]);
+        let r = read(backend, dbname, &[&arg_jid, &orch_jid, &wheel_jid], &[]);
         let got = r["jid"][&arg_jid]
             .as_object()
             .expect("get_jid of a runner job");
@@ -173,6 +195,24 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
         assert_eq!(orch["success"], false, "{backend}: {orch}");
         assert_eq!(orch["fun"], "runner.state.orchestrate");
         assert!(r["jids"].get(&orch_jid).is_some(), "{backend}: get_jids()");
+        let got = r["jid"][&wheel_jid]
+            .as_object()
+            .expect("get_jid of a wheel job");
+        assert_eq!(got.len(), 1, "{backend}: one return, the master's: {got:?}");
+        assert_eq!(
+            unstamped(&got[MASTER_ID]["return"]),
+            unstamped(&wheel_lookup[MASTER_ID]),
+            "{backend}: get_jid(wheel job) vs jobs.lookup_jid"
+        );
+        assert_eq!(
+            got[MASTER_ID]["return"]["return"], wheel["return"],
+            "{backend}: the wheel function's own return"
+        );
+        assert_eq!(
+            r["load"][&wheel_jid]["fun"], "wheel.key.list_all",
+            "{backend}"
+        );
+        assert!(r["jids"].get(&wheel_jid).is_some(), "{backend}: get_jids()");
     }
 
     // What the master's own job cache says.

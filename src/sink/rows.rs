@@ -273,21 +273,27 @@ pub enum RowSet {
     Job(JidRow),
     Return(ReturnRow, Option<JidRow>),
     Event(EventRow),
+    /// Target rows without a `jids` row: a 3006 syndic's forwarded
+    /// announcement (`syndic/<id>/<jid>`: `minions` and `_stamp`, no
+    /// function, no load), the only sign on a 3006 MoM's bus of the
+    /// syndic's minions and of its relay row to close.
+    Targets {
+        jid: String,
+        targets: Targets,
+    },
 }
 
 impl RowSet {
     /// The bytes its strings hold (for the memory budget; the few fixed
     /// fields are left out).
     pub fn heap_bytes(&self) -> usize {
-        let job = |j: &JidRow| {
-            j.jid.len()
-                + j.load.len()
-                + j.targets.as_ref().map_or(0, |t| {
-                    t.fun.len() + t.stamp.len() + t.minions.iter().map(String::len).sum::<usize>()
-                })
+        let targets = |t: &Targets| {
+            t.fun.len() + t.stamp.len() + t.minions.iter().map(String::len).sum::<usize>()
         };
+        let job = |j: &JidRow| j.jid.len() + j.load.len() + j.targets.as_ref().map_or(0, targets);
         match self {
             RowSet::Job(j) => job(j),
+            RowSet::Targets { jid, targets: t } => jid.len() + targets(t),
             RowSet::Return(r, j) => {
                 r.fun.len()
                     + r.jid.len()
@@ -359,7 +365,14 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                 job,
             ))
         }
-        (Kind::RunnerReturn, Some(jid), _) => runner_rows(record, jid, fmt),
+        (Kind::RunnerReturn | Kind::WheelReturn, Some(jid), _) => runner_rows(record, jid, fmt),
+        // `syndic/<id>/<jid>`: its jid is the tag's last part.
+        (Kind::JobLegacyAnnounce, _, _) if crate::event::syndic_of(e.tag()).is_some() => {
+            Ok(RowSet::Targets {
+                jid: e.tag().rsplit('/').next().unwrap_or_default().to_owned(),
+                targets: targets_of(record),
+            })
+        }
         _ => Ok(RowSet::Event(EventRow {
             tag: e.tag().to_owned(),
             data: data_json()?,
@@ -377,8 +390,10 @@ fn success_text(style: BoolStyle, ok: bool) -> &'static str {
     }
 }
 
-/// A runner job (`salt-run`, orchestrations: `salt/run/<jid>/ret`) as
-/// Salt's master job cache stores it (`salt/client/mixins.py` calls
+/// A runner job (`salt-run`, orchestrations: `salt/run/<jid>/ret`) or a
+/// wheel job (`salt/wheel/<jid>/ret`: both run through the same
+/// `SyncClientMixin.low`) as Salt's master job cache stores it
+/// (`salt/client/mixins.py` calls
 /// `salt.utils.job.store_job` with `{id, tgt, jid, return}`, where `id`
 /// and `tgt` are the master's id and `return` is the whole event data, and
 /// `store_job` adds `fun` and `user`): that load is both the `jids` row and
@@ -498,19 +513,10 @@ impl<'a> ByTable<'a> {
                 RowSet::Job(j) => {
                     t.jids.push((i, j));
                     if let Some(g) = &j.targets {
-                        let target = |m| TargetRef {
-                            jid: &j.jid,
-                            minion: m,
-                            fun: &g.fun,
-                            stamp: &g.stamp,
-                        };
-                        t.targets.extend(g.minions.iter().map(|m| target(m)));
-                        if let Some(relay) = &g.relay {
-                            t.targets.push(target(relay));
-                            t.relays.push(target(relay));
-                        }
+                        t.push_targets(&j.jid, g);
                     }
                 }
+                RowSet::Targets { jid, targets } => t.push_targets(jid, targets),
                 RowSet::Return(r, j) => {
                     t.returns.push((i, r));
                     if let Some(j) = j {
@@ -521,6 +527,20 @@ impl<'a> ByTable<'a> {
             }
         }
         t
+    }
+
+    fn push_targets(&mut self, jid: &'a str, g: &'a Targets) {
+        let target = |m| TargetRef {
+            jid,
+            minion: m,
+            fun: &g.fun,
+            stamp: &g.stamp,
+        };
+        self.targets.extend(g.minions.iter().map(|m| target(m)));
+        if let Some(relay) = &g.relay {
+            self.targets.push(target(relay));
+            self.relays.push(target(relay));
+        }
     }
 }
 
@@ -808,6 +828,78 @@ mod tests {
         );
         assert_eq!(job.load, row.full_ret);
         assert_eq!(job.jid, "20261202120000000001");
+    }
+
+    #[test]
+    fn a_3006_syndics_forwarded_announcement_is_targets_only() {
+        let r = record(
+            "syndic/syndic-1/20261203132535670172",
+            vec![
+                ("minions", V::Array(vec![V::from("s-m2"), V::from("s-m1")])),
+                ("_stamp", V::from("2026-12-03T13:25:35.902999")),
+            ],
+        );
+        let Ok(RowSet::Targets { jid, targets }) =
+            rows_of(&r, RowFormat::unlimited(BoolStyle::Digit))
+        else {
+            panic!()
+        };
+        assert_eq!(jid, "20261203132535670172");
+        assert_eq!(targets.minions, ["s-m1", "s-m2"]);
+        assert_eq!(targets.relay.as_deref(), Some("syndic-1"));
+        assert_eq!(targets.stamp, "2026-12-03 13:25:35.902999");
+        // The master's own bare-jid announcement stays an event.
+        let own = record("20261203132535670172", vec![]);
+        assert!(matches!(
+            rows_of(&own, RowFormat::unlimited(BoolStyle::Digit)),
+            Ok(RowSet::Event(_))
+        ));
+    }
+
+    #[test]
+    fn wheel_job_is_stored_as_the_masters_job_cache_stores_it() {
+        // salt/client/mixins.py's `low` stores a wheel job exactly as a
+        // runner job: store_job with {id, tgt, jid, return}.
+        let r = record(
+            "salt/wheel/20261202120000000002/ret",
+            vec![
+                ("fun", V::from("wheel.key.list_all")),
+                ("jid", V::from("20261202120000000002")),
+                ("user", V::from("root")),
+                ("return", V::Map(vec![])),
+                ("success", V::from(true)),
+            ],
+        );
+        let fmt = RowFormat {
+            runner_id: "salt1_master",
+            ..RowFormat::unlimited(BoolStyle::Word)
+        };
+        let RowSet::Return(row, Some(job)) = rows_of(&r, fmt).expect("rows") else {
+            panic!()
+        };
+        assert_eq!(
+            (row.id.as_str(), row.fun.as_str(), row.success.as_str()),
+            ("salt1_master", "wheel.key.list_all", "true")
+        );
+        assert_eq!(row.outcome.outcome, "ok");
+        let data = "{\"fun\": \"wheel.key.list_all\", \"jid\": \"20261202120000000002\", \"user\": \"root\", \"return\": {}, \"success\": true}";
+        assert_eq!(row.ret(), data);
+        assert_eq!(
+            row.full_ret,
+            format!(
+                "{{\"id\": \"salt1_master\", \"tgt\": \"salt1_master\", \"jid\": \"20261202120000000002\", \"return\": {data}, \"fun\": \"wheel.key.list_all\", \"user\": \"root\"}}"
+            )
+        );
+        assert_eq!(job.load, row.full_ret);
+        // Its `new` is an event like a runner's (the profile does not keep it).
+        let new = record(
+            "salt/wheel/20261202120000000002/new",
+            vec![("fun", V::from("wheel.key.list_all"))],
+        );
+        assert!(matches!(
+            rows_of(&new, RowFormat::unlimited(BoolStyle::Word)),
+            Ok(RowSet::Event(_))
+        ));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! rows that a power cut can still take back from the sink. Checked by
 //! tests/power_loss.rs, which traces the real binary's fsyncs.
 
-use super::rows::{self, BoolStyle, EventRow, JidRow, ReturnRow, RowFormat, RowSet};
+use super::rows::{self, BoolStyle, EventRow, ReturnRow, RowFormat, RowSet, Targets};
 use super::{Closed, NoReturn, Record, Sink, SinkError, WriteReport};
 use crate::queue::SyncMode;
 use crate::wal::Checkpointer;
@@ -319,30 +319,39 @@ fn write_blocking(
                 other => other,
             }
         };
-        let mut job = |j: &JidRow, report: &mut WriteReport, i: usize| -> Result<(), SinkError> {
-            match jid_st.execute(params![j.jid, j.load]).map_err(at(i))? {
-                0 => report.ignored += 1,
-                _ => report.jids += 1,
+        // A job's `jids` row (a `new`'s load, or none for a 3006 syndic's
+        // forwarded announcement) and its target rows.
+        let mut job = |jid: &str,
+                       load: Option<&str>,
+                       t: Option<&Targets>,
+                       report: &mut WriteReport,
+                       i: usize|
+         -> Result<(), SinkError> {
+            if let Some(load) = load {
+                match jid_st.execute(params![jid, load]).map_err(at(i))? {
+                    0 => report.ignored += 1,
+                    _ => report.jids += 1,
+                }
             }
-            if let Some(t) = &j.targets {
-                for m in &t.minions {
-                    target_st
-                        .execute(params![j.jid, m, t.fun, t.stamp])
-                        .map_err(at(i))?;
-                }
-                // A syndic: its row written closed (rows::Targets::relay).
-                if let Some(relay) = &t.relay {
-                    target_st
-                        .execute(params![j.jid, relay, t.fun, t.stamp])
-                        .map_err(at(i))?;
-                    close_st.execute(params![j.jid, relay]).map_err(at(i))?;
-                }
+            let Some(t) = t else { return Ok(()) };
+            for m in &t.minions {
+                target_st
+                    .execute(params![jid, m, t.fun, t.stamp])
+                    .map_err(at(i))?;
+            }
+            // A syndic: its row written closed (rows::Targets::relay).
+            if let Some(relay) = &t.relay {
+                target_st
+                    .execute(params![jid, relay, t.fun, t.stamp])
+                    .map_err(at(i))?;
+                close_st.execute(params![jid, relay]).map_err(at(i))?;
             }
             Ok(())
         };
         for (i, set) in sets.iter().enumerate() {
             match &**set {
-                RowSet::Job(j) => job(j, &mut report, i)?,
+                RowSet::Job(j) => job(&j.jid, Some(&j.load), j.targets.as_ref(), &mut report, i)?,
+                RowSet::Targets { jid, targets: t } => job(jid, None, Some(t), &mut report, i)?,
                 RowSet::Return(r, j) => {
                     let ReturnRow {
                         fun,
@@ -374,7 +383,7 @@ fn write_blocking(
                         ])
                         .map_err(at(i))?;
                     if let Some(j) = j {
-                        job(j, &mut report, i)?;
+                        job(&j.jid, Some(&j.load), j.targets.as_ref(), &mut report, i)?;
                     }
                 }
                 RowSet::Event(EventRow { tag, data }) => {

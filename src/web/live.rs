@@ -55,7 +55,10 @@ impl Summary {
     /// The summary of a kept event read at `received_ms`.
     pub fn of(event: &Event, received_ms: i64) -> Summary {
         let f = &event.fields;
-        let is_return = matches!(event.kind, Kind::JobReturn | Kind::RunnerReturn);
+        let is_return = matches!(
+            event.kind,
+            Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn
+        );
         let outcome = if !is_return {
             String::new()
         } else if event.data().len() <= JUDGE_LIMIT {

@@ -208,6 +208,17 @@ impl Sandbox {
         serde_json::from_str(&out).unwrap_or(Value::Null)
     }
 
+    /// Runs a wheel function through Salt's `WheelClient` on this master's
+    /// config; returns the job's full return (jid, fun, user, return,
+    /// success).
+    pub fn wheel(&self, args: &[&str]) -> Value {
+        let mut a = vec!["wheel", "--"];
+        a.extend_from_slice(args);
+        let (status, out) = self.run(&a);
+        assert!(status.success(), "wheel {args:?}: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("wheel {args:?}: {e}: {out}"))
+    }
+
     pub fn stop_master(&self) {
         assert!(self.run(&["stop-master"]).0.success(), "stop-master");
     }
