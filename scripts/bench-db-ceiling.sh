@@ -299,12 +299,13 @@ EOF
         others="$T transactions; also $j jids, $e salt_events, $o saltpipe_outcomes, $t saltpipe_targets rows"
     }
     # PostgreSQL gets a CHECKPOINT before each timed run; InnoDB has no such
-    # statement, and right after the staging replay and copy it is still
-    # flushing and purging, which slowed whichever run came first (measured:
-    # a first 1-session run below the 2-session one, and below end to end,
-    # which starts on an idle server). So wait, at most 120 s, until the
-    # buffer pool is under 10% dirty and the purge has caught up. Read-only:
-    # the server is shared, its global settings are not ours to change.
+    # statement, and right after the staging replay and copy (or the previous
+    # timed run) it may still be flushing and purging, work a timed run would
+    # pay for that end to end, starting on a fresh database, may not. So wait,
+    # at most 120 s, until the buffer pool is under 10% dirty and the purge
+    # has caught up. (Measured 2026-12-03: it was always settled within 2 s,
+    # so this did not explain the 1-session ceilings found below end to end.)
+    # Read-only: the server is shared, its global settings are not ours.
     settle() {
         local t0=$SECONDS dirty total hist
         while ((SECONDS - t0 < 120)); do
