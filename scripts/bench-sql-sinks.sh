@@ -5,6 +5,9 @@
 #   COUNT=500000 SALT_COUNT=20000 scripts/bench-sql-sinks.sh
 #   SINKS="mariadb postgres" SALT_COUNT=0 BIN=/tmp/old scripts/bench-sql-sinks.sh
 #       # some sinks only, no Salt run, binaries from elsewhere (A/B of two builds)
+#   WRITERS=1 SINKS="mariadb postgres" SALT_COUNT=0 scripts/bench-sql-sinks.sh
+#       # `sink.writers` for the database servers (default: the sink's, 2), to
+#       # compare with scripts/bench-db-ceiling.sh's sessions
 #
 # 1. saltpipe-gen writes a stream: COUNT job returns of ~SIZE bytes, 100 minions
 #    per job, with the noise a real bus carries (new/publish, find_job, auth).
@@ -12,8 +15,9 @@
 #    once per database (MariaDB, PostgreSQL, and SQLite for reference), each into
 #    a fresh database with a random name that is dropped afterwards.
 #    Reported: returns/s end to end (returns written / wall time of the replay),
-#    transactions per 10,000 returns (batches / returns * 10,000), and a check
-#    that the table holds exactly COUNT rows.
+#    transactions per 10,000 returns (batches / returns * 10,000), a check
+#    that the table holds exactly COUNT rows, and the 1-minute load average
+#    before and after (the machine is shared: a figure means little without it).
 # 3. In the same run, Salt's own path: saltext-mysql's event_return (from the
 #    Salt venv, scripts/salt-venv.sh) on the first SALT_COUNT returns of the same
 #    stream, into a database made with the returner's own DDL; once with the
@@ -30,6 +34,7 @@ SALT_COUNT="${SALT_COUNT:-20000}"
 cd "$(dirname "$0")/.."
 
 SINKS="${SINKS:-mariadb postgres sqlite}"
+WRITERS="${WRITERS:-}"
 if [ -z "${BIN:-}" ]; then
     cargo build --release --bins >&2
     BIN=target/release
@@ -62,30 +67,40 @@ declare -A URL=(
     [sqlite]="sqlite://$work/salt.db"
 )
 
-printf '| sink | returns | seconds | returns/s | transactions per 10,000 returns | rows in salt_returns |\n'
-printf '|---|---|---|---|---|---|\n'
+printf '| sink | returns | seconds | returns/s | transactions per 10,000 returns | rows in salt_returns | load |\n'
+printf '|---|---|---|---|---|---|---|\n'
 for b in $SINKS; do
+    # SQLite has one writer: WRITERS is for the database servers only.
+    writers=""
+    name=$b
+    if [ -n "$WRITERS" ] && [ "$b" != sqlite ]; then
+        writers="writers = $WRITERS"
+        name="$b (writers=$WRITERS)"
+    fi
     cat >"$work/$b.toml" <<EOF
 [queue]
 url = "embedded://$work/queue-$b"
 [sink]
 url = "${URL[$b]}"
 master_id = "bench"
+$writers
 [log]
 level = "warn"
 EOF
+    l0=$(cut -d' ' -f1 /proc/loadavg)
     "$BIN/saltpipe" --config "$work/$b.toml" replay --json "$work/stream.bin" >"$work/$b.json"
+    l1=$(cut -d' ' -f1 /proc/loadavg)
     case $b in
         mariadb) rows="$(my "$MDB" -e 'SELECT count(*) FROM salt_returns')" ;;
         postgres) rows="$(pg -d "$PDB" -c 'SELECT count(*) FROM salt_returns')" ;;
         sqlite) rows="$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from salt_returns').fetchone()[0])" "$work/salt.db")" ;;
     esac
-    python3 - "$b" "$work/$b.json" "$rows" <<'EOF'
+    python3 - "$name" "$work/$b.json" "$rows" "$l0-$l1" <<'EOF'
 import json, sys
-name, path, rows = sys.argv[1], sys.argv[2], sys.argv[3]
+name, path, rows, load = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 s = json.load(open(path))
 r, t, b = s["returns_written"], s["seconds"], s["batches"]
-print(f"| {name} | {r} | {t:.2f} | {r / t:,.0f} | {b * 10000 / max(r, 1):.1f} | {rows} |")
+print(f"| {name} | {r} | {t:.2f} | {r / t:,.0f} | {b * 10000 / max(r, 1):.1f} | {rows} | {load} |")
 EOF
 done
 
@@ -108,6 +123,6 @@ for q in 0 2000; do
     python3 - "$q" "$work/salt-$q.json" <<'EOF'
 import json, sys
 q, s = sys.argv[1], json.load(open(sys.argv[2]))
-print(f"| Salt event_return (saltext-mysql, event_return_queue={q}) | {s['events']} | {s['seconds']:.2f} | {s['events_per_s']:,.0f} | {s['calls'] * 10000 / s['events']:.1f} | - |")
+print(f"| Salt event_return (saltext-mysql, event_return_queue={q}) | {s['events']} | {s['seconds']:.2f} | {s['events_per_s']:,.0f} | {s['calls'] * 10000 / s['events']:.1f} | - | - |")
 EOF
 done
