@@ -95,15 +95,20 @@ EOF
 # average before and after. count_rows (one per database) checks the tables
 # and sets $rows (salt_returns) and $others (what else was written); it runs
 # in this shell so that its failure stops the script.
+# Also the server's CPU seconds over the run (scripts/server-cpu.py), to
+# hold beside what the server spends on the same rows end to end.
 timed() {
-    local name=$1 start end l0 l1; shift
+    local name=$1 start end l0 l1 c0 c1 procs; shift
+    case $name in postgres*) procs=postgres ;; *) procs=mariadbd,mysqld ;; esac
     l0=$(cut -d' ' -f1 /proc/loadavg)
+    c0=$(python3 scripts/server-cpu.py "$procs")
     start=$(date +%s.%N)
     "$@"
     end=$(date +%s.%N)
+    c1=$(python3 scripts/server-cpu.py "$procs")
     l1=$(cut -d' ' -f1 /proc/loadavg)
     count_rows
-    python3 -c "print(f'$name: $rows returns in {$end - $start:.2f} s = {$rows / ($end - $start):,.0f} returns/s (load $l0-$l1); $others')"
+    python3 -c "print(f'$name: $rows returns in {$end - $start:.2f} s = {$rows / ($end - $start):,.0f} returns/s (load $l0-$l1, server CPU {$c1 - $c0:.2f} s); $others')"
 }
 
 # Runs the statements of file $1 (one transaction a line) after the lines of

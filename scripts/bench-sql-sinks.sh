@@ -67,8 +67,14 @@ declare -A URL=(
     [sqlite]="sqlite://$work/salt.db"
 )
 
-printf '| sink | returns | seconds | returns/s | transactions per 10,000 returns | rows in salt_returns | load |\n'
-printf '|---|---|---|---|---|---|---|\n'
+# The database server's CPU beside saltpipe's says whether a run was
+# CPU-bound on this machine's cores (they share them), which bounds the
+# ratio to the server-alone ceiling (scripts/server-cpu.py).
+server_cpu() { python3 scripts/server-cpu.py "$1"; }
+declare -A SERVER=([mariadb]=mariadbd,mysqld [postgres]=postgres [sqlite]=none)
+
+printf '| sink | returns | seconds | returns/s | transactions per 10,000 returns | rows in salt_returns | load | saltpipe CPU s | server CPU s | cores busy |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|\n'
 for b in $SINKS; do
     # SQLite has one writer: WRITERS is for the database servers only.
     writers=""
@@ -88,19 +94,25 @@ $writers
 level = "warn"
 EOF
     l0=$(cut -d' ' -f1 /proc/loadavg)
-    "$BIN/saltpipe" --config "$work/$b.toml" replay --json "$work/stream.bin" >"$work/$b.json"
+    c0=$(server_cpu "${SERVER[$b]}")
+    /usr/bin/time -f "%U %S" -o "$work/$b.cpu" \
+        "$BIN/saltpipe" --config "$work/$b.toml" replay --json "$work/stream.bin" >"$work/$b.json"
+    c1=$(server_cpu "${SERVER[$b]}")
     l1=$(cut -d' ' -f1 /proc/loadavg)
     case $b in
         mariadb) rows="$(my "$MDB" -e 'SELECT count(*) FROM salt_returns')" ;;
         postgres) rows="$(pg -d "$PDB" -c 'SELECT count(*) FROM salt_returns')" ;;
         sqlite) rows="$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from salt_returns').fetchone()[0])" "$work/salt.db")" ;;
     esac
-    python3 - "$name" "$work/$b.json" "$rows" "$l0-$l1" <<'EOF'
+    python3 - "$name" "$work/$b.json" "$rows" "$l0-$l1" "$work/$b.cpu" "$c0" "$c1" <<'EOF'
 import json, sys
-name, path, rows, load = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+name, path, rows, load, cpu, c0, c1 = sys.argv[1:8]
 s = json.load(open(path))
 r, t, b = s["returns_written"], s["seconds"], s["batches"]
-print(f"| {name} | {r} | {t:.2f} | {r / t:,.0f} | {b * 10000 / max(r, 1):.1f} | {rows} | {load} |")
+mine = sum(float(x) for x in open(cpu).read().split()[-2:])
+server = float(c1) - float(c0)
+print(f"| {name} | {r} | {t:.2f} | {r / t:,.0f} | {b * 10000 / max(r, 1):.1f} | {rows} | {load} "
+      f"| {mine:.2f} | {server:.2f} | {(mine + server) / t:.2f} |")
 EOF
 done
 
@@ -123,6 +135,6 @@ for q in 0 2000; do
     python3 - "$q" "$work/salt-$q.json" <<'EOF'
 import json, sys
 q, s = sys.argv[1], json.load(open(sys.argv[2]))
-print(f"| Salt event_return (saltext-mysql, event_return_queue={q}) | {s['events']} | {s['seconds']:.2f} | {s['events_per_s']:,.0f} | {s['calls'] * 10000 / s['events']:.1f} | - | - |")
+print(f"| Salt event_return (saltext-mysql, event_return_queue={q}) | {s['events']} | {s['seconds']:.2f} | {s['events_per_s']:,.0f} | {s['calls'] * 10000 / s['events']:.1f} | - | - | - | - | - |")
 EOF
 done
