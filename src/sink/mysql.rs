@@ -633,7 +633,7 @@ impl Sink for MysqlSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = super::sqlite::convert(batch, self.format)?;
+        let sets = rows::convert(batch, self.format)?;
         let t = ByTable::of(&sets);
         self.check_sizes(&t)?;
         let keys: Vec<String> = t

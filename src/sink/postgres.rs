@@ -380,7 +380,7 @@ impl Sink for PgSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = super::sqlite::convert(batch, self.format)?;
+        let sets = rows::convert(batch, self.format)?;
         let t = ByTable::of(&sets);
         check_sizes(&t)?;
         let mut tx = self.pool.begin().await.map_err(classify)?;

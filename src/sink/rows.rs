@@ -37,10 +37,11 @@
 //! event seen twice. Rows written by Salt's own `event_return` leave the
 //! column NULL, which a unique index allows any number of times.
 
-use super::Record;
+use super::{Record, SinkError};
 use crate::event::Kind;
 use crate::msgpack;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Width of the returner's `salt_returns.fun` column, in characters.
@@ -316,13 +317,32 @@ pub struct RowError {
     pub error: msgpack::WalkError,
 }
 
+/// The first step of each SQL sink's `write`: the rows of a batch (what
+/// [`prepare`] did not already convert), naming the first record that
+/// cannot be converted.
+pub fn convert(batch: &[Record], fmt: RowFormat) -> Result<Vec<Arc<RowSet>>, SinkError> {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match &r.rows {
+            Some(rows) => Ok(rows.clone()),
+            None => rows_of(r, fmt)
+                .map(Arc::new)
+                .map_err(|e| SinkError::Permanent {
+                    message: e.to_string(),
+                    index: Some(i),
+                }),
+        })
+        .collect()
+}
+
 /// [`crate::sink::Sink::prepare`] for the three SQL sinks, in their boolean
 /// style: converts each record not converted yet. A record that does not
 /// convert is left alone; its `write` converts it again and reports the
 /// error against it.
 pub fn prepare(batch: &mut [Record], fmt: RowFormat) {
     for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
-        r.rows = rows_of(r, fmt).ok().map(std::sync::Arc::new);
+        r.rows = rows_of(r, fmt).ok().map(Arc::new);
     }
 }
 
@@ -506,7 +526,7 @@ pub struct TargetRef<'a> {
 }
 
 impl<'a> ByTable<'a> {
-    pub fn of(sets: &'a [std::sync::Arc<RowSet>]) -> ByTable<'a> {
+    pub fn of(sets: &'a [Arc<RowSet>]) -> ByTable<'a> {
         let mut t = ByTable::default();
         for (i, s) in sets.iter().enumerate() {
             match &**s {
@@ -987,7 +1007,7 @@ mod tests {
         ));
         assert!(err.to_string().contains("larger than 10000 bytes"), "{err}");
         // The write names it, so the worker dead-letters it alone.
-        match crate::sink::sqlite::convert(std::slice::from_ref(&r), fmt) {
+        match convert(std::slice::from_ref(&r), fmt) {
             Err(crate::sink::SinkError::Permanent { index, .. }) => assert_eq!(index, Some(0)),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -1021,15 +1041,11 @@ mod tests {
         prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word));
         assert!(ready[0].rows.is_some(), "a good record is converted ahead");
         assert!(ready[1].rows.is_none(), "a bad one is left for the write");
-        let ahead =
-            crate::sink::sqlite::convert(&ready[..1], RowFormat::unlimited(BoolStyle::Word))
-                .expect("rows");
-        let inline =
-            crate::sink::sqlite::convert(&plain[..1], RowFormat::unlimited(BoolStyle::Word))
-                .expect("rows");
+        let ahead = convert(&ready[..1], RowFormat::unlimited(BoolStyle::Word)).expect("rows");
+        let inline = convert(&plain[..1], RowFormat::unlimited(BoolStyle::Word)).expect("rows");
         assert_eq!(ahead, inline);
         // The write still names the record it cannot store.
-        match crate::sink::sqlite::convert(&ready, RowFormat::unlimited(BoolStyle::Word)) {
+        match convert(&ready, RowFormat::unlimited(BoolStyle::Word)) {
             Err(crate::sink::SinkError::Permanent { index, .. }) => assert_eq!(index, Some(1)),
             other => panic!("expected a refusal of record 1, got {other:?}"),
         }

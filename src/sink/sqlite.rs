@@ -444,24 +444,6 @@ fn close_blocking(c: &mut Connection, before: &str, limit: usize) -> rusqlite::R
     Ok(closed)
 }
 
-/// Converts a batch (what [`prepare`] did not already), naming the first
-/// record that cannot be converted.
-pub fn convert(batch: &[Record], fmt: RowFormat) -> Result<Vec<Arc<RowSet>>, SinkError> {
-    batch
-        .iter()
-        .enumerate()
-        .map(|(i, r)| match &r.rows {
-            Some(rows) => Ok(rows.clone()),
-            None => rows::rows_of(r, fmt)
-                .map(Arc::new)
-                .map_err(|e| SinkError::Permanent {
-                    message: e.to_string(),
-                    index: Some(i),
-                }),
-        })
-        .collect()
-}
-
 #[async_trait]
 impl Sink for SqliteSink {
     fn prepare(&self, batch: &mut [Record]) {
@@ -469,7 +451,7 @@ impl Sink for SqliteSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {
-        let sets = convert(batch, self.format)?;
+        let sets = rows::convert(batch, self.format)?;
         // A return is stored about twice (`return` and `full_ret`).
         let wal_bytes = 2 * batch.iter().map(|r| r.event.body.len()).sum::<usize>();
         let conn = self.conn.clone();
