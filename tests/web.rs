@@ -638,6 +638,19 @@ async fn assert_quiet_console(port: u16, sid: &str, page: &str) {
     assert!(bad.is_empty(), "{page}: console: {bad:?}");
 }
 
+/// Waits (up to 10 s) until the browser's URL query contains `part`: a
+/// click on a link or a submit button returns before its navigation ends.
+async fn wait_query(c: &fantoccini::Client, part: &str) {
+    for _ in 0..100 {
+        let url = c.current_url().await.expect("url");
+        if url.query().unwrap_or_default().contains(part) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the page never reached a URL with {part:?}");
+}
+
 async fn shot(c: &fantoccini::Client, name: &str) {
     let dir = common::repo().join("target/web-screenshots");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -760,14 +773,7 @@ async fn browser_walk() {
         .click()
         .await
         .expect("click");
-    assert!(
-        c.current_url()
-            .await
-            .expect("url")
-            .query()
-            .unwrap_or_default()
-            .contains("before=")
-    );
+    wait_query(&c, "before=").await;
     let second = c.find_all(Css("tr[data-jid]")).await.expect("rows").len() as i64;
     assert_eq!(second, db.count("SELECT COUNT(*) FROM jids") - 50);
     c.goto(&format!("{base}/jobs")).await.expect("goto");
@@ -789,6 +795,9 @@ async fn browser_walk() {
         .click()
         .await
         .expect("submit");
+    // A click does not wait for the navigation it starts: count the rows
+    // of the filtered page, not of the one before it.
+    wait_query(&c, "outcome=failed").await;
     let rows = c.find_all(Css("tr[data-jid]")).await.expect("rows").len() as i64;
     assert_eq!(
         rows,
