@@ -109,6 +109,10 @@ impl Writer {
     /// Deletes the spill files no row points into any more (rate-limited
     /// unless `now`); a failure only leaves files for the next time.
     fn collect(&mut self, now: bool) {
+        // Checked before the query: most acks free no spill file.
+        if !self.spill.due(now) {
+            return;
+        }
         let lowest = self.conn.query_row(
             "SELECT min(spill_file) FROM containers WHERE spill_file IS NOT NULL",
             [],
@@ -117,7 +121,7 @@ impl Writer {
         let result = lowest.map_err(|e| e.to_string()).and_then(|low| {
             // A negative number is no file of ours: collect below 0, i.e. nothing.
             let low = low.map(|n| u64::try_from(n).unwrap_or(0));
-            self.spill.collect(low, now).map_err(|e| e.to_string())
+            self.spill.collect(low).map_err(|e| e.to_string())
         });
         match result {
             Ok(0) => {}
@@ -190,28 +194,26 @@ fn insert_containers(
     let mut inline = 0;
     spill.begin();
     for c in pack::pack(batch, LIMITS) {
-        if c.data.len() >= spill::SPILL_MIN {
-            let (file, off) = spill.append(&c.data)?;
-            st.execute(params![
-                &*c.queue,
-                c.events as i64,
-                file as i64,
-                off as i64,
-                c.data.len() as i64,
-                &[] as &[u8]
-            ])?;
-            inline += 64;
+        // (file, offset) in a spill file, or None with the bytes in the row.
+        let spilled = if c.data.len() >= spill::SPILL_MIN {
+            Some(spill.append(&c.data)?)
         } else {
-            st.execute(params![
-                &*c.queue,
-                c.events as i64,
-                None::<i64>,
-                None::<i64>,
-                None::<i64>,
-                c.data
-            ])?;
-            inline += c.data.len();
-        }
+            None
+        };
+        let (data, len): (&[u8], Option<i64>) = match spilled {
+            Some(_) => (&[], Some(c.data.len() as i64)),
+            None => (&c.data, None),
+        };
+        st.execute(params![
+            &*c.queue,
+            c.events as i64,
+            spilled.map(|(file, _)| file as i64),
+            spilled.map(|(_, off)| off as i64),
+            len,
+            data
+        ])?;
+        // A spilled container's row is a few dozen bytes.
+        inline += if spilled.is_some() { 64 } else { data.len() };
     }
     spill.before_commit()?;
     Ok(inline)
@@ -433,11 +435,11 @@ impl EmbeddedConsumer {
             let (mut got, mut bytes) = (0usize, 0usize);
             while let Some(r) = rows.next().map_err(storage)? {
                 let id: i64 = r.get(0).map_err(storage)?;
-                let spilled: Option<(i64, i64, i64)> =
-                    match (r.get(2), r.get(3), r.get(4)) {
-                        (Ok(Some(f)), Ok(Some(o)), Ok(Some(l))) => Some((f, o, l)),
-                        _ => None,
-                    };
+                let at = |i| r.get::<_, Option<i64>>(i).map_err(storage);
+                let spilled = match (at(2)?, at(3)?, at(4)?) {
+                    (Some(f), Some(o), Some(l)) => Some((f, o, l)),
+                    _ => None,
+                };
                 let data = match spilled {
                     None => Bytes::from(r.get::<_, Vec<u8>>(1).map_err(storage)?),
                     Some((file, off, len)) => match spill::read(&dir, file, off, len) {

@@ -185,19 +185,25 @@ impl Spill {
         }
     }
 
-    /// Deletes the spill files below `lowest_referenced` (the lowest file
-    /// number any row points into; None when no row does) that no writer
-    /// holds. At most every [`COLLECT_EVERY`] unless `now`; returns how
-    /// many files it deleted.
-    pub fn collect(&mut self, lowest_referenced: Option<u64>, now: bool) -> std::io::Result<usize> {
+    /// Whether a collection is due: always when `now`, otherwise at most
+    /// every [`COLLECT_EVERY`] (each lists the directory, and the caller
+    /// asks the database first). Counts as the collection's start.
+    pub fn due(&mut self, now: bool) -> bool {
         if !now
             && self
                 .last_collect
                 .is_some_and(|t| t.elapsed() < COLLECT_EVERY)
         {
-            return Ok(0);
+            return false;
         }
         self.last_collect = Some(Instant::now());
+        true
+    }
+
+    /// Deletes the spill files below `lowest_referenced` (the lowest file
+    /// number any row points into; None when no row does) that no writer
+    /// holds; returns how many it deleted.
+    pub fn collect(&mut self, lowest_referenced: Option<u64>) -> std::io::Result<usize> {
         let own = self.current.as_ref().map(|c| c.number);
         let mut deleted = 0;
         for number in numbers(&self.dir)? {
@@ -305,18 +311,14 @@ mod tests {
         assert_eq!(s.current.as_ref().map(|c| c.number), Some(4));
         std::fs::write(dir.path().join("queue.db"), b"").expect("other file");
         // Rows still point into file 2: only 1 goes.
-        assert_eq!(s.collect(Some(2), true).expect("collect"), 1);
+        assert_eq!(s.collect(Some(2)).expect("collect"), 1);
         let mut left = numbers(dir.path()).expect("list");
         left.sort_unstable();
         assert_eq!(left, vec![2, 3, 4]);
         // No row points anywhere: 2 goes; 3 is held, 4 is ours.
-        assert_eq!(s.collect(None, true).expect("collect"), 1);
+        assert_eq!(s.collect(None).expect("collect"), 1);
         drop(other);
-        assert_eq!(
-            s.collect(None, true).expect("collect"),
-            1,
-            "3 once released"
-        );
+        assert_eq!(s.collect(None).expect("collect"), 1, "3 once released");
         assert_eq!(numbers(dir.path()).expect("list"), vec![4]);
         assert!(
             dir.path().join("queue.db").exists(),
