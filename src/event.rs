@@ -290,6 +290,15 @@ impl Event {
         &self.body[self.tag_len + 2..]
     }
 
+    /// A 3006 syndic's forwarded bare-jid announcement
+    /// (`syndic/<id>/<jid>`: the jid's minions, no function, no load): on
+    /// its master of masters the only sign of the syndic's minions, so it
+    /// is kept and stored as target rows, where a master's own bare-jid
+    /// announcement is a repeat of its `new`.
+    pub fn is_syndic_announcement(&self) -> bool {
+        self.kind == Kind::JobLegacyAnnounce && syndic_of(self.tag()).is_some()
+    }
+
     /// A return whose jid the master made up (the minion sent `jid: req`):
     /// `salt-call` returns and the minion scheduler's `return_job` returns.
     /// The master adds the target (`tgt`, `arg`) to them and saves the

@@ -463,15 +463,10 @@ impl Rules {
             Profile::All => true,
             Profile::None => false,
             Profile::Jobs => {
-                matches!(
+                (matches!(
                     e.kind,
-                    Kind::JobNew
-                        | Kind::JobReturn
-                        | Kind::RunnerReturn
-                        | Kind::WheelReturn
-                        | Kind::JobLegacyAnnounce
-                ) && (e.kind != Kind::JobLegacyAnnounce
-                    || crate::event::syndic_of(e.tag()).is_some())
+                    Kind::JobNew | Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn
+                ) || e.is_syndic_announcement())
                     && (self.funs.is_empty()
                         || e.fields
                             .fun
@@ -498,11 +493,8 @@ fn redundant(e: &Event) -> Option<DropReason> {
             DropReason::FindJob
         }
         Kind::JobPublish => DropReason::PublishDuplicate,
-        // A 3006 syndic's forwarded announcement is no repeat on its MoM:
-        // nothing else there lists the syndic's minions (sink::rows).
-        Kind::JobLegacyAnnounce if crate::event::syndic_of(e.tag()).is_none() => {
-            DropReason::LegacyAnnounce
-        }
+        // A 3006 syndic's forwarded announcement is no repeat on its MoM.
+        Kind::JobLegacyAnnounce if !e.is_syndic_announcement() => DropReason::LegacyAnnounce,
         Kind::JobProgress => DropReason::JobProgress,
         Kind::JobSub => DropReason::JobSub,
         Kind::StateFailure => DropReason::StateFailure,

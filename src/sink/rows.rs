@@ -387,12 +387,10 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
         }
         (Kind::RunnerReturn | Kind::WheelReturn, Some(jid), _) => runner_rows(record, jid, fmt),
         // `syndic/<id>/<jid>`: its jid is the tag's last part.
-        (Kind::JobLegacyAnnounce, _, _) if crate::event::syndic_of(e.tag()).is_some() => {
-            Ok(RowSet::Targets {
-                jid: e.tag().rsplit('/').next().unwrap_or_default().to_owned(),
-                targets: targets_of(record),
-            })
-        }
+        _ if e.is_syndic_announcement() => Ok(RowSet::Targets {
+            jid: e.tag().rsplit('/').next().unwrap_or_default().to_owned(),
+            targets: targets_of(record),
+        }),
         _ => Ok(RowSet::Event(EventRow {
             tag: e.tag().to_owned(),
             data: data_json()?,
