@@ -13,15 +13,12 @@
 //! (getrusage), which for the queue includes its checkpoint thread.
 
 use bytes::Bytes;
+use saltpipe::pipeline::{WRITE_BATCH, WRITE_BYTES};
 use saltpipe::queue::embedded::Embedded;
 use saltpipe::queue::{Message, Producer, SyncMode};
 use std::io::{IoSlice, Write};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The queue writer's largest transaction (src/pipeline.rs: `WRITE_BYTES`, `WRITE_BATCH`).
-const TXN_BYTES: usize = 8 << 20;
-const TXN_EVENTS: usize = 4096;
 
 fn cpu_seconds() -> f64 {
     let mut u = std::mem::MaybeUninit::<libc::rusage>::uninit();
@@ -38,7 +35,8 @@ fn cpu_seconds() -> f64 {
 /// varies per event (so nothing below could dedupe it).
 fn batches(size: usize, total: usize) -> Vec<Vec<Message>> {
     let count = total / size.max(1);
-    let per = (TXN_BYTES / size.max(1)).clamp(1, TXN_EVENTS);
+    // The queue writer's largest transaction.
+    let per = (WRITE_BYTES / size.max(1)).clamp(1, WRITE_BATCH);
     let queue: Arc<str> = Arc::from("default");
     (0..count)
         .map(|i| {

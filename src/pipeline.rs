@@ -391,9 +391,9 @@ async fn to_queue(
 /// more at the peak of a 1M-return replay than 4).
 const CHANNEL_CHUNKS: usize = 4;
 /// Messages the writer puts in one queue transaction at most...
-const WRITE_BATCH: usize = 4096;
+pub const WRITE_BATCH: usize = 4096;
 /// ...and bytes (a transaction of 4,096 large returns would hold 400 MB).
-const WRITE_BYTES: usize = 8 << 20;
+pub const WRITE_BYTES: usize = 8 << 20;
 /// What the backfill's reader may hold on its way to the queue: it waits
 /// for its queue writer (it is not the bus), so this only sizes its chunks'
 /// accounting; it never drops.
