@@ -180,32 +180,29 @@ fn salts_job_cache_functions_read_what_saltpipe_wrote() {
     );
     for (backend, dbname) in [("mysql", &db), ("pgjsonb", &db)] {
         let r = read(backend, dbname, &[&arg_jid, &orch_jid, &wheel_jid], &[]);
-        let got = r["jid"][&arg_jid]
-            .as_object()
-            .expect("get_jid of a runner job");
-        assert_eq!(got.len(), 1, "{backend}: one return, the master's: {got:?}");
-        assert_eq!(
-            unstamped(&got[MASTER_ID]["return"]),
-            unstamped(&arg_lookup[MASTER_ID]),
-            "{backend}: get_jid(runner job) vs jobs.lookup_jid"
-        );
+        // A master job (runner, wheel) reads back as the master's one
+        // return, equal to what Salt's own job cache gives.
+        let as_salt_stores_it = |jid: &str, lookup: &Value, what: &str| {
+            let got = r["jid"][jid]
+                .as_object()
+                .unwrap_or_else(|| panic!("get_jid of a {what} job"));
+            assert_eq!(got.len(), 1, "{backend}: one return, the master's: {got:?}");
+            assert_eq!(
+                unstamped(&got[MASTER_ID]["return"]),
+                unstamped(&lookup[MASTER_ID]),
+                "{backend}: get_jid({what} job) vs jobs.lookup_jid"
+            );
+        };
+        as_salt_stores_it(&arg_jid, &arg_lookup, "runner");
         assert_eq!(r["load"][&arg_jid]["fun"], "runner.test.arg", "{backend}");
         assert_eq!(r["load"][&arg_jid]["user"], "root", "{backend}");
         let orch = &r["jid"][&orch_jid][MASTER_ID]["return"];
         assert_eq!(orch["success"], false, "{backend}: {orch}");
         assert_eq!(orch["fun"], "runner.state.orchestrate");
         assert!(r["jids"].get(&orch_jid).is_some(), "{backend}: get_jids()");
-        let got = r["jid"][&wheel_jid]
-            .as_object()
-            .expect("get_jid of a wheel job");
-        assert_eq!(got.len(), 1, "{backend}: one return, the master's: {got:?}");
+        as_salt_stores_it(&wheel_jid, &wheel_lookup, "wheel");
         assert_eq!(
-            unstamped(&got[MASTER_ID]["return"]),
-            unstamped(&wheel_lookup[MASTER_ID]),
-            "{backend}: get_jid(wheel job) vs jobs.lookup_jid"
-        );
-        assert_eq!(
-            got[MASTER_ID]["return"]["return"], wheel["return"],
+            r["jid"][&wheel_jid][MASTER_ID]["return"]["return"], wheel["return"],
             "{backend}: the wheel function's own return"
         );
         assert_eq!(
