@@ -36,6 +36,7 @@ const LONG: Duration = Duration::from_secs(120);
 /// PostgreSQL; lists are aggregated by [`Db::joined`].
 struct Db {
     name: String,
+    url: String,
     pg: bool,
 }
 
@@ -46,25 +47,19 @@ impl Db {
         let d = [
             Db {
                 name: dbs.0.clone(),
+                url: dbs.mysql_url(3306),
                 pg: false,
             },
             Db {
                 name: dbs.0.clone(),
+                url: dbs.pg_url(5432),
                 pg: true,
             },
         ];
         for db in &d {
-            create_schema(&db.url());
+            create_schema(&db.url);
         }
         d
-    }
-
-    fn url(&self) -> String {
-        if self.pg {
-            format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
-        } else {
-            format!("mysql://root@127.0.0.1:3306/{}", self.name)
-        }
     }
 
     fn server(&self) -> &'static str {
@@ -161,7 +156,7 @@ impl Pipe {
              [[rules.rule]]\ntag = \"saltpipe/topo/*\"\naction = \"keep\"\n",
             sb.source_line(),
             work.path().join("queue").display(),
-            db.url(),
+            db.url,
         );
         std::fs::write(&cfg, text).expect("config");
         let sp = Saltpipe::start(&["run"], &cfg);
