@@ -11,6 +11,11 @@
 //!   BENCH_WRITERS=2 cargo bench --bench sql_sinks   # two batches written at once
 //!   BENCH_PREPARED=1 cargo bench --bench sql_sinks  # rows converted before the clock starts:
 //!                                                   # the database's write alone (the worker's write stage)
+//!   BENCH_STREAM=stream.bin cargo bench --bench sql_sinks  # instead of generated returns, the
+//!       # events a `saltpipe-gen` stream keeps under the default rules, in stream order: the
+//!       # same rows `saltpipe replay` of that stream writes (jobs and their targets too), so
+//!       # with BENCH_PREPARED=1 this is the like-for-like write ceiling of
+//!       # scripts/bench-sql-sinks.sh (the returns count is the stream's)
 //!
 //! Needs MariaDB on 127.0.0.1:3306 (root) and PostgreSQL on 127.0.0.1:5432 (trust).
 
@@ -51,6 +56,27 @@ fn ret(jid: &str, minion: &str, payload: &str) -> Record {
         .expect("decode"),
         0,
     )
+}
+
+/// The events of a `saltpipe-gen` stream that the default rules keep, in
+/// stream order, as the worker gets them from the queue.
+fn stream_records(path: &str) -> Vec<Record> {
+    use saltpipe::bus::framing::{Framed, Framer};
+    use saltpipe::rules::{Decision, Rules, RulesConfig};
+    let data = std::fs::read(path).expect("BENCH_STREAM: read the stream");
+    let mut framer = Framer::new(64 << 20);
+    framer.buffer_mut().extend_from_slice(&data);
+    let mut rules = Rules::new(&RulesConfig::default());
+    let mut records = Vec::new();
+    while let Some(item) = framer.next_frame() {
+        if let Framed::Frame(f) = item
+            && let Ok(e) = Event::from_frame(&f)
+            && matches!(rules.decide(&e), Decision::Keep { .. })
+        {
+            records.push(Record::new(e, 0));
+        }
+    }
+    records
 }
 
 fn cmd(program: &str, args: &[&str]) {
@@ -106,9 +132,12 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
         .fold(0u64, |a, n| async move { a + n })
         .await;
     let s = started.elapsed().as_secs_f64();
+    let expected = records
+        .iter()
+        .filter(|r| r.event.kind == saltpipe::event::Kind::JobReturn)
+        .count();
     assert_eq!(
-        returns as usize,
-        records.len(),
+        returns as usize, expected,
         "{name}: every return written once"
     );
     println!(
@@ -139,15 +168,19 @@ async fn main() {
         .unwrap_or(if test_mode { 3000 } else { 200_000 });
     let batch = args.get(1).copied().unwrap_or(2000);
     let payload = "x".repeat(args.get(2).copied().unwrap_or(800));
-    let records: Vec<Record> = (0..count)
-        .map(|i| {
-            ret(
-                &format!("2026112512{:010}", i / 100),
-                &format!("minion-{:05}", i % 100),
-                &payload,
-            )
-        })
-        .collect();
+    let stream = std::env::var("BENCH_STREAM").ok();
+    let records: Vec<Record> = match &stream {
+        Some(path) => stream_records(path),
+        None => (0..count)
+            .map(|i| {
+                ret(
+                    &format!("2026112512{:010}", i / 100),
+                    &format!("minion-{:05}", i % 100),
+                    &payload,
+                )
+            })
+            .collect(),
+    };
     let db = format!("saltpipe_bench_{:012x}", rand::random::<u64>() >> 16);
     println!(
         "| sink | returns | return bytes | batch | seconds | returns/s | transactions per 10,000 returns |"
