@@ -41,7 +41,7 @@ pub const NO_RETURN_TAG: &str = "saltpipe/no_return/";
 pub fn of_event(e: &Event) -> Option<Outcome> {
     match e.kind {
         Kind::JobReturn | Kind::RunnerReturn | Kind::WheelReturn => {
-            Some(of_return(e.data()).outcome)
+            Some(of_event_return(e).outcome)
         }
         _ if e.tag().starts_with(NO_RETURN_TAG) => Some(Outcome::NoReturn),
         _ => None,
@@ -183,12 +183,33 @@ pub fn of_return(data: &[u8]) -> Summary {
     let mut retcode: Option<&[u8]> = None;
     let mut success: Option<&[u8]> = None;
     let _ = msgpack::for_each_entry(data, |k, v| match k {
-        b"fun" => fun = Some(v),
-        b"return" => ret = Some(v),
-        b"retcode" => retcode = Some(v),
-        b"success" => success = Some(v),
+        b"fun" if fun.is_none() => fun = Some(v),
+        b"return" if ret.is_none() => ret = Some(v),
+        b"retcode" if retcode.is_none() => retcode = Some(v),
+        b"success" if success.is_none() => success = Some(v),
         _ => {}
     });
+    of_parts(fun, ret, retcode, success)
+}
+
+/// [`of_return`] of a decoded event, from the fields its decoding already
+/// found (no second walk over a large `return`).
+pub fn of_event_return(e: &Event) -> Summary {
+    of_parts(
+        e.field_raw("fun"),
+        e.field_raw("return"),
+        e.field_raw("retcode"),
+        e.field_raw("success"),
+    )
+}
+
+/// The judgement, from a return's `fun`, `return`, `retcode` and `success`.
+fn of_parts(
+    fun: Option<&[u8]>,
+    ret: Option<&[u8]>,
+    retcode: Option<&[u8]>,
+    success: Option<&[u8]>,
+) -> Summary {
     let mut failed = success.is_some_and(any_false) || retcode.is_some_and(any_nonzero);
     let mut states: Option<States> = None;
     let mut changed = false;
@@ -295,27 +316,39 @@ fn judge_value(fun: &str, value: Option<&[u8]>) -> Judged {
 /// each a map with `result`), or None if `v` is not one. An empty map is
 /// not taken for a state run here (the caller knows by the function).
 fn states_of(v: &[u8]) -> Option<States> {
+    // One walk: each state's fields are read where they lie, instead of
+    // skipping the state whole and then walking it again (a highstate's
+    // states are most of a large return).
+    let mut r = Reader::new(v);
+    let Item::Map(n) = r.item().ok()? else {
+        return None;
+    };
     let mut s = States::default();
-    let mut shaped = true;
-    let is_map = msgpack::for_each_entry(v, |k, state| {
-        if !shaped {
-            return;
-        }
-        if memchr::memmem::find(k, b"_|-").is_none() {
-            shaped = false;
-            return;
-        }
-        let (mut result, mut changes, mut duration) = (None, None, None);
-        let ok = msgpack::for_each_entry(state, |f, x| match f {
-            b"result" => result = Some(x),
-            b"changes" => changes = Some(x),
-            b"duration" => duration = Some(x),
-            _ => {}
-        });
-        let Some(result) = result.filter(|_| matches!(ok, Ok(true))) else {
-            shaped = false;
-            return;
+    for _ in 0..n {
+        // Skip a key whole: a container key must not leave its children behind.
+        let key = r.skip().ok()?;
+        let Ok(Item::Str(k) | Item::Bin(k)) = Reader::new(key).item() else {
+            // Not a text key: not a state, and not counted against the shape.
+            r.skip().ok()?;
+            continue;
         };
+        // `<module>_|-<id>_|-<name>_|-<function>`, or not a state run.
+        memchr::memmem::find(k, b"_|-")?;
+        let Item::Map(m) = r.item().ok()? else {
+            return None;
+        };
+        let (mut result, mut changes, mut duration) = (None, None, None);
+        for _ in 0..m {
+            let key = r.skip().ok()?;
+            let x = r.skip().ok()?;
+            match Reader::new(key).item() {
+                Ok(Item::Str(b"result") | Item::Bin(b"result")) => result = Some(x),
+                Ok(Item::Str(b"changes") | Item::Bin(b"changes")) => changes = Some(x),
+                Ok(Item::Str(b"duration") | Item::Bin(b"duration")) => duration = Some(x),
+                _ => {}
+            }
+        }
+        let result = result?;
         s.total += 1;
         if matches!(Reader::new(result).item(), Ok(Item::Bool(false))) {
             s.failed += 1;
@@ -324,8 +357,8 @@ fn states_of(v: &[u8]) -> Option<States> {
             s.changed += 1;
         }
         s.duration_ms += duration.map(number).unwrap_or(0.0);
-    });
-    (matches!(is_map, Ok(true)) && shaped && s.total > 0).then_some(s)
+    }
+    (s.total > 0).then_some(s)
 }
 
 /// `changes` that say something: a non-empty map, list or string.
@@ -745,6 +778,9 @@ mod tests {
                 continue;
             }
             let s = of_return(e.data());
+            // The event's own judgement (from the entries its decoding
+            // found) is the same as a walk of its data.
+            assert_eq!(of_event_return(&e), s);
             let key = format!(
                 "{}:{}:{}",
                 e.fields.jid.unwrap_or_default(),
@@ -813,7 +849,13 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            let _ = of_return(&data);
+            let s = of_return(&data);
+            // An event with that data judges it the same from its entries.
+            let mut body = b"salt/job/20261203120000000000/ret/m1\n\n".to_vec();
+            body.extend(&data);
+            if let Ok(e) = Event::from_body(bytes::Bytes::from(body)) {
+                proptest::prop_assert_eq!(of_event_return(&e), s);
+            }
         }
     }
 }

@@ -208,7 +208,7 @@ impl OutcomeRow {
     fn of_return(e: &crate::event::Event, received_ms: i64) -> OutcomeRow {
         let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
         OutcomeRow::of(
-            crate::outcome::of_return(e.data()),
+            crate::outcome::of_event_return(e),
             stamp(salt_stamp, received_ms),
         )
     }

@@ -244,7 +244,7 @@ fn count_outcomes(stats: &Stats, records: &[Record]) {
             Some(_) => None,
             // Not converted ahead (a sink that converts in `write`): judge it here.
             None => (r.event.kind == crate::event::Kind::JobReturn)
-                .then(|| crate::outcome::of_return(r.event.data()).outcome),
+                .then(|| crate::outcome::of_event_return(&r.event).outcome),
         };
         if let Some(o) = o {
             n[o.index()] += 1;
