@@ -1,6 +1,13 @@
 //! What judging a return's outcome costs, beside the rest of the worker's
 //! prepare stage (the msgpack to JSON transcode of `rows_of`, which now
 //! includes the outcome). Run: `cargo bench --bench outcome`.
+//!
+//! The `prepare per MB` group is issue 16's CPU per MB of large returns in
+//! the worker, in MB/s of event body: the whole prepare stage of one
+//! 1,000-state highstate return (decode, `[sink] redact`'s default keys,
+//! rows), beside the msgpack to JSON transcode alone, which no writer of
+//! Salt's returner schema can skip (`return` and `full_ret` are JSON text):
+//! its floor. `cargo bench --bench outcome -- 'prepare per MB'`.
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -114,6 +121,32 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+
+    let e = highstate(1000);
+    let body = e.body.clone();
+    let mut g = c.benchmark_group("prepare per MB");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("transcode alone (the floor)", |b| {
+        b.iter(|| {
+            black_box(saltpipe::msgpack::to_json_with_field(
+                black_box(e.data()),
+                "return",
+                usize::MAX,
+            ))
+        })
+    });
+    let redact = saltpipe::redact::KeyRedactor::new(saltpipe::redact::DEFAULT_KEYS);
+    g.bench_function("decode + redact + rows (the worker's prepare)", |b| {
+        b.iter(|| {
+            let e = Event::from_body(black_box(body.clone())).expect("event");
+            let (e, _) = redact.event(e);
+            black_box(rows_of(
+                &Record::new(e, 0),
+                RowFormat::unlimited(BoolStyle::Digit),
+            ))
+        })
+    });
     g.finish();
 }
 
