@@ -268,6 +268,10 @@ pub struct Event {
 /// [`Event`]'s top-level entries, in order.
 type TopEntries = Box<[TopEntry]>;
 
+/// The most top-level entries an event keeps the places of; a data map
+/// with more is walked again by [`Event::field_raw`] instead.
+const MAX_TOP_ENTRIES: usize = 64;
+
 /// One top-level entry of an event's data map: byte ranges in `data()`.
 #[derive(Debug, Clone)]
 struct TopEntry {
@@ -400,11 +404,19 @@ fn read_fields(data: &[u8], kind: Kind) -> Result<(Fields, Option<TopEntries>), 
         start..start + s.len()
     };
     let mut top = Vec::new();
+    let mut indexed = true;
     msgpack::for_each_entry(data, |k, v| {
-        top.push(TopEntry {
-            key: at(k),
-            value: at(v),
-        });
+        // Salt's data maps have a dozen keys; a map of many more (a
+        // hostile frame's millions of one-byte entries) is not indexed,
+        // so the index never outgrows a few KB per event.
+        if top.len() < MAX_TOP_ENTRIES {
+            top.push(TopEntry {
+                key: at(k),
+                value: at(v),
+            });
+        } else {
+            indexed = false;
+        }
         match k {
             b"jid" => f.jid = scalar_text(v),
             b"id" => f.minion = msgpack::as_str(v).map(str::to_owned),
@@ -418,7 +430,7 @@ fn read_fields(data: &[u8], kind: Kind) -> Result<(Fields, Option<TopEntries>), 
             _ => {}
         }
     })?;
-    Ok((f, Some(top.into_boxed_slice())))
+    Ok((f, indexed.then(|| top.into_boxed_slice())))
 }
 
 fn scalar_text(v: &[u8]) -> Option<String> {
@@ -583,12 +595,18 @@ mod tests {
             (V::from("return"), V::from("second")),
             (V::from("_stamp"), V::from("2026-12-03T12:00:00.000000")),
         ]);
+        let mut wide: Vec<(V, V)> = (0..100)
+            .map(|i| (V::from(format!("k{i}")), V::from(i)))
+            .collect();
+        wide.push((V::from("return"), V::from("last")));
         for e in [
             ev("salt/job/20261203120000000000/ret/m1", data.clone()),
+            // More entries than are indexed: walked instead, same answers.
+            ev("salt/job/20261203120000000000/ret/m1", V::Map(wide)),
             ev("salt/auth", data),
             ev("salt/job/20261203120000000000/ret/m1", V::from("not a map")),
         ] {
-            for name in ["id", "return", "_stamp", "missing", "7", ""] {
+            for name in ["id", "return", "_stamp", "missing", "7", "", "k0", "k99"] {
                 assert_eq!(
                     e.field_raw(name).map(<[u8]>::to_vec),
                     walk(&e, name),
