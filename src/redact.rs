@@ -205,7 +205,8 @@ pub struct KeyRedactor {
     /// The shortest name's length: no shorter key can match.
     shortest: usize,
     /// Which lowercase last two bytes a name ends with, one bit per pair
-    /// (`[b'r', b'd']` for `password`): most keys are ruled out by one
+    /// (`[b'r', b'd']` for `password`), used when every name has two
+    /// bytes or more: most keys are ruled out by one
     /// lookup instead of a comparison with every name. In a 1,000-state
     /// highstate nearly every key (`result`, `comment`, `duration`, ...)
     /// is, and the comparisons were a fifth of the worker's prepare stage.
@@ -227,11 +228,6 @@ impl KeyRedactor {
             .collect();
         let shortest = names.iter().map(String::len).min().unwrap_or(0);
         let mut tails = vec![0u64; 65_536 / 64];
-        let one_byte = names.iter().any(|n| n.len() < 2);
-        if one_byte {
-            // A one-letter name: no tail pair rules anything out.
-            tails.fill(u64::MAX);
-        }
         for n in names.iter().map(String::as_bytes).filter(|n| n.len() >= 2) {
             let (word, bit) = tail_bit(n[n.len() - 2], n[n.len() - 1]);
             tails[word] |= bit;
@@ -253,7 +249,9 @@ impl KeyRedactor {
         if key.len() < self.shortest.max(1) {
             return false;
         }
-        if key.len() >= 2 {
+        // Every name has two bytes or more (a one-letter name leaves the
+        // table out), and so, by the check above, has the key.
+        if self.shortest >= 2 {
             let (word, bit) = tail_bit(key[key.len() - 2], key[key.len() - 1]);
             if self.tails.get(word).is_none_or(|w| w & bit == 0) {
                 return false;
