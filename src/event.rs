@@ -272,11 +272,21 @@ type TopEntries = Box<[TopEntry]>;
 /// with more is walked again by [`Event::field_raw`] instead.
 const MAX_TOP_ENTRIES: usize = 64;
 
-/// One top-level entry of an event's data map: byte ranges in `data()`.
+/// One top-level entry of an event's data map: where its key's text and
+/// its value lie in `data()` (offset, length; u32 keeps an entry at 16
+/// bytes, a dozen of them beside a 1 KB event: data over 4 GiB is not
+/// indexed).
 #[derive(Debug, Clone)]
 struct TopEntry {
-    key: std::ops::Range<usize>,
-    value: std::ops::Range<usize>,
+    key: (u32, u32),
+    value: (u32, u32),
+}
+
+impl TopEntry {
+    fn get(data: &[u8], (at, len): (u32, u32)) -> Option<&[u8]> {
+        let at = at as usize;
+        data.get(at..at.checked_add(len as usize)?)
+    }
 }
 
 impl Event {
@@ -347,11 +357,11 @@ impl Event {
         if let Some(top) = &self.top {
             return top
                 .iter()
-                .find(|e| data.get(e.key.clone()) == Some(name.as_bytes()))
-                .and_then(|e| data.get(e.value.clone()));
+                .find(|e| TopEntry::get(data, e.key) == Some(name.as_bytes()))
+                .and_then(|e| TopEntry::get(data, e.value));
         }
         let mut found = None;
-        let _ = msgpack::for_each_entry(self.data(), |k, v| {
+        let _ = msgpack::for_each_entry(data, |k, v| {
             if found.is_none() && k == name.as_bytes() {
                 found = Some(v);
             }
@@ -398,24 +408,27 @@ fn read_fields(data: &[u8], kind: Kind) -> Result<(Fields, Option<TopEntries>), 
         r.skip()?;
         return Ok((f, None));
     }
-    // Offsets of sub-slices of `data`, which for_each_entry hands out.
+    // Offset and length of a sub-slice of `data` (for_each_entry hands
+    // out sub-slices), or None past u32.
     let at = |s: &[u8]| {
         let start = (s.as_ptr() as usize).saturating_sub(data.as_ptr() as usize);
-        start..start + s.len()
+        Some((u32::try_from(start).ok()?, u32::try_from(s.len()).ok()?))
     };
-    let mut top = Vec::new();
-    let mut indexed = true;
+    // Salt's data maps have a dozen keys; a map of many more (a hostile
+    // frame's millions of one-byte entries) is not indexed, so the index
+    // stays a few hundred bytes, allocated once at its size.
+    let entries = match Reader::new(data).item() {
+        Ok(Item::Map(n)) => n as usize,
+        _ => 0,
+    };
+    let mut indexed = entries <= MAX_TOP_ENTRIES;
+    let mut top = Vec::with_capacity(if indexed { entries } else { 0 });
     msgpack::for_each_entry(data, |k, v| {
-        // Salt's data maps have a dozen keys; a map of many more (a
-        // hostile frame's millions of one-byte entries) is not indexed,
-        // so the index never outgrows a few KB per event.
-        if top.len() < MAX_TOP_ENTRIES {
-            top.push(TopEntry {
-                key: at(k),
-                value: at(v),
-            });
-        } else {
-            indexed = false;
+        if indexed {
+            match (at(k), at(v)) {
+                (Some(key), Some(value)) => top.push(TopEntry { key, value }),
+                _ => indexed = false,
+            }
         }
         match k {
             b"jid" => f.jid = scalar_text(v),
