@@ -15,7 +15,6 @@
 //! stack or make us allocate more than the input's size.
 
 use base64::Engine as _;
-use std::fmt::Write as _;
 
 /// Deepest nesting we transcode; Salt data is a few levels deep, a hostile
 /// frame could be millions.
@@ -228,6 +227,7 @@ impl<'a> Reader<'a> {
 
     /// Reads one header (and a scalar's payload). For arrays and maps the
     /// children follow and must be read or skipped by the caller.
+    #[inline]
     pub fn item(&mut self) -> Result<Item<'a>, WalkError> {
         let m = self.take(1)?[0];
         Ok(match m {
@@ -341,7 +341,7 @@ pub fn to_json(value: &[u8], limit: usize) -> Result<String, WalkError> {
     let mut w = JsonWriter::new(value.len(), limit);
     let mut r = Reader::new(value);
     w.value(&mut r, 0)?;
-    Ok(w.out)
+    w.finish()
 }
 
 /// Like [`to_json`] for a map, also returning where the JSON of one
@@ -358,10 +358,10 @@ pub fn to_json_with_field(
     let Item::Map(n) = r.item()? else {
         r = save;
         w.value(&mut r, 0)?;
-        return Ok((w.out, None));
+        return Ok((w.finish()?, None));
     };
     let range = w.map(&mut r, n, 1, Some(field))?;
-    Ok((w.out, range))
+    Ok((w.finish()?, range))
 }
 
 /// The most JSON one byte of msgpack can become (a fixext1 of 3 bytes is
@@ -369,8 +369,13 @@ pub fn to_json_with_field(
 pub const MAX_EXPANSION: usize = 16;
 
 /// The JSON text being written, and the most it may grow to.
+///
+/// It is built as bytes, not as a `String`: every piece written is ASCII or
+/// a run of text checked to be UTF-8 once (see [`write_json_text`]), so the
+/// transcode never validates the same string twice; [`JsonWriter::finish`]
+/// turns the bytes into the `String` with one fast check over the whole.
 struct JsonWriter {
-    out: String,
+    out: Vec<u8>,
     limit: usize,
 }
 
@@ -378,12 +383,20 @@ impl JsonWriter {
     fn new(input: usize, limit: usize) -> JsonWriter {
         let guess = input.saturating_add(input / 4).saturating_add(16);
         JsonWriter {
-            out: String::with_capacity(guess.min(limit)),
+            out: Vec::with_capacity(guess.min(limit)),
             limit,
         }
     }
 
+    /// The text written. Every piece pushed was ASCII or checked UTF-8, so
+    /// the check cannot fail; were it ever to, the value is refused as
+    /// invalid rather than stored as broken text.
+    fn finish(self) -> Result<String, WalkError> {
+        String::from_utf8(self.out).map_err(|_| WalkError::Invalid)
+    }
+
     /// Refuses to write `more` bytes past the limit, before they are written.
+    #[inline]
     fn room(&self, more: usize) -> Result<(), WalkError> {
         if self.out.len().saturating_add(more) > self.limit {
             return Err(WalkError::TooLarge { limit: self.limit });
@@ -401,23 +414,23 @@ impl JsonWriter {
         capture: Option<&str>,
     ) -> Result<Option<std::ops::Range<usize>>, WalkError> {
         let mut range = None;
-        self.out.push('{');
+        self.out.push(b'{');
         for i in 0..n {
             if i > 0 {
-                self.out.push_str(", ");
+                self.out.extend_from_slice(b", ");
             }
             let wanted = capture.is_some_and(|f| {
                 range.is_none() && matches!(r.clone().item(), Ok(Item::Str(k)) if k == f.as_bytes())
             });
             self.key(r)?;
-            self.out.push_str(": ");
+            self.out.extend_from_slice(b": ");
             let start = self.out.len();
             self.value(r, depth)?;
             if wanted {
                 range = Some(start..self.out.len());
             }
         }
-        self.out.push('}');
+        self.out.push(b'}');
         Ok(range)
     }
 
@@ -434,30 +447,27 @@ impl JsonWriter {
         self.room((r.position() - before).saturating_sub(9))?;
         let out = &mut self.out;
         match item {
-            Item::Nil => out.push_str("null"),
-            Item::Bool(b) => out.push_str(if b { "true" } else { "false" }),
-            Item::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
-            Item::UInt(u) => {
-                let _ = write!(out, "{u}");
-            }
+            Item::Nil => out.extend_from_slice(b"null"),
+            Item::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+            Item::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+            Item::UInt(u) => out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes()),
             Item::Float(f) => write_float(out, f),
-            Item::Str(s) => match std::str::from_utf8(s) {
-                Ok(s) => write_json_str(out, s),
-                Err(_) => write_bytes(out, s),
-            },
+            Item::Str(s) => {
+                if !write_json_text(out, s) {
+                    write_bytes(out, s);
+                }
+            }
             Item::Bin(b) => write_bytes(out, b),
             Item::Ext(t, data) => write_ext(out, t, data),
             Item::Array(n) => {
-                out.push('[');
+                out.push(b'[');
                 for i in 0..n {
                     if i > 0 {
-                        self.out.push_str(", ");
+                        self.out.extend_from_slice(b", ");
                     }
                     self.value(r, depth + 1)?;
                 }
-                self.out.push(']');
+                self.out.push(b']');
             }
             Item::Map(n) => {
                 self.map(r, n, depth + 1, None)?;
@@ -476,38 +486,39 @@ impl JsonWriter {
         let item = r.item()?;
         self.room((r.position() - start).saturating_sub(9))?;
         match item {
-            Item::Str(s) | Item::Bin(s) => match std::str::from_utf8(s) {
-                Ok(text) => write_json_str(&mut self.out, text),
-                Err(_) => self.marked_key("__bytes__:", s),
-            },
+            Item::Str(s) | Item::Bin(s) => {
+                if !write_json_text(&mut self.out, s) {
+                    self.marked_key("__bytes__:", s);
+                }
+            }
             Item::Array(_) | Item::Map(_) => {
                 *r = save;
                 let raw = r.skip()?;
                 self.room(raw.len())?;
                 self.marked_key("__msgpack__:", raw);
             }
-            Item::Ext(t, data) => {
-                // Its JSON form holds quotes: quote that text once.
-                let mut inner = String::new();
-                write_ext(&mut inner, t, data);
-                write_json_str(&mut self.out, &inner);
-            }
             scalar => {
-                // nil, bool, numbers: their JSON text, as Python's json does.
-                let mut inner = String::new();
+                // nil, bool, numbers: their JSON text, as Python's json
+                // does; an ext: its JSON form, which holds quotes, quoted
+                // once. Keys like these are rare: a scratch buffer is fine.
+                let mut inner = Vec::new();
                 match scalar {
-                    Item::Nil => inner.push_str("null"),
-                    Item::Bool(b) => inner.push_str(if b { "true" } else { "false" }),
+                    Item::Nil => inner.extend_from_slice(b"null"),
+                    Item::Bool(b) => inner.extend_from_slice(if b { b"true" } else { b"false" }),
                     Item::Int(i) => {
-                        let _ = write!(inner, "{i}");
+                        inner.extend_from_slice(itoa::Buffer::new().format(i).as_bytes())
                     }
                     Item::UInt(u) => {
-                        let _ = write!(inner, "{u}");
+                        inner.extend_from_slice(itoa::Buffer::new().format(u).as_bytes())
                     }
                     Item::Float(f) => write_float(&mut inner, f),
+                    Item::Ext(t, data) => write_ext(&mut inner, t, data),
                     _ => {}
                 }
-                write_json_str(&mut self.out, &inner);
+                // `inner` is ASCII or escaped UTF-8 text, so this holds.
+                if !write_json_text(&mut self.out, &inner) {
+                    self.marked_key("__bytes__:", &inner);
+                }
             }
         }
         self.room(0)
@@ -515,100 +526,141 @@ impl JsonWriter {
 
     /// `"<mark><base64 of bytes>"`: a key JSON cannot hold as text.
     fn marked_key(&mut self, mark: &str, bytes: &[u8]) {
-        self.out.push('"');
-        self.out.push_str(mark);
-        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut self.out);
-        self.out.push('"');
+        self.out.push(b'"');
+        self.out.extend_from_slice(mark.as_bytes());
+        encode_base64(&mut self.out, bytes);
+        self.out.push(b'"');
     }
 }
 
-fn write_float(out: &mut String, f: f64) {
+/// Appends base64 of `bytes` (the `base64` crate writes into a `String`
+/// only; its slice encoder into our spare capacity does the same here).
+fn encode_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let at = out.len();
+    let n = base64::encoded_len(bytes.len(), true).unwrap_or(0);
+    out.resize(at + n, 0);
+    let written = engine.encode_slice(bytes, &mut out[at..]).unwrap_or(0);
+    out.truncate(at + written);
+}
+
+fn write_float(out: &mut Vec<u8>, f: f64) {
     if f.is_finite() {
-        // serde_json prints the shortest representation that round-trips.
-        match serde_json::to_string(&f) {
-            Ok(s) => out.push_str(&s),
-            Err(_) => out.push_str("null"),
-        }
+        // The shortest text that round-trips, as serde_json writes it
+        // (serde_json calls this same formatter).
+        out.extend_from_slice(zmij::Buffer::new().format_finite(f).as_bytes());
     } else {
-        out.push_str("null");
+        out.extend_from_slice(b"null");
     }
 }
 
-/// Writes `s` as a JSON string literal.
-pub fn write_json_str(out: &mut String, s: &str) {
+/// Appends `s` as a JSON string literal if it is UTF-8 text, and returns
+/// true; returns false and appends nothing if it is not.
+///
+/// One pass does both jobs, because most of Salt's strings are short ASCII
+/// (state ids, comments, keys) and a separate UTF-8 check per string cost a
+/// tenth of the transcode: eight bytes at a time are skipped while none
+/// needs an escape and none is non-ASCII; the first non-ASCII byte checks
+/// the rest of the string as UTF-8 once, and from there only escapes stop
+/// the skip (UTF-8's multibyte sequences never hold an ASCII byte).
+fn write_json_text(out: &mut Vec<u8>, s: &[u8]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mark = out.len();
     out.reserve(s.len() + 2);
-    out.push('"');
-    let bytes = s.as_bytes();
+    out.push(b'"');
+    let mut high = HIGH;
     let mut start = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        // Most text needs no escape: skip it eight bytes at a time (this
-        // transcode is the worker's largest own cost after SQLite).
-        if let Some(word) = bytes.get(i..i + 8) {
+    while i < s.len() {
+        if let Some(word) = s.get(i..i + 8) {
             let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-            if !needs_escape(w) {
+            // The lowest flagged byte is exact (see `escape_mask`), so the
+            // skip goes straight to it.
+            let hits = escape_mask(w) | (w & high);
+            if hits == 0 {
                 i += 8;
                 continue;
             }
+            i += (hits.trailing_zeros() / 8) as usize;
         }
-        let b = bytes[i];
+        let b = s[i];
+        if b >= 0x80 {
+            if high != 0 {
+                if std::str::from_utf8(&s[i..]).is_err() {
+                    out.truncate(mark);
+                    return false;
+                }
+                high = 0;
+            }
+            i += 1;
+            continue;
+        }
         // Python's json.dumps (ensure_ascii=False, as salt.utils.json.dumps
         // calls it): these short forms, \u00XX for the other controls.
-        let esc: Option<&str> = match b {
-            b'"' => Some("\\\""),
-            b'\\' => Some("\\\\"),
-            b'\n' => Some("\\n"),
-            b'\r' => Some("\\r"),
-            b'\t' => Some("\\t"),
-            0x08 => Some("\\b"),
-            0x0c => Some("\\f"),
-            0x00..=0x1f => None,
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ],
             _ => {
                 i += 1;
                 continue;
             }
         };
-        out.push_str(&s[start..i]);
-        match esc {
-            Some(e) => out.push_str(e),
-            None => {
-                let _ = write!(out, "\\u{:04x}", b);
-            }
-        }
+        out.extend_from_slice(&s[start..i]);
+        out.extend_from_slice(esc);
         i += 1;
         start = i;
     }
-    out.push_str(&s[start..]);
-    out.push('"');
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
+    true
 }
 
-/// Whether any of the eight bytes in `w` is a control character, `"` or
-/// `\\` (SWAR: a byte's high bit is set in the mask where it matches;
-/// bytes of 0x80 and above never match, so UTF-8 passes through).
-fn needs_escape(w: u64) -> bool {
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Which of the eight bytes in `w` are a control character, `"` or `\\`:
+/// a byte's high bit is set in the mask where it matches (SWAR). Bytes of
+/// 0x80 and above never match, so UTF-8 passes through. A borrow can flag
+/// a byte above a true match, never below one: the lowest flag is exact.
+#[inline]
+fn escape_mask(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    (below_space | has_zero(w ^ (ONES * b'"' as u64)) | has_zero(w ^ (ONES * b'\\' as u64))) != 0
+    below_space | has_zero(w ^ (ONES * b'"' as u64)) | has_zero(w ^ (ONES * b'\\' as u64))
 }
 
-fn write_bytes(out: &mut String, b: &[u8]) {
-    out.push_str("{\"__bytes__\": \"");
-    base64::engine::general_purpose::STANDARD.encode_string(b, out);
-    out.push_str("\"}");
+fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(b"{\"__bytes__\": \"");
+    encode_base64(out, b);
+    out.extend_from_slice(b"\"}");
 }
 
-fn write_ext(out: &mut String, t: i8, data: &[u8]) {
+fn write_ext(out: &mut Vec<u8>, t: i8, data: &[u8]) {
     if t == 78
         && let Some(iso) = std::str::from_utf8(data).ok().and_then(salt_datetime_iso)
     {
-        write_json_str(out, &iso);
+        write_json_text(out, iso.as_bytes());
         return;
     }
-    let _ = write!(out, "{{\"__ext__\": {t}, \"data\": \"");
-    base64::engine::general_purpose::STANDARD.encode_string(data, out);
-    out.push_str("\"}");
+    out.extend_from_slice(b"{\"__ext__\": ");
+    out.extend_from_slice(itoa::Buffer::new().format(t).as_bytes());
+    out.extend_from_slice(b", \"data\": \"");
+    encode_base64(out, data);
+    out.extend_from_slice(b"\"}");
 }
 
 /// Turns Salt's packed datetime `20261125T12:00:01.123456` into
@@ -704,8 +756,9 @@ mod tests {
                 let mut text = "é".repeat(3) + &"a".repeat(at);
                 text.push(b as char);
                 text.push_str("zzzzzzzzzz");
-                let mut out = String::new();
-                write_json_str(&mut out, &text);
+                let mut out = Vec::new();
+                assert!(write_json_text(&mut out, text.as_bytes()));
+                let out = String::from_utf8(out).expect("utf-8");
                 let want = format!(
                     "\"{}{}{}zzzzzzzzzz\"",
                     "é".repeat(3),
@@ -715,8 +768,12 @@ mod tests {
                 assert_eq!(out, want, "byte {b:#x} after {at} bytes");
             }
         }
-        let mut out = String::new();
-        write_json_str(&mut out, "🧂 \u{2028} \u{7f}\u{80}");
+        let mut out = Vec::new();
+        assert!(write_json_text(
+            &mut out,
+            "🧂 \u{2028} \u{7f}\u{80}".as_bytes()
+        ));
+        let out = String::from_utf8(out).expect("utf-8");
         assert_eq!(
             out, "\"🧂 \u{2028} \u{7f}\u{80}\"",
             "non-ASCII and DEL as they are"
@@ -898,6 +955,47 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn text_is_escaped_as_python_or_refused(
+            prefix in 0usize..20,
+            body in proptest::collection::vec(proptest::prop_oneof![
+                proptest::num::u8::ANY,
+                proptest::sample::select(vec![b'a', b'"', b'\\', b'\n', 0x01, 0xc3, 0xa9, 0xe2, 0x80]),
+            ], 0..64),
+        ) {
+            // The fused scan against the plain definition: UTF-8 or not,
+            // then each char escaped as json.dumps(ensure_ascii=False) does.
+            let mut s = vec![b'x'; prefix];
+            s.extend_from_slice(&body);
+            let mut out = b"kept".to_vec();
+            let ok = write_json_text(&mut out, &s);
+            match std::str::from_utf8(&s) {
+                Ok(text) => {
+                    let mut want = String::from("kept\"");
+                    for c in text.chars() {
+                        match c {
+                            '"' => want.push_str("\\\""),
+                            '\\' => want.push_str("\\\\"),
+                            '\n' => want.push_str("\\n"),
+                            '\r' => want.push_str("\\r"),
+                            '\t' => want.push_str("\\t"),
+                            '\u{8}' => want.push_str("\\b"),
+                            '\u{c}' => want.push_str("\\f"),
+                            c if (c as u32) < 0x20 => want.push_str(&format!("\\u{:04x}", c as u32)),
+                            c => want.push(c),
+                        }
+                    }
+                    want.push('"');
+                    proptest::prop_assert!(ok);
+                    proptest::prop_assert_eq!(String::from_utf8(out).expect("utf-8"), want);
+                }
+                Err(_) => {
+                    proptest::prop_assert!(!ok);
+                    proptest::prop_assert_eq!(out, b"kept".to_vec());
+                }
+            }
+        }
+
         #[test]
         fn json_is_valid_and_linear_in_the_input(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             if let Scan::Complete(n) = value_len(&data) {
