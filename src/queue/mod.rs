@@ -104,6 +104,16 @@ pub trait Consumer: Send + Sync {
     fn starved(&self) -> bool {
         false
     }
+    /// While a worker drains (shutdown, or a replay's end), how long a pull
+    /// waits before the worker calls the queue empty. A broker's messages
+    /// are on the wire for a moment, so zero would stop a worker with a
+    /// full queue. The embedded queue answers from its own file, where
+    /// everything the listener took is before the drain begins, so it
+    /// needs no wait (it was a third of a second at the end of every
+    /// replay: the last partial batch's timeout, then one empty pull).
+    fn drain_wait(&self) -> Duration {
+        Duration::from_millis(100)
+    }
 }
 
 /// `[queue]`.

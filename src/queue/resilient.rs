@@ -148,4 +148,11 @@ impl Consumer for Resilient {
     fn starved(&self) -> bool {
         self.inner.as_ref().is_some_and(|c| c.starved())
     }
+
+    fn drain_wait(&self) -> Duration {
+        match &self.inner {
+            Some(c) => c.drain_wait(),
+            None => Duration::from_millis(100),
+        }
+    }
 }

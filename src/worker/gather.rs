@@ -21,10 +21,6 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// ...and how long while batches whose acks are due are in flight, so a
 /// committed batch is acked promptly even on a quiet queue.
 const ACK_WAIT: Duration = Duration::from_millis(20);
-/// While draining, how long a pull waits before calling the queue empty: a
-/// broker's messages are on the wire for a moment, so zero would stop a
-/// worker with a full queue.
-const DRAIN_WAIT: Duration = Duration::from_millis(100);
 /// How long a worker pauses when the listener is behind (see `pull_batch`).
 const YIELD_WAIT: Duration = Duration::from_millis(20);
 /// How often a worker asks its queue how deep it is (for `/metrics`).
@@ -174,9 +170,14 @@ impl Gather {
                 }
             }
             let max_pull = (max_bytes - bytes).min(self.memory.room()).max(1);
+            // While draining, a partial batch does not wait out its
+            // timeout either: whatever the queue holds comes at once.
             let wait = match closes_at {
+                Some(t) if draining => t
+                    .saturating_duration_since(Instant::now())
+                    .min(self.consumer.drain_wait()),
                 Some(t) => t.saturating_duration_since(Instant::now()),
-                None if draining => DRAIN_WAIT,
+                None if draining => self.consumer.drain_wait(),
                 None if in_flight > 0 => ACK_WAIT,
                 None => IDLE_WAIT,
             };

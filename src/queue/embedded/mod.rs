@@ -483,6 +483,15 @@ fn raw_entry(body: Bytes) -> Entry {
 
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
+    /// Everything the listener took is in the file before a drain starts
+    /// (the pipeline stops the source, flushes the listener, and only then
+    /// tells the workers), and a pull reads the file: no wait is needed to
+    /// know it is empty. A `listen` in another process may still add
+    /// events; they stay queued for the next start, as after any stop.
+    fn drain_wait(&self) -> Duration {
+        Duration::ZERO
+    }
+
     async fn pull(
         &mut self,
         max: usize,
