@@ -325,9 +325,7 @@ fn states_of(v: &[u8]) -> Option<States> {
     };
     let mut s = States::default();
     for _ in 0..n {
-        // Skip a key whole: a container key must not leave its children behind.
-        let key = r.skip().ok()?;
-        let Ok(Item::Str(k) | Item::Bin(k)) = Reader::new(key).item() else {
+        let Some(k) = text_key(&mut r)? else {
             // Not a text key: not a state, and not counted against the shape.
             r.skip().ok()?;
             continue;
@@ -339,12 +337,12 @@ fn states_of(v: &[u8]) -> Option<States> {
         };
         let (mut result, mut changes, mut duration) = (None, None, None);
         for _ in 0..m {
-            let key = r.skip().ok()?;
+            let key = text_key(&mut r)?;
             let x = r.skip().ok()?;
-            match Reader::new(key).item() {
-                Ok(Item::Str(b"result") | Item::Bin(b"result")) => result = Some(x),
-                Ok(Item::Str(b"changes") | Item::Bin(b"changes")) => changes = Some(x),
-                Ok(Item::Str(b"duration") | Item::Bin(b"duration")) => duration = Some(x),
+            match key {
+                Some(b"result") => result = Some(x),
+                Some(b"changes") => changes = Some(x),
+                Some(b"duration") => duration = Some(x),
                 _ => {}
             }
         }
@@ -359,6 +357,23 @@ fn states_of(v: &[u8]) -> Option<States> {
         s.duration_ms += duration.map(number).unwrap_or(0.0);
     }
     (s.total > 0).then_some(s)
+}
+
+/// Reads a map key: `Some(Some(text))` for a str or bin key, `Some(None)`
+/// for any other (skipped whole: a container key must not leave its
+/// children behind), `None` if the data ends. Read in place rather than
+/// skipped and read again: a highstate has eight keys per state.
+fn text_key<'a>(r: &mut Reader<'a>) -> Option<Option<&'a [u8]>> {
+    let at = r.clone();
+    match r.item().ok()? {
+        Item::Str(k) | Item::Bin(k) => Some(Some(k)),
+        Item::Map(_) | Item::Array(_) => {
+            *r = at;
+            r.skip().ok()?;
+            Some(None)
+        }
+        _ => Some(None),
+    }
 }
 
 /// `changes` that say something: a non-empty map, list or string.
@@ -743,6 +758,23 @@ mod tests {
             one("state.apply", r, 0, true).states,
             Some(States::default())
         );
+        // Keys that are not text, beside the states and inside one: skipped
+        // whole (a map used as a key leaves no children behind), not states.
+        let state = V::Map(vec![
+            (V::from(7), V::from("x")),
+            (V::Map(vec![(V::from("result"), V::from(true))]), V::Nil),
+            (V::from("result"), V::from(false)),
+            (V::from("changes"), V::Map(vec![(V::from("k"), V::from(1))])),
+        ]);
+        let r = V::Map(vec![
+            (V::Array(vec![V::from("a_|-b_|-c_|-d")]), V::from(1)),
+            (V::from(3), V::Map(vec![])),
+            (V::from("pkg_|-p_|-p_|-installed"), state),
+        ]);
+        let s = one("state.apply", r, 0, true);
+        assert_eq!(s.outcome, Outcome::Failed);
+        let states = s.states.expect("states");
+        assert_eq!((states.total, states.failed, states.changed), (1, 1, 1));
         // Durations as old Salt wrote them, and nonsense.
         assert_eq!(number(&packed(&V::from("12.5 ms"))), 12.5);
         assert_eq!(number(&packed(&V::from("NaN"))), 0.0);
