@@ -606,6 +606,21 @@ async fn execute(
         .rows_affected())
 }
 
+/// A statement whose bind buffer is sized for its rows up front: `bytes`
+/// of values in `params` parameters. sqlx grows the buffer by doubling
+/// otherwise, copying every JSON text already bound at each step (2% of
+/// `run`'s CPU with large returns).
+fn presized(sql: &str, params: usize, bytes: usize) -> QueryBuilder<MySql> {
+    let mut args = sqlx::mysql::MySqlArguments::default();
+    // A length prefix of at most 9 bytes before each value.
+    sqlx::Arguments::reserve(
+        &mut args,
+        params,
+        bytes.saturating_add(params.saturating_mul(9)),
+    );
+    QueryBuilder::with_arguments(sql, args)
+}
+
 /// Below this many rows, one statement of the exact count (cheap to prepare).
 const PIECE_MIN: usize = 32;
 
@@ -652,7 +667,11 @@ impl Sink for MysqlSink {
             j.bytes()
         }) {
             for piece in pieces(run, MAX_PARAMS / 2) {
-                let mut q = QueryBuilder::<MySql>::new("INSERT INTO `jids` (`jid`, `load`) ");
+                let mut q = presized(
+                    "INSERT INTO `jids` (`jid`, `load`) ",
+                    piece.len() * 2,
+                    piece.iter().map(|(_, j)| j.bytes()).sum(),
+                );
                 q.push_values(piece, |mut b, (_, j)| {
                     b.push_bind(j.jid.as_str());
                     self.bind_json(&mut b, &j.load);
@@ -669,8 +688,10 @@ impl Sink for MysqlSink {
             |(_, r)| r.bytes(),
         ) {
             for piece in pieces(run, MAX_PARAMS / 6) {
-                let mut q = QueryBuilder::<MySql>::new(
+                let mut q = presized(
                     "INSERT INTO `salt_returns` (`fun`, `jid`, `return`, `id`, `success`, `full_ret`) ",
+                    piece.len() * 6,
+                    piece.iter().map(|(_, r)| r.bytes()).sum(),
                 );
                 q.push_values(piece, |mut b, (_, r)| {
                     b.push_bind(r.fun.as_str()).push_bind(r.jid.as_str());
