@@ -112,9 +112,12 @@ pub trait Consumer: Send + Sync {
     /// needs no wait (it was a third of a second at the end of every
     /// replay: the last partial batch's timeout, then one empty pull).
     fn drain_wait(&self) -> Duration {
-        Duration::from_millis(100)
+        DRAIN_WAIT
     }
 }
+
+/// A broker consumer's [`Consumer::drain_wait`].
+pub const DRAIN_WAIT: Duration = Duration::from_millis(100);
 
 /// `[queue]`.
 #[derive(Debug, Clone, Deserialize)]

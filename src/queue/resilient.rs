@@ -150,9 +150,9 @@ impl Consumer for Resilient {
     }
 
     fn drain_wait(&self) -> Duration {
-        match &self.inner {
-            Some(c) => c.drain_wait(),
-            None => Duration::from_millis(100),
-        }
+        // Between connections it is a broker's consumer all the same.
+        self.inner
+            .as_ref()
+            .map_or(super::DRAIN_WAIT, |c| c.drain_wait())
     }
 }
