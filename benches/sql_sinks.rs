@@ -94,7 +94,7 @@ async fn measure(name: &str, sink: Arc<dyn Sink>, records: &[Record], batch: usi
     let prepared;
     let records = if std::env::var("BENCH_PREPARED").is_ok_and(|v| v == "1") {
         let mut r = records.to_vec();
-        sink.prepare(&mut r);
+        sink.prepare(&mut r, None);
         prepared = r;
         &prepared[..]
     } else {

@@ -14,6 +14,7 @@
 //! Everything here is iterative or depth-limited: no input can overflow the
 //! stack or make us allocate more than the input's size.
 
+use crate::redact::KeyRedactor;
 use base64::Engine as _;
 
 /// Deepest nesting we transcode; Salt data is a few levels deep, a hostile
@@ -191,6 +192,11 @@ pub enum WalkError {
     TooDeep,
     #[error("its JSON would be larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// Only from a transcode given a [`KeyRedactor`]: the value holds a
+    /// key whose value must be hidden first (the caller redacts the
+    /// msgpack, then transcodes that).
+    #[error("it holds a value to redact")]
+    Secret,
 }
 
 /// A cursor over a complete msgpack buffer.
@@ -338,21 +344,40 @@ pub fn as_str(value: &[u8]) -> Option<&str> {
 /// size plus a constant) and never longer than `limit`: past it the
 /// transcode stops with [`WalkError::TooLarge`] before allocating more.
 pub fn to_json(value: &[u8], limit: usize) -> Result<String, WalkError> {
-    let mut w = JsonWriter::new(value.len(), limit);
+    to_json_checked(value, limit, None)
+}
+
+/// [`to_json`], refusing with [`WalkError::Secret`] a value that holds a
+/// key `redact` hides (unless its value already is `"***"`).
+///
+/// Why inside the transcoder: checking the keys as they are written is
+/// what lets the worker skip a separate walk of every event for
+/// `[sink] redact` (a fifth of its prepare stage on large returns). Almost
+/// no event holds such a key; the few that do are redacted in their
+/// msgpack ([`KeyRedactor::redact_msgpack`]) and transcoded again, so the
+/// stored text and every other reader of the event see the same `***`.
+pub fn to_json_checked(
+    value: &[u8],
+    limit: usize,
+    redact: Option<&KeyRedactor>,
+) -> Result<String, WalkError> {
+    let mut w = JsonWriter::new(value.len(), limit, redact);
     let mut r = Reader::new(value);
     w.value(&mut r, 0)?;
     w.finish()
 }
 
-/// Like [`to_json`] for a map, also returning where the JSON of one
-/// top-level field's value lies in the output, so a caller that needs both
-/// the whole map and that field (`full_ret` and `return`) transcodes once.
+/// Like [`to_json_checked`] for a map, also returning where the JSON of
+/// one top-level field's value lies in the output, so a caller that needs
+/// both the whole map and that field (`full_ret` and `return`) transcodes
+/// once.
 pub fn to_json_with_field(
     value: &[u8],
     field: &str,
     limit: usize,
+    redact: Option<&KeyRedactor>,
 ) -> Result<(String, Option<std::ops::Range<usize>>), WalkError> {
-    let mut w = JsonWriter::new(value.len(), limit);
+    let mut w = JsonWriter::new(value.len(), limit, redact);
     let mut r = Reader::new(value);
     let save = r.clone();
     let Item::Map(n) = r.item()? else {
@@ -374,17 +399,20 @@ pub const MAX_EXPANSION: usize = 16;
 /// a run of text checked to be UTF-8 once (see [`write_json_text`]), so the
 /// transcode never validates the same string twice; [`JsonWriter::finish`]
 /// turns the bytes into the `String` with one fast check over the whole.
-struct JsonWriter {
+struct JsonWriter<'r> {
     out: Vec<u8>,
     limit: usize,
+    /// Keys whose values may not be written ([`to_json_checked`]).
+    redact: Option<&'r KeyRedactor>,
 }
 
-impl JsonWriter {
-    fn new(input: usize, limit: usize) -> JsonWriter {
+impl<'r> JsonWriter<'r> {
+    fn new(input: usize, limit: usize, redact: Option<&'r KeyRedactor>) -> JsonWriter<'r> {
         let guess = input.saturating_add(input / 4).saturating_add(16);
         JsonWriter {
             out: Vec::with_capacity(guess.min(limit)),
             limit,
+            redact: redact.filter(|r| !r.is_empty()),
         }
     }
 
@@ -419,13 +447,22 @@ impl JsonWriter {
             if i > 0 {
                 self.out.extend_from_slice(b", ");
             }
-            let wanted = capture.is_some_and(|f| {
-                range.is_none() && matches!(r.clone().item(), Ok(Item::Str(k)) if k == f.as_bytes())
-            });
-            self.key(r)?;
+            let text = self.key(r)?;
+            let wanted = capture.is_some_and(|f| range.is_none() && text == Some(f.as_bytes()));
             self.out.extend_from_slice(b": ");
             let start = self.out.len();
-            self.value(r, depth)?;
+            if let (Some(redact), Some(k)) = (self.redact, text)
+                && redact.matches(k)
+            {
+                // Already hidden (this is the redacted msgpack, or the
+                // value was `***` to begin with), or to be hidden first.
+                if r.skip()? != crate::redact::MASK_MSGPACK {
+                    return Err(WalkError::Secret);
+                }
+                self.out.extend_from_slice(b"\"***\"");
+            } else {
+                self.value(r, depth)?;
+            }
             if wanted {
                 range = Some(start..self.out.len());
             }
@@ -480,7 +517,10 @@ impl JsonWriter {
     /// string, of a size linear in the key's own bytes whatever it holds
     /// (a key that is itself a map of maps is not rendered as JSON and
     /// quoted again at every level: that doubled the output per level).
-    fn key(&mut self, r: &mut Reader<'_>) -> Result<(), WalkError> {
+    ///
+    /// Returns the key's text when it is a str (or bin) key: the one kind
+    /// `[sink] redact` and the captured field are matched against.
+    fn key<'a>(&mut self, r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, WalkError> {
         let start = r.position();
         let save = r.clone();
         let item = r.item()?;
@@ -490,10 +530,22 @@ impl JsonWriter {
                 if !write_json_text(&mut self.out, s) {
                     self.marked_key("__bytes__:", s);
                 }
+                self.room(0)?;
+                return Ok(Some(s));
             }
             Item::Array(_) | Item::Map(_) => {
                 *r = save;
                 let raw = r.skip()?;
+                // Written as its msgpack's base64: a secret inside it would
+                // be stored as it is, so it is looked into (rare: a key
+                // that is a map or a list).
+                if let Some(redact) = self.redact
+                    && redact
+                        .redact_msgpack(raw)?
+                        .is_some_and(|(hidden, _)| hidden != raw)
+                {
+                    return Err(WalkError::Secret);
+                }
                 self.room(raw.len())?;
                 self.marked_key("__msgpack__:", raw);
             }
@@ -521,7 +573,8 @@ impl JsonWriter {
                 }
             }
         }
-        self.room(0)
+        self.room(0)?;
+        Ok(None)
     }
 
     /// `"<mark><base64 of bytes>"`: a key JSON cannot hold as text.
@@ -828,13 +881,13 @@ mod tests {
             ),
             (V::from("x"), V::from(2)),
         ]);
-        let (json, range) = to_json_with_field(&enc(&v), "return", usize::MAX).expect("json");
+        let (json, range) = to_json_with_field(&enc(&v), "return", usize::MAX, None).expect("json");
         assert_eq!(json, to_json(&enc(&v), usize::MAX).expect("json"));
         assert_eq!(&json[range.expect("found")], r#"{"a": [1, null]}"#);
-        let (_, none) = to_json_with_field(&enc(&v), "nope", usize::MAX).expect("json");
+        let (_, none) = to_json_with_field(&enc(&v), "nope", usize::MAX, None).expect("json");
         assert!(none.is_none());
         let (json, none) =
-            to_json_with_field(&enc(&V::from(5)), "return", usize::MAX).expect("json");
+            to_json_with_field(&enc(&V::from(5)), "return", usize::MAX, None).expect("json");
         assert_eq!((json.as_str(), none), ("5", None));
     }
 
@@ -941,7 +994,7 @@ mod tests {
         let b = enc(&v);
         assert_eq!(to_json(&b, 1000), Err(WalkError::TooLarge { limit: 1000 }));
         assert_eq!(
-            to_json_with_field(&b, "return", 1000).map(|_| ()),
+            to_json_with_field(&b, "return", 1000, None).map(|_| ()),
             Err(WalkError::TooLarge { limit: 1000 })
         );
         let json = to_json(&b, 10_100).expect("fits");

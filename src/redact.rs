@@ -193,7 +193,7 @@ pub const DEFAULT_KEYS: &[&str] = &[
 ];
 
 /// msgpack of the string `***`, written in place of a redacted value.
-const MASK_MSGPACK: &[u8] = &[0xa3, b'*', b'*', b'*'];
+pub const MASK_MSGPACK: &[u8] = &[0xa3, b'*', b'*', b'*'];
 
 /// Replaces the values of chosen map keys, at any depth, by `"***"`.
 ///
@@ -336,19 +336,23 @@ impl KeyRedactor {
     /// it has none), and how many values were hidden. An event whose data
     /// cannot be walked is returned as it is: the sink reports it.
     pub fn event(&self, e: crate::event::Event) -> (crate::event::Event, u64) {
-        let data = e.data();
-        let Ok(Some((new_data, n))) = self.redact_msgpack(data) else {
-            return (e, 0);
-        };
+        match self.redacted(&e) {
+            Some((redacted, n)) => (redacted, n),
+            None => (e, 0),
+        }
+    }
+
+    /// The event with its secrets hidden and how many were, or None when
+    /// it has none (or its data cannot be walked: the sink reports it).
+    pub fn redacted(&self, e: &crate::event::Event) -> Option<(crate::event::Event, u64)> {
+        let (new_data, n) = self.redact_msgpack(e.data()).ok()??;
         let tag = e.tag();
         let mut body = Vec::with_capacity(tag.len() + 2 + new_data.len());
         body.extend_from_slice(tag.as_bytes());
         body.extend_from_slice(b"\n\n");
         body.extend_from_slice(&new_data);
-        match crate::event::Event::from_body(bytes::Bytes::from(body)) {
-            Ok(redacted) => (redacted, n),
-            Err(_) => (e, 0),
-        }
+        let redacted = crate::event::Event::from_body(bytes::Bytes::from(body)).ok()?;
+        Some((redacted, n))
     }
 }
 
@@ -649,7 +653,65 @@ mod tests {
         "[a-z][a-z0-9.-]{0,12}"
     }
 
+    /// Msgpack values whose keys are often ones `[sink] redact` hides,
+    /// whose values are sometimes `***` already, and whose keys are
+    /// sometimes maps (which the redactor looks into).
+    fn value() -> impl Strategy<Value = rmpv::Value> {
+        use rmpv::Value as V;
+        let leaf = prop_oneof![
+            Just(V::from("***")),
+            Just(V::from("kept")),
+            Just(V::Nil),
+            any::<i64>().prop_map(V::from),
+            any::<bool>().prop_map(V::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            let key = prop_oneof![
+                prop::sample::select(vec![
+                    "password", "DB-Token", "name", "return", "***", "pass"
+                ])
+                .prop_map(V::from),
+                any::<u8>().prop_map(V::from),
+                prop::collection::vec((Just(V::from("token")), inner.clone()), 1..2)
+                    .prop_map(V::Map),
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(V::Array),
+                prop::collection::vec((key, inner), 0..4).prop_map(V::Map),
+            ]
+        })
+    }
+
     proptest! {
+        /// The check the transcoder makes as it writes (what lets the
+        /// worker skip its own walk for secrets) agrees with the redactor:
+        /// a value it transcodes has nothing left to hide, and one it
+        /// refuses transcodes once the redactor has been over it.
+        #[test]
+        fn the_transcoders_check_agrees_with_the_redactor(v in value()) {
+            let r = KeyRedactor::new(DEFAULT_KEYS);
+            let data = mp(&v);
+            let checked = msgpack::to_json_checked(&data, usize::MAX, Some(&r));
+            match (checked, r.redact_msgpack(&data).expect("walk")) {
+                (Ok(json), None) => {
+                    prop_assert_eq!(json, msgpack::to_json(&data, usize::MAX).expect("json"));
+                }
+                // Every value it would hide already was `***`.
+                (Ok(json), Some((redacted, _))) => {
+                    prop_assert_eq!(&redacted, &data);
+                    prop_assert_eq!(json, msgpack::to_json(&data, usize::MAX).expect("json"));
+                }
+                (Err(WalkError::Secret), Some((redacted, _))) => {
+                    prop_assert_ne!(&redacted, &data);
+                    prop_assert_eq!(
+                        msgpack::to_json_checked(&redacted, usize::MAX, Some(&r)),
+                        msgpack::to_json(&redacted, usize::MAX)
+                    );
+                }
+                (other, hidden) => prop_assert!(false, "{other:?} but the redactor gave {hidden:?}"),
+            }
+        }
+
         #[test]
         fn key_matching_keeps_its_definition_for_any_key(
             key in "(([a-zA-Z_-]{0,6})(PassWord|passwd|token|api_key|_|-|ey|rd|n)?){0,3}",

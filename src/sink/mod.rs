@@ -91,8 +91,14 @@ pub trait Sink: Send + Sync {
     /// written, so the conversion no longer adds to the database's one
     /// writer. Records it cannot convert are left as they are; `write`
     /// reports them.
-    fn prepare(&self, batch: &mut [Record]) {
-        let _ = batch;
+    ///
+    /// With `redact` ([`SinkConfig::redact`]), a record whose data holds a
+    /// key to hide is left unconverted too: the worker then redacts its
+    /// msgpack and prepares it again. So a record converted here is one
+    /// the worker need not walk for secrets (see
+    /// [`rows::rows_checked`]).
+    fn prepare(&self, batch: &mut [Record], redact: Option<&crate::redact::KeyRedactor>) {
+        let _ = (batch, redact);
     }
     /// Stores the batch in one transaction: all of it, or nothing.
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError>;
@@ -551,10 +557,10 @@ impl Deferred {
 
 #[async_trait]
 impl Sink for Deferred {
-    fn prepare(&self, batch: &mut [Record]) {
+    fn prepare(&self, batch: &mut [Record], redact: Option<&crate::redact::KeyRedactor>) {
         // Before the first connection `write` converts the rows itself.
         if let Some(s) = self.inner.get() {
-            s.prepare(batch)
+            s.prepare(batch, redact)
         }
     }
 

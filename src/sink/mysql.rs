@@ -28,7 +28,7 @@
 
 use super::rows::{self, BoolStyle, ByTable, RowFormat};
 use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
-use crate::redact::SecretUrl;
+use crate::redact::{KeyRedactor, SecretUrl};
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::query_builder::Separated;
@@ -643,8 +643,8 @@ impl Sink for MysqlSink {
         Some(self.row_max)
     }
 
-    fn prepare(&self, batch: &mut [Record]) {
-        rows::prepare(batch, self.format)
+    fn prepare(&self, batch: &mut [Record], redact: Option<&KeyRedactor>) {
+        rows::prepare(batch, self.format, redact)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

@@ -30,7 +30,7 @@
 
 use super::rows::{self, ByTable, RowFormat};
 use super::{Closed, NoReturn, Record, Sink, SinkConfig, SinkError, WriteReport};
-use crate::redact::SecretUrl;
+use crate::redact::{KeyRedactor, SecretUrl};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor};
@@ -375,8 +375,8 @@ impl Sink for PgSink {
         Some(JSONB_MAX)
     }
 
-    fn prepare(&self, batch: &mut [Record]) {
-        rows::prepare(batch, self.format)
+    fn prepare(&self, batch: &mut [Record], redact: Option<&KeyRedactor>) {
+        rows::prepare(batch, self.format, redact)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

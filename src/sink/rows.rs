@@ -40,6 +40,7 @@
 use super::{Record, SinkError};
 use crate::event::Kind;
 use crate::msgpack;
+use crate::redact::KeyRedactor;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -340,21 +341,58 @@ pub fn convert(batch: &[Record], fmt: RowFormat) -> Result<Vec<Arc<RowSet>>, Sin
 /// style: converts each record not converted yet. A record that does not
 /// convert is left alone; its `write` converts it again and reports the
 /// error against it.
-pub fn prepare(batch: &mut [Record], fmt: RowFormat) {
+///
+/// With `redact`, a record is only converted when its data holds no value
+/// `redact` hides (see [`rows_checked`]); the others are left for the
+/// caller to redact first.
+pub fn prepare(batch: &mut [Record], fmt: RowFormat, redact: Option<&KeyRedactor>) {
     for r in batch.iter_mut().filter(|r| r.rows.is_none()) {
-        r.rows = rows_of(r, fmt).ok().map(Arc::new);
+        r.rows = rows_checked(r, fmt, redact).ok().map(Arc::new);
     }
 }
 
 /// Converts one record.
 pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
+    rows_checked(record, fmt, None)
+}
+
+/// Converts one record, or with `redact` refuses ([`WalkError::Secret`])
+/// one whose data holds a value `redact` hides: then `Ok` also says the
+/// event needs no redaction, which the worker's prepare stage relies on
+/// instead of walking every event a second time.
+///
+/// [`WalkError::Secret`]: msgpack::WalkError::Secret
+pub fn rows_checked(
+    record: &Record,
+    fmt: RowFormat,
+    redact: Option<&KeyRedactor>,
+) -> Result<RowSet, RowError> {
+    let rows = rows_in(record, fmt, redact)?;
+    // The one kind of rows built without transcoding the whole data.
+    if let (RowSet::Targets { .. }, Some(r)) = (&rows, redact)
+        && let Ok(Some((hidden, _))) = r.redact_msgpack(record.event.data())
+        && hidden != record.event.data()
+    {
+        return Err(RowError {
+            tag: record.event.tag().to_owned(),
+            error: msgpack::WalkError::Secret,
+        });
+    }
+    Ok(rows)
+}
+
+fn rows_in(
+    record: &Record,
+    fmt: RowFormat,
+    redact: Option<&KeyRedactor>,
+) -> Result<RowSet, RowError> {
     let style = fmt.style;
     let e = &record.event;
     let err = |error| RowError {
         tag: e.tag().to_owned(),
         error,
     };
-    let data_json = || msgpack::to_json(e.data(), fmt.max_json).map_err(err);
+    let data_json = || msgpack::to_json_checked(e.data(), fmt.max_json, redact).map_err(err);
     match (e.kind, &e.fields.jid, &e.fields.minion) {
         (Kind::JobNew, Some(jid), _) => Ok(RowSet::Job(JidRow {
             jid: jid.clone(),
@@ -363,7 +401,8 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
         })),
         (Kind::JobReturn, Some(jid), Some(id)) => {
             let (full_ret, range) =
-                msgpack::to_json_with_field(e.data(), "return", fmt.max_json).map_err(err)?;
+                msgpack::to_json_with_field(e.data(), "return", fmt.max_json, redact)
+                    .map_err(err)?;
             let ok = e.fields.success.unwrap_or(false);
             let success = success_text(style, ok);
             let job = e.is_salt_call_return().then(|| JidRow {
@@ -385,7 +424,9 @@ pub fn rows_of(record: &Record, fmt: RowFormat) -> Result<RowSet, RowError> {
                 job,
             ))
         }
-        (Kind::RunnerReturn | Kind::WheelReturn, Some(jid), _) => runner_rows(record, jid, fmt),
+        (Kind::RunnerReturn | Kind::WheelReturn, Some(jid), _) => {
+            runner_rows(record, jid, fmt, redact)
+        }
         // `syndic/<id>/<jid>`: its jid is the tag's last part.
         _ if e.is_syndic_announcement() => Ok(RowSet::Targets {
             jid: e.tag().rsplit('/').next().unwrap_or_default().to_owned(),
@@ -419,13 +460,18 @@ fn success_text(style: BoolStyle, ok: bool) -> &'static str {
 /// `jobs.lookup_jid` and readers joining the two tables find it; its
 /// outcome is the event's (`success` is false when an orchestration step
 /// failed).
-fn runner_rows(record: &Record, jid: &str, fmt: RowFormat) -> Result<RowSet, RowError> {
+fn runner_rows(
+    record: &Record,
+    jid: &str,
+    fmt: RowFormat,
+    redact: Option<&KeyRedactor>,
+) -> Result<RowSet, RowError> {
     let e = &record.event;
     let err = |error| RowError {
         tag: e.tag().to_owned(),
         error,
     };
-    let data = msgpack::to_json(e.data(), fmt.max_json).map_err(err)?;
+    let data = msgpack::to_json_checked(e.data(), fmt.max_json, redact).map_err(err)?;
     let id = serde_json::to_string(fmt.runner_id).unwrap_or_else(|_| "\"master\"".into());
     let jid_json = serde_json::to_string(jid).unwrap_or_else(|_| "\"\"".into());
     let mut full_ret = format!("{{\"id\": {id}, \"tgt\": {id}, \"jid\": {jid_json}, \"return\": ");
@@ -849,6 +895,59 @@ mod tests {
     }
 
     #[test]
+    fn with_redact_only_records_without_secrets_are_converted() {
+        let redact = KeyRedactor::new(crate::redact::DEFAULT_KEYS);
+        let fmt = RowFormat::unlimited(BoolStyle::Digit);
+        let ret = |id: &str, ret: V| {
+            record(
+                &format!("salt/job/20261204120000000001/ret/{id}"),
+                vec![
+                    ("id", V::from(id)),
+                    ("jid", V::from("20261204120000000001")),
+                    ("fun", V::from("test.echo")),
+                    ("return", ret),
+                ],
+            )
+        };
+        let secret = V::Map(vec![(V::from("db_password"), V::from("hunter2"))]);
+        let mut batch = vec![
+            ret("clean", V::from("ok")),
+            ret("secret", secret.clone()),
+            // A value already hidden is not a secret.
+            ret("hidden", V::Map(vec![(V::from("token"), V::from("***"))])),
+            // The one kind of rows not transcoded from the whole data.
+            record(
+                "syndic/syndic-1/20261204120000000001",
+                vec![
+                    ("minions", V::Array(vec![V::from("m1")])),
+                    ("token", V::from("t0k")),
+                ],
+            ),
+            record(
+                "syndic/syndic-1/20261204120000000002",
+                vec![("minions", V::Array(vec![V::from("m1")]))],
+            ),
+        ];
+        prepare(&mut batch, fmt, Some(&redact));
+        let converted: Vec<bool> = batch.iter().map(|r| r.rows.is_some()).collect();
+        assert_eq!(converted, [true, false, true, false, true]);
+        let Some(RowSet::Return(row, _)) = batch[2].rows.as_deref() else {
+            panic!("{:?}", batch[2].rows)
+        };
+        assert_eq!(row.ret(), r#"{"token": "***"}"#);
+        // Without the redactor (a write converting what prepare left) the
+        // same record converts: the check is prepare's alone.
+        assert!(rows_of(&batch[1], fmt).is_ok());
+        assert!(matches!(
+            rows_checked(&batch[1], fmt, Some(&redact)),
+            Err(RowError {
+                error: msgpack::WalkError::Secret,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn a_3006_syndics_forwarded_announcement_is_targets_only() {
         let r = record(
             "syndic/syndic-1/20261203132535670172",
@@ -1036,7 +1135,7 @@ mod tests {
         let bad = record("my/deep", vec![("x", deep)]);
         let plain = vec![good.clone(), bad.clone()];
         let mut ready = plain.clone();
-        prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word));
+        prepare(&mut ready, RowFormat::unlimited(BoolStyle::Word), None);
         assert!(ready[0].rows.is_some(), "a good record is converted ahead");
         assert!(ready[1].rows.is_none(), "a bad one is left for the write");
         let ahead = convert(&ready[..1], RowFormat::unlimited(BoolStyle::Word)).expect("rows");

@@ -16,6 +16,7 @@
 use super::rows::{self, BoolStyle, EventRow, ReturnRow, RowFormat, RowSet, Targets};
 use super::{Closed, NoReturn, Record, Sink, SinkError, WriteReport};
 use crate::queue::SyncMode;
+use crate::redact::KeyRedactor;
 use crate::wal::Checkpointer;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, params};
@@ -446,8 +447,8 @@ fn close_blocking(c: &mut Connection, before: &str, limit: usize) -> rusqlite::R
 
 #[async_trait]
 impl Sink for SqliteSink {
-    fn prepare(&self, batch: &mut [Record]) {
-        rows::prepare(batch, self.format)
+    fn prepare(&self, batch: &mut [Record], redact: Option<&KeyRedactor>) {
+        rows::prepare(batch, self.format, redact)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<WriteReport, SinkError> {

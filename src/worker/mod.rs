@@ -13,11 +13,12 @@
 //!   never leaves events waiting, unlike Salt's
 //!   `event_return_queue_max_seconds`).
 //! - [`prepare::Prepare`] decodes a batch (dead-lettering what does not
-//!   decode), hides `[sink] redact`'s keys, offers it to the actions (a
-//!   non-blocking hand-off: a slow action never holds back the write) and
-//!   has the sink convert it into rows, on the blocking pool: it is pure
-//!   CPU, and on a runtime thread it would hold up the tasks that drive the
-//!   database's sockets.
+//!   decode), has the sink convert it into rows and hides `[sink]
+//!   redact`'s keys (checked as the rows are transcoded, so an event
+//!   without them is walked once), on the blocking pool: it is pure CPU,
+//!   and on a runtime thread it would hold up the tasks that drive the
+//!   database's sockets. Then it offers the batch to the actions (a
+//!   non-blocking hand-off: a slow action never holds back the write).
 //! - [`write::Write`] writes each prepared batch in its own task, up to
 //!   `Sink::writers` at once (a database server runs one statement on one
 //!   core; a second batch keeps a second core busy), retrying retriable
@@ -158,7 +159,7 @@ pub struct Worker {
     stats: Arc<Stats>,
     /// Offered each batch before its insert, never waited for.
     actions: Option<Actions>,
-    /// `[sink] redact`: applied as each event is decoded.
+    /// `[sink] redact`: applied before the actions and the write see a batch.
     redact: Option<Arc<crate::redact::KeyRedactor>>,
     /// The queue's name, for its depth figure.
     queue: Option<String>,

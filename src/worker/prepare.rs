@@ -1,8 +1,8 @@
 //! The prepare stage: the CPU half of a batch, done while the write stage
 //! writes the batch before it.
 //!
-//! Decoding, `[sink] redact` and the conversion into rows (mostly the
-//! msgpack to JSON transcode) run on the blocking pool: they are pure CPU,
+//! Decoding, the conversion into rows (mostly the msgpack to JSON
+//! transcode) and `[sink] redact` run on the blocking pool: they are pure CPU,
 //! tens of milliseconds for a full batch, and on a runtime thread they would
 //! hold up the tasks that drive the database's sockets and the acks.
 
@@ -121,30 +121,36 @@ fn held_bytes(records: &[Record]) -> usize {
         .sum()
 }
 
-/// The blocking half: decode, redact, convert to rows.
+/// The blocking half: decode, convert to rows, redact.
+///
+/// Why rows before redaction: the sink's conversion checks every key
+/// against `[sink] redact` as it transcodes ([`crate::sink::Sink::prepare`]),
+/// so a record it converted holds nothing to hide and is not walked a
+/// second time. Only the records it left (a key to hide, too large, or a
+/// sink not connected yet) are walked here, redacted when they need it,
+/// and converted again.
 fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) -> Decoded {
     let mut records = Vec::with_capacity(batch.len());
     let mut undecodable = Vec::new();
-    let mut hidden = 0;
     for d in batch {
         match Event::from_body(d.body.clone()) {
-            Ok(event) => {
-                let event = match redact {
-                    Some(r) => {
-                        let (event, n) = r.event(event);
-                        hidden += n;
-                        event
-                    }
-                    None => event,
-                };
-                records.push(Record::new(event, d.received_ms));
-            }
+            Ok(event) => records.push(Record::new(event, d.received_ms)),
             Err(e) => undecodable.push((d, e.to_string())),
         }
     }
-    if hidden > 0 {
-        store.stats.redacted.fetch_add(hidden, Relaxed);
+    store.sink.prepare(&mut records, redact);
+    if let Some(r) = redact {
+        let mut hidden = 0;
+        for record in records.iter_mut().filter(|record| record.rows.is_none()) {
+            if let Some((event, n)) = r.redacted(&record.event) {
+                record.event = event;
+                hidden += n;
+                store.sink.prepare(std::slice::from_mut(record), redact);
+            }
+        }
+        if hidden > 0 {
+            store.stats.redacted.fetch_add(hidden, Relaxed);
+        }
     }
-    store.sink.prepare(&mut records);
     (records, undecodable)
 }
