@@ -134,6 +134,7 @@ fn bench(c: &mut Criterion) {
                 "return",
                 usize::MAX,
                 None,
+                None,
             ))
         })
     });

@@ -808,7 +808,7 @@ mod tests {
                 let _ = crate::sink::rows::rows_of(&r, crate::sink::rows::RowFormat::unlimited(crate::sink::rows::BoolStyle::Digit));
             }
             let _ = crate::msgpack::to_json(&data, usize::MAX);
-            let _ = crate::msgpack::to_json_with_field(&data, "return", usize::MAX, None);
+            let _ = crate::msgpack::to_json_with_field(&data, "return", usize::MAX, None, None);
         }
     }
 }

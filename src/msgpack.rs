@@ -14,6 +14,7 @@
 //! Everything here is iterative or depth-limited: no input can overflow the
 //! stack or make us allocate more than the input's size.
 
+use crate::outcome::StatesTally;
 use crate::redact::KeyRedactor;
 use base64::Engine as _;
 
@@ -215,6 +216,11 @@ impl<'a> Reader<'a> {
         self.pos
     }
 
+    /// The bytes read since `start`, an earlier [`Reader::position`].
+    pub fn since(&self, start: usize) -> &'a [u8] {
+        self.buf.get(start..self.pos).unwrap_or_default()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
@@ -376,6 +382,7 @@ pub fn to_json_with_field(
     field: &str,
     limit: usize,
     redact: Option<&KeyRedactor>,
+    mut tally: Option<&mut StatesTally>,
 ) -> Result<(String, Option<std::ops::Range<usize>>), WalkError> {
     let mut w = JsonWriter::new(value.len(), limit, redact);
     let mut r = Reader::new(value);
@@ -385,7 +392,30 @@ pub fn to_json_with_field(
         w.value(&mut r, 0)?;
         return Ok((w.finish()?, None));
     };
-    let range = w.map(&mut r, n, 1, Some(field))?;
+    let mut range = None;
+    w.out.push(b'{');
+    for i in 0..n {
+        if i > 0 {
+            w.out.extend_from_slice(b", ");
+        }
+        let text = w.key(&mut r)?;
+        w.out.extend_from_slice(b": ");
+        let start = w.out.len();
+        if range.is_none() && text == Some(field.as_bytes()) {
+            let at = r.position();
+            match tally.take() {
+                Some(t) if !w.hides(text) => {
+                    w.states(&mut r, 1, t)?;
+                    t.span = Some(at..r.position());
+                }
+                _ => w.entry(&mut r, text, 1)?,
+            }
+            range = Some(start..w.out.len());
+        } else {
+            w.entry(&mut r, text, 1)?;
+        }
+    }
+    w.out.push(b'}');
     Ok((w.finish()?, range))
 }
 
@@ -432,43 +462,107 @@ impl<'r> JsonWriter<'r> {
         Ok(())
     }
 
-    /// Writes the `n` entries of a map whose header `r` has just read; returns
-    /// where the value of the first entry keyed `capture` lies in the output.
-    fn map(
-        &mut self,
-        r: &mut Reader<'_>,
-        n: u32,
-        depth: usize,
-        capture: Option<&str>,
-    ) -> Result<Option<std::ops::Range<usize>>, WalkError> {
-        let mut range = None;
+    /// Writes the `n` entries of a map whose header `r` has just read.
+    fn map(&mut self, r: &mut Reader<'_>, n: u32, depth: usize) -> Result<(), WalkError> {
         self.out.push(b'{');
         for i in 0..n {
             if i > 0 {
                 self.out.extend_from_slice(b", ");
             }
             let text = self.key(r)?;
-            let wanted = capture.is_some_and(|f| range.is_none() && text == Some(f.as_bytes()));
             self.out.extend_from_slice(b": ");
-            let start = self.out.len();
-            if let (Some(redact), Some(k)) = (self.redact, text)
-                && redact.matches(k)
-            {
-                // Already hidden (this is the redacted msgpack, or the
-                // value was `***` to begin with), or to be hidden first.
-                if r.skip()? != crate::redact::MASK_MSGPACK {
-                    return Err(WalkError::Secret);
-                }
-                self.out.extend_from_slice(b"\"***\"");
-            } else {
-                self.value(r, depth)?;
-            }
-            if wanted {
-                range = Some(start..self.out.len());
-            }
+            self.entry(r, text, depth)?;
         }
         self.out.push(b'}');
-        Ok(range)
+        Ok(())
+    }
+
+    /// Whether the value under this key may not be written.
+    #[inline]
+    fn hides(&self, key: Option<&[u8]>) -> bool {
+        matches!((self.redact, key), (Some(r), Some(k)) if r.matches(k))
+    }
+
+    /// Appends the JSON of a map entry's value, whose key's text is `key`.
+    fn entry(
+        &mut self,
+        r: &mut Reader<'_>,
+        key: Option<&[u8]>,
+        depth: usize,
+    ) -> Result<(), WalkError> {
+        if !self.hides(key) {
+            return self.value(r, depth);
+        }
+        // Already hidden (this is the redacted msgpack, or the value was
+        // `***` to begin with), or to be hidden first.
+        if r.skip()? != crate::redact::MASK_MSGPACK {
+            return Err(WalkError::Secret);
+        }
+        self.out.extend_from_slice(b"\"***\"");
+        Ok(())
+    }
+
+    /// [`JsonWriter::value`] for a return's `return`, also counting its
+    /// states into `t` as their fields are written (a highstate's states
+    /// are most of a large return: walking them again for the outcome was
+    /// a fifth of the worker's prepare stage).
+    fn states(
+        &mut self,
+        r: &mut Reader<'_>,
+        depth: usize,
+        t: &mut StatesTally,
+    ) -> Result<(), WalkError> {
+        let mut peek = r.clone();
+        let Item::Map(n) = peek.item()? else {
+            t.not_a_state();
+            return self.value(r, depth);
+        };
+        // What `value` checks before a map.
+        if depth > MAX_DEPTH {
+            return Err(WalkError::TooDeep);
+        }
+        self.room((peek.position() - r.position()).saturating_sub(9))?;
+        *r = peek;
+        self.out.push(b'{');
+        for i in 0..n {
+            if i > 0 {
+                self.out.extend_from_slice(b", ");
+            }
+            let text = self.key(r)?;
+            self.out.extend_from_slice(b": ");
+            let state = t.state(text);
+            if state && !self.hides(text) {
+                let mut peek = r.clone();
+                if let Item::Map(m) = peek.item()? {
+                    if depth + 1 > MAX_DEPTH {
+                        return Err(WalkError::TooDeep);
+                    }
+                    self.room((peek.position() - r.position()).saturating_sub(9))?;
+                    *r = peek;
+                    self.out.push(b'{');
+                    for j in 0..m {
+                        if j > 0 {
+                            self.out.extend_from_slice(b", ");
+                        }
+                        let key = self.key(r)?;
+                        self.out.extend_from_slice(b": ");
+                        let start = r.position();
+                        self.entry(r, key, depth + 2)?;
+                        t.field(key, r.since(start));
+                    }
+                    self.out.push(b'}');
+                    self.room(0)?;
+                    t.end_state();
+                    continue;
+                }
+            }
+            if state {
+                t.not_a_state();
+            }
+            self.entry(r, text, depth + 1)?;
+        }
+        self.out.push(b'}');
+        self.room(0)
     }
 
     /// Appends the JSON of the next value in `r`.
@@ -506,9 +600,7 @@ impl<'r> JsonWriter<'r> {
                 }
                 self.out.push(b']');
             }
-            Item::Map(n) => {
-                self.map(r, n, depth + 1, None)?;
-            }
+            Item::Map(n) => self.map(r, n, depth + 1)?,
         }
         self.room(0)
     }
@@ -881,13 +973,14 @@ mod tests {
             ),
             (V::from("x"), V::from(2)),
         ]);
-        let (json, range) = to_json_with_field(&enc(&v), "return", usize::MAX, None).expect("json");
+        let (json, range) =
+            to_json_with_field(&enc(&v), "return", usize::MAX, None, None).expect("json");
         assert_eq!(json, to_json(&enc(&v), usize::MAX).expect("json"));
         assert_eq!(&json[range.expect("found")], r#"{"a": [1, null]}"#);
-        let (_, none) = to_json_with_field(&enc(&v), "nope", usize::MAX, None).expect("json");
+        let (_, none) = to_json_with_field(&enc(&v), "nope", usize::MAX, None, None).expect("json");
         assert!(none.is_none());
         let (json, none) =
-            to_json_with_field(&enc(&V::from(5)), "return", usize::MAX, None).expect("json");
+            to_json_with_field(&enc(&V::from(5)), "return", usize::MAX, None, None).expect("json");
         assert_eq!((json.as_str(), none), ("5", None));
     }
 
@@ -994,7 +1087,7 @@ mod tests {
         let b = enc(&v);
         assert_eq!(to_json(&b, 1000), Err(WalkError::TooLarge { limit: 1000 }));
         assert_eq!(
-            to_json_with_field(&b, "return", 1000, None).map(|_| ()),
+            to_json_with_field(&b, "return", 1000, None, None).map(|_| ()),
             Err(WalkError::TooLarge { limit: 1000 })
         );
         let json = to_json(&b, 10_100).expect("fits");

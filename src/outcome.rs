@@ -195,12 +195,32 @@ pub fn of_return(data: &[u8]) -> Summary {
 /// [`of_return`] of a decoded event, from the fields its decoding already
 /// found (no second walk over a large `return`).
 pub fn of_event_return(e: &Event) -> Summary {
-    of_parts(
+    of_event_return_tallied(e, None)
+}
+
+/// [`of_event_return`], given the states the JSON transcoder counted as it
+/// wrote the event's `return` ([`crate::msgpack::to_json_with_field`]), so
+/// the states of a large highstate are not walked a second time. A tally
+/// of another value than this event's `return` is not used.
+pub fn of_event_return_tallied(e: &Event, tally: Option<&StatesTally>) -> Summary {
+    let ret = e.field_raw("return");
+    let known = match (tally, ret) {
+        (Some(t), Some(v)) if t.span == Some(span_in(e.data(), v)) => Some(t.finish()),
+        _ => None,
+    };
+    of_parts_known(
         e.field_raw("fun"),
-        e.field_raw("return"),
+        ret,
         e.field_raw("retcode"),
         e.field_raw("success"),
+        known,
     )
+}
+
+/// Where `part`, a slice of `whole`, lies in it.
+fn span_in(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    start..start.wrapping_add(part.len())
 }
 
 /// The judgement, from a return's `fun`, `return`, `retcode` and `success`.
@@ -210,11 +230,22 @@ fn of_parts(
     retcode: Option<&[u8]>,
     success: Option<&[u8]>,
 ) -> Summary {
+    of_parts_known(fun, ret, retcode, success, None)
+}
+
+/// [`of_parts`], with `known` as [`states_of`] `return` when it is known.
+fn of_parts_known(
+    fun: Option<&[u8]>,
+    ret: Option<&[u8]>,
+    retcode: Option<&[u8]>,
+    success: Option<&[u8]>,
+    known: Option<Option<States>>,
+) -> Summary {
     let mut failed = success.is_some_and(any_false) || retcode.is_some_and(any_nonzero);
     let mut states: Option<States> = None;
     let mut changed = false;
-    let mut judge = |name: &str, value: Option<&[u8]>| {
-        let j = judge_value(name, value);
+    let mut judge = |name: &str, value: Option<&[u8]>, known: Option<Option<States>>| {
+        let j = judge_value(name, value, known);
         failed |= j.failed;
         if let Some(s) = j.states {
             changed |= s.changed > 0;
@@ -226,13 +257,13 @@ fn of_parts(
             // Multi-function: `return` is keyed by function name.
             let r = ret.unwrap_or(&[]);
             let _ = msgpack::for_each_entry(r, |k, v| {
-                judge(std::str::from_utf8(k).unwrap_or_default(), Some(v))
+                judge(std::str::from_utf8(k).unwrap_or_default(), Some(v), None)
             });
         }
         Some(Ok(Item::Str(f) | Item::Bin(f))) => {
-            judge(std::str::from_utf8(f).unwrap_or_default(), ret);
+            judge(std::str::from_utf8(f).unwrap_or_default(), ret, known);
         }
-        _ => judge("", ret),
+        _ => judge("", ret, known),
     }
     let outcome = if failed {
         Outcome::Failed
@@ -249,8 +280,8 @@ struct Judged {
     states: Option<States>,
 }
 
-/// One function's return.
-fn judge_value(fun: &str, value: Option<&[u8]>) -> Judged {
+/// One function's return; `known`, when given, is [`states_of`] it.
+fn judge_value(fun: &str, value: Option<&[u8]>, known: Option<Option<States>>) -> Judged {
     let state_run = is_state_run(fun);
     let Some(v) = value else {
         return Judged {
@@ -260,7 +291,7 @@ fn judge_value(fun: &str, value: Option<&[u8]>) -> Judged {
     };
     match Reader::new(v).item() {
         Ok(Item::Map(_)) => {
-            if let Some(s) = states_of(v) {
+            if let Some(s) = known.unwrap_or_else(|| states_of(v)) {
                 return Judged {
                     failed: s.failed > 0,
                     states: Some(s),
@@ -323,40 +354,103 @@ fn states_of(v: &[u8]) -> Option<States> {
     let Item::Map(n) = r.item().ok()? else {
         return None;
     };
-    let mut s = States::default();
+    let mut t = StatesTally::default();
     for _ in 0..n {
-        let Some(k) = text_key(&mut r)? else {
+        let key = text_key(&mut r)?;
+        if !t.state(key) {
             // Not a text key: not a state, and not counted against the shape.
             r.skip().ok()?;
+            if t.broken {
+                return None;
+            }
             continue;
-        };
-        // `<module>_|-<id>_|-<name>_|-<function>`, or not a state run.
-        memchr::memmem::find(k, b"_|-")?;
+        }
         let Item::Map(m) = r.item().ok()? else {
             return None;
         };
-        let (mut result, mut changes, mut duration) = (None, None, None);
         for _ in 0..m {
             let key = text_key(&mut r)?;
-            let x = r.skip().ok()?;
-            match key {
-                Some(b"result") => result = Some(x),
-                Some(b"changes") => changes = Some(x),
-                Some(b"duration") => duration = Some(x),
-                _ => {}
-            }
+            t.field(key, r.skip().ok()?);
         }
-        let result = result?;
-        s.total += 1;
-        if matches!(Reader::new(result).item(), Ok(Item::Bool(false))) {
-            s.failed += 1;
-        }
-        if changes.is_some_and(non_empty) {
-            s.changed += 1;
-        }
-        s.duration_ms += duration.map(number).unwrap_or(0.0);
+        t.end_state();
     }
-    (s.total > 0).then_some(s)
+    t.finish()
+}
+
+/// The states of a map of state results, counted as something walks it:
+/// [`states_of`] here, or the JSON transcoder as it writes a return's
+/// `return` (so a large highstate is walked once for its JSON and its
+/// outcome). The walker reports each top-level entry's key
+/// ([`StatesTally::state`]), and for a state each of its fields with its
+/// raw msgpack ([`StatesTally::field`]), then [`StatesTally::end_state`];
+/// one definition of what counts, whoever walks.
+#[derive(Debug, Clone, Default)]
+pub struct StatesTally {
+    states: States,
+    /// Not a map of state results: a key without `_|-`, a state that is
+    /// not a map or has no `result`.
+    broken: bool,
+    /// The current state's `result` is false (None: no `result` yet).
+    failed: Option<bool>,
+    changed: bool,
+    duration_ms: f64,
+    /// Where in its input the tallied value lies, set by the walker that
+    /// is not [`states_of`] ([`of_event_return_tallied`] checks it is the
+    /// event's `return`).
+    pub span: Option<std::ops::Range<usize>>,
+}
+
+impl StatesTally {
+    /// A top-level entry with this key (None: not text): true if its value
+    /// is to be read as a state, field by field, then ended.
+    pub fn state(&mut self, key: Option<&[u8]>) -> bool {
+        let Some(k) = key else {
+            return false;
+        };
+        // `<module>_|-<id>_|-<name>_|-<function>`, or not a state run.
+        if self.broken || memchr::memmem::find(k, b"_|-").is_none() {
+            self.broken = true;
+            return false;
+        }
+        self.failed = None;
+        self.changed = false;
+        self.duration_ms = 0.0;
+        true
+    }
+
+    /// The value of an entry [`StatesTally::state`] took is not a map.
+    pub fn not_a_state(&mut self) {
+        self.broken = true;
+    }
+
+    /// One field of the current state, with its raw msgpack value. A field
+    /// given twice counts as its last.
+    pub fn field(&mut self, key: Option<&[u8]>, value: &[u8]) {
+        match key {
+            Some(b"result") => {
+                self.failed = Some(matches!(Reader::new(value).item(), Ok(Item::Bool(false))));
+            }
+            Some(b"changes") => self.changed = non_empty(value),
+            Some(b"duration") => self.duration_ms = number(value),
+            _ => {}
+        }
+    }
+
+    pub fn end_state(&mut self) {
+        let Some(failed) = self.failed else {
+            self.broken = true;
+            return;
+        };
+        self.states.total += 1;
+        self.states.failed += u64::from(failed);
+        self.states.changed += u64::from(self.changed);
+        self.states.duration_ms += self.duration_ms;
+    }
+
+    /// The counts, or None if the value was not a map of state results.
+    pub fn finish(&self) -> Option<States> {
+        (!self.broken && self.states.total > 0).then_some(self.states)
+    }
 }
 
 /// Reads a map key: `Some(Some(text))` for a str or bin key, `Some(None)`
@@ -471,7 +565,7 @@ mod tests {
     }
 
     fn ret(fun: V, ret: V, retcode: V, success: V) -> Summary {
-        of_return(&packed(&map(vec![
+        let data = packed(&map(vec![
             ("cmd", V::from("_return")),
             ("id", V::from("m1")),
             ("jid", V::from("20261202120000000000")),
@@ -481,7 +575,14 @@ mod tests {
             ("retcode", retcode),
             ("success", success),
             ("_stamp", V::from("2026-12-02T12:00:00.000000+00:00")),
-        ])))
+        ]));
+        let s = of_return(&data);
+        // Every case here is also judged from the transcoder's count.
+        let mut body = b"salt/job/20261202120000000000/ret/m1\n\n".to_vec();
+        body.extend(&data);
+        let e = Event::from_body(bytes::Bytes::from(body)).expect("event");
+        assert_eq!(tallied(&e), s);
+        s
     }
 
     fn one(fun: &str, r: V, rc: i64, ok: bool) -> Summary {
@@ -811,8 +912,10 @@ mod tests {
             }
             let s = of_return(e.data());
             // The event's own judgement (from the entries its decoding
-            // found) is the same as a walk of its data.
+            // found) is the same as a walk of its data, and so is the one
+            // from the states its transcode counted.
             assert_eq!(of_event_return(&e), s);
+            assert_eq!(tallied(&e), s);
             let key = format!(
                 "{}:{}:{}",
                 e.fields.jid.unwrap_or_default(),
@@ -878,7 +981,81 @@ mod tests {
         assert_eq!(of_event(&new), None);
     }
 
+    /// The judgement from the states the transcoder counted as it wrote
+    /// `return` (checking it did count them, when there is a `return`).
+    fn tallied(e: &Event) -> Summary {
+        let mut t = StatesTally::default();
+        let _ =
+            crate::msgpack::to_json_with_field(e.data(), "return", usize::MAX, None, Some(&mut t));
+        assert_eq!(
+            t.span.is_some(),
+            e.field_raw("return").is_some()
+                && crate::msgpack::to_json(e.data(), usize::MAX).is_ok(),
+        );
+        of_event_return_tallied(e, Some(&t))
+    }
+
+    /// Returns shaped like state runs, and like everything close to one:
+    /// keys with and without `_|-`, states that are not maps or lack
+    /// `result`, fields given twice, durations as text, non-text keys.
+    fn return_value() -> impl proptest::strategy::Strategy<Value = V> {
+        use proptest::prelude::*;
+        let scalar = prop_oneof![
+            any::<bool>().prop_map(V::from),
+            Just(V::Nil),
+            (0u32..5000).prop_map(|n| V::F64(f64::from(n) / 7.0)),
+            (-2i64..3).prop_map(V::from),
+            prop::sample::select(vec!["", "12.5 ms", "x"]).prop_map(V::from),
+            Just(V::Map(vec![])),
+            Just(map(vec![("diff", V::from("+1"))])),
+        ];
+        let field = (
+            prop_oneof![
+                prop::sample::select(vec!["result", "changes", "duration", "comment", "name"])
+                    .prop_map(V::from),
+                (0u8..3).prop_map(V::from),
+            ],
+            scalar.clone(),
+        );
+        let state_value = prop_oneof![
+            8 => prop::collection::vec(field, 0..6).prop_map(V::Map),
+            1 => scalar.clone(),
+        ];
+        let key = prop_oneof![
+            8 => (0u8..50).prop_map(|i| V::from(format!("file_|-s{i}_|-/etc/{i}_|-managed"))),
+            1 => Just(V::from("data")),
+            1 => (0u8..3).prop_map(V::from),
+        ];
+        prop_oneof![
+            6 => prop::collection::vec((key, state_value), 0..6).prop_map(V::Map),
+            1 => prop::collection::vec(scalar.clone(), 0..3).prop_map(V::Array),
+            1 => scalar,
+        ]
+    }
+
     proptest::proptest! {
+        /// The transcoder's count of the states (what the worker uses)
+        /// judges every return as the outcome's own walk does.
+        #[test]
+        fn states_counted_while_transcoding_judge_as_the_walk_does(
+            fun in proptest::sample::select(vec!["state.apply", "test.ping", "state.sls"]),
+            r in return_value(),
+            rc in 0i64..3,
+            ok: bool,
+        ) {
+            let data = packed(&map(vec![
+                ("id", V::from("m1")),
+                ("fun", V::from(fun)),
+                ("return", r),
+                ("retcode", V::from(rc)),
+                ("success", V::from(ok)),
+            ]));
+            let mut body = b"salt/job/20261204120000000000/ret/m1\n\n".to_vec();
+            body.extend(&data);
+            let e = Event::from_body(bytes::Bytes::from(body)).expect("event");
+            proptest::prop_assert_eq!(tallied(&e), of_return(&data));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let s = of_return(&data);

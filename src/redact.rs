@@ -24,9 +24,13 @@
 //! at any depth, by `"***"` in the event's msgpack before anything reads
 //! it, so the stored `load`, `full_ret`, `salt_events.data`, the dead
 //! letters and every action's payload get the same redacted text. It works
-//! on the msgpack (through the walker's public [`Reader`]) rather than
-//! inside the JSON transcoder, so it stays out of that hot code: an event
-//! without such a key is left untouched and shared, not copied.
+//! on the msgpack (through the walker's public [`Reader`]): an event
+//! without such a key is left untouched and shared, not copied. The worker
+//! does not walk every event for it, though: the JSON transcoder checks
+//! each key it writes against the same [`KeyRedactor::matches`]
+//! ([`msgpack::to_json_checked`]), and only an event it refuses is walked
+//! here and redacted (on large returns, the separate walk was a fifth of
+//! the worker's prepare stage).
 
 use crate::msgpack::{self, Item, Reader, WalkError};
 use std::borrow::Cow;

@@ -206,10 +206,15 @@ impl OutcomeRow {
 
     /// The outcome row of a return event (a minion's or a runner's), stamped
     /// with the return's `_stamp`, else its receive time.
-    fn of_return(e: &crate::event::Event, received_ms: i64) -> OutcomeRow {
+    /// `tally`: the states its transcode counted, if it did.
+    fn of_return(
+        e: &crate::event::Event,
+        received_ms: i64,
+        tally: Option<&crate::outcome::StatesTally>,
+    ) -> OutcomeRow {
         let salt_stamp = e.field_raw("_stamp").and_then(msgpack::as_str);
         OutcomeRow::of(
-            crate::outcome::of_event_return(e),
+            crate::outcome::of_event_return_tallied(e, tally),
             stamp(salt_stamp, received_ms),
         )
     }
@@ -400,9 +405,16 @@ fn rows_in(
             targets: Some(targets_of(record)),
         })),
         (Kind::JobReturn, Some(jid), Some(id)) => {
-            let (full_ret, range) =
-                msgpack::to_json_with_field(e.data(), "return", fmt.max_json, redact)
-                    .map_err(err)?;
+            // The outcome's states are counted as `return` is written.
+            let mut tally = crate::outcome::StatesTally::default();
+            let (full_ret, range) = msgpack::to_json_with_field(
+                e.data(),
+                "return",
+                fmt.max_json,
+                redact,
+                Some(&mut tally),
+            )
+            .map_err(err)?;
             let ok = e.fields.success.unwrap_or(false);
             let success = success_text(style, ok);
             let job = e.is_salt_call_return().then(|| JidRow {
@@ -410,7 +422,7 @@ fn rows_in(
                 load: full_ret.clone(),
                 targets: None,
             });
-            let outcome = OutcomeRow::of_return(e, record.received_ms);
+            let outcome = OutcomeRow::of_return(e, record.received_ms, Some(&tally));
             Ok(RowSet::Return(
                 ReturnRow {
                     fun: fit_fun(e.fields.fun.join(","), e.tag()),
@@ -493,7 +505,7 @@ fn runner_rows(
     }
     let ok = e.fields.success.unwrap_or(false);
     let success = success_text(fmt.style, ok);
-    let outcome = OutcomeRow::of_return(e, record.received_ms);
+    let outcome = OutcomeRow::of_return(e, record.received_ms, None);
     Ok(RowSet::Return(
         ReturnRow {
             fun: fit_fun(fun, e.tag()),
