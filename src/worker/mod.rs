@@ -15,11 +15,9 @@
 //! - [`prepare::Prepare`] decodes a batch (dead-lettering what does not
 //!   decode), has the sink convert it into rows and hides `[sink]
 //!   redact`'s keys (checked as the rows are transcoded, so an event
-//!   without them is walked once), on a thread of its own at a lower CPU
-//!   priority: it is pure CPU, on a runtime thread it would hold up the
-//!   tasks that drive the database's sockets, and it is the one large
-//!   piece of work that can wait when a burst needs the bus reader and
-//!   the queue's writer to keep up. Then it offers the batch to the actions (a
+//!   without them is walked once), on the blocking pool: it is pure CPU,
+//!   and on a runtime thread it would hold up the tasks that drive the
+//!   database's sockets. Then it offers the batch to the actions (a
 //!   non-blocking hand-off: a slow action never holds back the write).
 //! - [`write::Write`] writes each prepared batch in its own task, up to
 //!   `Sink::writers` at once (a database server runs one statement on one

@@ -2,22 +2,9 @@
 //! writes the batch before it.
 //!
 //! Decoding, the conversion into rows (mostly the msgpack to JSON
-//! transcode) and `[sink] redact` run on a thread of their own: they are
-//! pure CPU, tens of milliseconds for a full batch, and on a runtime thread
-//! they would hold up the tasks that drive the database's sockets and the
-//! acks.
-//!
-//! Why a thread of its own, at a lower CPU priority (nice +[`NICE`]), and
-//! not the blocking pool: the conversion is the one large piece of
-//! saltpipe's work that can wait. Its batches are already in the durable
-//! queue. The bus reader and the queue's writer cannot wait: if they fall
-//! behind a burst for long enough, the listener's memory part fills and
-//! events are dropped (docs/SCALE.md). On a master the master's own
-//! processes cannot wait either. When the cores are short, the kernel now
-//! gives the conversion what is left instead of an equal share; when they
-//! are not, nothing changes. The blocking pool could not be used for this:
-//! its threads also run the bus reader and the queue's writer, and a
-//! thread's nice value cannot be lowered again without privileges.
+//! transcode) and `[sink] redact` run on the blocking pool: they are pure CPU,
+//! tens of milliseconds for a full batch, and on a runtime thread they would
+//! hold up the tasks that drive the database's sockets and the acks.
 
 use super::write::Store;
 use super::{Batch, Stop, WorkerError};
@@ -42,10 +29,6 @@ pub(super) struct Ready {
     pub charge: crate::memory::Charge,
 }
 
-/// How much lower the conversion thread's CPU priority is than the rest of
-/// saltpipe (a nice value; the kernel's weight for +5 is a third of 0's).
-pub const NICE: i32 = 5;
-
 pub(super) struct Prepare {
     pub store: Arc<Store>,
     /// Offered each batch before its insert, never waited for.
@@ -64,7 +47,6 @@ type Decoded = (Vec<Record>, Vec<(Delivery, String)>);
 
 impl Prepare {
     pub async fn run(mut self) -> Result<(), WorkerError> {
-        let converter = Converter::start(self.store.clone(), self.redact.clone())?;
         loop {
             // Room downstream first: a batch converted with nowhere to go
             // would be one more batch held in memory.
@@ -74,7 +56,7 @@ impl Prepare {
             let Some(batch) = self.batches.recv().await else {
                 return Ok(());
             };
-            match self.prepare(&converter, batch).await? {
+            match self.prepare(batch).await? {
                 Some(ready) => permit.send(ready),
                 // Shutdown's deadline came while dead-lettering.
                 None => return Ok(()),
@@ -85,18 +67,19 @@ impl Prepare {
     /// Decodes `batch` (dead-lettering what does not decode), offers it to
     /// the actions, and has the sink convert it to rows. None if shutdown's
     /// deadline came while dead-lettering.
-    async fn prepare(
-        &self,
-        converter: &Converter,
-        batch: Batch,
-    ) -> Result<Option<Ready>, WorkerError> {
+    async fn prepare(&self, batch: Batch) -> Result<Option<Ready>, WorkerError> {
         let Batch {
             deliveries: batch,
             mut charge,
         } = batch;
         let ids: Vec<u64> = batch.iter().map(|d| d.id).collect();
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
-        let (records, undecodable) = converter.convert(batch).await?;
+        let store = self.store.clone();
+        let redact = self.redact.clone();
+        let (records, undecodable) =
+            tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
+                .await
+                .map_err(WorkerError::join)?;
         // What the batch holds from now on until its write ends: the events,
         // their rows, and the statements a SQL sink builds from the rows
         // (about the rows' size again). Charged without waiting: the
@@ -125,75 +108,6 @@ impl Prepare {
             records,
             charge,
         }))
-    }
-}
-
-/// The conversion thread (see the module docs): batches in, records out.
-/// It ends when this is dropped.
-struct Converter {
-    jobs: std::sync::mpsc::Sender<Job>,
-}
-
-/// A batch to convert, and where its records go.
-type Job = (Vec<Delivery>, std::sync::mpsc::SyncSender<Decoded>);
-
-impl Converter {
-    fn start(
-        store: Arc<Store>,
-        redact: Option<Arc<KeyRedactor>>,
-    ) -> Result<Converter, WorkerError> {
-        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("saltpipe-prepare".into())
-            .spawn(move || {
-                lower_priority();
-                while let Ok((batch, reply)) = rx.recv() {
-                    let _ = reply.send(convert(&store, redact.as_deref(), batch));
-                }
-            })
-            .map_err(|e| fatal(format!("cannot start the conversion thread: {e}")))?;
-        Ok(Converter { jobs })
-    }
-
-    async fn convert(&self, batch: Vec<Delivery>) -> Result<Decoded, WorkerError> {
-        let jobs = self.jobs.clone();
-        // Waited for on the blocking pool (a thread that only sleeps until
-        // the answer comes), not on a channel: so the runtime knows work is
-        // in flight, and tests on paused time do not skip ahead past it.
-        tokio::task::spawn_blocking(move || {
-            let (reply, decoded) = std::sync::mpsc::sync_channel(1);
-            jobs.send((batch, reply)).ok()?;
-            // Dropped unanswered only if the conversion panicked.
-            decoded.recv().ok()
-        })
-        .await
-        .map_err(WorkerError::join)?
-        .ok_or_else(|| fatal("the conversion thread ended".into()))
-    }
-}
-
-fn fatal(message: String) -> WorkerError {
-    WorkerError::Sink(crate::sink::SinkError::Fatal(format!(
-        "worker stage ended: {message}"
-    )))
-}
-
-/// Lowers the calling thread's CPU priority by [`NICE`]. On Linux a nice
-/// value is a thread's own (`setpriority(2)`, NOTES); where it cannot be
-/// set the thread runs at the process's priority, as before.
-fn lower_priority() {
-    // SAFETY: getpriority/setpriority only read and set the calling
-    // thread's scheduling value; no memory is passed.
-    let rc = unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        libc::setpriority(libc::PRIO_PROCESS, tid, (now + NICE).min(19))
-    };
-    if rc != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "could not lower the conversion thread's priority"
-        );
     }
 }
 
@@ -239,27 +153,4 @@ fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) ->
         }
     }
     (records, undecodable)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The conversion thread yields the CPU to the rest: its nice value is
-    /// NICE above the thread that started it, and only its own.
-    #[test]
-    fn the_conversion_thread_runs_at_a_lower_priority() {
-        // SAFETY: reads the calling thread's nice value.
-        let nice =
-            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-        let before = nice();
-        let lowered = std::thread::spawn(move || {
-            lower_priority();
-            nice()
-        })
-        .join()
-        .expect("thread");
-        assert_eq!(lowered, (before + NICE).min(19));
-        assert_eq!(nice(), before, "only the conversion thread is lowered");
-    }
 }
