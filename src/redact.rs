@@ -686,6 +686,27 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_key_too_deep_for_the_redactor_is_refused_by_the_checked_transcode_too() {
+        // Bytes as the plain transcode writes them, but not walkable by the
+        // redactor: the checked transcode says so rather than storing them
+        // unchecked (the worker then keeps the event as the redactor left
+        // it, as before the check moved into the transcoder).
+        use rmpv::Value as V;
+        let mut key = V::from(1);
+        for _ in 0..300 {
+            key = V::Array(vec![key]);
+        }
+        let data = mp(&V::Map(vec![(key, V::from("v"))]));
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        assert!(msgpack::to_json(&data, usize::MAX).is_ok());
+        assert_eq!(r.redact_msgpack(&data).err(), Some(WalkError::TooDeep));
+        assert_eq!(
+            msgpack::to_json_checked(&data, usize::MAX, Some(&r)).err(),
+            Some(WalkError::TooDeep)
+        );
+    }
+
     proptest! {
         /// The check the transcoder makes as it writes (what lets the
         /// worker skip its own walk for secrets) agrees with the redactor:

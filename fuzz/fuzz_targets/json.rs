@@ -1,5 +1,6 @@
 //! The msgpack walker and JSON transcoder: output is valid JSON, linear in
-//! the input, never over the limit, and the field range is the field's JSON.
+//! the input, never over the limit, and the field range is the field's JSON;
+//! the worker's checked transcode agrees with the plain one and the redactor.
 #![no_main]
 
 #[path = "../common/json.rs"]
@@ -8,6 +9,10 @@ mod json_check;
 use json_check::assert_json;
 use libfuzzer_sys::fuzz_target;
 use saltpipe::msgpack::{self, MAX_EXPANSION, Scan, WalkError};
+
+fn redactor() -> saltpipe::redact::KeyRedactor {
+    saltpipe::redact::KeyRedactor::new(saltpipe::redact::DEFAULT_KEYS)
+}
 
 fuzz_target!(|data: &[u8]| {
     let Scan::Complete(n) = msgpack::value_len(data) else {
@@ -38,9 +43,41 @@ fuzz_target!(|data: &[u8]| {
                     Err(WalkError::TooLarge { .. })
                 ));
             }
-            if let Ok((whole, Some(range))) = msgpack::to_json_with_field(v, "return", usize::MAX) {
-                assert_eq!(whole, json);
-                assert_json(&whole[range]);
+            // The worker's transcode: `[sink] redact`'s keys checked and a
+            // return's states counted as it writes. It gives the same text,
+            // or refuses data whose hidden values are not yet `***`, and
+            // then transcodes the redactor's output.
+            let mut tally = saltpipe::outcome::StatesTally::default();
+            match msgpack::to_json_with_field(
+                v,
+                "return",
+                usize::MAX,
+                Some(&redactor()),
+                Some(&mut tally),
+            ) {
+                Ok((whole, range)) => {
+                    assert_eq!(whole, json);
+                    if let Some(range) = range {
+                        assert_json(&whole[range]);
+                    }
+                }
+                Err(WalkError::Secret) => {
+                    let (hidden, _) = redactor()
+                        .redact_msgpack(v)
+                        .expect("walks")
+                        .expect("something to hide");
+                    let checked = msgpack::to_json_checked(&hidden, usize::MAX, Some(&redactor()));
+                    assert_eq!(checked, msgpack::to_json(&hidden, usize::MAX));
+                }
+                // A key that is a deeply nested container: the plain
+                // transcode writes its bytes, but the redactor cannot look
+                // inside it. The worker then stores the event as the
+                // redactor left it, as it did before the check moved here.
+                Err(e) => assert_eq!(
+                    redactor().redact_msgpack(v).err(),
+                    Some(e),
+                    "the checked transcode failed where the plain one and the redactor did not"
+                ),
             }
         }
         Err(WalkError::TooDeep | WalkError::Invalid | WalkError::Truncated) => {}
