@@ -200,8 +200,19 @@ parts="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '
     /^saltpipe_memory_peak_bytes\{part="listener"\}/ { l = $2 / 1048576 }
     /^saltpipe_memory_peak_bytes\{part="worker"\}/ { w = $2 / 1048576 }
     END { if (l == "" && w == "") print "-"; else printf "%.0f / %.0f", l, w }')"
+# The listener's queue writer: its slowest transaction and its mean, in ms
+# (a long one fills the reader's backlog; builds before the metric: -).
+qwrite="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '
+    /^saltpipe_queue_write_slowest_seconds / { slow = $2 * 1000 }
+    /^saltpipe_queue_write_microseconds_total / { us = $2 }
+    /^saltpipe_queue_writes_total / { n = $2 }
+    END { if (n == "") print "-"; else printf "%.0f / %.1f", slow, us / 1000 / (n > 0 ? n : 1) }')"
 kill -TERM "$sp_pid"; wait "$sp_pid" || true; sp_pid=""
 closed="$(grep -ciE 'bus closed|reconnect' "$work/saltpipe.log" || true)"
+# What saltpipe said when it dropped events (how long the queue's write in
+# progress had run, the slowest so far), to stderr.
+grep -E 'cannot keep up with the bus' "$work/saltpipe.log" | head -5 >&2 || true
+echo "queue writer: slowest / mean transaction ms: $qwrite" >&2
 
 case $MODE/$SINK in
     listen/*)

@@ -427,9 +427,19 @@ async fn queue_writer(
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match producer.push(&batch.messages).await {
+            let started = std::time::Instant::now();
+            stats
+                .queue_write_since_ms
+                .store(crate::source::now_ms(), Relaxed);
+            let pushed = producer.push(&batch.messages).await;
+            stats.queue_write_since_ms.store(0, Relaxed);
+            match pushed {
                 Ok(()) => {
                     stats.queued.fetch_add(batch.messages.len() as u64, Relaxed);
+                    crate::stats::events::QueueWritten {
+                        took: started.elapsed(),
+                    }
+                    .emit(&stats);
                     break;
                 }
                 Err(e) => {

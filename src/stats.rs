@@ -142,6 +142,10 @@ stats! {
         spooled => "saltpipe_queue_spooled_total";
         /// Failed queue writes (retried).
         queue_errors => "saltpipe_queue_errors_total";
+        /// Transactions the listener's queue writer stored.
+        queue_writes => "saltpipe_queue_writes_total";
+        /// Time the listener's queue writer spent storing them; divide by saltpipe_queue_writes_total for the mean. The reader's backlog grows while a write takes long.
+        queue_write_us_total => "saltpipe_queue_write_microseconds_total";
         /// Events workers pulled from the queue.
         delivered => "saltpipe_events_delivered_total";
         /// Times a worker paused pulling (20 ms) because the listener's backlog was over half its part: a burst on the bus, which gets the CPU and the queue's write lock first.
@@ -195,6 +199,12 @@ stats! {
         pub outcomes: [AtomicU64; Outcome::ALL.len()],
         /// Milliseconds since the epoch of the oldest event not yet acknowledged, 0 if none.
         pub oldest_unacked_ms: AtomicI64,
+        /// When the listener's queue write in progress began (ms since the
+        /// epoch), 0 if none: an overflow says how long the queue has held
+        /// the writer ([`events::QueueOverflow`]).
+        pub queue_write_since_ms: AtomicI64,
+        /// The slowest queue write so far, in microseconds.
+        pub queue_write_slowest_us: AtomicU64,
         /// Workers whose loop is running, and how many were started (for `/health`).
         pub workers_running: AtomicI64,
         pub workers_expected: AtomicI64,
@@ -463,11 +473,35 @@ pub mod events {
             stats
                 .overflow_dropped
                 .fetch_add(self.dropped as u64, Relaxed);
+            // Whether the queue's writer is inside one long write, and the
+            // longest so far: what to look at first when this happens.
+            let since = stats.queue_write_since_ms.load(Relaxed);
+            let write_running_ms = if since > 0 {
+                (crate::source::now_ms() - since).max(0)
+            } else {
+                0
+            };
             tracing::error!(
                 dropped = self.dropped,
                 pending_bytes = self.pending_bytes,
+                write_running_ms,
+                slowest_write_ms = stats.queue_write_slowest_us.load(Relaxed) / 1000,
                 "the queue cannot keep up with the bus; dropped kept events rather than stall the reader"
             );
+        }
+    }
+
+    /// The listener's queue writer stored one transaction.
+    pub struct QueueWritten {
+        pub took: std::time::Duration,
+    }
+
+    impl QueueWritten {
+        pub fn emit(&self, stats: &Stats) {
+            let us = u64::try_from(self.took.as_micros()).unwrap_or(u64::MAX);
+            stats.queue_writes.fetch_add(1, Relaxed);
+            stats.queue_write_us_total.fetch_add(us, Relaxed);
+            stats.queue_write_slowest_us.fetch_max(us, Relaxed);
         }
     }
 

@@ -203,6 +203,12 @@ fn publish(s: &Stats) {
         counter!("saltpipe_outcomes_total", "outcome" => o.as_str())
             .absolute(s.outcomes[o.index()].load(Relaxed));
     }
+    describe_gauge!(
+        "saltpipe_queue_write_slowest_seconds",
+        "The slowest transaction of the listener's queue writer so far."
+    );
+    gauge!("saltpipe_queue_write_slowest_seconds")
+        .set(s.queue_write_slowest_us.load(Relaxed) as f64 / 1e6);
     describe_gauge!("saltpipe_workers_running", "Workers running.");
     gauge!("saltpipe_workers_running").set(s.workers_running.load(Relaxed) as f64);
     let now = now_ms();
@@ -291,6 +297,12 @@ mod tests {
         stats.count_outcome(crate::outcome::Outcome::NoReturn, 1);
         stats.set_queue_depth("default", 7, 0);
         stats.redacted.store(5, Relaxed);
+        for ms in [40, 250, 10] {
+            crate::stats::events::QueueWritten {
+                took: std::time::Duration::from_millis(ms),
+            }
+            .emit(&stats);
+        }
         stats.bus_expected.store(true, Relaxed);
         let budget = stats.install_budget(crate::memory::Budget::new(96 << 20, 32 << 20, false));
         let _held = budget.part(crate::memory::PartName::Worker).charge(5 << 20);
@@ -366,6 +378,16 @@ mod tests {
             );
         }
         assert_eq!(m.get("saltpipe_redacted_values_total", &[]), Some(5.0));
+        // The queue writer's transactions: how many, how long, the slowest.
+        assert_eq!(m.get("saltpipe_queue_writes_total", &[]), Some(3.0));
+        assert_eq!(
+            m.get("saltpipe_queue_write_microseconds_total", &[]),
+            Some(300_000.0)
+        );
+        assert_eq!(
+            m.get("saltpipe_queue_write_slowest_seconds", &[]),
+            Some(0.25)
+        );
         let r = client
             .get(format!("{base}/health"))
             .send()
