@@ -638,9 +638,7 @@ impl<'r> JsonWriter<'r> {
                 // be stored as it is, so it is looked into (rare: a key
                 // that is a map or a list).
                 if let Some(redact) = self.redact
-                    && redact
-                        .redact_msgpack(raw)?
-                        .is_some_and(|(hidden, _)| hidden != raw)
+                    && redact.redact_msgpack(raw)?.is_some()
                 {
                     return Err(WalkError::Secret);
                 }

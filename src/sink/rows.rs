@@ -375,8 +375,7 @@ pub fn rows_checked(
     let rows = rows_in(record, fmt, redact)?;
     // The one kind of rows built without transcoding the whole data.
     if let (RowSet::Targets { .. }, Some(r)) = (&rows, redact)
-        && let Ok(Some((hidden, _))) = r.redact_msgpack(record.event.data())
-        && hidden != record.event.data()
+        && let Ok(Some(_)) = r.redact_msgpack(record.event.data())
     {
         return Err(RowError {
             tag: record.event.tag().to_owned(),
