@@ -578,11 +578,16 @@ mod tests {
         ]));
         let s = of_return(&data);
         // Every case here is also judged from the transcoder's count.
-        let mut body = b"salt/job/20261202120000000000/ret/m1\n\n".to_vec();
-        body.extend(&data);
-        let e = Event::from_body(bytes::Bytes::from(body)).expect("event");
+        let e = return_event(&data).expect("event");
         assert_eq!(tallied(&e), s);
         s
+    }
+
+    /// A minion's return event with `data`.
+    fn return_event(data: &[u8]) -> Result<Event, crate::event::DecodeError> {
+        let mut body = b"salt/job/20261202120000000000/ret/m1\n\n".to_vec();
+        body.extend(data);
+        Event::from_body(bytes::Bytes::from(body))
     }
 
     fn one(fun: &str, r: V, rc: i64, ok: bool) -> Summary {
@@ -1050,9 +1055,7 @@ mod tests {
                 ("retcode", V::from(rc)),
                 ("success", V::from(ok)),
             ]));
-            let mut body = b"salt/job/20261204120000000000/ret/m1\n\n".to_vec();
-            body.extend(&data);
-            let e = Event::from_body(bytes::Bytes::from(body)).expect("event");
+            let e = return_event(&data).expect("event");
             proptest::prop_assert_eq!(tallied(&e), of_return(&data));
         }
 
@@ -1060,9 +1063,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let s = of_return(&data);
             // An event with that data judges it the same from its entries.
-            let mut body = b"salt/job/20261203120000000000/ret/m1\n\n".to_vec();
-            body.extend(&data);
-            if let Ok(e) = Event::from_body(bytes::Bytes::from(body)) {
+            if let Ok(e) = return_event(&data) {
                 proptest::prop_assert_eq!(of_event_return(&e), s);
             }
         }
