@@ -17,7 +17,18 @@
 //! The listener's part is `source.pending_limit` (half of the budget
 //! unless set: it is the one part that loses events when full, while the
 //! worker's only waits), the actions' part an eighth of the budget when any action
-//! is configured, and the worker gets the rest. A part is a counter, not an
+//! is configured, and the worker gets the rest.
+//!
+//! The listener's part is the least it has, not the most: it may also use
+//! whatever the worker's part leaves free (the two share one [`Pool`]),
+//! and while it does, the worker admits nothing new. The queue writer
+//! stalls now and then in a burst (an append that waits 0.1-0.4 s on a
+//! busy disk or a busy core, docs/SCALE.md); with a fixed half the
+//! listener dropped events while the worker, yielding to it, held half the
+//! budget it did not need. Borrowing keeps the process's bound (listener
+//! and worker together within their sum) and gives it to the one part that
+//! would otherwise lose data. The actions' part lends nothing: dropping an
+//! action is also a loss, and it is small. A part is a counter, not an
 //! allocator: a [`Charge`] adds the bytes a stage holds and gives them back
 //! when dropped, wherever the data goes (a committed batch, an aborted
 //! write, an error path), so the figure cannot drift.
@@ -109,6 +120,26 @@ pub struct Budget {
     parts: [Arc<Part>; 3],
 }
 
+/// The listener's and the worker's parts together: what the listener may
+/// borrow and the worker's admission must leave it (see the module docs).
+#[derive(Debug)]
+pub struct Pool {
+    limit: usize,
+    used: AtomicUsize,
+    /// Woken whenever either part gives bytes back.
+    freed: Notify,
+}
+
+impl Pool {
+    fn used(&self) -> usize {
+        self.used.load(Acquire)
+    }
+
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.used())
+    }
+}
+
 impl Budget {
     /// Splits `total` as the module docs say. `listener` is the listener's
     /// part (`source.pending_limit`), `actions` whether any action runs.
@@ -116,12 +147,18 @@ impl Budget {
         let to = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let actions = if actions { total / 8 } else { 0 };
         let worker = total.saturating_sub(listener).saturating_sub(actions);
+        // At least 1 MiB however the parts were set: a worker with
+        // nothing would only ever let one event through at a time.
+        let (listener, worker) = (to(listener), to(worker.max(1 << 20)));
+        let pool = Arc::new(Pool {
+            limit: listener.saturating_add(worker),
+            used: AtomicUsize::new(0),
+            freed: Notify::new(),
+        });
         Budget {
             parts: [
-                Arc::new(Part::new(to(listener))),
-                // At least 1 MiB however the parts were set: a worker with
-                // nothing would only ever let one event through at a time.
-                Arc::new(Part::new(to(worker.max(1 << 20)))),
+                Arc::new(Part::pooled(listener, pool.clone(), true)),
+                Arc::new(Part::pooled(worker, pool, false)),
                 Arc::new(Part::new(to(actions))),
             ],
         }
@@ -154,6 +191,11 @@ pub struct Part {
     /// Times a stage waited in [`Part::admit`] because the part was full.
     waits: AtomicU64,
     freed: Notify,
+    /// The pool shared with the other part of the pair, if any.
+    pool: Option<Arc<Pool>>,
+    /// Whether this part may use the pool's free room past its own limit
+    /// (the listener); the other part (the worker) must leave it.
+    borrows: bool,
 }
 
 impl Part {
@@ -164,6 +206,16 @@ impl Part {
             peak: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
             freed: Notify::new(),
+            pool: None,
+            borrows: false,
+        }
+    }
+
+    fn pooled(limit: usize, pool: Arc<Pool>, borrows: bool) -> Part {
+        Part {
+            pool: Some(pool),
+            borrows,
+            ..Part::new(limit)
         }
     }
 
@@ -190,19 +242,40 @@ impl Part {
         self.waits.load(Acquire)
     }
 
-    /// Bytes that may still be charged before the limit.
+    /// Bytes that may still be charged before the limit: the part's own
+    /// room, or what the pool can still lend for a part that borrows; for
+    /// the other part of a pool, no more than the pool has free.
     pub fn room(&self) -> usize {
-        self.limit.saturating_sub(self.used())
+        let own = self.limit.saturating_sub(self.used());
+        match &self.pool {
+            Some(pool) if self.borrows => own.max(pool.room()),
+            Some(pool) => own.min(pool.room()),
+            None => own,
+        }
     }
 
-    /// Waits until the part is below its limit (it may still be nearly
-    /// full: the caller charges what it then takes, see the module docs).
+    /// Whether the part holds more than it may: past its own limit and,
+    /// for a part that borrows, past what the pool has.
+    pub fn over(&self) -> bool {
+        self.used() > self.limit
+            && match &self.pool {
+                Some(pool) if self.borrows => pool.used() > pool.limit,
+                _ => true,
+            }
+    }
+
+    /// Waits until the part has room (it may still be nearly full: the
+    /// caller charges what it then takes, see the module docs).
     pub async fn admit(&self) {
         let mut counted = false;
         loop {
-            // Interest first, so a release in between still wakes us.
-            let freed = self.freed.notified();
-            if self.used() < self.limit {
+            // Interest first, so a release in between still wakes us; a
+            // pooled part is also woken by the other part's releases.
+            let freed = match &self.pool {
+                Some(pool) => pool.freed.notified(),
+                None => self.freed.notified(),
+            };
+            if self.room() > 0 {
                 return;
             }
             if !counted {
@@ -222,18 +295,26 @@ impl Part {
         }
     }
 
-    /// Charges `bytes` only if that keeps the part within its limit, or if
-    /// the part holds nothing (one event larger than the part goes through
-    /// alone rather than never): for the stages that must not wait, the
-    /// listener and the actions.
+    /// Charges `bytes` only if that keeps the part within its limit (or
+    /// within what the pool can lend it), or if the part holds nothing (one
+    /// event larger than the part goes through alone rather than never):
+    /// for the stages that must not wait, the listener and the actions.
     pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
+        let lendable = match &self.pool {
+            Some(pool) if self.borrows => pool.room(),
+            _ => 0,
+        };
         self.used
             .fetch_update(AcqRel, Acquire, |u| {
-                u.checked_add(bytes).filter(|n| *n <= self.limit || u == 0)
+                u.checked_add(bytes)
+                    .filter(|n| *n <= self.limit || u == 0 || bytes <= lendable)
             })
             .ok()
             .map(|before| {
                 self.peak.fetch_max(before + bytes, AcqRel);
+                if let Some(pool) = &self.pool {
+                    pool.used.fetch_add(bytes, AcqRel);
+                }
                 Charge {
                     part: Some(self.clone()),
                     bytes,
@@ -244,6 +325,9 @@ impl Part {
     fn add(&self, bytes: usize) {
         let now = self.used.fetch_add(bytes, AcqRel).saturating_add(bytes);
         self.peak.fetch_max(now, AcqRel);
+        if let Some(pool) = &self.pool {
+            pool.used.fetch_add(bytes, AcqRel);
+        }
     }
 
     fn release(&self, bytes: usize) {
@@ -252,6 +336,10 @@ impl Part {
         }
         self.used.fetch_sub(bytes, AcqRel);
         self.freed.notify_waiters();
+        if let Some(pool) = &self.pool {
+            pool.used.fetch_sub(bytes, AcqRel);
+            pool.freed.notify_waiters();
+        }
     }
 }
 
@@ -345,7 +433,9 @@ mod tests {
     #[test]
     fn try_charge_refuses_past_the_limit_and_charge_does_not() {
         let b = Budget::new(16 << 20, 1000, false);
-        let l = b.part(PartName::Listener);
+        let (l, w) = (b.part(PartName::Listener), b.part(PartName::Worker));
+        // A full worker part: nothing to lend.
+        let _full = w.charge(w.limit());
         let a = l.try_charge(600).expect("room");
         assert!(l.try_charge(600).is_none(), "600 + 600 > 1000");
         let forced = l.charge(600);
@@ -376,6 +466,74 @@ mod tests {
             .expect("woken when the batch was released")
             .expect("task");
         assert_eq!(w.waits(), 1);
+    }
+
+    #[test]
+    fn the_listener_borrows_what_the_worker_leaves_free_and_the_worker_waits_for_it() {
+        let b = Budget::new(64 << 20, 32 << 20, false);
+        let (l, w) = (b.part(PartName::Listener), b.part(PartName::Worker));
+        // The worker holds 8 of its 32 MiB: the listener may go to 56.
+        let batch = w.charge(8 << 20);
+        let own = l.charge(32 << 20);
+        assert!(!l.over(), "exactly its own part");
+        let borrowed = l.charge(20 << 20);
+        assert!(!l.over(), "52 MiB: within what the worker leaves free");
+        assert_eq!(l.room(), 4 << 20);
+        assert_eq!(w.room(), 4 << 20, "the worker must leave the loan alone");
+        let more = l.try_charge(8 << 20);
+        assert!(more.is_none(), "60 MiB would pass the pool");
+        let past = l.charge(8 << 20);
+        assert!(l.over(), "60 MiB: past the pool, the listener drops");
+        drop(past);
+        // The worker's own use never counts against the listener's own part.
+        drop(borrowed);
+        let filled = w.charge(40 << 20);
+        assert!(!l.over(), "its own 32 MiB, whatever the worker holds");
+        assert_eq!(l.room(), 0);
+        assert!(l.try_charge(1).is_none());
+        drop((own, filled, batch));
+        assert_eq!(
+            (l.used(), w.used(), l.room(), w.room()),
+            (0, 0, 64 << 20, 32 << 20)
+        );
+        assert_eq!(l.peak(), 60 << 20, "the peak shows the loan");
+    }
+
+    #[tokio::test]
+    async fn the_worker_is_admitted_again_when_the_listener_gives_its_loan_back() {
+        let b = Budget::new(64 << 20, 32 << 20, false);
+        let (l, w) = (
+            b.part(PartName::Listener).clone(),
+            b.part(PartName::Worker).clone(),
+        );
+        let loan = l.charge(64 << 20);
+        assert_eq!(w.room(), 0, "the worker holds nothing but the pool is full");
+        let waiter = tokio::spawn(async move { w.admit().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the loan keeps the worker out");
+        drop(loan);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the listener's release")
+            .expect("task");
+    }
+
+    #[test]
+    fn the_actions_part_neither_lends_nor_borrows() {
+        let b = Budget::new(64 << 20, 32 << 20, true);
+        let (l, a) = (b.part(PartName::Listener), b.part(PartName::Actions));
+        assert_eq!(a.limit(), 8 << 20);
+        let held = l.charge(56 << 20);
+        assert!(!l.over(), "the worker's 24 MiB lent");
+        let more = l.charge(1);
+        assert!(l.over(), "nothing from the actions' part");
+        assert_eq!(a.room(), 8 << 20);
+        let first = a.try_charge(4 << 20).expect("room");
+        assert!(
+            a.try_charge(5 << 20).is_none(),
+            "the actions keep their own limit"
+        );
+        drop((held, more, first));
     }
 
     #[test]

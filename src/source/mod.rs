@@ -10,8 +10,9 @@
 //! what the channel cannot take yet in a backlog. Everything it kept and
 //! the queue has not yet stored (backlog, channel, the writer's batch) is
 //! charged to the listener's part of the memory budget
-//! ([`crate::memory`], `source.pending_limit`). Only if that is full (the
-//! local disk stopped taking writes) does it drop events, counted and
+//! ([`crate::memory`], `source.pending_limit`), which may borrow what the
+//! worker's part leaves free. Only if both are full (the local disk is
+//! too slow or stopped taking writes) does it drop events, counted and
 //! logged at error, rather than stall the socket and lose the master's
 //! whole buffer uncounted.
 
@@ -66,9 +67,9 @@ pub struct SourceConfig {
     #[serde(deserialize_with = "human::duration")]
     pub read_coalesce: Duration,
     /// Kept events held in memory until the queue has stored them (the
-    /// listener's part of `[memory] budget`; half of it when not set),
-    /// before the reader starts dropping (counted) instead of stalling the
-    /// bus.
+    /// listener's part of `[memory] budget`; half of it when not set; it
+    /// may also borrow what the worker's part leaves free), before the
+    /// reader starts dropping (counted) instead of stalling the bus.
     #[serde(deserialize_with = "human::opt_size")]
     pub pending_limit: Option<u64>,
 }
@@ -364,7 +365,7 @@ impl Ingest {
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::QueueClosed),
             }
         }
-        while self.memory.used() > self.memory.limit() {
+        while self.memory.over() {
             let Some(chunk) = self.backlog.pop_back() else {
                 break;
             };
