@@ -201,6 +201,12 @@ fn main() -> ExitCode {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    // `run` beside a master: the workers' threads (this runtime's) yield
+    // the cores to the listener's and the master's in a burst; the
+    // listener has a thread of its own (saltpipe::pipeline::listen_apart).
+    if matches!(cli.command, Command::Run) {
+        builder.on_thread_start(saltpipe::pipeline::lower_priority());
+    }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -186,6 +186,38 @@ impl Drop for Daemon {
     }
 }
 
+/// Each thread of process `pid`: its name and nice value (/proc).
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc tasks");
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // After the name in parentheses: state is field 3, nice field 19.
+            let nice = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(16)?
+                .parse()
+                .ok()?;
+            Some((name.trim().to_string(), nice))
+        })
+        .collect()
+}
+
+fn this_threads_nice() -> i64 {
+    let me = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+    let fields = me.rsplit_once(')').expect("stat").1;
+    fields
+        .split_whitespace()
+        .nth(16)
+        .expect("nice")
+        .parse()
+        .expect("nice")
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on the pid of our own child.
     let r = unsafe { libc::kill(child.id() as i32, sig) };
@@ -462,6 +494,32 @@ fn metrics_health_top_and_sighup_with_a_real_master() {
     assert_eq!(metric(&s, "saltpipe_queue_depth"), 0.0);
     assert!(metric(&s, "saltpipe_batches_total") >= 1.0);
     assert_eq!(metric(&s, "saltpipe_events_overflow_dropped_total"), 0.0);
+
+    // The bus comes first: the listener's threads (its own, the bus
+    // reader's, the queue writes') run at the priority saltpipe was started
+    // with, the workers' (the main runtime's) ten nice steps below.
+    let ours = this_threads_nice();
+    let threads = thread_nice(daemon.0.id());
+    let listen: Vec<i64> = threads
+        .iter()
+        .filter(|(n, _)| n == "saltpipe-listen")
+        .map(|t| t.1)
+        .collect();
+    let workers: Vec<i64> = threads
+        .iter()
+        .filter(|(n, _)| n == "tokio-rt-worker")
+        .map(|t| t.1)
+        .collect();
+    assert!(
+        listen.len() >= 2,
+        "the listener and its bus reader: {threads:?}"
+    );
+    assert!(listen.iter().all(|n| *n == ours), "{threads:?}");
+    assert!(!workers.is_empty(), "{threads:?}");
+    assert!(
+        workers.iter().all(|n| *n == (ours + 10).min(19)),
+        "{threads:?}"
+    );
 
     // saltpipe top draws them.
     let top = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
