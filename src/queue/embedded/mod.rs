@@ -125,7 +125,10 @@ impl Writer {
         });
         match result {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(files = n, "deleted spent spill files"),
+            Ok(n) => tracing::debug!(
+                files = n,
+                "collected spent spill files (deleted, or kept to be written over)"
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot delete spent spill files; will try again"),
         }
     }
@@ -194,22 +197,19 @@ fn insert_containers(
     let mut inline = 0;
     spill.begin();
     for c in pack::pack(batch, LIMITS) {
-        // (file, offset) in a spill file, or None with the bytes in the row.
+        // (file, offset, length) in a spill file, or None with the bytes in the row.
         let spilled = if c.data.len() >= spill::SPILL_MIN {
             Some(spill.append(&c.data)?)
         } else {
             None
         };
-        let (data, len): (&[u8], Option<i64>) = match spilled {
-            Some(_) => (&[], Some(c.data.len() as i64)),
-            None => (&c.data, None),
-        };
+        let data: &[u8] = if spilled.is_some() { &[] } else { &c.data };
         st.execute(params![
             &*c.queue,
             c.events as i64,
-            spilled.map(|(file, _)| file as i64),
-            spilled.map(|(_, off)| off as i64),
-            len,
+            spilled.map(|(file, _, _)| file as i64),
+            spilled.map(|(_, off, _)| off as i64),
+            spilled.map(|(_, _, len)| len as i64),
             data
         ])?;
         // A spilled container's row is a few dozen bytes.

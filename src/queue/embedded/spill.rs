@@ -28,9 +28,23 @@
 //! process or another (`saltpipe work` beside `saltpipe listen`), never
 //! deletes a file that is being written; a file no row points into and
 //! nobody holds can never gain a row again.
+//!
+//! Spent files are recycled, as PostgreSQL recycles its WAL segments: a
+//! writer keeps up to [`SPARE_FILES`] of the files it wrote once they are
+//! spent (locked, so no collector takes them) and renames one to its next
+//! number instead of creating a file. Writing over pages the page cache
+//! already holds is a copy; a new file's pages must first be allocated,
+//! and on a VM whose freed memory goes back to the host every new page is
+//! a fault there too. With the SQLite sink growing its database beside
+//! the queue during a burst, appends to new files ran at 454-584 MB/s and
+//! to recycled ones at 1,527-1,760 (docs/BENCHMARKS.md). A recycled file
+//! still holds its previous life's bytes past what was written since, so
+//! each container starts with a [`HEADER`] naming the file number and
+//! offset it was written at: a row whose bytes never reached the disk (a
+//! power cut with `sync = "normal"`) reads back as unreadable, as before,
+//! never as an older container that happens to sit at its offset.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -47,6 +61,26 @@ pub const FILE_BYTES: u64 = 64 << 20;
 
 /// Collections at most this often: each lists the directory.
 const COLLECT_EVERY: Duration = Duration::from_millis(200);
+
+/// Spent files a writer keeps to write its next files over (up to
+/// [`FILE_BYTES`] of disk and page cache each).
+pub const SPARE_FILES: usize = 2;
+
+/// What each container in a spill file starts with: [`MAGIC`], then the
+/// file number and the offset it was written at (u64, little-endian).
+/// Containers themselves start with a MessagePack array marker (0x90-0x9f,
+/// 0xdc, 0xdd), never `S`, so those written before the header, without
+/// one, still read back.
+pub const HEADER: usize = 24;
+const MAGIC: [u8; 8] = *b"SPILL\x00\x00\x01";
+
+fn header(number: u64, off: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..16].copy_from_slice(&number.to_le_bytes());
+    h[16..].copy_from_slice(&off.to_le_bytes());
+    h
+}
 
 fn name(number: u64) -> String {
     format!("spill-{number:010}.dat")
@@ -87,6 +121,12 @@ pub struct Spill {
     /// process runs, even once the files below are all collected.
     last: u64,
     last_collect: Option<Instant>,
+    /// Numbers of the files this writer wrote: the only ones it keeps as
+    /// spares (a `saltpipe work` beside a `saltpipe listen` deletes the
+    /// listener's files as before).
+    made: Vec<u64>,
+    /// Spent files kept to be written over, locked, with their numbers.
+    spare: Vec<(u64, File)>,
 }
 
 impl Spill {
@@ -97,6 +137,8 @@ impl Spill {
             current: None,
             last: 0,
             last_collect: None,
+            made: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -109,23 +151,30 @@ impl Spill {
         }
     }
 
-    /// Appends `data`; returns (file number, offset).
-    pub fn append(&mut self, data: &[u8]) -> std::io::Result<(u64, u64)> {
+    /// Appends `data` after its [`HEADER`]; returns (file number, offset,
+    /// length), the extent a row points at.
+    pub fn append(&mut self, data: &[u8]) -> std::io::Result<(u64, u64, u64)> {
         let cur = match self.current.take() {
             Some(cur) => cur,
             None => self.create()?,
         };
         let cur = self.current.insert(cur);
         let off = cur.len;
-        if let Err(e) = cur.file.write_all(data) {
+        // Positioned writes: a recycled file is written over from its start.
+        let written = cur
+            .file
+            .write_all_at(&header(cur.number, off), off)
+            .and_then(|()| cur.file.write_all_at(data, off + HEADER as u64));
+        if let Err(e) = written {
             // Part of it may be in the file: start the next container in a
             // new file rather than after bytes of unknown length.
             self.current = None;
             return Err(e);
         }
-        cur.len += data.len() as u64;
+        let len = (HEADER + data.len()) as u64;
+        cur.len += len;
         cur.unsynced = true;
-        Ok((cur.number, off))
+        Ok((cur.number, off, len))
     }
 
     /// Before the transaction commits: with `sync = "full"`, the appended
@@ -141,29 +190,43 @@ impl Spill {
         }
     }
 
-    /// A new file, numbered above every file in the directory, created,
-    /// locked, and checked to still be the file at its name (a collector
-    /// may have taken it between the create and the lock).
+    /// The next file, numbered above every file in the directory: a spare
+    /// renamed, or a new file created and locked; checked to still be the
+    /// file at its name (a collector may have taken a new one between the
+    /// create and the lock).
     fn create(&mut self) -> std::io::Result<Current> {
         loop {
-            let number = numbers(&self.dir)?
-                .into_iter()
-                .max()
-                .unwrap_or(0)
-                .max(self.last)
-                + 1;
+            let present = numbers(&self.dir)?;
+            // Files below every file present were collected: forget them.
+            if let Some(low) = present.iter().min() {
+                self.made.retain(|n| n >= low);
+            }
+            let number = present.into_iter().max().unwrap_or(0).max(self.last) + 1;
             self.last = number;
             let path = self.dir.join(name(number));
-            let file = match File::options()
-                .append(true)
-                .read(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(f) => f,
-                // Another writer took that number first.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
+            let file = match self.spare.pop() {
+                Some((old, file)) => match self.rename(old, &path) {
+                    Ok(()) => file,
+                    // Another writer took that number first: the spare
+                    // keeps its name for the next try.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.spare.push((old, file));
+                        continue;
+                    }
+                    // Dropped (its lock with it): the collector deletes it.
+                    Err(_) => continue,
+                },
+                None => match File::options()
+                    .write(true)
+                    .read(true)
+                    .create_new(true)
+                    .open(&path)
+                {
+                    Ok(f) => f,
+                    // Another writer took that number first.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                },
             };
             if file.try_lock().is_err() {
                 continue;
@@ -176,6 +239,7 @@ impl Spill {
                 // The new name must survive a power cut with the rows.
                 File::open(&self.dir)?.sync_all()?;
             }
+            self.made.push(number);
             return Ok(Current {
                 number,
                 file,
@@ -183,6 +247,16 @@ impl Spill {
                 unsynced: false,
             });
         }
+    }
+
+    /// Gives spare `old` the name `to`, never over another file: a hard
+    /// link (which fails if `to` exists), then the old name removed. A
+    /// crash in between leaves a second name below every number in use,
+    /// which the next collection deletes.
+    fn rename(&self, old: u64, to: &Path) -> std::io::Result<()> {
+        let from = self.dir.join(name(old));
+        std::fs::hard_link(&from, to)?;
+        std::fs::remove_file(&from)
     }
 
     /// Whether a collection is due: always when `now`, otherwise at most
@@ -200,9 +274,11 @@ impl Spill {
         true
     }
 
-    /// Deletes the spill files below `lowest_referenced` (the lowest file
+    /// Collects the spill files below `lowest_referenced` (the lowest file
     /// number any row points into; None when no row does) that no writer
-    /// holds; returns how many it deleted.
+    /// holds: keeps those this writer wrote as spares, up to
+    /// [`SPARE_FILES`], and deletes the rest; returns how many it deleted
+    /// or kept.
     pub fn collect(&mut self, lowest_referenced: Option<u64>) -> std::io::Result<usize> {
         let own = self.current.as_ref().map(|c| c.number);
         let mut deleted = 0;
@@ -211,11 +287,18 @@ impl Spill {
                 continue;
             }
             let path = self.dir.join(name(number));
-            let Ok(file) = File::open(&path) else {
+            // Writable: a spare is written over. (A spare of ours is held,
+            // so it fails the lock below and stays.)
+            let Ok(file) = File::options().read(true).write(true).open(&path) else {
                 continue;
             };
             // Held: a writer may still commit rows into it.
             if file.try_lock().is_err() {
+                continue;
+            }
+            if self.spare.len() < SPARE_FILES && self.made.contains(&number) {
+                self.spare.push((number, file));
+                deleted += 1;
                 continue;
             }
             match std::fs::remove_file(&path) {
@@ -252,9 +335,33 @@ pub fn read(dir: &Path, number: i64, off: i64, len: i64) -> Result<Vec<u8>, Stri
             path.display()
         ));
     }
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, off)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut head = [0u8; HEADER];
+    if len >= HEADER {
+        file.read_exact_at(&mut head, off).map_err(io)?;
+    }
+    if head[..8] != MAGIC {
+        // Written before the header existed: the whole extent is the container.
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).map_err(io)?;
+        return Ok(buf);
+    }
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (was_number, was_off) = (word(8), word(16));
+    if (was_number, was_off) != (number, off) {
+        return Err(format!(
+            "{}: the bytes at offset {off} are those written at offset {was_off} of file {was_number} \
+             before the file was recycled: this container's own never reached the disk",
+            path.display()
+        ));
+    }
+    let mut buf = vec![0u8; len - HEADER];
+    file.read_exact_at(&mut buf, off + HEADER as u64)
+        .map_err(io)?;
     Ok(buf)
 }
 
@@ -267,11 +374,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Spill::new(dir.path(), true);
         s.begin();
-        let (a, off_a) = s.append(b"hello").expect("append");
-        let (b, off_b) = s.append(b"world!").expect("append");
+        let (a, off_a, len_a) = s.append(b"hello").expect("append");
+        let (b, off_b, len_b) = s.append(b"world!").expect("append");
         s.before_commit().expect("fsync");
-        assert_eq!((a, off_a, b, off_b), (1, 0, 1, 5));
-        assert_eq!(read(dir.path(), 1, 5, 6).expect("read"), b"world!");
+        let h = HEADER as u64;
+        assert_eq!((a, off_a, len_a), (1, 0, h + 5));
+        assert_eq!((b, off_b, len_b), (1, h + 5, h + 6));
+        let at = |o: u64, l: u64| read(dir.path(), 1, o as i64, l as i64);
+        assert_eq!(at(off_b, len_b).expect("read"), b"world!");
         // Past FILE_BYTES the next transaction starts a new file.
         s.current.as_mut().expect("current").len = FILE_BYTES;
         s.append(b"x").expect("append");
@@ -281,8 +391,74 @@ mod tests {
             "not mid-transaction"
         );
         s.begin();
-        let (c, off_c) = s.append(b"next").expect("append");
+        let (c, off_c, _) = s.append(b"next").expect("append");
         assert_eq!((c, off_c), (2, 0));
+    }
+
+    #[test]
+    fn a_spent_file_of_ours_is_written_over_under_the_next_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Spill::new(dir.path(), false);
+        let old = vec![7u8; 100_000];
+        let (one, _, _) = s.append(&old).expect("append");
+        let inode = |n: u64| {
+            std::fs::metadata(dir.path().join(name(n)))
+                .expect("file")
+                .ino()
+        };
+        let first = inode(one);
+        s.current.as_mut().expect("current").len = FILE_BYTES;
+        s.begin();
+        let (two, _, _) = s.append(b"in file two").expect("append");
+        assert_eq!((one, two), (1, 2));
+        // No row points below file 2: file 1 is spent, kept (not deleted).
+        assert_eq!(s.collect(Some(2)).expect("collect"), 1);
+        assert_eq!(numbers(dir.path()).expect("list").len(), 2);
+        // The next file is file 1 renamed, written over from its start.
+        s.current.as_mut().expect("current").len = FILE_BYTES;
+        s.begin();
+        let (three, off, len) = s.append(b"written over").expect("append");
+        assert_eq!((three, off), (3, 0));
+        assert_eq!(inode(3), first, "the same file, so the same pages");
+        let mut left = numbers(dir.path()).expect("list");
+        left.sort_unstable();
+        assert_eq!(left, vec![2, 3]);
+        assert_eq!(
+            read(dir.path(), 3, off as i64, len as i64).expect("read"),
+            b"written over"
+        );
+        // Another writer's spent files are never kept: only its own.
+        let mut other = Spill::new(dir.path(), false);
+        drop(s);
+        assert_eq!(other.collect(None).expect("collect"), 2);
+        assert!(numbers(dir.path()).expect("list").is_empty());
+    }
+
+    #[test]
+    fn bytes_a_recycled_file_kept_from_before_never_read_as_this_rows_container() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Spill::new(dir.path(), false);
+        // A container at offset 0 of file 1, spent and recycled as file 3.
+        let (_, _, len) = s.append(&[0x91u8; 1000]).expect("append");
+        s.current.as_mut().expect("current").len = FILE_BYTES;
+        s.begin();
+        s.append(b"two").expect("append");
+        s.collect(Some(2)).expect("collect");
+        s.current.as_mut().expect("current").len = FILE_BYTES;
+        s.begin();
+        s.current = Some(s.create().expect("file three"));
+        // A row pointing at file 3, offset 0, whose bytes never reached the
+        // disk (a power cut): what is there is file 1's container.
+        let e = read(dir.path(), 3, 0, len as i64).expect_err("stale");
+        assert!(e.contains("offset 0 of file 1"), "{e}");
+    }
+
+    #[test]
+    fn a_container_written_before_the_header_reads_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old: Vec<u8> = std::iter::once(0x92u8).chain(vec![5u8; 70_000]).collect();
+        std::fs::write(dir.path().join(name(4)), [&b"xx"[..], &old].concat()).expect("write");
+        assert_eq!(read(dir.path(), 4, 2, old.len() as i64).expect("read"), old);
     }
 
     #[test]
