@@ -128,7 +128,7 @@ impl Gather {
     async fn pull_batch(
         &mut self,
         max_bytes: usize,
-        draining: bool,
+        mut draining: bool,
         in_flight: usize,
     ) -> Result<Batch, WorkerError> {
         let mut batch = Batch {
@@ -181,13 +181,23 @@ impl Gather {
                 None if in_flight > 0 => ACK_WAIT,
                 None => IDLE_WAIT,
             };
-            let got = if closes_at.is_none() && !draining {
+            let got = if draining {
+                self.consumer.pull(room, max_pull, wait).await?
+            } else {
                 tokio::select! {
-                    _ = self.stop.token.cancelled() => return Ok(batch),
+                    _ = self.stop.token.cancelled() => {
+                        if closes_at.is_none() {
+                            return Ok(batch);
+                        }
+                        // A partial batch does not wait out its timeout
+                        // once the stop comes (up to `batch_timeout` added
+                        // to every shutdown and to the end of every
+                        // replay): it drains, as above.
+                        draining = true;
+                        continue;
+                    }
                     r = self.consumer.pull(room, max_pull, wait) => r?,
                 }
-            } else {
-                self.consumer.pull(room, max_pull, wait).await?
             };
             if got.is_empty() {
                 // Nothing came: the batch is due, or there is none.

@@ -420,6 +420,39 @@ async fn a_lone_event_is_written_by_the_timer_on_a_quiet_queue() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_partial_batch_is_written_at_the_stop_without_waiting_out_its_timer() {
+    let q = Arc::new(MemQueue::default());
+    q.ready.lock().expect("lock").extend((1..=3).map(delivery));
+    let sink = Arc::new(ScriptSink::default());
+    let token = CancellationToken::new();
+    let w = Worker::new(
+        Box::new(MemConsumer(q.clone())),
+        sink.clone(),
+        WorkerConfig {
+            batch_timeout: Duration::from_secs(3600),
+            ..cfg(1000)
+        },
+        Arc::new(Stats::default()),
+    );
+    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        sink.written.lock().expect("lock").is_empty(),
+        "the batch waits for more"
+    );
+    token.cancel();
+    // Before, the gatherer waited out the hour (the end of every replay
+    // and every shutdown took up to `batch_timeout` more).
+    tokio::time::timeout(Duration::from_secs(1), h)
+        .await
+        .expect("the stop drains the partial batch at once")
+        .expect("join")
+        .expect("worker");
+    assert_eq!(sink.written.lock().expect("lock").len(), 1);
+    assert_eq!(*q.acked.lock().expect("lock"), vec![1, 2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_starved_consumer_closes_the_batch_without_waiting_for_the_timer() {
     let q = Arc::new(MemQueue {
         starves: true,
