@@ -287,16 +287,21 @@ impl Spill {
                 continue;
             }
             let path = self.dir.join(name(number));
-            // Writable: a spare is written over. (A spare of ours is held,
-            // so it fails the lock below and stays.)
-            let Ok(file) = File::options().read(true).write(true).open(&path) else {
-                continue;
+            // Writable if it can be: a spare is written over. Read-only
+            // is enough to delete it (a file another user left, say). A
+            // spare of ours is held, so it fails the lock below and stays.
+            let (file, writable) = match File::options().read(true).write(true).open(&path) {
+                Ok(f) => (f, true),
+                Err(_) => match File::open(&path) {
+                    Ok(f) => (f, false),
+                    Err(_) => continue,
+                },
             };
             // Held: a writer may still commit rows into it.
             if file.try_lock().is_err() {
                 continue;
             }
-            if self.spare.len() < SPARE_FILES && self.made.contains(&number) {
+            if writable && self.spare.len() < SPARE_FILES && self.made.contains(&number) {
                 self.spare.push((number, file));
                 deleted += 1;
                 continue;
