@@ -254,14 +254,15 @@ impl Part {
         }
     }
 
+    /// The pool this part may borrow from, if it borrows.
+    fn lender(&self) -> Option<&Pool> {
+        self.pool.as_deref().filter(|_| self.borrows)
+    }
+
     /// Whether the part holds more than it may: past its own limit and,
     /// for a part that borrows, past what the pool has.
     pub fn over(&self) -> bool {
-        self.used() > self.limit
-            && match &self.pool {
-                Some(pool) if self.borrows => pool.used() > pool.limit,
-                _ => true,
-            }
+        self.used() > self.limit && self.lender().is_none_or(|pool| pool.used() > pool.limit)
     }
 
     /// Waits until the part has room (it may still be nearly full: the
@@ -300,10 +301,7 @@ impl Part {
     /// event larger than the part goes through alone rather than never):
     /// for the stages that must not wait, the listener and the actions.
     pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
-        let lendable = match &self.pool {
-            Some(pool) if self.borrows => pool.room(),
-            _ => 0,
-        };
+        let lendable = self.lender().map_or(0, Pool::room);
         self.used
             .fetch_update(AcqRel, Acquire, |u| {
                 u.checked_add(bytes)
@@ -311,10 +309,7 @@ impl Part {
             })
             .ok()
             .map(|before| {
-                self.peak.fetch_max(before + bytes, AcqRel);
-                if let Some(pool) = &self.pool {
-                    pool.used.fetch_add(bytes, AcqRel);
-                }
+                self.added(before.saturating_add(bytes), bytes);
                 Charge {
                     part: Some(self.clone()),
                     bytes,
@@ -324,6 +319,11 @@ impl Part {
 
     fn add(&self, bytes: usize) {
         let now = self.used.fetch_add(bytes, AcqRel).saturating_add(bytes);
+        self.added(now, bytes);
+    }
+
+    /// After `bytes` were added to `used`, now `now`: the peak and the pool.
+    fn added(&self, now: usize, bytes: usize) {
         self.peak.fetch_max(now, AcqRel);
         if let Some(pool) = &self.pool {
             pool.used.fetch_add(bytes, AcqRel);
