@@ -397,20 +397,32 @@ async fn draining_waits_for_acks_when_the_prefetch_holds_the_rest_back() {
     assert!(q.ready.lock().expect("lock").is_empty());
 }
 
+/// A worker on `q` writing into `sink`, in a task of its own, until the
+/// token it returns is cancelled.
+fn start(
+    q: &Arc<MemQueue>,
+    sink: Arc<dyn Sink>,
+    cfg: WorkerConfig,
+) -> (
+    tokio::task::JoinHandle<Result<(), WorkerError>>,
+    CancellationToken,
+) {
+    let token = CancellationToken::new();
+    let w = Worker::new(
+        Box::new(MemConsumer(q.clone())),
+        sink,
+        cfg,
+        Arc::new(Stats::default()),
+    );
+    (tokio::spawn(w.run(Stop::new(token.clone(), None))), token)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lone_event_is_written_by_the_timer_on_a_quiet_queue() {
     let q = Arc::new(MemQueue::default());
     q.ready.lock().expect("lock").push_back(delivery(1));
     let sink = Arc::new(ScriptSink::default());
-    let stats = Arc::new(Stats::default());
-    let token = CancellationToken::new();
-    let w = Worker::new(
-        Box::new(MemConsumer(q.clone())),
-        sink.clone(),
-        cfg(1000),
-        stats.clone(),
-    );
-    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    let (h, token) = start(&q, sink.clone(), cfg(1000));
     // Well before any shutdown: the batch timer (200 ms) fires by itself.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(sink.written.lock().expect("lock").len(), 1);
@@ -424,17 +436,11 @@ async fn a_partial_batch_is_written_at_the_stop_without_waiting_out_its_timer() 
     let q = Arc::new(MemQueue::default());
     q.ready.lock().expect("lock").extend((1..=3).map(delivery));
     let sink = Arc::new(ScriptSink::default());
-    let token = CancellationToken::new();
-    let w = Worker::new(
-        Box::new(MemConsumer(q.clone())),
-        sink.clone(),
-        WorkerConfig {
-            batch_timeout: Duration::from_secs(3600),
-            ..cfg(1000)
-        },
-        Arc::new(Stats::default()),
-    );
-    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    let hour = WorkerConfig {
+        batch_timeout: Duration::from_secs(3600),
+        ..cfg(1000)
+    };
+    let (h, token) = start(&q, sink.clone(), hour);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         sink.written.lock().expect("lock").is_empty(),
@@ -460,14 +466,7 @@ async fn a_starved_consumer_closes_the_batch_without_waiting_for_the_timer() {
     });
     q.ready.lock().expect("lock").extend((1..=3).map(delivery));
     let sink = Arc::new(ScriptSink::default());
-    let token = CancellationToken::new();
-    let w = Worker::new(
-        Box::new(MemConsumer(q.clone())),
-        sink.clone(),
-        cfg(1000),
-        Arc::new(Stats::default()),
-    );
-    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    let (h, token) = start(&q, sink.clone(), cfg(1000));
     // Far less than the 200 ms batch timeout (the ack follows within
     // ACK_WAIT): nothing more can come before an ack, so waiting for
     // the timer would only stall.
