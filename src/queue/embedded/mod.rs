@@ -106,8 +106,10 @@ struct Writer {
 }
 
 impl Writer {
-    /// Deletes the spill files no row points into any more (rate-limited
-    /// unless `now`); a failure only leaves files for the next time.
+    /// Collects the spill files no row points into any more: deletes them,
+    /// or keeps a few of this writer's own to write over ([`Spill::collect`]);
+    /// rate-limited unless `now`. A failure only leaves files for the next
+    /// time.
     fn collect(&mut self, now: bool) {
         // Checked before the query: most acks free no spill file.
         if !self.spill.due(now) {

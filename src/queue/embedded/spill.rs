@@ -281,7 +281,7 @@ impl Spill {
     /// or kept.
     pub fn collect(&mut self, lowest_referenced: Option<u64>) -> std::io::Result<usize> {
         let own = self.current.as_ref().map(|c| c.number);
-        let mut deleted = 0;
+        let mut collected = 0;
         for number in numbers(&self.dir)? {
             if Some(number) == own || lowest_referenced.is_some_and(|low| number >= low) {
                 continue;
@@ -303,16 +303,16 @@ impl Spill {
             }
             if writable && self.spare.len() < SPARE_FILES && self.made.contains(&number) {
                 self.spare.push((number, file));
-                deleted += 1;
+                collected += 1;
                 continue;
             }
             match std::fs::remove_file(&path) {
-                Ok(()) => deleted += 1,
+                Ok(()) => collected += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(deleted)
+        Ok(collected)
     }
 }
 
