@@ -195,14 +195,16 @@ connects="$(metric saltpipe_bus_connects_total)"
 disconnects="$(metric saltpipe_bus_disconnects_total)"
 overflow="$(metric saltpipe_events_overflow_dropped_total)"
 oversized="$(metric saltpipe_frames_oversized_total)"
+# The last scrape, read twice below.
+final="$(curl -sf "http://127.0.0.1:$port/metrics")"
 # The memory budget's parts at their peak, MB (builds before the budget: -).
-parts="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '
+parts="$(printf '%s\n' "$final" | awk '
     /^saltpipe_memory_peak_bytes\{part="listener"\}/ { l = $2 / 1048576 }
     /^saltpipe_memory_peak_bytes\{part="worker"\}/ { w = $2 / 1048576 }
     END { if (l == "" && w == "") print "-"; else printf "%.0f / %.0f", l, w }')"
 # The listener's queue writer: its slowest transaction and its mean, in ms
 # (a long one fills the reader's backlog; builds before the metric: -).
-qwrite="$(curl -sf "http://127.0.0.1:$port/metrics" | awk '
+qwrite="$(printf '%s\n' "$final" | awk '
     /^saltpipe_queue_write_slowest_seconds / { slow = $2 * 1000 }
     /^saltpipe_queue_write_microseconds_total / { us = $2 }
     /^saltpipe_queue_writes_total / { n = $2 }
