@@ -217,10 +217,6 @@ stats! {
         pub queue_oldest_ms: Mutex<BTreeMap<String, i64>>,
         /// Action outcomes by action name; survives a reload (SIGHUP).
         pub actions: Mutex<BTreeMap<String, Arc<ActionCounters>>>,
-        /// Log lines about bad bus input (malformed or oversized frames): a
-        /// hostile writer must not be able to turn 1 MB of junk into 100,000
-        /// log lines. The counters above still count every one.
-        pub bad_input_log: LogLimit,
         /// The process's memory budget ([`crate::memory`]): installed once
         /// from the config by the pipeline; unlimited until then.
         pub memory: std::sync::OnceLock<Arc<crate::memory::Budget>>,
@@ -230,15 +226,41 @@ stats! {
 /// At most [`LogLimit::PER_WINDOW`] log lines per [`LogLimit::WINDOW`] for
 /// one kind of report; the first line of the next window says how many were
 /// left out. By hand: `tracing` has no rate limit, and this is ten lines.
+/// Used through [`log_limited!`](crate::log_limited), one per call site.
 #[derive(Debug, Default)]
 pub struct LogLimit {
     /// (window start, lines logged in it, reports suppressed since the last line).
     state: Mutex<Option<(std::time::Instant, u32, u64)>>,
 }
 
+/// Logs like `tracing::<level>!`, at most [`LogLimit::PER_WINDOW`] lines per
+/// [`LogLimit::WINDOW`] from this call site, each with the field
+/// `suppressed`: the reports left out of the log since the line before.
+///
+/// For every report that input can trigger once per event (a bad frame, a
+/// dropped chunk, an undecodable message, an action turned away): a storm
+/// of them must not become a storm of log lines (a hostile writer turning
+/// 1 MB of junk into 100,000 lines, a full disk filled further by its own
+/// complaints). Each report is still counted in full by its metric.
+#[macro_export]
+macro_rules! log_limited {
+    ($level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::stats::LogLimit = $crate::stats::LogLimit::new();
+        if let Some(suppressed) = LIMIT.admit(::std::time::Instant::now()) {
+            ::tracing::$level!(suppressed, $($arg)+);
+        }
+    }};
+}
+
 impl LogLimit {
     pub const PER_WINDOW: u32 = 10;
     pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub const fn new() -> LogLimit {
+        LogLimit {
+            state: Mutex::new(None),
+        }
+    }
 
     /// `Some(n)`: log this report, saying that `n` before it were not;
     /// `None`: leave it out (it is counted for the next line).
@@ -400,15 +422,13 @@ pub mod events {
         pub fn emit(&self, stats: &Stats) {
             stats.malformed.fetch_add(1, Relaxed);
             stats.garbage_bytes.fetch_add(self.skipped as u64, Relaxed);
-            if let Some(suppressed) = stats.bad_input_log.admit(std::time::Instant::now()) {
-                tracing::warn!(
-                    reason = self.reason,
-                    skipped = self.skipped,
-                    excerpt = self.excerpt,
-                    suppressed,
-                    "skipped malformed bus data (suppressed: reports left out of the log since the last line; every one is counted in saltpipe_frames_malformed_total)"
-                );
-            }
+            crate::log_limited!(
+                warn,
+                reason = self.reason,
+                skipped = self.skipped,
+                excerpt = self.excerpt,
+                "skipped malformed bus data (suppressed: reports left out of the log since the last line; every one is counted in saltpipe_frames_malformed_total)"
+            );
         }
     }
 
@@ -421,14 +441,12 @@ pub mod events {
     impl FrameOversized {
         pub fn emit(&self, stats: &Stats) {
             stats.oversized.fetch_add(1, Relaxed);
-            if let Some(suppressed) = stats.bad_input_log.admit(std::time::Instant::now()) {
-                tracing::error!(
-                    len = self.len,
-                    limit = self.limit,
-                    suppressed,
-                    "skipped an event larger than source.max_frame; raise it to keep such events"
-                );
-            }
+            crate::log_limited!(
+                error,
+                len = self.len,
+                limit = self.limit,
+                "skipped an event larger than source.max_frame; raise it to keep such events"
+            );
         }
     }
 
@@ -481,12 +499,13 @@ pub mod events {
             } else {
                 0
             };
-            tracing::error!(
+            crate::log_limited!(
+                error,
                 dropped = self.dropped,
                 pending_bytes = self.pending_bytes,
                 write_running_ms,
                 slowest_write_ms = stats.queue_write_slowest_us.load(Relaxed) / 1000,
-                "the queue cannot keep up with the bus; dropped kept events rather than stall the reader"
+                "the queue cannot keep up with the bus; dropped kept events rather than stall the reader (every one is counted in saltpipe_events_overflow_dropped_total)"
             );
         }
     }
@@ -588,7 +607,8 @@ pub mod events {
     impl DeadLettered<'_> {
         pub fn emit(&self, stats: &Stats) {
             stats.dead_letters.fetch_add(1, Relaxed);
-            tracing::error!(
+            crate::log_limited!(
+                error,
                 tag = self.tag,
                 error = self.error,
                 "event refused by the sink, stored in the dead-letter table"
@@ -619,6 +639,37 @@ mod tests {
             l.admit(t0 + LogLimit::WINDOW + Duration::from_secs(2)),
             Some(0)
         );
+    }
+
+    #[test]
+    fn a_log_limited_call_site_logs_ten_lines_of_a_storm() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Lines::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..1000 {
+                crate::log_limited!(warn, event = i, "refused");
+            }
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), LogLimit::PER_WINDOW as usize, "{text}");
+        assert!(lines[0].contains("suppressed=0") && lines[0].contains("event=0"));
+        assert!(lines[9].contains("event=9"), "{text}");
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl Dispatcher {
             match d.render(&context(&offer.event)) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    tracing::warn!(action = %self.name, error = %e, "cannot render the dedupe key; sending without de-duplication");
+                    crate::log_limited!(warn, action = %self.name, error = %e, "cannot render the dedupe key; sending without de-duplication");
                     None
                 }
             }
@@ -207,9 +207,7 @@ impl Dispatcher {
             }
             Admit::RateLimited => {
                 let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(action = %self.name, rate_limited_total = n, "action over its rate limit; not sent");
-                }
+                crate::log_limited!(warn, action = %self.name, rate_limited_total = n, "action over its rate limit; not sent");
                 None
             }
         }
@@ -244,12 +242,12 @@ impl Dispatcher {
                 Err(ActionError::Retriable(e)) if attempt < self.retries => {
                     self.counters.retried.fetch_add(1, Relaxed);
                     let delay = backoff.fail();
-                    tracing::warn!(action = %self.name, key = %offer.key, error = %e, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "action failed; retrying");
+                    crate::log_limited!(warn, action = %self.name, key = %offer.key, error = %e, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "action failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
                     self.counters.failed.fetch_add(1, Relaxed);
-                    tracing::error!(action = %self.name, key = %offer.key, error = %e, attempts = attempt + 1, "action failed; giving up (the event is still written)");
+                    crate::log_limited!(error, action = %self.name, key = %offer.key, error = %e, attempts = attempt + 1, "action failed; giving up (the event is still written)");
                     return false;
                 }
             }
@@ -260,5 +258,5 @@ impl Dispatcher {
 /// A send that panicked: counted as failed, its minion's next events go on.
 fn self_failed(d: &Dispatcher, e: &tokio::task::JoinError) {
     d.counters.failed.fetch_add(1, Relaxed);
-    tracing::error!(action = %d.name, error = %e, "an action send crashed; counted as failed");
+    crate::log_limited!(error, action = %d.name, error = %e, "an action send crashed; counted as failed");
 }

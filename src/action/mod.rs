@@ -98,13 +98,10 @@ struct Running {
 }
 
 impl Running {
-    /// Counts (and logs, at powers of two) an event this action refused.
+    /// Counts (and logs, rate-limited) an event this action refused.
     fn refuse(&self, e: &Event, why: &str) {
         let n = self.counters.dropped.fetch_add(1, Relaxed) + 1;
-        // Loud once, then at powers of two: a storm must not flood the log.
-        if n.is_power_of_two() {
-            tracing::warn!(action = %self.name, tag = e.tag(), dropped_total = n, queue_bytes = self.queue_bytes, "action queue full ({why}); dropped this action, the event is still written");
-        }
+        crate::log_limited!(warn, action = %self.name, tag = e.tag(), dropped_total = n, queue_bytes = self.queue_bytes, "action queue full ({why}); dropped this action, the event is still written");
     }
 }
 

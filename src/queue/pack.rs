@@ -251,7 +251,7 @@ pub fn entries(
     match unpack(&body) {
         Ok(entries) => entries,
         Err(e) => {
-            tracing::error!(queue = %source, error = %e, bytes = body.len(), "undecodable container in the queue; handing it on whole to be dead-lettered");
+            crate::log_limited!(error, queue = %source, error = %e, bytes = body.len(), "undecodable container in the queue; handing it on whole to be dead-lettered");
             vec![Entry {
                 key: String::new(),
                 received_ms: 0,

@@ -72,7 +72,8 @@ pub fn adjusted() -> Adjusted {
 /// Counts and logs a row whose NULs were escaped for PostgreSQL.
 pub fn note_nul_escaped(tag: &str) {
     let n = NUL_ESCAPED.fetch_add(1, Relaxed) + 1;
-    tracing::warn!(
+    crate::log_limited!(
+        warn,
         tag,
         total = n,
         "a NUL character, which PostgreSQL cannot store, was written as the text \\u0000"
@@ -85,7 +86,8 @@ fn fit_fun(fun: String, tag: &str) -> String {
         None => fun,
         Some((cut, _)) => {
             let n = FUN_TRUNCATED.fetch_add(1, Relaxed) + 1;
-            tracing::warn!(
+            crate::log_limited!(
+                warn,
                 tag,
                 fun = %fun,
                 total = n,

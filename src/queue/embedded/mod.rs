@@ -451,7 +451,7 @@ impl EmbeddedConsumer {
                         // the worker to dead-letter with this reason
                         // (it does not unpack, see below).
                         Err(e) => {
-                            tracing::error!(queue = %queue, container = id, error = %e, "a queued container's spill file cannot be read; its events go to the dead letters");
+                            crate::log_limited!(error, queue = %queue, container = id, error = %e, "a queued container's spill file cannot be read; its events go to the dead letters");
                             Bytes::from(format!("saltpipe: unreadable queue container {id}: {e}"))
                         }
                     },
