@@ -32,6 +32,7 @@ pub mod msgpack;
 pub mod ops;
 pub mod outcome;
 pub mod pipeline;
+pub mod priority;
 pub mod queue;
 pub mod redact;
 pub mod rules;

@@ -205,7 +205,7 @@ fn main() -> ExitCode {
     // the cores to the listener's and the master's in a burst; the
     // listener has a thread of its own (saltpipe::pipeline::listen_apart).
     if matches!(cli.command, Command::Run) {
-        builder.on_thread_start(saltpipe::pipeline::lower_priority());
+        builder.on_thread_start(saltpipe::priority::lower_priority());
     }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,

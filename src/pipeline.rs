@@ -15,7 +15,7 @@
 //! In `run` and `replay` the listening half has a thread and a one-thread
 //! runtime of its own ([`listen_apart`]), and `run` starts the threads of
 //! the main runtime, which are the workers', at a lower CPU priority
-//! ([`lower_priority`]). On a master the cores are contended during a
+//! ([`crate::priority`]). On a master the cores are contended during a
 //! burst, by the master itself, the bus reader, the queue writer and the
 //! workers, and they are not equal: a reader or queue writer that falls
 //! behind drops events (the bus is never stalled), a worker that falls
@@ -265,51 +265,6 @@ async fn listen_and_work(
     // A worker's error comes first: it is why listening stopped.
     let worked = workers.finish().await;
     worked.and(listened)
-}
-
-/// How much lower than the listener's the workers' threads run in `run`
-/// (`nice` steps). At +10 a thread gets about a ninth of the CPU of a
-/// normal one while both want it; when nothing else wants the core the
-/// workers run at full speed. A priority nudge is not enough: the
-/// conversion alone at +5 still let the queue writer starve
-/// (docs/BENCHMARKS.md), since the SQL writes and the queue reads stayed at 0.
-pub const WORKER_NICE: i32 = 10;
-
-/// What the main runtime's threads run in `run` (`on_thread_start`): a
-/// function that sets the calling thread's nice value to the caller's
-/// (the main thread's, read now) plus [`WORKER_NICE`]. Set, not added:
-/// the runtime's blocking threads are started by its other threads, and
-/// threads inherit their creator's value. On Linux the nice value belongs
-/// to the thread; elsewhere this does nothing, since it would lower the
-/// whole process, listener included. A failure (never expected: lowering
-/// needs no privilege) only leaves the thread as it was.
-pub fn lower_priority() -> impl Fn() + Send + Sync + 'static {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: getpriority/setpriority take plain integers and touch
-        // only the calling thread's (who = 0) scheduling attributes.
-        // getpriority may return -1 as a value, so errno tells failure apart.
-        let base = unsafe {
-            *libc::__errno_location() = 0;
-            let n = libc::getpriority(libc::PRIO_PROCESS, 0);
-            if n == -1 && *libc::__errno_location() != 0 {
-                0
-            } else {
-                n
-            }
-        };
-        let target = base.saturating_add(WORKER_NICE).min(19);
-        move || {
-            // SAFETY: as above.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, target) } != 0 {
-                tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a worker thread's priority");
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        || {}
-    }
 }
 
 /// The listening half of `run` and `replay` ([`to_queue`]) on a thread
