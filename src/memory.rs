@@ -254,6 +254,14 @@ impl Part {
         }
     }
 
+    /// Whether the part holds more than half its own limit: for the
+    /// listener's, a queue writer behind a burst, when the worker yields
+    /// (src/worker). Never for a part with a limit of 0 (`work` has no
+    /// listener).
+    pub fn past_half(&self) -> bool {
+        self.limit > 0 && self.used() > self.limit / 2
+    }
+
     /// The pool this part may borrow from, if it borrows.
     fn lender(&self) -> Option<&Pool> {
         self.pool.as_deref().filter(|_| self.borrows)

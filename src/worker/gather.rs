@@ -149,7 +149,7 @@ impl Gather {
             // part (the queue writer behind a burst), pulling more would
             // take the CPU and the queue's write lock from the queue writer,
             // and a full backlog drops events. The queue holds what waits.
-            if !draining && self.listener_behind() {
+            if !draining && self.listener.past_half() {
                 if batch.deliveries.is_empty() {
                     self.stats.worker_yields.fetch_add(1, Relaxed);
                     tokio::time::sleep(YIELD_WAIT).await;
@@ -215,11 +215,6 @@ impl Gather {
             self.stats.delivered.fetch_add(got.len() as u64, Relaxed);
             batch.deliveries.extend(got);
         }
-    }
-
-    fn listener_behind(&self) -> bool {
-        let l = &self.listener;
-        l.limit() > 0 && l.used() > l.limit() / 2
     }
 
     /// Acks, retrying: an ack that never lands only means a harmless redelivery.

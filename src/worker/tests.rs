@@ -599,3 +599,36 @@ async fn a_slow_sink_holds_the_worker_to_its_memory_part_and_all_of_it_comes_bac
     );
     assert_eq!(part.used(), 0, "every batch's memory given back");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_worker_pulls_nothing_while_the_listener_is_past_half_its_part() {
+    let q = Arc::new(MemQueue::default());
+    q.ready.lock().expect("lock").extend((1..=3).map(delivery));
+    let sink = Arc::new(ScriptSink::default());
+    let stats = Arc::new(Stats::default());
+    let listener = stats
+        .install_budget(crate::memory::Budget::new(64 << 20, 32 << 20, false))
+        .part(crate::memory::PartName::Listener)
+        .clone();
+    // A burst: the listener's backlog (its queue writer behind) is past
+    // half its 32 MiB.
+    let backlog = listener.charge(20 << 20);
+    let token = CancellationToken::new();
+    let w = Worker::new(
+        Box::new(MemConsumer(q.clone())),
+        sink.clone(),
+        cfg(1000),
+        stats.clone(),
+    );
+    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(q.ready.lock().expect("lock").len(), 3, "nothing pulled");
+    assert!(stats.worker_yields.load(Relaxed) > 0);
+    // The queue writer caught up: the worker goes on.
+    drop(backlog);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*q.acked.lock().expect("lock"), vec![1, 2, 3]);
+    assert_eq!(sink.written.lock().expect("lock").len(), 1);
+    token.cancel();
+    h.await.expect("join").expect("worker");
+}
