@@ -14,6 +14,7 @@
 #       "stored" is what the queue took (saltpipe_queue_pushed_total)
 #   EXTRA='[memory]
 #   budget = "64MiB"' scripts/bench-fleet.sh mariadb burst100k       # more saltpipe config
+#   SALTPIPE_SOURCE_PENDING_LIMIT=48MiB scripts/bench-fleet.sh sqlite   # a [source] key
 #
 # 1. A master alone (scripts/salt-sandbox.py up --no-minions), saltpipe `run`
 #    (release build; the embedded queue, the default) reading its bus into a
@@ -184,12 +185,30 @@ print(json.dumps({"rows": rows, "last_change": changed, "rss_max_kb": peak}))
 EOF
 watch_pid=$!
 
+# Per thread: on CPU and waiting for a CPU (runnable, not running), from
+# /proc/PID/task/*/schedstat (ns), to tell a starved stage from a slow one;
+# and its minor page faults (stat field 10: on this VM each new page costs
+# the host a fault too).
+threads() {
+    for t in /proc/"$1"/task/*; do
+        printf '%s %s %s %s\n' "${t##*/}" "$(tr ' ' '_' <"$t/comm" 2>/dev/null)" \
+            "$(cat "$t/schedstat" 2>/dev/null)" "$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{ print $8 }')"
+    done
+}
+{ threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads0"
 sp0="$(ticks "$sp_pid")"; ep0="$(ticks "$publisher")"
 "$BIN/saltpipe-gen" sim --scenario "$SCENARIO" --minions "$MINIONS" --rate "$RATE" --seed "$SEED" \
     ${SIM_ARGS:-} --push "$pull" --summary "$work/sim.tmp" 2>"$work/sim.log"
 mv "$work/sim.tmp" "$work/sim.json"
 wait "$watch_pid"
 sp1="$(ticks "$sp_pid")"; ep1="$(ticks "$publisher")"
+{ threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads1"
+# By thread name, to stderr: seconds on CPU / waiting for a CPU / minor
+# page faults over the run.
+awk 'NR == FNR { run[$1] = $3; wait[$1] = $4; flt[$1] = $6; next }
+     NF >= 6 { name = $2; r[name] += ($3 - run[$1]) / 1e9; w[name] += ($4 - wait[$1]) / 1e9; f[name] += $6 - flt[$1] }
+     END { printf "threads, s on CPU / s waiting for one / minor faults:"; for (n in r) printf " %s %.2f/%.2f/%d", n, r[n], w[n], f[n]; print "" }' \
+    "$work/threads0" "$work/threads1" >&2
 hwm="$(awk '/^VmHWM:/ { print $2 }' "/proc/$sp_pid/status")"
 connects="$(metric saltpipe_bus_connects_total)"
 disconnects="$(metric saltpipe_bus_disconnects_total)"
