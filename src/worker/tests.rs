@@ -397,23 +397,19 @@ async fn draining_waits_for_acks_when_the_prefetch_holds_the_rest_back() {
     assert!(q.ready.lock().expect("lock").is_empty());
 }
 
-/// A worker on `q` writing into `sink`, in a task of its own, until the
-/// token it returns is cancelled.
+/// A worker on `q` writing into `sink`, counting into `stats`, in a task
+/// of its own, until the token it returns is cancelled.
 fn start(
     q: &Arc<MemQueue>,
     sink: Arc<dyn Sink>,
     cfg: WorkerConfig,
+    stats: Arc<Stats>,
 ) -> (
     tokio::task::JoinHandle<Result<(), WorkerError>>,
     CancellationToken,
 ) {
     let token = CancellationToken::new();
-    let w = Worker::new(
-        Box::new(MemConsumer(q.clone())),
-        sink,
-        cfg,
-        Arc::new(Stats::default()),
-    );
+    let w = Worker::new(Box::new(MemConsumer(q.clone())), sink, cfg, stats);
     (tokio::spawn(w.run(Stop::new(token.clone(), None))), token)
 }
 
@@ -422,7 +418,7 @@ async fn a_lone_event_is_written_by_the_timer_on_a_quiet_queue() {
     let q = Arc::new(MemQueue::default());
     q.ready.lock().expect("lock").push_back(delivery(1));
     let sink = Arc::new(ScriptSink::default());
-    let (h, token) = start(&q, sink.clone(), cfg(1000));
+    let (h, token) = start(&q, sink.clone(), cfg(1000), Arc::default());
     // Well before any shutdown: the batch timer (200 ms) fires by itself.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(sink.written.lock().expect("lock").len(), 1);
@@ -440,7 +436,7 @@ async fn a_partial_batch_is_written_at_the_stop_without_waiting_out_its_timer() 
         batch_timeout: Duration::from_secs(3600),
         ..cfg(1000)
     };
-    let (h, token) = start(&q, sink.clone(), hour);
+    let (h, token) = start(&q, sink.clone(), hour, Arc::default());
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         sink.written.lock().expect("lock").is_empty(),
@@ -466,7 +462,7 @@ async fn a_starved_consumer_closes_the_batch_without_waiting_for_the_timer() {
     });
     q.ready.lock().expect("lock").extend((1..=3).map(delivery));
     let sink = Arc::new(ScriptSink::default());
-    let (h, token) = start(&q, sink.clone(), cfg(1000));
+    let (h, token) = start(&q, sink.clone(), cfg(1000), Arc::default());
     // Far less than the 200 ms batch timeout (the ack follows within
     // ACK_WAIT): nothing more can come before an ack, so waiting for
     // the timer would only stall.
@@ -613,14 +609,7 @@ async fn the_worker_pulls_nothing_while_the_listener_is_past_half_its_part() {
     // A burst: the listener's backlog (its queue writer behind) is past
     // half its 32 MiB.
     let backlog = listener.charge(20 << 20);
-    let token = CancellationToken::new();
-    let w = Worker::new(
-        Box::new(MemConsumer(q.clone())),
-        sink.clone(),
-        cfg(1000),
-        stats.clone(),
-    );
-    let h = tokio::spawn(w.run(Stop::new(token.clone(), None)));
+    let (h, token) = start(&q, sink.clone(), cfg(1000), stats.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(q.ready.lock().expect("lock").len(), 3, "nothing pulled");
     assert!(stats.worker_yields.load(Relaxed) > 0);
