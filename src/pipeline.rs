@@ -14,13 +14,9 @@
 //!
 //! In `run` and `replay` the listening half has a thread and a one-thread
 //! runtime of its own ([`listen_apart`]), and `run` starts the threads of
-//! the main runtime, which are the workers', at a lower CPU priority
-//! ([`crate::priority`]). On a master the cores are contended during a
-//! burst, by the master itself, the bus reader, the queue writer and the
-//! workers, and they are not equal: a reader or queue writer that falls
-//! behind drops events (the bus is never stalled), a worker that falls
-//! behind only lags (the queue holds the backlog). So the kernel is told
-//! which comes first.
+//! the main runtime, which are the workers', at a lower CPU priority: a
+//! listener that falls behind drops events, a worker only lags
+//! ([`crate::priority`] says why and how).
 
 use crate::action::{ActionError, Actions};
 use crate::backoff::Backoff;
