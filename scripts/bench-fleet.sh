@@ -228,12 +228,19 @@ qwrite="$(printf '%s\n' "$final" | awk '
     /^saltpipe_queue_write_microseconds_total / { us = $2 }
     /^saltpipe_queue_writes_total / { n = $2 }
     END { if (n == "") print "-"; else printf "%.0f / %.1f", slow, us / 1000 / (n > 0 ? n : 1) }')"
+# Kept events the listener held in its overflow file on disk while the
+# queue was behind, and the file's peak in MB (builds before it: -).
+spill="$(printf '%s\n' "$final" | awk '
+    /^saltpipe_events_overflow_spilled_total / { n = $2 }
+    /^saltpipe_overflow_peak_bytes / { p = $2 / 1e6 }
+    END { if (n == "") print "-"; else printf "%d events, peak %.0f MB", n, p }')"
 kill -TERM "$sp_pid"; wait "$sp_pid" || true; sp_pid=""
 closed="$(grep -ciE 'bus closed|reconnect' "$work/saltpipe.log" || true)"
 # What saltpipe said when it dropped events (how long the queue's write in
 # progress had run, the slowest so far), to stderr.
 grep -E 'cannot keep up with the bus' "$work/saltpipe.log" | head -5 >&2 || true
 echo "queue writer: slowest / mean transaction ms: $qwrite" >&2
+echo "overflow file: $spill" >&2
 
 case $MODE/$SINK in
     listen/*)

@@ -25,6 +25,7 @@ use crate::memory::{Part, PartName};
 use crate::queue::{Producer, QueueError};
 use crate::rules::Rules;
 use crate::sink::SinkError;
+use crate::source::overflow::Overflow;
 use crate::source::{Chunk, Ingest, Source, SourceError};
 use crate::stats::Stats;
 use crate::worker::{Stop, Worker, WorkerError};
@@ -510,9 +511,10 @@ async fn queue_writer(
     }
 }
 
-/// Where `run` / `listen` keep the backfill state: the queue directory, or
-/// the local spool with a broker queue.
-pub fn backfill_state_dir(cfg: &Config) -> std::path::PathBuf {
+/// Where `run` / `listen` keep local state (the backfill's marks, the
+/// overflow file): the queue directory, or the local spool with a broker
+/// queue.
+pub fn local_dir(cfg: &Config) -> std::path::PathBuf {
     match &cfg.queue.url {
         crate::queue::QueueUrl::Embedded { dir } => dir.clone(),
         #[allow(unreachable_patterns)]
@@ -558,18 +560,17 @@ async fn into_queue(
             btx,
             Part::standalone(BACKFILL_MEMORY),
         );
-        let auto = crate::backfill::Auto::new(
-            &cfg.backfill,
-            cfg.source.max_frame,
-            backfill_state_dir(cfg),
-        );
+        let auto = crate::backfill::Auto::new(&cfg.backfill, cfg.source.max_frame, local_dir(cfg));
         let scan = tokio::spawn(auto.run(ingest, stats.clone(), shutdown.clone()));
         (scan, writer)
     });
     let writer = tokio::spawn(queue_writer(rx, producer, stats.clone(), give_up.clone()));
     let memory = stats.budget().part(PartName::Listener).clone();
-    let mut ingest =
-        Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx, memory).with_live(live);
+    let overflow = (cfg.source.overflow_limit > 0)
+        .then(|| Overflow::new(local_dir(cfg), cfg.source.overflow_limit));
+    let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx, memory)
+        .with_live(live)
+        .with_overflow(overflow);
     if let Some(rx) = reload {
         ingest = ingest.with_reload(rx);
     }

@@ -132,6 +132,8 @@ stats! {
         kept => "saltpipe_events_kept_total";
         /// Kept events dropped because the queue could not keep up.
         overflow_dropped => "saltpipe_events_overflow_dropped_total";
+        /// Kept events the listener moved to its overflow file on local disk because the queue was behind and its memory part full (read back in order when the queue has room; none lost).
+        overflow_spilled => "saltpipe_events_overflow_spilled_total";
         /// Connections made to the event bus.
         connects => "saltpipe_bus_connects_total";
         /// Connections to the bus lost (each a possible gap).
@@ -203,6 +205,10 @@ stats! {
         /// epoch), 0 if none: an overflow says how long the queue has held
         /// the writer ([`events::QueueOverflow`]).
         pub queue_write_since_ms: AtomicI64,
+        /// Bytes in the listener's overflow file not yet read back.
+        pub overflow_bytes: AtomicU64,
+        /// The most the overflow file has held since the start.
+        pub overflow_peak_bytes: AtomicU64,
         /// The slowest queue write so far, in microseconds.
         pub queue_write_slowest_us: AtomicU64,
         /// Workers whose loop is running, and how many were started (for `/health`).
@@ -507,6 +513,55 @@ pub mod events {
                 slowest_write_ms = stats.queue_write_slowest_us.load(Relaxed) / 1000,
                 "the queue cannot keep up with the bus; dropped kept events rather than stall the reader (every one is counted in saltpipe_events_overflow_dropped_total)"
             );
+        }
+    }
+
+    /// The queue was behind and the listener's part full: a chunk of kept
+    /// events went to the overflow file instead of being dropped.
+    pub struct OverflowSpilled {
+        pub events: usize,
+        /// Bytes in the file now.
+        pub on_disk: u64,
+    }
+
+    impl OverflowSpilled {
+        pub fn emit(&self, stats: &Stats) {
+            stats
+                .overflow_spilled
+                .fetch_add(self.events as u64, Relaxed);
+            stats.overflow_bytes.store(self.on_disk, Relaxed);
+            stats.overflow_peak_bytes.fetch_max(self.on_disk, Relaxed);
+            crate::log_limited!(
+                warn,
+                events = self.events,
+                on_disk_bytes = self.on_disk,
+                "the queue is behind the bus and the listener's memory part is full; holding kept events in the overflow file until the queue has room (counted in saltpipe_events_overflow_spilled_total)"
+            );
+        }
+    }
+
+    /// The overflow file could not take a chunk (full, or the disk
+    /// refused); the chunk is dropped ([`QueueOverflow`]).
+    pub struct OverflowRefused<'a> {
+        pub error: &'a crate::source::overflow::OverflowError,
+    }
+
+    impl OverflowRefused<'_> {
+        pub fn emit(&self, _stats: &Stats) {
+            crate::log_limited!(error, error = %self.error, "cannot hold kept events in the overflow file");
+        }
+    }
+
+    /// A chunk in the overflow file did not read back: its events are lost.
+    pub struct OverflowUnreadable<'a> {
+        pub lost: usize,
+        pub error: &'a crate::source::overflow::OverflowError,
+    }
+
+    impl OverflowUnreadable<'_> {
+        pub fn emit(&self, stats: &Stats) {
+            stats.overflow_dropped.fetch_add(self.lost as u64, Relaxed);
+            crate::log_limited!(error, lost = self.lost, error = %self.error, "kept events in the overflow file did not read back; they are lost (counted in saltpipe_events_overflow_dropped_total)");
         }
     }
 

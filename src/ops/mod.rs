@@ -209,6 +209,16 @@ fn publish(s: &Stats) {
     );
     gauge!("saltpipe_queue_write_slowest_seconds")
         .set(s.queue_write_slowest_us.load(Relaxed) as f64 / 1e6);
+    describe_gauge!(
+        "saltpipe_overflow_bytes",
+        "Bytes of kept events in the listener's overflow file (the queue is behind), not yet read back into the queue."
+    );
+    gauge!("saltpipe_overflow_bytes").set(s.overflow_bytes.load(Relaxed) as f64);
+    describe_gauge!(
+        "saltpipe_overflow_peak_bytes",
+        "The most the listener's overflow file has held since the start (source.overflow_limit is its limit)."
+    );
+    gauge!("saltpipe_overflow_peak_bytes").set(s.overflow_peak_bytes.load(Relaxed) as f64);
     describe_gauge!("saltpipe_workers_running", "Workers running.");
     gauge!("saltpipe_workers_running").set(s.workers_running.load(Relaxed) as f64);
     let now = now_ms();
@@ -303,6 +313,9 @@ mod tests {
             }
             .emit(&stats);
         }
+        for on_disk in [3 << 20, 1 << 20] {
+            crate::stats::events::OverflowSpilled { events: 4, on_disk }.emit(&stats);
+        }
         stats.bus_expected.store(true, Relaxed);
         let budget = stats.install_budget(crate::memory::Budget::new(96 << 20, 32 << 20, false));
         let _held = budget.part(crate::memory::PartName::Worker).charge(5 << 20);
@@ -387,6 +400,16 @@ mod tests {
         assert_eq!(
             m.get("saltpipe_queue_write_slowest_seconds", &[]),
             Some(0.25)
+        );
+        // The overflow file: events moved there, what it holds, its peak.
+        assert_eq!(
+            m.get("saltpipe_events_overflow_spilled_total", &[]),
+            Some(8.0)
+        );
+        assert_eq!(m.get("saltpipe_overflow_bytes", &[]), Some(1_048_576.0));
+        assert_eq!(
+            m.get("saltpipe_overflow_peak_bytes", &[]),
+            Some(3_145_728.0)
         );
         let r = client
             .get(format!("{base}/health"))

@@ -170,6 +170,19 @@ pub fn render(url: &str, now: &Scrape, before: Option<(&Scrape, f64)>) -> String
             ages.get(q).copied().unwrap_or(0.0)
         );
     }
+    // Kept events the listener holds on disk while the queue is behind.
+    if now
+        .get("saltpipe_overflow_peak_bytes", &[])
+        .is_some_and(|p| p > 0.0)
+    {
+        let _ = writeln!(
+            o,
+            "  overflow file {:>12.1} MB held   peak {:.1} MB   {} events moved there",
+            now.sum("saltpipe_overflow_bytes") / 1e6,
+            now.sum("saltpipe_overflow_peak_bytes") / 1e6,
+            now.sum("saltpipe_events_overflow_spilled_total")
+        );
+    }
     let _ = writeln!(o);
     let _ = writeln!(o, "errors");
     for (label, name) in [
@@ -301,5 +314,19 @@ mod tests {
         );
         let screen = render("u", &s, Some((&Scrape::default(), 2.0)));
         assert!(screen.contains("6.0/s"), "{screen}");
+        assert!(!screen.contains("overflow file"), "{screen}");
+        let s = parse(
+            "saltpipe_overflow_bytes 2000000
+saltpipe_overflow_peak_bytes 5000000
+             saltpipe_events_overflow_spilled_total 40
+",
+        );
+        let screen = render("u", &s, None);
+        assert!(
+            screen.contains(
+                "overflow file          2.0 MB held   peak 5.0 MB   40 events moved there"
+            ),
+            "{screen}"
+        );
     }
 }

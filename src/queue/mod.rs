@@ -31,7 +31,7 @@ pub mod redis;
 pub mod resilient;
 
 /// A kept event on its way into a queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// The named queue it is routed to.
     pub queue: Arc<str>,

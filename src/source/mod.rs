@@ -25,6 +25,7 @@ use crate::rules::{Decision, Rules};
 use crate::stats::{Stats, events};
 use async_trait::async_trait;
 use bytes::BytesMut;
+use overflow::{Overflow, Spilled};
 use serde::Deserialize;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod bus;
 pub mod file;
+pub mod overflow;
 
 pub use bus::{Captured, capture, check};
 
@@ -72,6 +74,12 @@ pub struct SourceConfig {
     /// reader starts dropping (counted) instead of stalling the bus.
     #[serde(deserialize_with = "human::opt_size")]
     pub pending_limit: Option<u64>,
+    /// Past `pending_limit`, kept events wait in an overflow file on local
+    /// disk (the queue's directory, or the spool's with a broker) until the
+    /// queue writer has room, up to this many bytes; only past it are they
+    /// dropped (counted). "0" drops at once, as before it existed.
+    #[serde(deserialize_with = "human::size")]
+    pub overflow_limit: u64,
 }
 
 impl Default for SourceConfig {
@@ -84,6 +92,7 @@ impl Default for SourceConfig {
             read_coalesce: Duration::from_millis(10),
             max_frame: 64 << 20,
             pending_limit: None,
+            overflow_limit: 1 << 30,
         }
     }
 }
@@ -215,7 +224,10 @@ pub struct Ingest {
     max_frame: usize,
     outbox: Vec<Message>,
     outbox_bytes: usize,
-    backlog: VecDeque<Chunk>,
+    /// Sealed chunks not handed on yet, oldest first.
+    backlog: VecDeque<Pending>,
+    /// Where chunks past the memory part wait, if anywhere.
+    overflow: Option<Overflow>,
     /// The listener's part of the memory budget.
     memory: Arc<Part>,
     tx: mpsc::Sender<Chunk>,
@@ -223,6 +235,33 @@ pub struct Ingest {
     reload: Option<mpsc::UnboundedReceiver<Rules>>,
     /// The web pages' Live feed (`saltpipe run` with `[web] enabled`).
     live: Option<crate::web::live::LiveFeed>,
+}
+
+/// A sealed chunk waiting for room in the channel: in memory, or in the
+/// overflow file.
+#[derive(Debug)]
+enum Pending {
+    Held(Chunk),
+    Spilled(Spilled),
+}
+
+/// Writes `chunk` to the overflow file, if there is one that takes it.
+fn spill(overflow: Option<&mut Overflow>, stats: &Stats, chunk: &Chunk) -> Option<Spilled> {
+    let overflow = overflow?;
+    match overflow.spill(chunk) {
+        Ok(spilled) => {
+            events::OverflowSpilled {
+                events: spilled.events,
+                on_disk: overflow.held(),
+            }
+            .emit(stats);
+            Some(spilled)
+        }
+        Err(error) => {
+            events::OverflowRefused { error: &error }.emit(stats);
+            None
+        }
+    }
 }
 
 /// Messages per chunk sent to the queue writer...
@@ -250,6 +289,7 @@ impl Ingest {
             outbox: Vec::with_capacity(CHUNK),
             outbox_bytes: 0,
             backlog: VecDeque::new(),
+            overflow: None,
             memory,
             tx,
             reload: None,
@@ -260,6 +300,13 @@ impl Ingest {
     /// Offers every kept event to the Live page's feed (never waits).
     pub fn with_live(mut self, live: Option<crate::web::live::LiveFeed>) -> Ingest {
         self.live = live;
+        self
+    }
+
+    /// Holds chunks past the memory part in `overflow` instead of dropping
+    /// them (the bus reader; a file source and the backfill wait instead).
+    pub fn with_overflow(mut self, overflow: Option<Overflow>) -> Ingest {
+        self.overflow = overflow;
         self
     }
 
@@ -345,50 +392,103 @@ impl Ingest {
         }
         let messages = std::mem::replace(&mut self.outbox, Vec::with_capacity(CHUNK));
         let charge = self.memory.charge(std::mem::take(&mut self.outbox_bytes));
-        self.backlog.push_back(Chunk { messages, charge });
+        self.backlog
+            .push_back(Pending::Held(Chunk { messages, charge }));
     }
 
-    /// Hands what it can to the queue writer without waiting. While the
-    /// memory part is past its limit (the queue has not stored anything
-    /// for a while), drops the newest chunks not yet handed on (counted)
-    /// instead of blocking; a chunk that is all the part holds is kept, so
-    /// one event larger than the part still goes through.
+    /// Hands what it can to the queue writer without waiting, oldest
+    /// first (reading a spilled chunk back only when the channel has room
+    /// for it). While the memory part is past its limit (the queue has not
+    /// stored anything for a while), moves the newest chunks still in
+    /// memory to the overflow file, or, when there is none or it refuses,
+    /// drops them (counted) instead of blocking; a chunk that is all the
+    /// part holds stays, so one event larger than the part still goes
+    /// through.
     pub fn flush_nowait(&mut self) -> Result<(), SourceError> {
         self.seal();
-        while let Some(chunk) = self.backlog.pop_front() {
+        while self.tx.capacity() > 0 {
+            let Some(next) = self.backlog.pop_front() else {
+                break;
+            };
+            let Some(chunk) = self.take(next) else {
+                continue;
+            };
             match self.tx.try_send(chunk) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(chunk)) => {
-                    self.backlog.push_front(chunk);
+                    self.backlog.push_front(Pending::Held(chunk));
                     break;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::QueueClosed),
             }
         }
         while self.memory.over() {
-            let Some(chunk) = self.backlog.pop_back() else {
+            let Some(at) = self
+                .backlog
+                .iter()
+                .rposition(|p| matches!(p, Pending::Held(_)))
+            else {
+                break;
+            };
+            let Pending::Held(chunk) = &self.backlog[at] else {
                 break;
             };
             if chunk.charge.bytes() >= self.memory.used() {
-                self.backlog.push_back(chunk);
                 break;
             }
-            // These never reach the queue: the duplicate window must not
-            // drop the master's retransmit of them as already kept.
-            for m in &chunk.messages {
-                if let Ok(e) = Event::from_body(m.body.clone()) {
-                    self.rules.forget(&e);
+            match spill(self.overflow.as_mut(), &self.stats, chunk) {
+                // Dropping the held chunk releases its charge.
+                Some(spilled) => self.backlog[at] = Pending::Spilled(spilled),
+                None => {
+                    if let Some(Pending::Held(chunk)) = self.backlog.remove(at) {
+                        self.drop_chunk(chunk);
+                    }
                 }
             }
-            let dropped = chunk.messages.len();
-            drop(chunk);
-            events::QueueOverflow {
-                dropped,
-                pending_bytes: self.memory.used(),
-            }
-            .emit(&self.stats);
         }
         Ok(())
+    }
+
+    /// The chunk to hand on: held, or read back from the overflow file
+    /// (`None`, counted as lost, if it does not read back).
+    fn take(&mut self, pending: Pending) -> Option<Chunk> {
+        let spilled = match pending {
+            Pending::Held(chunk) => return Some(chunk),
+            Pending::Spilled(spilled) => spilled,
+        };
+        let events = spilled.events;
+        let overflow = self.overflow.as_mut()?;
+        let read = overflow.read_back(spilled, &self.memory);
+        self.stats.overflow_bytes.store(overflow.held(), Relaxed);
+        match read {
+            Ok(chunk) => Some(chunk),
+            Err(error) => {
+                events::OverflowUnreadable {
+                    lost: events,
+                    error: &error,
+                }
+                .emit(&self.stats);
+                None
+            }
+        }
+    }
+
+    /// Drops a kept chunk the queue cannot take in time (counted).
+    fn drop_chunk(&mut self, chunk: Chunk) {
+        // These never reach the queue: the duplicate window must not
+        // drop the master's retransmit of them as already kept.
+        for m in &chunk.messages {
+            if let Ok(e) = Event::from_body(m.body.clone()) {
+                self.rules.forget(&e);
+            }
+        }
+        let dropped = chunk.messages.len();
+        drop(chunk);
+        events::QueueOverflow {
+            dropped,
+            pending_bytes: self.memory.used(),
+        }
+        .emit(&self.stats);
     }
 
     /// True if kept events wait for room in the channel.
@@ -399,7 +499,10 @@ impl Ingest {
     /// Hands everything on, waiting for room: for files and shutdown.
     pub async fn flush_wait(&mut self) -> Result<(), SourceError> {
         self.seal();
-        while let Some(chunk) = self.backlog.pop_front() {
+        while let Some(next) = self.backlog.pop_front() {
+            let Some(chunk) = self.take(next) else {
+                continue;
+            };
             self.tx
                 .send(chunk)
                 .await
@@ -476,5 +579,98 @@ mod tests {
         let e = Event::from_body(again.messages[0].body.clone()).expect("event");
         assert_eq!(e.fields.jid.as_deref(), Some("2"));
         assert_eq!(stats.kept.load(Relaxed), 3);
+    }
+
+    fn jid_of(m: &Message) -> String {
+        let e = Event::from_body(m.body.clone()).expect("event");
+        e.fields.jid.clone().unwrap_or_default()
+    }
+
+    /// A queue stuck while 50 returns arrive, each its own chunk, with room
+    /// in memory for one: the rest wait in the overflow file.
+    fn stuck_queue(
+        overflow_limit: u64,
+    ) -> (
+        Ingest,
+        mpsc::Receiver<Chunk>,
+        Arc<Stats>,
+        Arc<Part>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(1);
+        let memory = Part::standalone(1);
+        let rules = Rules::new(&crate::rules::RulesConfig::default());
+        let mut ingest = Ingest::new(
+            &SourceConfig::default(),
+            rules,
+            stats.clone(),
+            tx,
+            memory.clone(),
+        )
+        .with_overflow(Some(Overflow::new(
+            dir.path().to_path_buf(),
+            overflow_limit,
+        )));
+        for jid in 1..=50 {
+            feed(&mut ingest, &ret(&jid.to_string()));
+        }
+        (ingest, rx, stats, memory, dir)
+    }
+
+    #[test]
+    fn past_its_part_the_listener_holds_kept_events_on_disk_and_hands_them_on_in_order() {
+        let (mut ingest, mut rx, stats, memory, _dir) = stuck_queue(1 << 20);
+        assert_eq!(stats.overflow_dropped.load(Relaxed), 0);
+        // One in the channel (all the part holds), 49 on disk.
+        assert_eq!(stats.overflow_spilled.load(Relaxed), 49);
+        assert!(stats.overflow_bytes.load(Relaxed) > 0);
+        let one = memory.used();
+        // The queue recovers: everything comes out once, in order, and
+        // memory never holds more than the channel and the held chunk.
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            while let Ok(chunk) = rx.try_recv() {
+                got.extend(chunk.messages.iter().map(jid_of));
+            }
+            assert!(memory.used() <= 2 * one, "{} > 2 x {one}", memory.used());
+            ingest.flush_nowait().expect("queue writer alive");
+            if got.len() == 50 {
+                break;
+            }
+        }
+        let want: Vec<String> = (1..=50).map(|j: u32| j.to_string()).collect();
+        assert_eq!(got, want);
+        assert_eq!(stats.overflow_bytes.load(Relaxed), 0, "the file is empty");
+        assert!(!ingest.has_backlog());
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_what_is_on_disk_is_handed_on_too() {
+        let (mut ingest, mut rx, stats, _memory, _dir) = stuck_queue(1 << 20);
+        let taker = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                got.extend(chunk.messages.iter().map(jid_of));
+            }
+            got
+        });
+        ingest.flush_wait().await.expect("queue writer alive");
+        drop(ingest);
+        let got = taker.await.expect("taker");
+        assert_eq!(got.len(), 50);
+        assert_eq!(stats.overflow_dropped.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn past_the_overflow_limit_kept_events_are_dropped_and_counted() {
+        // Room on disk for about one return.
+        let (_ingest, _rx, stats, _memory, _dir) = stuck_queue(150);
+        let spilled = stats.overflow_spilled.load(Relaxed);
+        let dropped = stats.overflow_dropped.load(Relaxed);
+        assert!(spilled >= 1, "{spilled}");
+        assert_eq!(spilled + dropped, 49, "every return is on disk or counted");
+        assert!(dropped >= 40, "{dropped}");
     }
 }

@@ -415,6 +415,11 @@ fn ingest_figures(s: &crate::stats::Snapshot) -> Vec<(&'static str, &'static str
         ("acked", "written (acknowledged)", s.acked),
         ("returns", "returns written", s.returns_written),
         (
+            "overflow-spilled",
+            "held on disk while the queue was behind",
+            s.overflow_spilled,
+        ),
+        (
             "overflow",
             "lost: queue could not keep up",
             s.overflow_dropped,
