@@ -309,6 +309,62 @@ fn sigkill_with_a_backlog_loses_nothing_and_doubles_nothing() {
     assert_eq!(ret, "\"payload 71 café 🧂\"");
 }
 
+/// The queue stops taking writes (its write lock held from outside) while
+/// a burst of large returns crosses a real master's bus, far more than the
+/// listener's memory: what memory cannot hold waits in the overflow file,
+/// and once the queue takes writes again every return is stored, once, and
+/// none was dropped.
+#[test]
+fn a_stuck_queue_holds_a_burst_in_the_overflow_file_and_loses_nothing() {
+    const N: usize = 400;
+    let sb = Sandbox::up(0);
+    let work = tempfile::tempdir().expect("tempdir");
+    // The smallest budget: the listener has 1 MiB of its own and borrows
+    // the rest of 16; the burst is 40 MB.
+    let cfg = write_config(
+        work.path(),
+        &sb.event_pub(),
+        "[memory]\nbudget = \"16MiB\"\n",
+    );
+    let args = [
+        std::ffi::OsStr::new("run"),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ];
+    let sp = Saltpipe::start_env(&args, &[("SALTPIPE_SOURCE_PENDING_LIMIT", "1MiB")]);
+    sp.wait_log("connected to the event bus", 1, LONG);
+
+    let queue = rusqlite::Connection::open(work.path().join("queue/queue.db")).expect("open queue");
+    queue
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("hold the queue's write lock");
+
+    let big = "x".repeat(100_000);
+    let frames: Vec<Vec<u8>> = (0..N)
+        .map(|i| common::return_frame("20261206000000000001", &format!("m{i:03}"), &big))
+        .collect();
+    sb.push_events(&frames);
+    sp.wait_log("holding kept events in the overflow file", 1, LONG);
+    // Let the master publish the rest of the burst while the queue is stuck.
+    std::thread::sleep(Duration::from_secs(3));
+    queue.execute_batch("ROLLBACK").expect("let the queue go");
+    drop(queue);
+
+    let db = open_db(work.path());
+    wait_for("every return stored", LONG, || {
+        (count(&db, "SELECT count(*) FROM salt_returns") >= N as i64).then_some(())
+    });
+    assert!(sp.terminate().success());
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT DISTINCT jid, id FROM salt_returns)"
+        ),
+        N as i64
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM salt_returns"), N as i64);
+}
+
 /// A master whose own config moves the bus, the job cache and its id away
 /// from Salt's defaults (in `master.d/*.conf`, read through Salt's
 /// `default_include`), and a saltpipe with no config file (only where to
