@@ -445,6 +445,15 @@ mod tests {
     }
 
     #[test]
+    fn the_overflow_file_is_off_or_at_least_a_mebibyte() {
+        let c = parse("[source]\noverflow_limit = \"0\"\n").expect("0 turns it off");
+        assert_eq!(c.source.overflow_limit, 0);
+        assert_eq!(parse("").expect("defaults").source.overflow_limit, 1 << 30);
+        let err = parse("[source]\noverflow_limit = \"64KiB\"\n").expect_err("too small");
+        assert!(err.to_string().contains("source.overflow_limit"), "{err}");
+    }
+
+    #[test]
     fn empty_file_gives_working_defaults() {
         let c = parse("").expect("defaults");
         assert_eq!(

@@ -155,6 +155,12 @@ impl SourceConfig {
                 "must be at least 1MiB",
             ));
         }
+        if self.overflow_limit != 0 && self.overflow_limit < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "source.overflow_limit",
+                "must be 0 (no overflow file) or at least 1MiB",
+            ));
+        }
         Ok(())
     }
 
