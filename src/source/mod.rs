@@ -11,10 +11,12 @@
 //! the queue has not yet stored (backlog, channel, the writer's batch) is
 //! charged to the listener's part of the memory budget
 //! ([`crate::memory`], `source.pending_limit`), which may borrow what the
-//! worker's part leaves free. Only if both are full (the local disk is
-//! too slow or stopped taking writes) does it drop events, counted and
-//! logged at error, rather than stall the socket and lose the master's
-//! whole buffer uncounted.
+//! worker's part leaves free. Past both, the newest chunks wait on local
+//! disk in an anonymous overflow file ([`overflow`], `source.overflow_limit`)
+//! and go on in order when the writer has room. Only if that is full too
+//! (the queue stopped taking writes for long) or the disk refuses does it
+//! drop events, counted and logged at error, rather than stall the socket
+//! and lose the master's whole buffer uncounted.
 
 use crate::bus::framing::{Framed, Framer};
 use crate::config::{ConfigError, human};
@@ -71,7 +73,8 @@ pub struct SourceConfig {
     /// Kept events held in memory until the queue has stored them (the
     /// listener's part of `[memory] budget`; half of it when not set; it
     /// may also borrow what the worker's part leaves free), before the
-    /// reader starts dropping (counted) instead of stalling the bus.
+    /// reader moves them to the overflow file (or, without one, drops
+    /// them, counted) instead of stalling the bus.
     #[serde(deserialize_with = "human::opt_size")]
     pub pending_limit: Option<u64>,
     /// Past `pending_limit`, kept events wait in an overflow file on local
