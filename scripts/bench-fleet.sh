@@ -125,6 +125,9 @@ for _ in $(seq 200); do
     sleep 0.1
 done
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# User and system ticks apart: the system part is mostly the kernel's copies
+# (socket reads, file writes), the floor under the CPU ratio.
+split_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 
 # The watcher: samples saltpipe's VmRSS and polls the row count until the
 # simulator's summary is there and the count reached what it expects, or
@@ -197,11 +200,13 @@ threads() {
 }
 { threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads0"
 sp0="$(ticks "$sp_pid")"; ep0="$(ticks "$publisher")"
+read -r spu0 sps0 < <(split_ticks "$sp_pid"); read -r epu0 eps0 < <(split_ticks "$publisher")
 "$BIN/saltpipe-gen" sim --scenario "$SCENARIO" --minions "$MINIONS" --rate "$RATE" --seed "$SEED" \
     ${SIM_ARGS:-} --push "$pull" --summary "$work/sim.tmp" 2>"$work/sim.log"
 mv "$work/sim.tmp" "$work/sim.json"
 wait "$watch_pid"
 sp1="$(ticks "$sp_pid")"; ep1="$(ticks "$publisher")"
+read -r spu1 sps1 < <(split_ticks "$sp_pid"); read -r epu1 eps1 < <(split_ticks "$publisher")
 { threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads1"
 # By thread name, to stderr: seconds on CPU / waiting for a CPU / minor
 # page faults over the run.
@@ -241,6 +246,13 @@ closed="$(grep -ciE 'bus closed|reconnect' "$work/saltpipe.log" || true)"
 grep -E 'cannot keep up with the bus' "$work/saltpipe.log" | head -5 >&2 || true
 echo "queue writer: slowest / mean transaction ms: $qwrite" >&2
 echo "overflow file: $spill" >&2
+# CPU s per 100 MB of bus traffic, user / system, of saltpipe and of the
+# master's EventPublisher, over the same time as the table's CPU columns.
+python3 -c 'import json, sys
+mb = json.load(open(sys.argv[1]))["bytes"] / 1e6
+u, s, eu, es = (int(x) / 100.0 * 100 / mb for x in sys.argv[2:])
+print(f"CPU s / 100 MB, user / system: saltpipe {u:.2f} / {s:.2f}, EventPublisher {eu:.2f} / {es:.2f}")' \
+    "$work/sim.json" "$((spu1 - spu0))" "$((sps1 - sps0))" "$((epu1 - epu0))" "$((eps1 - eps0))" >&2
 
 case $MODE/$SINK in
     listen/*)

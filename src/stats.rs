@@ -540,6 +540,24 @@ pub mod events {
         }
     }
 
+    /// The overflow file has been read back whole: the queue caught up.
+    pub struct OverflowEmptied {
+        pub episode: crate::source::overflow::Episode,
+    }
+
+    impl OverflowEmptied {
+        pub fn emit(&self, _stats: &Stats) {
+            let e = &self.episode;
+            let secs = e.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            tracing::info!(
+                events = e.events,
+                peak_bytes = e.peak_bytes,
+                seconds = format_args!("{secs:.1}"),
+                "the queue caught up: every event held in the overflow file is handed on, and the file is freed"
+            );
+        }
+    }
+
     /// The overflow file could not take a chunk (full, or the disk
     /// refused); the chunk is dropped ([`QueueOverflow`]).
     pub struct OverflowRefused<'a> {

@@ -354,6 +354,9 @@ fn a_stuck_queue_holds_a_burst_in_the_overflow_file_and_loses_nothing() {
     wait_for("every return stored", LONG, || {
         (count(&db, "SELECT count(*) FROM salt_returns") >= N as i64).then_some(())
     });
+    // The file was read back whole and freed, and nothing was dropped.
+    sp.wait_log("the queue caught up", 1, LONG);
+    assert_eq!(sp.log_contains("dropped kept events"), 0);
     assert!(sp.terminate().success());
     assert_eq!(
         count(

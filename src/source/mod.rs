@@ -469,6 +469,9 @@ impl Ingest {
         let overflow = self.overflow.as_mut()?;
         let read = overflow.read_back(spilled, &self.memory);
         self.stats.overflow_bytes.store(overflow.held(), Relaxed);
+        if let Some(episode) = overflow.take_finished() {
+            events::OverflowEmptied { episode }.emit(&self.stats);
+        }
         match read {
             Ok(chunk) => Some(chunk),
             Err(error) => {

@@ -79,6 +79,19 @@ pub struct Overflow {
     end: u64,
     /// Bytes written and not read back yet.
     held: u64,
+    /// This episode so far: events written, the most bytes held.
+    episode: Episode,
+    /// The last episode, once its file is read back whole, until taken.
+    finished: Option<Episode>,
+}
+
+/// One stretch of the overflow file in use, from its first spill until it
+/// has been read back whole: what the operator's log line reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Episode {
+    pub events: usize,
+    pub peak_bytes: u64,
+    pub started: Option<std::time::Instant>,
 }
 
 /// No limit on a container: a spilled chunk is written whole, one
@@ -97,6 +110,8 @@ impl Overflow {
             file: None,
             end: 0,
             held: 0,
+            episode: Episode::default(),
+            finished: None,
         }
     }
 
@@ -125,6 +140,10 @@ impl Overflow {
             let file = tempfile::tempfile_in(&self.dir).map_err(|e| self.io(e))?;
             self.file = Some(file);
             self.end = 0;
+            self.episode = Episode {
+                started: Some(std::time::Instant::now()),
+                ..Episode::default()
+            };
         }
         let mut buf = Vec::with_capacity(size);
         let mut parts = Vec::with_capacity(containers.len());
@@ -139,6 +158,8 @@ impl Overflow {
         }
         self.end = off;
         self.held += on_disk;
+        self.episode.events += chunk.messages.len();
+        self.episode.peak_bytes = self.episode.peak_bytes.max(self.held);
         Ok(Spilled {
             parts,
             events: chunk.messages.len(),
@@ -160,12 +181,18 @@ impl Overflow {
             // Everything is back: close (and so free) this file.
             self.file = None;
             self.end = 0;
+            self.finished = Some(std::mem::take(&mut self.episode));
         }
         let messages = read?;
         Ok(Chunk {
             messages,
             charge: memory.charge(spilled.bytes),
         })
+    }
+
+    /// The episode that ended with the last read back, once.
+    pub fn take_finished(&mut self) -> Option<Episode> {
+        self.finished.take()
     }
 
     fn read_parts(&self, spilled: &Spilled) -> Result<Vec<Message>, OverflowError> {
@@ -226,6 +253,7 @@ mod tests {
         let (want_a, want_b) = (a.messages.clone(), b.messages.clone());
         let sa = o.spill(&a).unwrap();
         let sb = o.spill(&b).unwrap();
+        let (sa_size, sb_size) = (sa.on_disk, sb.on_disk);
         drop((a, b));
         assert_eq!(part.used(), 0, "spilled chunks hold no memory");
         assert!(o.held() > 0);
@@ -245,10 +273,15 @@ mod tests {
         assert_eq!(part.used(), charged, "read back, it is charged again");
         assert!(o.file.is_some(), "b is still in the file");
 
+        assert_eq!(o.take_finished(), None, "not over while b is in the file");
         let back = o.read_back(sb, &part).unwrap();
         assert_eq!(back.messages, want_b);
         assert_eq!(o.held(), 0);
         assert!(o.file.is_none(), "the file is closed once empty");
+        let episode = o.take_finished().expect("the episode is over");
+        assert_eq!(episode.events, 7);
+        assert_eq!(episode.peak_bytes, sa_size + sb_size);
+        assert_eq!(o.take_finished(), None, "reported once");
 
         // The next spill starts a new file at offset 0.
         let c = chunk(&part, &["default"], 20);
