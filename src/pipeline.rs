@@ -568,6 +568,9 @@ async fn into_queue(
     let memory = stats.budget().part(PartName::Listener).clone();
     let overflow = (cfg.source.overflow_limit > 0)
         .then(|| Overflow::new(local_dir(cfg), cfg.source.overflow_limit));
+    if let Some(o) = &overflow {
+        o.check_room();
+    }
     let mut ingest = Ingest::new(&cfg.source, Rules::new(&cfg.rules), stats, tx, memory)
         .with_live(live)
         .with_overflow(overflow);

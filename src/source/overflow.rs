@@ -94,6 +94,13 @@ pub struct Episode {
     pub started: Option<std::time::Instant>,
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem of `dir`,
+/// if it can be read.
+pub fn free_space(dir: &std::path::Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 /// No limit on a container: a spilled chunk is written whole, one
 /// container per queue it holds (the queue writer packs again anyway).
 const WHOLE: Limits = Limits {
@@ -113,6 +120,22 @@ impl Overflow {
             episode: Episode::default(),
             finished: None,
         }
+    }
+
+    /// Compares the room left on the file's filesystem with the limit, at
+    /// start: a limit the disk cannot hold only shows when a burst needs
+    /// it, as drops. Logs a warning if it is short; returns the free bytes.
+    pub fn check_room(&self) -> Option<u64> {
+        let free = free_space(&self.dir)?;
+        if free < self.limit {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                free_bytes = free,
+                overflow_limit = self.limit,
+                "the overflow file's disk has less room than source.overflow_limit: in a long burst, kept events may be dropped before the limit"
+            );
+        }
+        Some(free)
     }
 
     /// Bytes on disk not read back yet.
@@ -287,6 +310,18 @@ mod tests {
         let c = chunk(&part, &["default"], 20);
         let sc = o.spill(&c).unwrap();
         assert_eq!(sc.parts[0].1, 0);
+    }
+
+    #[test]
+    fn the_room_on_the_disk_is_read_and_a_missing_directory_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_space(dir.path()).expect("statvfs of a tempdir");
+        assert!(free > 0);
+        // A limit no disk holds: warned about, and the room is reported.
+        let o = Overflow::new(dir.path().to_path_buf(), u64::MAX);
+        assert!(o.check_room().is_some_and(|f| f > 0));
+        let gone = Overflow::new(PathBuf::from("/nonexistent/saltpipe"), 1 << 20);
+        assert_eq!(gone.check_room(), None);
     }
 
     #[test]
