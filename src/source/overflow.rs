@@ -9,7 +9,7 @@
 //! at a time: 30-540 returns lost in 9 of 15 runs, a deficit of up to
 //! ~90 MB that no sensible memory budget bridges (docs/BENCHMARKS.md).
 //! Disk does: past the part's limit, the newest chunks not yet handed on
-//! are appended to an overflow file (one `pwrite` each, into the page
+//! are appended to an overflow file (a `pwrite` per queue in it, into the page
 //! cache: far cheaper than the queue's own write, which the reader must
 //! not wait for), and read back, in order, when the writer has room.
 //! Memory stays bounded; only past `source.overflow_limit` bytes on disk,
@@ -168,16 +168,16 @@ impl Overflow {
                 ..Episode::default()
             };
         }
-        let mut buf = Vec::with_capacity(size);
+        // Each container straight from its encoding (one per queue in the
+        // chunk, most often one): no copy into a buffer of its own.
         let mut parts = Vec::with_capacity(containers.len());
         let mut off = self.end;
         for c in containers {
+            if let Some(file) = &self.file {
+                file.write_all_at(&c.data, off).map_err(|e| self.io(e))?;
+            }
             parts.push((c.queue, off, c.data.len()));
             off += c.data.len() as u64;
-            buf.extend_from_slice(&c.data);
-        }
-        if let Some(file) = &self.file {
-            file.write_all_at(&buf, self.end).map_err(|e| self.io(e))?;
         }
         self.end = off;
         self.held += on_disk;
