@@ -124,9 +124,9 @@ for _ in $(seq 200); do
     kill -0 "$sp_pid" || { cat "$work/saltpipe.log" >&2; exit 1; }
     sleep 0.1
 done
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-# User and system ticks apart: the system part is mostly the kernel's copies
-# (socket reads, file writes), the floor under the CPU ratio.
+# User and system CPU ticks of a process, apart: the system part is mostly
+# the kernel's copies (socket reads, file writes), the floor under the CPU
+# ratio; their sum is the table's CPU.
 split_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 
 # The watcher: samples saltpipe's VmRSS and polls the row count until the
@@ -199,14 +199,14 @@ threads() {
     done
 }
 { threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads0"
-sp0="$(ticks "$sp_pid")"; ep0="$(ticks "$publisher")"
 read -r spu0 sps0 < <(split_ticks "$sp_pid"); read -r epu0 eps0 < <(split_ticks "$publisher")
+sp0=$((spu0 + sps0)); ep0=$((epu0 + eps0))
 "$BIN/saltpipe-gen" sim --scenario "$SCENARIO" --minions "$MINIONS" --rate "$RATE" --seed "$SEED" \
     ${SIM_ARGS:-} --push "$pull" --summary "$work/sim.tmp" 2>"$work/sim.log"
 mv "$work/sim.tmp" "$work/sim.json"
 wait "$watch_pid"
-sp1="$(ticks "$sp_pid")"; ep1="$(ticks "$publisher")"
 read -r spu1 sps1 < <(split_ticks "$sp_pid"); read -r epu1 eps1 < <(split_ticks "$publisher")
+sp1=$((spu1 + sps1)); ep1=$((epu1 + eps1))
 { threads "$sp_pid"; threads "$publisher" | sed 's/ / publisher:/'; } >"$work/threads1"
 # By thread name, to stderr: seconds on CPU / waiting for a CPU / minor
 # page faults over the run.
