@@ -483,6 +483,7 @@ async fn run_serves_the_pages_and_live() {
     assert_eq!(figure("kept"), 1);
     assert_eq!(figure("frames"), 1);
     assert_eq!(figure("returns"), 1);
+    assert_eq!(figure("overflow-spilled"), 0, "nothing waited on disk");
 
     // A second event while the stream is open, then SIGTERM with it open.
     publisher
