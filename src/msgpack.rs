@@ -395,7 +395,7 @@ pub fn to_json_with_field(
     let mut range = None;
     w.out.push(b'{');
     for i in 0..n {
-        let text = w.entry_key(&mut r, i)?;
+        let text = w.entry_key(&mut r, i, 1)?;
         let start = w.out.len();
         if range.is_none() && text == Some(field.as_bytes()) {
             let at = r.position();
@@ -462,7 +462,7 @@ impl<'r> JsonWriter<'r> {
     fn map(&mut self, r: &mut Reader<'_>, n: u32, depth: usize) -> Result<(), WalkError> {
         self.out.push(b'{');
         for i in 0..n {
-            let text = self.entry_key(r, i)?;
+            let text = self.entry_key(r, i, depth)?;
             self.entry(r, text, depth)?;
         }
         self.out.push(b'}');
@@ -515,14 +515,14 @@ impl<'r> JsonWriter<'r> {
             return self.value(r, depth);
         };
         for i in 0..n {
-            let text = self.entry_key(r, i)?;
+            let text = self.entry_key(r, i, depth + 1)?;
             let state = t.state(text);
             if state
                 && !self.hides(text)
                 && let Some(m) = self.open_map(r, depth + 1)?
             {
                 for j in 0..m {
-                    let key = self.entry_key(r, j)?;
+                    let key = self.entry_key(r, j, depth + 2)?;
                     let start = r.position();
                     self.entry(r, key, depth + 2)?;
                     t.field(key, r.since(start));
@@ -561,12 +561,19 @@ impl<'r> JsonWriter<'r> {
 
     /// Writes the `i`th key of a map (after a separator unless it is the
     /// first) and the `: ` after it; gives the key's text as [`JsonWriter::key`].
+    /// `depth` is the key's own depth in the whole value (that of its map's
+    /// entries), for the secrets check of a key that is a container.
     #[inline(always)]
-    fn entry_key<'a>(&mut self, r: &mut Reader<'a>, i: u32) -> Result<Option<&'a [u8]>, WalkError> {
+    fn entry_key<'a>(
+        &mut self,
+        r: &mut Reader<'a>,
+        i: u32,
+        depth: usize,
+    ) -> Result<Option<&'a [u8]>, WalkError> {
         if i > 0 {
             self.out.extend_from_slice(b", ");
         }
-        let text = self.key(r)?;
+        let text = self.key(r, depth)?;
         self.out.extend_from_slice(b": ");
         Ok(text)
     }
@@ -618,7 +625,7 @@ impl<'r> JsonWriter<'r> {
     ///
     /// Returns the key's text when it is a str (or bin) key: the one kind
     /// `[sink] redact` and the captured field are matched against.
-    fn key<'a>(&mut self, r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, WalkError> {
+    fn key<'a>(&mut self, r: &mut Reader<'a>, depth: usize) -> Result<Option<&'a [u8]>, WalkError> {
         let start = r.position();
         let save = r.clone();
         let item = r.item()?;
@@ -636,9 +643,13 @@ impl<'r> JsonWriter<'r> {
                 let raw = r.skip()?;
                 // Written as its msgpack's base64: a secret inside it would
                 // be stored as it is, so it is looked into (rare: a key
-                // that is a map or a list).
+                // that is a map or a list), at its depth in the whole
+                // value: the redactor that would hide it walks the whole
+                // value, and where that walk is too deep this check must
+                // be too, or the worker would ask for a redaction that
+                // cannot be made (found by the `json` fuzz target).
                 if let Some(redact) = self.redact
-                    && redact.redact_msgpack(raw)?.is_some()
+                    && redact.redact_msgpack_at(raw, depth)?.is_some()
                 {
                     return Err(WalkError::Secret);
                 }

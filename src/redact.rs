@@ -274,12 +274,23 @@ impl KeyRedactor {
     /// many were; `None` when nothing matched, or every match already was
     /// `***` (the caller keeps `data`).
     pub fn redact_msgpack(&self, data: &[u8]) -> Result<Option<(Vec<u8>, u64)>, WalkError> {
+        self.redact_msgpack_at(data, 0)
+    }
+
+    /// [`KeyRedactor::redact_msgpack`] for a value found `depth` levels
+    /// down in a larger one: its nesting counts from there against
+    /// [`msgpack::MAX_DEPTH`], as it would in a walk of the whole.
+    pub(crate) fn redact_msgpack_at(
+        &self,
+        data: &[u8],
+        depth: usize,
+    ) -> Result<Option<(Vec<u8>, u64)>, WalkError> {
         if self.names.is_empty() {
             return Ok(None);
         }
         let mut hidden = Vec::new();
         let mut r = Reader::new(data);
-        self.collect(&mut r, 0, &mut hidden)?;
+        self.collect(&mut r, depth, &mut hidden)?;
         if hidden.is_empty() {
             return Ok(None);
         }
@@ -341,16 +352,25 @@ impl KeyRedactor {
     }
 
     /// The event with its secrets hidden and how many were, or None when
-    /// it has none (or its data cannot be walked: the sink reports it).
-    pub fn redacted(&self, e: &crate::event::Event) -> Option<(crate::event::Event, u64)> {
-        let (new_data, n) = self.redact_msgpack(e.data()).ok()??;
+    /// it has none; an error when its data cannot be walked whole (nested
+    /// too deep, or damaged), so whether it holds a secret is not known.
+    pub fn redacted(
+        &self,
+        e: &crate::event::Event,
+    ) -> Result<Option<(crate::event::Event, u64)>, WalkError> {
+        let Some((new_data, n)) = self.redact_msgpack(e.data())? else {
+            return Ok(None);
+        };
         let tag = e.tag();
         let mut body = Vec::with_capacity(tag.len() + 2 + new_data.len());
         body.extend_from_slice(tag.as_bytes());
         body.extend_from_slice(b"\n\n");
         body.extend_from_slice(&new_data);
-        let redacted = crate::event::Event::from_body(bytes::Bytes::from(body)).ok()?;
-        Some((redacted, n))
+        // Only values were replaced, by a valid one: it decodes as the
+        // original did. Were it not to, nothing could be stored safely.
+        let redacted = crate::event::Event::from_body(bytes::Bytes::from(body))
+            .map_err(|_| WalkError::Invalid)?;
+        Ok(Some((redacted, n)))
     }
 }
 
@@ -702,6 +722,56 @@ mod tests {
             msgpack::to_json_checked(&data, usize::MAX, Some(&r)).err(),
             Some(WalkError::TooDeep)
         );
+    }
+
+    #[test]
+    fn a_secret_in_a_key_near_the_depth_limit_is_judged_as_the_redactor_judges_it() {
+        // A map used as a key holds a password and a deep list. The
+        // checked transcode looks into the key at the key's own depth in
+        // the event, as the redactor's walk does: where the redactor gives
+        // up (too deep), so does the checked transcode, instead of asking
+        // for a redaction that cannot be made.
+        use rmpv::Value as V;
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        for levels in 245..262 {
+            let mut deep = V::from(1);
+            for _ in 0..levels {
+                deep = V::Array(vec![deep]);
+            }
+            let key = V::Map(vec![
+                (V::from("password"), V::from("x")),
+                (V::from("d"), deep),
+            ]);
+            for data in [
+                mp(&V::Map(vec![(key.clone(), V::from("v"))])),
+                mp(&V::Map(vec![(
+                    V::from("return"),
+                    V::Map(vec![(
+                        V::from("a_|-b_|-c_|-d"),
+                        V::Map(vec![(key.clone(), V::from(1))]),
+                    )]),
+                )])),
+            ] {
+                let checked = msgpack::to_json_checked(&data, usize::MAX, Some(&r));
+                let with_field = msgpack::to_json_with_field(
+                    &data,
+                    "return",
+                    usize::MAX,
+                    Some(&r),
+                    Some(&mut crate::outcome::StatesTally::default()),
+                )
+                .map(|(json, _)| json);
+                for got in [checked, with_field] {
+                    match (got, r.redact_msgpack(&data)) {
+                        (Err(WalkError::Secret), Ok(Some(_))) => {}
+                        (Err(e), Err(f)) => assert_eq!(e, f, "{levels} levels"),
+                        (got, walk) => {
+                            panic!("{levels} levels: {got:?} but the redactor gave {walk:?}")
+                        }
+                    }
+                }
+            }
+        }
     }
 
     proptest! {

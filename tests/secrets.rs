@@ -666,3 +666,85 @@ fn stored_rows_and_exec_children_never_see_a_secret() {
     }
     assert_hidden("saltpipe output", &text, "EnvSecret6");
 }
+
+/// An event the redactor cannot walk whole (nested past the transcoder's
+/// 256 levels) may hold a secret it never reached, or one it passed on the
+/// way: it is stored nowhere, not even in the dead letters, whose row
+/// keeps its tag and why. The batch's other returns are stored.
+#[test]
+fn an_event_too_deep_to_check_for_secrets_is_never_stored() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jid = "20261202120000000002";
+    let mut deep = json!(1);
+    for _ in 0..300 {
+        deep = Value::Array(vec![deep]);
+    }
+    let ret = |id: &str, value: Value| {
+        json!({"cmd": "_return", "id": id, "jid": jid, "fun": "test.echo",
+               "return": value, "retcode": 0, "success": true})
+    };
+    let mut stream = Vec::new();
+    for (id, value) in [
+        ("before", json!("fine")),
+        // The password comes first: the redactor passes it, then gives up.
+        ("deep", json!({"password": "DeepSecret8", "deep": deep})),
+        ("after", json!("fine")),
+    ] {
+        stream.extend(saltpipe::bus::encode::frame(
+            &format!("salt/job/{jid}/ret/{id}"),
+            &mp(&ret(id, value)),
+        ));
+    }
+    let capture = dir.path().join("capture.bin");
+    std::fs::write(&capture, stream).expect("write capture");
+    let config = common::write_config_source(dir.path(), "socket = \"/nonexistent/bus.ipc\"", "");
+    let o = saltpipe(
+        &[
+            "replay",
+            "--json",
+            "--config",
+            config.to_str().expect("utf8"),
+            capture.to_str().expect("utf8"),
+        ],
+        &[],
+    );
+    let text = all_output(&o);
+    assert!(o.status.success(), "{text}");
+    assert_hidden("saltpipe output", &text, "DeepSecret8");
+    let db = common::open_db(dir.path());
+    let ids: Vec<String> = db
+        .prepare("SELECT id FROM salt_returns ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(ids, ["after", "before"]);
+    let (tag, error, body): (String, String, Vec<u8>) = db
+        .query_row(
+            "SELECT tag, error, body FROM saltpipe_dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("one dead letter");
+    assert_eq!(tag, format!("salt/job/{jid}/ret/deep"));
+    assert!(error.contains("cannot be checked"), "{error}");
+    assert!(body.is_empty(), "{} bytes kept", body.len());
+    drop(db);
+    // Nowhere in the database's files, whatever table or page.
+    for e in std::fs::read_dir(dir.path()).expect("dir") {
+        let p = e.expect("entry").path();
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("salt.db"))
+        {
+            let bytes = std::fs::read(&p).expect("read");
+            assert!(
+                !bytes.windows(11).any(|w| w == b"DeepSecret8"),
+                "{} holds the secret",
+                p.display()
+            );
+        }
+    }
+}

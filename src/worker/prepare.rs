@@ -41,9 +41,14 @@ pub(super) struct Prepare {
     pub ready: mpsc::Sender<Ready>,
 }
 
-/// What the blocking half hands back: the records, and the deliveries that
-/// did not decode (with the reason).
-type Decoded = (Vec<Record>, Vec<(Delivery, String)>);
+/// What the blocking half hands back: the records, the deliveries that
+/// did not decode (with the reason), and the events `[sink] redact` could
+/// not look through (their tag, and why).
+struct Decoded {
+    records: Vec<Record>,
+    undecodable: Vec<(Delivery, String)>,
+    unchecked: Vec<(String, crate::msgpack::WalkError)>,
+}
 
 impl Prepare {
     pub async fn run(mut self) -> Result<(), WorkerError> {
@@ -76,10 +81,13 @@ impl Prepare {
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
         let store = self.store.clone();
         let redact = self.redact.clone();
-        let (records, undecodable) =
-            tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
-                .await
-                .map_err(WorkerError::join)?;
+        let Decoded {
+            records,
+            undecodable,
+            unchecked,
+        } = tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
+            .await
+            .map_err(WorkerError::join)?;
         // What the batch holds from now on until its write ends: the events,
         // their rows, and the statements a SQL sink builds from the rows
         // (about the rows' size again). Charged without waiting: the
@@ -92,6 +100,22 @@ impl Prepare {
             if !self
                 .store
                 .dead_letter("saltpipe/undecodable", &d.body, &error, &self.stop)
+                .await?
+            {
+                return Ok(None);
+            }
+        }
+        for (tag, e) in unchecked {
+            // Its bytes may hold a value `[sink] redact` hides, and the
+            // redactor could not walk them all (nested past the limit): they
+            // are kept nowhere, not even as a dead letter. Its tag and why
+            // are, so it is counted and can be found.
+            tracing::error!(%tag, error = %e, "an event [sink] redact cannot look through; dead-lettering it without its bytes");
+            let error =
+                format!("cannot be checked for [sink] redact's keys ({e}); its bytes are not kept");
+            if !self
+                .store
+                .dead_letter(&tag, &bytes::Bytes::new(), &error, &self.stop)
                 .await?
             {
                 return Ok(None);
@@ -139,18 +163,34 @@ fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) ->
         }
     }
     store.sink.prepare(&mut records, redact);
+    let mut unchecked = Vec::new();
     if let Some(r) = redact {
         let mut hidden = 0;
-        for record in records.iter_mut().filter(|record| record.rows.is_none()) {
-            if let Some((event, n)) = r.redacted(&record.event) {
-                record.event = event;
-                hidden += n;
-                store.sink.prepare(std::slice::from_mut(record), redact);
+        records.retain_mut(|record| {
+            if record.rows.is_some() {
+                return true;
             }
-        }
+            match r.redacted(&record.event) {
+                Ok(Some((event, n))) => {
+                    record.event = event;
+                    hidden += n;
+                    store.sink.prepare(std::slice::from_mut(record), redact);
+                    true
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    unchecked.push((record.event.tag().to_owned(), e));
+                    false
+                }
+            }
+        });
         if hidden > 0 {
             store.stats.redacted.fetch_add(hidden, Relaxed);
         }
     }
-    (records, undecodable)
+    Decoded {
+        records,
+        undecodable,
+        unchecked,
+    }
 }
