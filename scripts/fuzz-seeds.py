@@ -58,6 +58,11 @@ for k in range(0, len(bodies), 5):
     entries = [[b"m".decode(), 1764676800000 + k, b] for b in bodies[k:k + 5]]
     put("pack", msgpack.packb(entries, use_bin_type=True))
 
+# What the json target once found (CI, stop 26): a map used as a key holds
+# a password and a list nested to just past the depth limit counted from
+# the event's top, not from the key's.
+put("json", b"\x81\x82\xa8password\xa1x\xa1d" + b"\x91" * 253 + b"\x01\xa1v")
+
 for cfg in sorted((root / "examples").glob("*.toml")):
     put("config", cfg.read_bytes())
 put("config", b"SALTPIPE_SINK_URL=postgres://u:pw@db:99999/x\n[sink]\nkeep = \"30d\"\n")
