@@ -14,6 +14,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// `println!` that hands stdout's error back instead of panicking, for
+/// the functions that print a command's output (they return
+/// `anyhow::Result`). A reader that stops early (`saltpipe replay --json |
+/// head`) closes the pipe: that is [`StdoutClosed`], and `main` exits 0
+/// without a word, as `cat` or ripgrep would; the work was done either way.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)?
+    }};
+}
+
+/// Nobody reads stdout any more (EPIPE): not a failure of the command.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to stdout")
+    }
+}
+
 /// Exit codes, documented in `--help` and the README.
 mod exit {
     pub const OK: u8 = 0;
@@ -31,7 +56,8 @@ mod exit {
 
 const AFTER_HELP: &str = "\
 Exit codes:
-  0  success (and after SIGTERM/SIGINT: drained and stopped cleanly)
+  0  success (and after SIGTERM/SIGINT: drained and stopped cleanly; and when
+     stdout's reader stops early, as `| head` does)
   1  runtime failure (I/O, database, queue)
   2  bad command-line usage
   3  invalid configuration (the message names the key and, for the file, the line)
@@ -217,6 +243,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(cli.command, loaded));
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("saltpipe: {e:#}");
             ExitCode::from(exit::FAILURE)
@@ -293,7 +320,7 @@ async fn serve_web(
 async fn web(cfg: &Config) -> anyhow::Result<u8> {
     let shutdown = shutdown_on_signals()?;
     let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, None, shutdown).await?;
-    println!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
+    outln!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
     task.await.context("the web server task")?;
     Ok(exit::OK)
 }
@@ -472,23 +499,23 @@ async fn validate(
         || "built-in defaults".to_owned(),
         |p| p.display().to_string(),
     );
-    println!("configuration OK ({from})");
+    outln!("configuration OK ({from})");
     // What the master's own config said (saltpipe's config wins over it).
     if let Some(m) = master {
         let files: Vec<String> = m.files.iter().map(|f| f.display().to_string()).collect();
-        println!("  master config: {}", files.join(", "));
+        outln!("  master config: {}", files.join(", "));
         for line in m.taken() {
-            println!("    {line}");
+            outln!("    {line}");
         }
     }
-    println!("  source: {}", cfg.source.address());
-    println!(
+    outln!("  source: {}", cfg.source.address());
+    outln!(
         "  queue:  {} (queues: {})",
         cfg.queue.url,
         cfg.queue_names().join(", ")
     );
-    println!("  sink:   {}", cfg.sink.url);
-    println!(
+    outln!("  sink:   {}", cfg.sink.url);
+    outln!(
         "  rules:  keep {:?}, {} rule(s), drop_redundant {}, dedupe_returns {}",
         cfg.rules.keep,
         cfg.rules.rule.len(),
@@ -496,14 +523,14 @@ async fn validate(
         cfg.rules.dedupe_returns
     );
     if cfg.metrics.enabled {
-        println!(
+        outln!(
             "  metrics: http://{}/metrics and /health",
             cfg.metrics.listen
         );
     } else {
-        println!("  metrics: off");
+        outln!("  metrics: off");
     }
-    println!(
+    outln!(
         "  web: http://{}/ ({}, auth {:?})",
         cfg.web.listen,
         if cfg.web.enabled {
@@ -514,22 +541,22 @@ async fn validate(
         cfg.web.auth
     );
     let names: Vec<&str> = cfg.actions.iter().map(|a| a.name.as_str()).collect();
-    println!("  actions: {} ({})", names.len(), names.join(", "));
+    outln!("  actions: {} ({})", names.len(), names.join(", "));
     if cfg.backfill.enabled {
         let at = cfg.backfill.job_cache_dir.as_ref().map_or_else(
             || format!("from {}", cfg.backfill.master_config.display()),
             |d| d.display().to_string(),
         );
-        println!(
+        outln!(
             "  backfill: at start and reconnect, job cache {at}, margin {}",
             humantime::format_duration(cfg.backfill.margin)
         );
     } else {
-        println!("  backfill: off");
+        outln!("  backfill: off");
     }
     let budget = cfg.budget(true);
     let mib = |p| budget.part(p).limit() as f64 / f64::from(1 << 20);
-    println!(
+    outln!(
         "  memory: {:.0} MiB of event data (listener {:.1}, worker {:.1}, actions {:.1})",
         cfg.memory_total() as f64 / f64::from(1 << 20),
         mib(saltpipe::memory::PartName::Listener),
@@ -543,8 +570,8 @@ async fn validate(
     if cfg.backfill.enabled {
         let jobs = cfg.backfill.resolve().jobs_dir;
         match std::fs::read_dir(&jobs) {
-            Ok(_) => println!("can read the job cache at {}", jobs.display()),
-            Err(e) => println!(
+            Ok(_) => outln!("can read the job cache at {}", jobs.display()),
+            Err(e) => outln!(
                 "cannot read the job cache at {}: {e} (backfill will not fill gaps)",
                 jobs.display()
             ),
@@ -552,26 +579,26 @@ async fn validate(
     }
     let mut ok = true;
     match saltpipe::source::check(&cfg.source).await {
-        Ok(()) => println!("reached the bus at {}", cfg.source.address()),
+        Ok(()) => outln!("reached the bus at {}", cfg.source.address()),
         Err(e) => {
             ok = false;
-            println!("cannot reach the bus at {}: {e}", cfg.source.address());
+            outln!("cannot reach the bus at {}: {e}", cfg.source.address());
         }
     }
     match cfg.queue.producer().await {
-        Ok(_) => println!("opened the queue at {}", cfg.queue.url),
+        Ok(_) => outln!("opened the queue at {}", cfg.queue.url),
         Err(e) => {
             ok = false;
-            println!("cannot open the queue at {}: {e}", cfg.queue.url);
+            outln!("cannot open the queue at {}: {e}", cfg.queue.url);
         }
     }
     match cfg.sink.build().await {
         Ok(sink) => {
-            println!("opened the sink at {} (schema present)", cfg.sink.url);
+            outln!("opened the sink at {} (schema present)", cfg.sink.url);
             // Not a failure: such a return is dead-lettered with its reason.
             let largest = cfg.source.max_frame.min(cfg.sink.max_return_size);
             if let Some(limit) = sink.row_limit().filter(|l| (*l as u64) < largest) {
-                println!(
+                outln!(
                     "warning: the database takes rows of at most {limit} bytes (MySQL: under its \
                      max_allowed_packet), less than source.max_frame / sink.max_return_size \
                      ({largest} bytes): a larger return is dead-lettered; raise the server's \
@@ -581,7 +608,7 @@ async fn validate(
         }
         Err(e) => {
             ok = false;
-            println!("cannot open the sink at {}: {e}", cfg.sink.url);
+            outln!("cannot open the sink at {}: {e}", cfg.sink.url);
         }
     }
     Ok(if ok { exit::OK } else { exit::UNREACHABLE })
@@ -598,11 +625,11 @@ async fn schema(mut cfg: Config, print: bool, url: Option<String>) -> anyhow::Re
         }
     }
     if print {
-        println!("{}", cfg.sink.schema_ddl());
+        outln!("{}", cfg.sink.schema_ddl());
         return Ok(exit::OK);
     }
     cfg.sink.build().await?;
-    println!("schema present at {}", cfg.sink.url);
+    outln!("schema present at {}", cfg.sink.url);
     Ok(exit::OK)
 }
 
@@ -642,7 +669,7 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["seconds"] = serde_json::json!(elapsed);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let rate = |n: u64| {
             if elapsed > 0.0 {
@@ -651,25 +678,30 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
                 0.0
             }
         };
-        println!("replayed {} in {elapsed:.2}s", file.display());
-        println!(
+        outln!("replayed {} in {elapsed:.2}s", file.display());
+        outln!(
             "  read:     {} frames, {} bytes ({:.0} frames/s)",
             s.frames,
             s.bytes_read,
             rate(s.frames)
         );
-        println!(
+        outln!(
             "  rejected: {} malformed, {} oversized",
-            s.malformed, s.oversized
+            s.malformed,
+            s.oversized
         );
-        println!("  kept:     {}", s.kept);
-        println!("  dropped:  {}", s.dropped.values().sum::<u64>());
+        outln!("  kept:     {}", s.kept);
+        outln!("  dropped:  {}", s.dropped.values().sum::<u64>());
         for (reason, n) in &s.dropped {
-            println!("    {reason:<24} {n}");
+            outln!("    {reason:<24} {n}");
         }
-        println!(
+        outln!(
             "  wrote:    {} returns, {} jids, {} events; {} already present; {} dead-lettered",
-            s.returns_written, s.jids_written, s.events_written, s.rows_ignored, s.dead_letters
+            s.returns_written,
+            s.jids_written,
+            s.events_written,
+            s.rows_ignored,
+            s.dead_letters
         );
         let per10k = if s.kept > 0 {
             s.batches as f64 * 10_000.0 / s.kept as f64
@@ -678,14 +710,14 @@ async fn replay(cfg: &Config, file: PathBuf, json: bool) -> anyhow::Result<u8> {
         };
         for (name, outcomes) in &s.actions {
             let o: Vec<String> = outcomes.iter().map(|(k, n)| format!("{n} {k}")).collect();
-            println!("  action {name}: {}", o.join(", "));
+            outln!("  action {name}: {}", o.join(", "));
         }
-        println!(
+        outln!(
             "  batches:  {} ({per10k:.1} transactions per 10,000 events); {:.0} events/s end to end",
             s.batches,
             rate(s.acked)
         );
-        println!(
+        outln!(
             "  sink:     {:.2}s busy writing",
             s.sink_latency_us_total as f64 / 1e6
         );

@@ -220,3 +220,43 @@ fn replay_of_a_damaged_stream_counts_rejections_and_keeps_good_events() {
         "{v}"
     );
 }
+
+/// A reader that stops early (`saltpipe replay --json | head`) closes the
+/// pipe before the summary is written: the replay's work is done, so the
+/// exit is 0 and quiet, never a panic about stdout.
+#[test]
+fn a_closed_stdout_is_not_a_failure() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/salt-3008.5-bus.bin");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["replay", "--json"])
+        .arg(&fixture)
+        .env_remove("SALTPIPE_CONFIG")
+        .env(
+            "SALTPIPE_QUEUE_URL",
+            format!("embedded://{}", dir.path().join("q").display()),
+        )
+        .env(
+            "SALTPIPE_SINK_URL",
+            format!("sqlite://{}", dir.path().join("s.db").display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("replay");
+    // Nobody will read: the summary's write meets a closed pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("stdout"), "{stderr}");
+    // The work itself was done.
+    let db = rusqlite::Connection::open(dir.path().join("s.db")).expect("open");
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM salt_returns", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 15);
+}
