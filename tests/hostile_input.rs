@@ -4,6 +4,8 @@
 //! lands, the poison is counted or dead-lettered, no stored row is larger
 //! than `sink.max_return_size`, and the log stays short (issue 11).
 
+mod common;
+
 use rmpv::Value as V;
 use saltpipe::bus::encode::{frame, length_prefixed};
 use std::process::Command;
@@ -152,13 +154,7 @@ fn a_crafted_stream_lands_every_good_frame_in_bounded_memory() {
 
     // Every good frame landed, and the two odd-but-valid returns too.
     let c = rusqlite::Connection::open(&db).expect("open sink");
-    let ids: Vec<String> = c
-        .prepare("SELECT id FROM salt_returns ORDER BY id")
-        .expect("prepare")
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let ids = common::strings(&c, "SELECT id FROM salt_returns ORDER BY id");
     assert_eq!(
         ids.iter().filter(|i| i.starts_with("good")).count(),
         good,

@@ -535,6 +535,20 @@ async fn webhook_errors_never_show_the_url_secret() {
     assert_hidden("webhook error", &msg, "/services");
 }
 
+/// `saltpipe replay --json` of `capture` with `config`.
+fn replay(config: &std::path::Path, capture: &std::path::Path, env: &[(&str, &str)]) -> Output {
+    saltpipe(
+        &[
+            "replay",
+            "--json",
+            "--config",
+            config.to_str().expect("utf8"),
+            capture.to_str().expect("utf8"),
+        ],
+        env,
+    )
+}
+
 /// msgpack of a JSON value, as Salt would send it.
 fn mp(v: &serde_json::Value) -> Vec<u8> {
     rmp_serde::to_vec_named(v).expect("msgpack")
@@ -578,14 +592,9 @@ fn stored_rows_and_exec_children_never_see_a_secret() {
             out.display()
         ),
     );
-    let o = saltpipe(
-        &[
-            "replay",
-            "--json",
-            "--config",
-            config.to_str().expect("utf8"),
-            capture.to_str().expect("utf8"),
-        ],
+    let o = replay(
+        &config,
+        &capture,
         &[
             ("SALTPIPE_SINK_PASSWORD", "EnvSecret6"),
             ("MY_DATABASE_URL", "postgres://u:EnvSecret7@db/x"),
@@ -699,27 +708,12 @@ fn an_event_too_deep_to_check_for_secrets_is_never_stored() {
     let capture = dir.path().join("capture.bin");
     std::fs::write(&capture, stream).expect("write capture");
     let config = common::write_config_source(dir.path(), "socket = \"/nonexistent/bus.ipc\"", "");
-    let o = saltpipe(
-        &[
-            "replay",
-            "--json",
-            "--config",
-            config.to_str().expect("utf8"),
-            capture.to_str().expect("utf8"),
-        ],
-        &[],
-    );
+    let o = replay(&config, &capture, &[]);
     let text = all_output(&o);
     assert!(o.status.success(), "{text}");
     assert_hidden("saltpipe output", &text, "DeepSecret8");
     let db = common::open_db(dir.path());
-    let ids: Vec<String> = db
-        .prepare("SELECT id FROM salt_returns ORDER BY id")
-        .expect("prepare")
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let ids = common::strings(&db, "SELECT id FROM salt_returns ORDER BY id");
     assert_eq!(ids, ["after", "before"]);
     let (tag, error, body): (String, String, Vec<u8>) = db
         .query_row(

@@ -373,6 +373,16 @@ pub fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
     db.query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
 }
 
+/// The first column of every row `sql` gives, as text.
+pub fn strings(db: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    db.prepare(sql)
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 /// A return frame with a data map like a real `_return` from `test.echo`.
 pub fn return_frame(jid: &str, minion: &str, ret: &str) -> Vec<u8> {
     let mut d = Vec::new();
