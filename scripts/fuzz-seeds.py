@@ -62,6 +62,9 @@ for k in range(0, len(bodies), 5):
 # a password and a list nested to just past the depth limit counted from
 # the event's top, not from the key's.
 put("json", b"\x81\x82\xa8password\xa1x\xa1d" + b"\x91" * 253 + b"\x01\xa1v")
+# And what it found next: a password before a part nested too deep (the
+# transcode stops at the password, the redactor gives up further on).
+put("json", b"\x82\xa8password\xa1x\xa1d" + b"\x91" * 300 + b"\x01")
 
 for cfg in sorted((root / "examples").glob("*.toml")):
     put("config", cfg.read_bytes())

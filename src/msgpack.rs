@@ -356,6 +356,11 @@ pub fn to_json(value: &[u8], limit: usize) -> Result<String, WalkError> {
 /// [`to_json`], refusing with [`WalkError::Secret`] a value that holds a
 /// key `redact` hides (unless its value already is `"***"`).
 ///
+/// The walk stops at the first such key, so `Secret` says nothing of the
+/// rest of the value: the redactor, which goes on, may still find it nested
+/// too deep to walk ([`KeyRedactor::redact_msgpack`] then fails, and the
+/// worker stores the event nowhere).
+///
 /// Why inside the transcoder: checking the keys as they are written is
 /// what lets the worker skip a separate walk of every event for
 /// `[sink] redact` (a fifth of its prepare stage on large returns). Almost

@@ -774,6 +774,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_secret_before_a_part_too_deep_is_found_but_cannot_be_hidden() {
+        // The checked transcode stops at the password; the redactor goes
+        // on and gives up on the list nested past the limit. The worker
+        // then stores the event nowhere (worker::prepare): neither answer
+        // lets it store the bytes.
+        use rmpv::Value as V;
+        let mut deep = V::from(1);
+        for _ in 0..300 {
+            deep = V::Array(vec![deep]);
+        }
+        let data = mp(&V::Map(vec![
+            (V::from("password"), V::from("x")),
+            (V::from("d"), deep),
+        ]));
+        let r = KeyRedactor::new(DEFAULT_KEYS);
+        assert_eq!(
+            msgpack::to_json_checked(&data, usize::MAX, Some(&r)),
+            Err(WalkError::Secret)
+        );
+        assert_eq!(r.redact_msgpack(&data).err(), Some(WalkError::TooDeep));
+        assert_eq!(msgpack::to_json(&data, usize::MAX), Err(WalkError::TooDeep));
+    }
+
     proptest! {
         /// The check the transcoder makes as it writes (what lets the
         /// worker skip its own walk for secrets) agrees with the redactor:
