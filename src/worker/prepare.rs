@@ -95,7 +95,7 @@ impl Prepare {
         charge.resize(held_bytes(&records));
         for (d, e) in undecodable {
             // The queue gave back bytes we did not put there: keep them aside.
-            tracing::error!(error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
+            crate::log_limited!(error, error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
             let error = format!("undecodable queue message: {e}");
             if !self
                 .store
@@ -109,8 +109,8 @@ impl Prepare {
             // Its bytes may hold a value `[sink] redact` hides, and the
             // redactor could not walk them all (nested past the limit): they
             // are kept nowhere, not even as a dead letter. Its tag and why
-            // are, so it is counted and can be found.
-            tracing::error!(%tag, error = %e, "an event [sink] redact cannot look through; dead-lettering it without its bytes");
+            // are, so it is counted, logged (rate-limited, by the dead
+            // letter's event) and can be found.
             let error =
                 format!("cannot be checked for [sink] redact's keys ({e}); its bytes are not kept");
             if !self
