@@ -135,7 +135,7 @@ trait Backend: Send + Sync + Sized {
     async fn outcomes(&self) -> Vec<Outcome>;
     /// Runs a statement (for test set-up, e.g. ageing rows).
     async fn exec(&self, sql: &str);
-    /// Rows in `table`.
+    /// Rows in `table` (which may go on with a `WHERE` clause).
     async fn count(&self, table: &str) -> i64;
     /// A record this backend's database itself refuses.
     fn refused_record(&self) -> Record;
@@ -883,15 +883,14 @@ impl Consumer for Fixed {
     }
 }
 
-async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
-    let b = B::fresh().await;
-    let sink = build(&b).await;
-    let j = jid();
-    let mut records: Vec<Record> = (0..9)
-        .map(|i| ret(&j, &format!("m{i}"), "test.ping", V::from(true)))
-        .collect();
-    records.insert(5, b.refused_record());
-    records.push(record("my/own/event", vec![("x", V::from(1))]));
+/// Runs a worker (with `redact`, if given) over `records` as one queue's
+/// deliveries until they are all written; gives how many were acked, and
+/// the worker's counters.
+async fn work(
+    records: &[Record],
+    sink: Arc<dyn Sink>,
+    redact: Option<saltpipe::redact::KeyRedactor>,
+) -> (usize, Arc<Stats>) {
     let items: VecDeque<Delivery> = records
         .iter()
         .enumerate()
@@ -915,11 +914,26 @@ async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
         retry_max: Duration::from_millis(50),
         ..WorkerConfig::default()
     };
-    Worker::new(Box::new(consumer), sink, cfg, stats.clone())
-        .run(Stop::new(token, None))
-        .await
-        .expect("worker");
-    assert_eq!(acked.lock().expect("lock").len(), 11, "all acked");
+    let mut worker = Worker::new(Box::new(consumer), sink, cfg, stats.clone());
+    if let Some(r) = redact {
+        worker = worker.with_redact(Arc::new(r));
+    }
+    worker.run(Stop::new(token, None)).await.expect("worker");
+    let n = acked.lock().expect("lock").len();
+    (n, stats)
+}
+
+async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let mut records: Vec<Record> = (0..9)
+        .map(|i| ret(&j, &format!("m{i}"), "test.ping", V::from(true)))
+        .collect();
+    records.insert(5, b.refused_record());
+    records.push(record("my/own/event", vec![("x", V::from(1))]));
+    let (acked, stats) = work(&records, sink, None).await;
+    assert_eq!(acked, 11, "all acked");
     assert_eq!(stats.dead_letters.load(Relaxed), 1);
     assert_eq!(stats.returns_written.load(Relaxed), 9);
     let rows = b.returns().await;
@@ -929,6 +943,51 @@ async fn refused_row_is_dead_lettered_and_the_rest_land<B: Backend>() {
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(dead[0].0.contains("/ret/"), "{dead:?}");
     assert!(!dead[0].1.is_empty());
+}
+
+/// With `[sink] redact`, an event the redactor cannot walk whole (a
+/// password, then a list nested past the limit) is stored nowhere: its
+/// dead letter has its tag and why, and none of its bytes; the batch's
+/// other returns land.
+async fn an_event_redact_cannot_walk_is_dead_lettered_without_its_bytes<B: Backend>() {
+    let b = B::fresh().await;
+    let sink = build(&b).await;
+    let j = jid();
+    let mut deep = V::from(1);
+    for _ in 0..300 {
+        deep = V::Array(vec![deep]);
+    }
+    let mut records: Vec<Record> = (0..4)
+        .map(|i| ret(&j, &format!("m{i}"), "test.ping", V::from(true)))
+        .collect();
+    records.insert(
+        2,
+        ret(
+            &j,
+            "deep",
+            "test.echo",
+            V::Map(vec![
+                (V::from("password"), V::from("S3cret9")),
+                (V::from("d"), deep),
+            ]),
+        ),
+    );
+    let redact = saltpipe::redact::KeyRedactor::new(saltpipe::redact::DEFAULT_KEYS);
+    let (acked, stats) = work(&records, sink, Some(redact)).await;
+    assert_eq!(acked, 5, "all acked");
+    assert_eq!(stats.dead_letters.load(Relaxed), 1);
+    assert_eq!(b.returns().await.len(), 4, "every other return landed");
+    let dead = b.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].0.ends_with("/ret/deep"), "{dead:?}");
+    assert!(dead[0].1.contains("cannot be checked"), "{dead:?}");
+    assert!(!dead[0].1.contains("S3cret9"), "{dead:?}");
+    assert_eq!(
+        b.count("saltpipe_dead_letters WHERE length(body) = 0")
+            .await,
+        1,
+        "its bytes are not kept"
+    );
 }
 
 async fn retention_purges_and_archives_in_chunks<B: Backend>() {
@@ -1440,6 +1499,11 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn refused_row_is_dead_lettered_and_the_rest_land() {
                 super::refused_row_is_dead_lettered_and_the_rest_land::<$backend>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_event_redact_cannot_walk_is_dead_lettered_without_its_bytes() {
+                super::an_event_redact_cannot_walk_is_dead_lettered_without_its_bytes::<$backend>()
+                    .await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn retention_purges_and_archives_in_chunks() {
