@@ -260,3 +260,25 @@ fn a_closed_stdout_is_not_a_failure() {
         .expect("count");
     assert_eq!(n, 15);
 }
+
+/// `saltpipe top --count N | head`: the view ends when its reader does,
+/// with exit 0 and no error (here drawing the "cannot scrape" screen of a
+/// closed port, which needs no running saltpipe).
+#[test]
+fn top_ends_quietly_when_its_reader_does() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saltpipe"))
+        .args(["top", "--count", "50", "--interval", "50ms", "--url"])
+        .arg(format!("http://127.0.0.1:{}/metrics", common::free_port()))
+        .env_remove("SALTPIPE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("top");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("pipe"), "{stderr}");
+}

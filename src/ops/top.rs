@@ -278,8 +278,14 @@ pub async fn run(url: &str, interval: Duration, count: Option<u64>) -> Result<()
         };
         // Home, draw, clear what is left of the old screen.
         let frame = screen.replace('\n', "\x1b[K\n");
-        write!(out, "\x1b[H{frame}\x1b[J")?;
-        out.flush()?;
+        if let Err(e) = write!(out, "\x1b[H{frame}\x1b[J").and_then(|()| out.flush()) {
+            // `saltpipe top --count N | head`: nobody reads any more, which
+            // ends the view as Ctrl-C does, not as a failure.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(e.into());
+        }
         shown += 1;
         if count.is_some_and(|c| shown >= c) {
             return Ok(());
