@@ -41,13 +41,18 @@ pub(super) struct Prepare {
     pub ready: mpsc::Sender<Ready>,
 }
 
-/// What the blocking half hands back: the records, the deliveries that
-/// did not decode (with the reason), and the events `[sink] redact` could
-/// not look through (their tag, and why).
+/// What the blocking half hands back: the records, and what is kept
+/// aside as dead letters instead.
 struct Decoded {
     records: Vec<Record>,
-    undecodable: Vec<(Delivery, String)>,
-    unchecked: Vec<(String, crate::msgpack::WalkError)>,
+    refused: Vec<Refused>,
+}
+
+/// A dead letter to write: its tag, the bytes kept, and why.
+struct Refused {
+    tag: String,
+    body: bytes::Bytes,
+    error: String,
 }
 
 impl Prepare {
@@ -81,41 +86,19 @@ impl Prepare {
         let oldest = batch.iter().map(|d| d.received_ms).min().unwrap_or(0);
         let store = self.store.clone();
         let redact = self.redact.clone();
-        let Decoded {
-            records,
-            undecodable,
-            unchecked,
-        } = tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
-            .await
-            .map_err(WorkerError::join)?;
+        let Decoded { records, refused } =
+            tokio::task::spawn_blocking(move || convert(&store, redact.as_deref(), batch))
+                .await
+                .map_err(WorkerError::join)?;
         // What the batch holds from now on until its write ends: the events,
         // their rows, and the statements a SQL sink builds from the rows
         // (about the rows' size again). Charged without waiting: the
         // gatherer, not this stage, waits for room (crate::memory).
         charge.resize(held_bytes(&records));
-        for (d, e) in undecodable {
-            // The queue gave back bytes we did not put there: keep them aside.
-            crate::log_limited!(error, error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
-            let error = format!("undecodable queue message: {e}");
+        for r in refused {
             if !self
                 .store
-                .dead_letter("saltpipe/undecodable", &d.body, &error, &self.stop)
-                .await?
-            {
-                return Ok(None);
-            }
-        }
-        for (tag, e) in unchecked {
-            // Its bytes may hold a value `[sink] redact` hides, and the
-            // redactor could not walk them all (nested past the limit): they
-            // are kept nowhere, not even as a dead letter. Its tag and why
-            // are, so it is counted, logged (rate-limited, by the dead
-            // letter's event) and can be found.
-            let error =
-                format!("cannot be checked for [sink] redact's keys ({e}); its bytes are not kept");
-            if !self
-                .store
-                .dead_letter(&tag, &bytes::Bytes::new(), &error, &self.stop)
+                .dead_letter(&r.tag, &r.body, &r.error, &self.stop)
                 .await?
             {
                 return Ok(None);
@@ -155,15 +138,22 @@ fn held_bytes(records: &[Record]) -> usize {
 /// and converted again.
 fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) -> Decoded {
     let mut records = Vec::with_capacity(batch.len());
-    let mut undecodable = Vec::new();
+    let mut refused = Vec::new();
     for d in batch {
         match Event::from_body(d.body.clone()) {
             Ok(event) => records.push(Record::new(event, d.received_ms)),
-            Err(e) => undecodable.push((d, e.to_string())),
+            Err(e) => {
+                // The queue gave back bytes we did not put there: keep them aside.
+                crate::log_limited!(error, error = %e, key = %d.key, "undecodable message in the queue; dead-lettering it");
+                refused.push(Refused {
+                    tag: "saltpipe/undecodable".to_owned(),
+                    body: d.body,
+                    error: format!("undecodable queue message: {e}"),
+                });
+            }
         }
     }
     store.sink.prepare(&mut records, redact);
-    let mut unchecked = Vec::new();
     if let Some(r) = redact {
         let mut hidden = 0;
         records.retain_mut(|record| {
@@ -178,8 +168,19 @@ fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) ->
                     true
                 }
                 Ok(None) => true,
+                // Its bytes may hold a value to hide, and the redactor could
+                // not walk them all (nested past the limit): they are kept
+                // nowhere, not even as a dead letter. Its tag and why are,
+                // so it is counted, logged (rate-limited, by the dead
+                // letter's event) and can be found.
                 Err(e) => {
-                    unchecked.push((record.event.tag().to_owned(), e));
+                    refused.push(Refused {
+                        tag: record.event.tag().to_owned(),
+                        body: bytes::Bytes::new(),
+                        error: format!(
+                            "cannot be checked for [sink] redact's keys ({e}); its bytes are not kept"
+                        ),
+                    });
                     false
                 }
             }
@@ -188,9 +189,5 @@ fn convert(store: &Store, redact: Option<&KeyRedactor>, batch: Vec<Delivery>) ->
             store.stats.redacted.fetch_add(hidden, Relaxed);
         }
     }
-    Decoded {
-        records,
-        undecodable,
-        unchecked,
-    }
+    Decoded { records, refused }
 }
