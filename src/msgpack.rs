@@ -649,10 +649,9 @@ impl<'r> JsonWriter<'r> {
                 // Written as its msgpack's base64: a secret inside it would
                 // be stored as it is, so it is looked into (rare: a key
                 // that is a map or a list), at its depth in the whole
-                // value: the redactor that would hide it walks the whole
-                // value, and where that walk is too deep this check must
-                // be too, or the worker would ask for a redaction that
-                // cannot be made (found by the `json` fuzz target).
+                // value, as the redactor's walk of the whole counts it: the
+                // two agree on what is nested too deep (the `json` fuzz
+                // target checks it).
                 if let Some(redact) = self.redact
                     && redact.redact_msgpack_at(raw, depth)?.is_some()
                 {

@@ -588,6 +588,11 @@ mod tests {
         assert!(toml::from_str::<T>("p = \"7364519\"").is_ok());
     }
 
+    /// `1` inside `levels` one-element lists.
+    fn nested(levels: usize) -> rmpv::Value {
+        (0..levels).fold(rmpv::Value::from(1), |v, _| rmpv::Value::Array(vec![v]))
+    }
+
     fn mp(v: &rmpv::Value) -> Vec<u8> {
         let mut b = Vec::new();
         rmpv::encode::write_value(&mut b, v).expect("encode");
@@ -710,10 +715,7 @@ mod tests {
         // unchecked (the worker then keeps the event as the redactor left
         // it, as before the check moved into the transcoder).
         use rmpv::Value as V;
-        let mut key = V::from(1);
-        for _ in 0..300 {
-            key = V::Array(vec![key]);
-        }
+        let key = nested(300);
         let data = mp(&V::Map(vec![(key, V::from("v"))]));
         let r = KeyRedactor::new(DEFAULT_KEYS);
         assert!(msgpack::to_json(&data, usize::MAX).is_ok());
@@ -734,10 +736,7 @@ mod tests {
         use rmpv::Value as V;
         let r = KeyRedactor::new(DEFAULT_KEYS);
         for levels in 245..262 {
-            let mut deep = V::from(1);
-            for _ in 0..levels {
-                deep = V::Array(vec![deep]);
-            }
+            let deep = nested(levels);
             let key = V::Map(vec![
                 (V::from("password"), V::from("x")),
                 (V::from("d"), deep),
@@ -781,10 +780,7 @@ mod tests {
         // then stores the event nowhere (worker::prepare): neither answer
         // lets it store the bytes.
         use rmpv::Value as V;
-        let mut deep = V::from(1);
-        for _ in 0..300 {
-            deep = V::Array(vec![deep]);
-        }
+        let deep = nested(300);
         let data = mp(&V::Map(vec![
             (V::from("password"), V::from("x")),
             (V::from("d"), deep),
