@@ -320,7 +320,16 @@ async fn serve_web(
 async fn web(cfg: &Config) -> anyhow::Result<u8> {
     let shutdown = shutdown_on_signals()?;
     let (addr, task) = saltpipe::web::serve(&cfg.web, &cfg.sink, None, shutdown).await?;
-    outln!("saltpipe web: http://{addr}/ (sink {})", cfg.sink.url);
+    // Where to point a browser, for whoever started it; a stdout nobody
+    // reads (closed, or `| head` done) must not stop a server.
+    {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "saltpipe web: http://{addr}/ (sink {})",
+            cfg.sink.url
+        );
+    }
     task.await.context("the web server task")?;
     Ok(exit::OK)
 }
