@@ -13,6 +13,8 @@
 //! each `salt_events` row once too, also in a table made by an older
 //! version (the dedupe column is added).
 
+mod common;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use rmpv::Value as V;
@@ -282,45 +284,27 @@ impl Backend for Sqlite {
 #[cfg(feature = "mysql")]
 mod mysql_backend {
     use super::*;
+    use crate::common::Dbs;
     use sqlx::Row;
 
     pub struct Mariadb {
-        pub db: String,
         pub pool: sqlx::MySqlPool,
-    }
-
-    fn admin(sql: &str) {
-        let out = std::process::Command::new("mysql")
-            .args(["-h127.0.0.1", "-P3306", "-uroot", "-e", sql])
-            .output()
-            .expect("mysql client");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    impl Drop for Mariadb {
-        fn drop(&mut self) {
-            admin(&format!("DROP DATABASE IF EXISTS `{}`", self.db));
-        }
+        pub db: Dbs,
     }
 
     #[async_trait]
     impl Backend for Mariadb {
         async fn fresh() -> Self {
-            let db = format!("saltpipe_t_{:016x}", rand::random::<u64>());
-            admin(&format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"));
+            let db = Dbs::mysql("t");
             let pool = sqlx::mysql::MySqlPoolOptions::new()
                 .max_connections(2)
-                .connect(&format!("mysql://root@127.0.0.1:3306/{db}"))
+                .connect(&db.mysql_url(3306))
                 .await
                 .expect("connect");
-            Mariadb { db, pool }
+            Mariadb { pool, db }
         }
         fn url(&self) -> String {
-            format!("mysql://root@127.0.0.1:3306/{}", self.db)
+            self.db.mysql_url(3306)
         }
         fn true_word(&self) -> &'static str {
             "1"
@@ -423,45 +407,27 @@ mod mysql_backend {
 #[cfg(feature = "postgres")]
 mod pg_backend {
     use super::*;
+    use crate::common::Dbs;
     use sqlx::Row;
 
     pub struct Pg {
-        pub db: String,
         pub pool: sqlx::PgPool,
-    }
-
-    fn admin(sql: &str) {
-        let out = std::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c", sql])
-            .output()
-            .expect("psql client");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    impl Drop for Pg {
-        fn drop(&mut self) {
-            admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
-        }
+        pub db: Dbs,
     }
 
     #[async_trait]
     impl Backend for Pg {
         async fn fresh() -> Self {
-            let db = format!("saltpipe_t_{:016x}", rand::random::<u64>());
-            admin(&format!("CREATE DATABASE {db}"));
+            let db = Dbs::postgres("t");
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(2)
-                .connect(&format!("postgres://postgres@127.0.0.1:5432/{db}"))
+                .connect(&db.pg_url(5432))
                 .await
                 .expect("connect");
-            Pg { db, pool }
+            Pg { pool, db }
         }
         fn url(&self) -> String {
-            format!("postgres://postgres@127.0.0.1:5432/{}", self.db)
+            self.db.pg_url(5432)
         }
         fn true_word(&self) -> &'static str {
             "true"

@@ -7,6 +7,9 @@
 
 #![cfg(any(feature = "mysql", feature = "postgres"))]
 
+mod common;
+
+use common::Dbs;
 use saltpipe::sink::{SinkConfig, SinkError, SinkUrl};
 
 fn cfg(url: &str) -> SinkConfig {
@@ -124,21 +127,11 @@ KEY `tag` (`tag`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 ";
 
-    struct Db(String);
-    impl Db {
-        fn new() -> Db {
-            let name = format!("saltpipe_m_{:016x}", rand::random::<u64>());
-            sql("test", &format!("CREATE DATABASE `{name}`"));
-            Db(name)
-        }
-        fn url(&self) -> String {
-            format!("mysql://root@127.0.0.1:3306/{}", self.0)
-        }
+    fn fresh() -> Dbs {
+        Dbs::mysql("m")
     }
-    impl Drop for Db {
-        fn drop(&mut self) {
-            sql("test", &format!("DROP DATABASE IF EXISTS `{}`", self.0));
-        }
+    fn url(db: &Dbs) -> String {
+        db.mysql_url(3306)
     }
     fn sql(db: &str, input: &str) -> String {
         run(
@@ -152,10 +145,10 @@ KEY `tag` (`tag`)
 
     #[tokio::test]
     async fn adds_only_the_missing_keys_and_keeps_rows() {
-        let db = Db::new();
+        let db = fresh();
         sql(&db.0, RETURNER_DDL);
         sql(&db.0, ROW);
-        let sink = cfg(&db.url()).build().await.expect("build");
+        let sink = cfg(&url(&db)).build().await.expect("build");
         // 4-byte characters on a 3-byte utf8 table: written as JSON escapes.
         let data = {
             let mut d = Vec::new();
@@ -201,15 +194,15 @@ KEY `tag` (`tag`)
             sql(&db.0, "SHOW CREATE TABLE salt_returns").contains("utf8mb3"),
             "table not rebuilt"
         );
-        cfg(&db.url()).build().await.expect("second build");
+        cfg(&url(&db)).build().await.expect("second build");
     }
 
     #[tokio::test]
     async fn duplicates_stop_with_the_cleanup_and_nothing_is_deleted() {
-        let db = Db::new();
+        let db = fresh();
         sql(&db.0, RETURNER_DDL);
         sql(&db.0, &format!("{ROW}{ROW}"));
-        let err = match cfg(&db.url()).build().await {
+        let err = match cfg(&url(&db)).build().await {
             Ok(_) => panic!("duplicates must stop the start"),
             Err(e) => e,
         };
@@ -224,7 +217,7 @@ KEY `tag` (`tag`)
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "2");
         // The cleanup it gives works, keeps the duplicates aside, and then we start.
         sql(&db.0, saltpipe::sink::mysql::DEDUPE_SQL);
-        cfg(&db.url()).build().await.expect("after cleanup");
+        cfg(&url(&db)).build().await.expect("after cleanup");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
         assert_eq!(
             sql(&db.0, "SELECT count(*) FROM salt_returns_with_duplicates"),
@@ -274,24 +267,11 @@ CREATE INDEX idx_salt_events_data ON salt_events
     USING gin (data) with (fastupdate=on);
 ";
 
-    struct Db(String);
-    impl Db {
-        fn new() -> Db {
-            let name = format!("saltpipe_m_{:016x}", rand::random::<u64>());
-            sql("test", &format!("CREATE DATABASE {name}"));
-            Db(name)
-        }
-        fn url(&self) -> String {
-            format!("postgres://postgres@127.0.0.1:5432/{}", self.0)
-        }
+    fn fresh() -> Dbs {
+        Dbs::postgres("m")
     }
-    impl Drop for Db {
-        fn drop(&mut self) {
-            sql(
-                "test",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
-            );
-        }
+    fn url(db: &Dbs) -> String {
+        db.pg_url(5432)
     }
     fn sql(db: &str, input: &str) -> String {
         run(
@@ -315,10 +295,10 @@ CREATE INDEX idx_salt_events_data ON salt_events
 
     #[tokio::test]
     async fn adds_only_the_missing_indexes_and_keeps_rows() {
-        let db = Db::new();
+        let db = fresh();
         sql(&db.0, PGJSONB_DDL);
         sql(&db.0, ROW);
-        cfg(&db.url()).build().await.expect("build");
+        cfg(&url(&db)).build().await.expect("build");
         let idx = sql(
             &db.0,
             "SELECT indexname FROM pg_indexes WHERE tablename = 'salt_returns' ORDER BY indexname COLLATE \"C\"",
@@ -336,15 +316,15 @@ CREATE INDEX idx_salt_events_data ON salt_events
             ]
         );
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
-        cfg(&db.url()).build().await.expect("second build");
+        cfg(&url(&db)).build().await.expect("second build");
     }
 
     #[tokio::test]
     async fn duplicates_stop_with_the_cleanup_and_nothing_is_deleted() {
-        let db = Db::new();
+        let db = fresh();
         sql(&db.0, PGJSONB_DDL);
         sql(&db.0, &format!("{ROW}{ROW}"));
-        let err = match cfg(&db.url()).build().await {
+        let err = match cfg(&url(&db)).build().await {
             Ok(_) => panic!("duplicates must stop the start"),
             Err(e) => e,
         };
@@ -355,7 +335,7 @@ CREATE INDEX idx_salt_events_data ON salt_events
         assert!(msg.contains(saltpipe::sink::postgres::DEDUPE_SQL), "{msg}");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "2");
         sql(&db.0, saltpipe::sink::postgres::DEDUPE_SQL);
-        cfg(&db.url()).build().await.expect("after cleanup");
+        cfg(&url(&db)).build().await.expect("after cleanup");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
         assert_eq!(
             sql(&db.0, "SELECT count(*) FROM salt_returns_duplicates"),
@@ -366,8 +346,8 @@ CREATE INDEX idx_salt_events_data ON salt_events
     /// TLS through rustls (ring): the server on this machine has ssl on.
     #[tokio::test]
     async fn tls_connection_with_sslmode_require() {
-        let db = Db::new();
-        let _sink = cfg(&format!("{}?sslmode=require", db.url()))
+        let db = fresh();
+        let _sink = cfg(&format!("{}?sslmode=require", url(&db)))
             .build()
             .await
             .expect("build over TLS");

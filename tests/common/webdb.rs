@@ -182,29 +182,18 @@ impl WebDb {
     /// A fresh database of `backend`, filled.
     pub fn fill(backend: Backend) -> WebDb {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = format!("saltpipe_web_{:012x}", rand::random::<u64>() >> 16);
-        let (url, dbs) = match backend {
-            Backend::Sqlite => (
+        let dbs = match backend {
+            Backend::Sqlite => None,
+            Backend::Mysql => Some(Dbs::mysql("web")),
+            Backend::Postgres | Backend::PostgresText => Some(Dbs::postgres("web")),
+        };
+        let (url, db) = match (&dbs, backend) {
+            (None, _) => (
                 format!("sqlite://{}", dir.path().join("salt.db").display()),
-                None,
+                String::new(),
             ),
-            Backend::Mysql => {
-                my(
-                    "mysql",
-                    &format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"),
-                );
-                (
-                    format!("mysql://root@127.0.0.1:3306/{db}"),
-                    Some(Dbs(db.clone())),
-                )
-            }
-            Backend::Postgres | Backend::PostgresText => {
-                pg("test", &format!("CREATE DATABASE {db}"));
-                (
-                    format!("postgres://postgres@127.0.0.1:5432/{db}"),
-                    Some(Dbs(db.clone())),
-                )
-            }
+            (Some(d), Backend::Mysql) => (d.mysql_url(3306), d.0.clone()),
+            (Some(d), _) => (d.pg_url(5432), d.0.clone()),
         };
         let config = dir.path().join("saltpipe.toml");
         let mut text = config_text(dir.path(), &url, "");
