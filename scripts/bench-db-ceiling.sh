@@ -26,11 +26,21 @@
 # into several statements, the PostgreSQL sink sends one), no bind
 # parameters to decode, no network round trip per statement.
 #
-# Two modes, both reported (MODES, default "all returns"):
+# Modes (MODES, default "all returns"):
 #   all      every table, as above: the like-for-like ceiling
 #   returns  salt_returns only, the same rows and transactions: the ceiling
 #            this script measured before (about half the rows and statements
 #            of a return's real work), kept for comparison with old figures
+#   load     MariaDB only: the cheapest way a client can hand the server
+#            these rows at all, `LOAD DATA LOCAL INFILE ... IGNORE` of each
+#            table's rows per transaction, straight into the sink's tables
+#            (the files are written before the clock starts; the `mysql`
+#            client sends them, as sqlx cannot: transact-rs/sqlx#1766). An
+#            upper bound for any client: IGNORE does less than the sink's
+#            duplicate counting and its upgrade of a no_return outcome. So
+#            `load` against `all` is the most a client can get of the
+#            in-server ceiling: the server parses the rows' text instead of
+#            copying rows it already holds.
 #
 #   scripts/bench-db-ceiling.sh [N]         (default 200000; DBS="postgres mariadb")
 #   WRITERS=2 scripts/bench-db-ceiling.sh   (sessions at once, as `sink.writers`;
@@ -52,7 +62,7 @@ if [ -z "${BIN:-}" ]; then
 fi
 SP=$BIN/saltpipe
 for m in $MODES; do
-    case $m in all | returns) ;; *) echo "MODES: unknown mode $m (all, returns)" >&2; exit 2 ;; esac
+    case $m in all | returns | load) ;; *) echo "MODES: unknown mode $m (all, returns, load)" >&2; exit 2 ;; esac
 done
 DB="sp_ceiling_$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 pg() { psql -h 127.0.0.1 -U postgres -qtA -v ON_ERROR_STOP=1 "$@"; }
@@ -213,13 +223,14 @@ EOF
         got=$(pg -d "$DB" -c "SELECT (SELECT count(*) FROM salt_returns) || ' ' || (SELECT count(*) FROM jids) || ' '
             || (SELECT count(*) FROM salt_events) || ' ' || (SELECT count(*) FROM saltpipe_outcomes) || ' '
             || (SELECT count(*) FROM saltpipe_targets)")
-        if [ "$mode" = all ]; then check_counts "$got" "$staged"; else check_counts "${got%% *}" "${staged%% *}"; fi
+        if [ "$mode" != returns ]; then check_counts "$got" "$staged"; else check_counts "${got%% *}" "${staged%% *}"; fi
         local j e o t
         read -r rows j e o t <<<"$got"
         others="$T transactions; also $j jids, $e salt_events, $o saltpipe_outcomes, $t saltpipe_targets rows"
     }
     echo "postgres: staged $staged rows (salt_returns jids salt_events saltpipe_outcomes saltpipe_targets) in $T transactions" >&2
     for mode in $MODES; do
+        [ "$mode" != load ] || continue # MariaDB only
         for w in $WRITERS; do
             pg -d "$DB" -c "TRUNCATE jids, salt_returns, salt_events, saltpipe_outcomes, saltpipe_targets; CHECKPOINT;" >/dev/null
             case $mode in
@@ -292,13 +303,46 @@ EOF
         echo "$line" | tr '\n' ' ' >>"$work/my-all.sql"
         echo >>"$work/my-all.sql"
     done
+    if [[ " $MODES " == *" load "* ]]; then
+        # Each table's rows, one file per transaction, in LOAD DATA's default
+        # format: the `mysql` client's batch output escapes tab, newline,
+        # backslash and NUL exactly as LOAD DATA reads them; only its NULL
+        # (the word) becomes \N, in the outcomes' nullable counters.
+        mkdir "$work/load"
+        export_rows() {
+            my "$DB" -e "SELECT b, $2 FROM st_$1 ORDER BY b, n" |
+                awk -F'\t' -v OFS='\t' -v f="$work/load/$1" -v nulls="${3:-}" '{
+                    b = $1
+                    if (b != prev) { if (prev != "") close(f "." prev); prev = b }
+                    for (i = 1; i < NF; i++) $i = $(i + 1)
+                    NF--
+                    if (nulls) for (i = 5; i <= 8; i++) if ($i == "NULL") $i = "\\N"
+                    print > (f "." b)
+                }'
+        }
+        export_rows jids "s_jid, s_load"
+        export_rows returns "s_fun, s_jid, s_ret, s_id, s_success, s_full_ret"
+        export_rows outcomes "s_jid, s_minion, s_outcome, s_fun, s_st, s_sf, s_sc, s_d, s_stamp" nulls
+        export_rows targets "s_jid, s_minion, s_fun, s_stamp"
+        export_rows events "s_tag, s_data, s_key"
+        load() { echo "LOAD DATA LOCAL INFILE '$work/load/$1.$k' IGNORE INTO TABLE \`$2\` CHARACTER SET utf8mb4 $3;"; }
+        for ((k = 0; k < T; k++)); do
+            line="START TRANSACTION; SET @saltpipe_dj = 0, @saltpipe_dr = 0, @saltpipe_de = 0;"
+            [ -z "${has[jids $k]:-}" ] || line+=" $(load jids jids '(`jid`, `load`)')"
+            [ -z "${has[returns $k]:-}" ] || line+=" $(load returns salt_returns '(`fun`, `jid`, `return`, `id`, `success`, `full_ret`)')"
+            [ -z "${has[outcomes $k]:-}" ] || line+=" $(load outcomes saltpipe_outcomes '(`jid`, `minion`, `outcome`, `fun`, `states_total`, `states_failed`, `states_changed`, `duration_ms`, `stamp`)')"
+            [ -z "${has[targets $k]:-}" ] || line+=" $(load targets saltpipe_targets '(`jid`, `minion`, `fun`, `stamp`)')"
+            [ -z "${has[events $k]:-}" ] || line+=" $(load events salt_events "(\`tag\`, \`data\`, \`saltpipe_key\`) SET \`master_id\` = 'bench'")"
+            echo "$line SELECT CAST(@saltpipe_dj AS SIGNED), CAST(@saltpipe_dr AS SIGNED), CAST(@saltpipe_de AS SIGNED); COMMIT;" >>"$work/my-load.sql"
+        done
+    fi
     # What the sink sets on each connection (src/sink/mysql.rs, after_connect).
     echo "SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES'), time_zone = '+00:00';" >"$work/my-head.sql"
     count_rows() {
         local got
         got=$(my "$DB" -e "SELECT CONCAT_WS(' ', (SELECT count(*) FROM salt_returns), (SELECT count(*) FROM jids),
             (SELECT count(*) FROM salt_events), (SELECT count(*) FROM saltpipe_outcomes), (SELECT count(*) FROM saltpipe_targets))")
-        if [ "$mode" = all ]; then check_counts "$got" "$staged"; else check_counts "${got%% *}" "${staged%% *}"; fi
+        if [ "$mode" != returns ]; then check_counts "$got" "$staged"; else check_counts "${got%% *}" "${staged%% *}"; fi
         local j e o t
         read -r rows j e o t <<<"$got"
         others="$T transactions; also $j jids, $e salt_events, $o saltpipe_outcomes, $t saltpipe_targets rows"
@@ -334,8 +378,9 @@ EOF
             case $mode in
                 all) label="every table (like for like)" ;;
                 returns) label="salt_returns only (the old ceiling)" ;;
+                load) label="every table by LOAD DATA LOCAL INFILE (the cheapest client path)" ;;
             esac
-            timed "mariadb server alone, $label, $w session(s)" sessions "$work/my-$mode.sql" "$work/my-head.sql" "$w" my "$DB"
+            timed "mariadb server alone, $label, $w session(s)" sessions "$work/my-$mode.sql" "$work/my-head.sql" "$w" my --local-infile=1 "$DB"
         done
     done
 fi
