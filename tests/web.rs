@@ -652,6 +652,21 @@ async fn wait_query(c: &fantoccini::Client, part: &str) {
     panic!("the page never reached a URL with {part:?}");
 }
 
+/// Clicks the element `css` finds (a link or a button).
+async fn click(c: &fantoccini::Client, css: &str) {
+    c.find(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+/// The path of the page the browser shows.
+async fn path(c: &fantoccini::Client) -> String {
+    c.current_url().await.expect("url").path().to_owned()
+}
+
 async fn shot(c: &fantoccini::Client, name: &str) {
     let dir = common::repo().join("target/web-screenshots");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -725,32 +740,10 @@ async fn browser_walk() {
 
     // The click path.
     c.goto(&base).await.expect("goto");
-    c.find(Css("section[aria-labelledby='m-failed'] a.minion-link"))
-        .await
-        .expect("a failed minion")
-        .click()
-        .await
-        .expect("click");
-    assert!(
-        c.current_url()
-            .await
-            .expect("url")
-            .path()
-            .starts_with("/minion/")
-    );
-    c.find(Css("a.o-link-failed"))
-        .await
-        .expect("a failed job")
-        .click()
-        .await
-        .expect("click");
-    assert!(
-        c.current_url()
-            .await
-            .expect("url")
-            .path()
-            .starts_with("/job/")
-    );
+    click(&c, "section[aria-labelledby='m-failed'] a.minion-link").await;
+    assert!(path(&c).await.starts_with("/minion/"));
+    click(&c, "a.o-link-failed").await;
+    assert!(path(&c).await.starts_with("/job/"));
     let state = c
         .find(Css("tr.st-failed a.state-link"))
         .await
@@ -768,12 +761,7 @@ async fn browser_walk() {
     c.goto(&format!("{base}/jobs")).await.expect("goto");
     let first: Vec<_> = c.find_all(Css("tr[data-jid]")).await.expect("rows");
     assert_eq!(first.len(), 50);
-    c.find(Css("#next"))
-        .await
-        .expect("next")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#next").await;
     wait_query(&c, "before=").await;
     let second = c.find_all(Css("tr[data-jid]")).await.expect("rows").len() as i64;
     assert_eq!(second, db.count("SELECT COUNT(*) FROM jids") - 50);
@@ -790,12 +778,7 @@ async fn browser_walk() {
         .select_by_value("failed")
         .await
         .expect("select");
-    c.find(Css("form.filters button"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("submit");
+    click(&c, "form.filters button").await;
     // A click does not wait for the navigation it starts: count the rows
     // of the filtered page, not of the one before it.
     wait_query(&c, "outcome=failed").await;
@@ -841,12 +824,7 @@ async fn browser_walk() {
         .await
         .expect("text");
     assert_eq!(first, PROBE_MINION, "shown as text");
-    c.find(Css("#live-pause"))
-        .await
-        .expect("pause")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#live-pause").await;
     feed.offer(
         &live_event("20261202120000009999", "held-m"),
         saltpipe::source::now_ms(),
@@ -863,12 +841,7 @@ async fn browser_walk() {
     assert!(said.contains("Paused, 1 new held"), "{said}");
     assert_eq!(rows().await, n, "nothing added while paused");
     shot(&c, "live").await;
-    c.find(Css("#live-pause"))
-        .await
-        .expect("resume")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#live-pause").await;
     assert_eq!(rows().await, n + 1, "the held event shown on resume");
     assert_quiet_console(driver.port, &sid, "/live").await;
 
