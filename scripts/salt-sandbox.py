@@ -66,7 +66,12 @@ STATE_FILE = "sandbox.json"
 
 
 class SandboxError(Exception):
-    pass
+    """A failed step; `stuck` names the minions that never answered, whose
+    logs are shown though they still run."""
+
+    def __init__(self, msg, stuck=()):
+        super().__init__(msg)
+        self.stuck = tuple(stuck)
 
 
 # A minion's (and a syndic's) authentication and reconnection, made quick
@@ -442,7 +447,16 @@ def build(d, venv, n_minions, ipc_mode, master_opts=None, minion_opts=None, mast
             # minion its own publish port.
             if failover:
                 # Failover: one master at a time, the same ports on each.
+                # Salt sets auth_tries to 0 for a failover minion, so one
+                # sign-in slower than auth_timeout (a loaded machine) sends
+                # it to the peer for good, and this master's test.ping never
+                # reaches it: fail back to this master (first in the list)
+                # once it answers, checked every few seconds. The checks
+                # need master_alive_interval, which also notices this
+                # master's end sooner when a test stops it.
                 mconf["master"] = ["127.0.0.1", peer["interface"]]
+                mconf.update({"master_alive_interval": 3, "master_failback": True,
+                              "master_failback_interval": 3})
             else:
                 mconf["master"] = [f"127.0.0.1:{ret_port}",
                                    f"{peer['interface']}:{peer['ret_port']}"]
@@ -648,7 +662,7 @@ def ping_all(st, minion_ids, timeout, via=None):
     if not pending:
         return
     raise SandboxError(f"timed out after {timeout:.0f}s waiting for test.ping from "
-                       f"{sorted(pending)} (last stderr: {last_err!r})")
+                       f"{sorted(pending)} (last stderr: {last_err!r})", stuck=pending)
 
 
 # --------------------------------------------------------------------------
@@ -703,7 +717,7 @@ def cmd_up(args):
             break
         except BaseException as e:
             info(f"up failed ({e}); cleaning up")
-            show_exit_logs(st)
+            show_exit_logs(st, getattr(e, "stuck", ()))
             do_down(st)
             save_state(d, st)
             if attempt == 2 or not isinstance(e, SandboxError) or "exited" not in str(e):
@@ -714,8 +728,9 @@ def cmd_up(args):
     print(json.dumps(st, indent=2, sort_keys=True))
 
 
-def show_exit_logs(st):
-    """The last lines of the log of every daemon that is no longer running."""
+def show_exit_logs(st, stuck=()):
+    """The last lines of the log of every daemon that is no longer running,
+    and of the minions in `stuck` (running, but never answered)."""
     logdir = os.path.join(st["dir"], "logs")
     logs = [(st.get("master_pid"), st.get("master_log")),
             (st.get("master_pid"), os.path.join(logdir, "master.stdout"))]
@@ -726,8 +741,9 @@ def show_exit_logs(st):
     for mid, m in st["minions"].items():
         logs += [(m.get("pid"), m.get("log")),
                  (m.get("pid"), os.path.join(logdir, f"{mid}.stdout"))]
+    shown = {st["minions"][mid].get("log") for mid in stuck if mid in st["minions"]}
     for pid, log in logs:
-        if pid and pid_alive(pid) or not log or not os.path.exists(log):
+        if pid and pid_alive(pid) and log not in shown or not log or not os.path.exists(log):
             continue
         try:
             with open(log, errors="replace") as f:
