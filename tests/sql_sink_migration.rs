@@ -127,12 +127,6 @@ KEY `tag` (`tag`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 ";
 
-    fn fresh() -> Dbs {
-        Dbs::mysql("m")
-    }
-    fn url(db: &Dbs) -> String {
-        db.mysql_url(3306)
-    }
     fn sql(db: &str, input: &str) -> String {
         run(
             "mysql",
@@ -145,10 +139,10 @@ KEY `tag` (`tag`)
 
     #[tokio::test]
     async fn adds_only_the_missing_keys_and_keeps_rows() {
-        let db = fresh();
+        let db = Dbs::mysql("m");
         sql(&db.0, RETURNER_DDL);
         sql(&db.0, ROW);
-        let sink = cfg(&url(&db)).build().await.expect("build");
+        let sink = cfg(&db.mysql_url(3306)).build().await.expect("build");
         // 4-byte characters on a 3-byte utf8 table: written as JSON escapes.
         let data = {
             let mut d = Vec::new();
@@ -194,15 +188,18 @@ KEY `tag` (`tag`)
             sql(&db.0, "SHOW CREATE TABLE salt_returns").contains("utf8mb3"),
             "table not rebuilt"
         );
-        cfg(&url(&db)).build().await.expect("second build");
+        cfg(&db.mysql_url(3306))
+            .build()
+            .await
+            .expect("second build");
     }
 
     #[tokio::test]
     async fn duplicates_stop_with_the_cleanup_and_nothing_is_deleted() {
-        let db = fresh();
+        let db = Dbs::mysql("m");
         sql(&db.0, RETURNER_DDL);
         sql(&db.0, &format!("{ROW}{ROW}"));
-        let err = match cfg(&url(&db)).build().await {
+        let err = match cfg(&db.mysql_url(3306)).build().await {
             Ok(_) => panic!("duplicates must stop the start"),
             Err(e) => e,
         };
@@ -217,7 +214,10 @@ KEY `tag` (`tag`)
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "2");
         // The cleanup it gives works, keeps the duplicates aside, and then we start.
         sql(&db.0, saltpipe::sink::mysql::DEDUPE_SQL);
-        cfg(&url(&db)).build().await.expect("after cleanup");
+        cfg(&db.mysql_url(3306))
+            .build()
+            .await
+            .expect("after cleanup");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
         assert_eq!(
             sql(&db.0, "SELECT count(*) FROM salt_returns_with_duplicates"),
@@ -267,12 +267,6 @@ CREATE INDEX idx_salt_events_data ON salt_events
     USING gin (data) with (fastupdate=on);
 ";
 
-    fn fresh() -> Dbs {
-        Dbs::postgres("m")
-    }
-    fn url(db: &Dbs) -> String {
-        db.pg_url(5432)
-    }
     fn sql(db: &str, input: &str) -> String {
         run(
             "psql",
@@ -295,10 +289,10 @@ CREATE INDEX idx_salt_events_data ON salt_events
 
     #[tokio::test]
     async fn adds_only_the_missing_indexes_and_keeps_rows() {
-        let db = fresh();
+        let db = Dbs::postgres("m");
         sql(&db.0, PGJSONB_DDL);
         sql(&db.0, ROW);
-        cfg(&url(&db)).build().await.expect("build");
+        cfg(&db.pg_url(5432)).build().await.expect("build");
         let idx = sql(
             &db.0,
             "SELECT indexname FROM pg_indexes WHERE tablename = 'salt_returns' ORDER BY indexname COLLATE \"C\"",
@@ -316,15 +310,15 @@ CREATE INDEX idx_salt_events_data ON salt_events
             ]
         );
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
-        cfg(&url(&db)).build().await.expect("second build");
+        cfg(&db.pg_url(5432)).build().await.expect("second build");
     }
 
     #[tokio::test]
     async fn duplicates_stop_with_the_cleanup_and_nothing_is_deleted() {
-        let db = fresh();
+        let db = Dbs::postgres("m");
         sql(&db.0, PGJSONB_DDL);
         sql(&db.0, &format!("{ROW}{ROW}"));
-        let err = match cfg(&url(&db)).build().await {
+        let err = match cfg(&db.pg_url(5432)).build().await {
             Ok(_) => panic!("duplicates must stop the start"),
             Err(e) => e,
         };
@@ -335,7 +329,7 @@ CREATE INDEX idx_salt_events_data ON salt_events
         assert!(msg.contains(saltpipe::sink::postgres::DEDUPE_SQL), "{msg}");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "2");
         sql(&db.0, saltpipe::sink::postgres::DEDUPE_SQL);
-        cfg(&url(&db)).build().await.expect("after cleanup");
+        cfg(&db.pg_url(5432)).build().await.expect("after cleanup");
         assert_eq!(sql(&db.0, "SELECT count(*) FROM salt_returns"), "1");
         assert_eq!(
             sql(&db.0, "SELECT count(*) FROM salt_returns_duplicates"),
@@ -346,8 +340,8 @@ CREATE INDEX idx_salt_events_data ON salt_events
     /// TLS through rustls (ring): the server on this machine has ssl on.
     #[tokio::test]
     async fn tls_connection_with_sslmode_require() {
-        let db = fresh();
-        let _sink = cfg(&format!("{}?sslmode=require", url(&db)))
+        let db = Dbs::postgres("m");
+        let _sink = cfg(&format!("{}?sslmode=require", db.pg_url(5432)))
             .build()
             .await
             .expect("build over TLS");

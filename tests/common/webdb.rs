@@ -38,9 +38,8 @@ pub struct WebDb {
     pub backend: Backend,
     pub dir: tempfile::TempDir,
     pub url: String,
-    /// MariaDB/PostgreSQL database name (dropped with this).
-    pub db: String,
-    _dbs: Option<Dbs>,
+    /// The MariaDB/PostgreSQL database (dropped with this); none for SQLite.
+    dbs: Option<Dbs>,
     /// The failing job of the crafted data.
     pub failing_jid: String,
 }
@@ -182,18 +181,19 @@ impl WebDb {
     /// A fresh database of `backend`, filled.
     pub fn fill(backend: Backend) -> WebDb {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dbs = match backend {
-            Backend::Sqlite => None,
-            Backend::Mysql => Some(Dbs::mysql("web")),
-            Backend::Postgres | Backend::PostgresText => Some(Dbs::postgres("web")),
-        };
-        let (url, db) = match (&dbs, backend) {
-            (None, _) => (
+        let (url, dbs) = match backend {
+            Backend::Sqlite => (
                 format!("sqlite://{}", dir.path().join("salt.db").display()),
-                String::new(),
+                None,
             ),
-            (Some(d), Backend::Mysql) => (d.mysql_url(3306), d.0.clone()),
-            (Some(d), _) => (d.pg_url(5432), d.0.clone()),
+            Backend::Mysql => {
+                let d = Dbs::mysql("web");
+                (d.mysql_url(3306), Some(d))
+            }
+            Backend::Postgres | Backend::PostgresText => {
+                let d = Dbs::postgres("web");
+                (d.pg_url(5432), Some(d))
+            }
         };
         let config = dir.path().join("saltpipe.toml");
         let mut text = config_text(dir.path(), &url, "");
@@ -211,10 +211,14 @@ impl WebDb {
             backend,
             dir,
             url,
-            db,
-            _dbs: dbs,
+            dbs,
             failing_jid,
         }
+    }
+
+    /// The MariaDB/PostgreSQL database's name.
+    fn db(&self) -> &str {
+        self.dbs.as_ref().map_or("", |d| d.0.as_str())
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -232,8 +236,8 @@ impl WebDb {
                 .expect("open");
                 return c.query_row(sql, [], |r| r.get(0)).expect(sql);
             }
-            Backend::Mysql => my(&self.db, sql),
-            Backend::Postgres | Backend::PostgresText => pg(&self.db, sql),
+            Backend::Mysql => my(self.db(), sql),
+            Backend::Postgres | Backend::PostgresText => pg(self.db(), sql),
         };
         text.trim()
             .parse()
@@ -248,10 +252,10 @@ impl WebDb {
                 c.execute_batch(sql).expect(sql);
             }
             Backend::Mysql => {
-                my(&self.db, sql);
+                my(self.db(), sql);
             }
             Backend::Postgres | Backend::PostgresText => {
-                pg(&self.db, sql);
+                pg(self.db(), sql);
             }
         }
     }
